@@ -1,0 +1,72 @@
+"""The plugin surface of fastload: every hook a plugin may implement.
+
+Built-in formats, tiers and cache backends register through these same hooks, so a third-party
+plugin is never second-class. Registration hooks receive a ``register`` callback; event hooks
+receive keyword arguments and their return value is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .report import LoadReport
+
+hookspec = pluggy.HookspecMarker("fastload")
+hookimpl = pluggy.HookimplMarker("fastload")
+
+
+# --- loading -----------------------------------------------------------------------------------
+@hookspec
+def register_checkpoint_formats(register: Callable[[Any], None]) -> None:
+    """Register ``CheckpointFormat`` objects that turn other checkpoint formats into state dicts."""
+
+
+@hookspec
+def before_load(source: str, device: str) -> None:
+    """Called before a checkpoint is loaded."""
+
+
+@hookspec
+def after_load(report: LoadReport) -> None:
+    """Called after a checkpoint is loaded, with what it cost."""
+
+
+# --- storage -----------------------------------------------------------------------------------
+@hookspec
+def register_storage_schemes(register: Callable[..., None]) -> None:
+    """Register origins for URI schemes (``s3``, ``file``, or a plugin's own such as ``hf``)."""
+
+
+@hookspec
+def on_tier_hit(uri: str, tier: str, path: str) -> None:
+    """A model was found in a tier."""
+
+
+@hookspec
+def on_tier_miss(uri: str, tier: str) -> None:
+    """A model was not in a tier and is fetched from the next one down."""
+
+
+@hookspec
+def on_fetch_start(uri: str, tier: str, nbytes: int) -> None:
+    """A fetch into a tier began."""
+
+
+@hookspec
+def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float) -> None:
+    """A fetch into a tier finished and was published."""
+
+
+@hookspec
+def on_evict(tier: str, key: str, nbytes: int) -> None:
+    """An entry was evicted from a tier to make room."""
+
+
+# --- compile cache -----------------------------------------------------------------------------
+@hookspec
+def register_compile_cache_backends(register: Callable[..., None]) -> None:
+    """Register compile-cache backends for URL schemes (``redis``, ``file``, ``s3``, ...)."""

@@ -1,0 +1,163 @@
+"""Parse and validate a safetensors header before a single tensor byte is touched.
+
+Every number in the header is checked against the real file size first, so a corrupt or hostile
+file produces a ``HeaderError`` naming the problem instead of a huge allocation, a hang or a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import HeaderError, TruncatedFileError, UnsupportedDtypeError
+
+# safetensors' own limit: headers hold names and shapes, never data.
+MAX_HEADER_BYTES = 100_000_000
+
+# Every dtype name the safetensors format defines, mapped to torch where this torch build has it.
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}  # fmt: skip
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    path: str
+    file_size: int
+    data_start: int
+    tensors: tuple[TensorEntry, ...]  # in file order
+    metadata: dict[str, str] | None
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self.tensors)
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    with open(path, "rb") as file:
+        file_size = os.fstat(file.fileno()).st_size
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise TruncatedFileError(path, f"only {file_size} bytes: too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
+        _check_header_len(path, header_len, file_size)
+        raw = file.read(header_len)
+    return parse_header(path, raw, file_size)
+
+
+def _check_header_len(path: str | os.PathLike[str], header_len: int, file_size: int) -> None:
+    if header_len > MAX_HEADER_BYTES:
+        raise HeaderError(
+            path,
+            f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit; "
+            "the file is corrupt or not a safetensors file",
+        )
+    if 8 + header_len > file_size:
+        raise TruncatedFileError(
+            path,
+            f"header length {header_len} runs past the end of the {file_size}-byte file; "
+            "the file is truncated or not a safetensors file",
+        )
+
+
+def parse_header(path: str | os.PathLike[str], raw: bytes, file_size: int) -> Header:
+    """Validate the JSON header ``raw`` of a file of ``file_size`` bytes."""
+    data_start = 8 + len(raw)
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(path, f"header is not valid UTF-8 JSON ({exc}); the file is corrupt") from None
+    if not isinstance(document, dict):
+        raise HeaderError(path, f"header must be a JSON object, found {type(document).__name__}")
+    metadata = document.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise HeaderError(path, "__metadata__ must map strings to strings")
+    data_len = file_size - data_start
+    entries = [_parse_entry(path, name, value, data_start, data_len) for name, value in document.items()]
+    entries.sort(key=lambda entry: (entry.start, entry.end))
+    previous: TensorEntry | None = None
+    for entry in entries:
+        if previous is not None and entry.start < previous.end:
+            raise HeaderError(
+                path,
+                f"tensors {previous.name!r} and {entry.name!r} overlap "
+                f"(bytes {previous.start - data_start}-{previous.end - data_start} and "
+                f"{entry.start - data_start}-{entry.end - data_start})",
+            )
+        if entry.nbytes:
+            previous = entry
+    return Header(str(path), file_size, data_start, tuple(entries), metadata)
+
+
+def _parse_entry(
+    path: str | os.PathLike[str], name: str, value: object, data_start: int, data_len: int
+) -> TensorEntry:
+    if not isinstance(value, dict):
+        raise HeaderError(path, f"entry for tensor {name!r} must be an object, found {value!r:.80}")
+    dtype_name, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype_name, str):
+        raise HeaderError(path, f"tensor {name!r} has no dtype string")
+    if dtype_name not in DTYPES:
+        known = "unknown to safetensors" if dtype_name not in _DTYPE_NAMES else "not supported by this torch"
+        raise UnsupportedDtypeError(
+            path,
+            f"tensor {name!r} has dtype {dtype_name!r}, {known} (torch {torch.__version__}); "
+            f"supported: {', '.join(DTYPES)}",
+            dtype_name,
+        )
+    if not (isinstance(shape, list) and all(_is_count(dim) for dim in shape)):
+        raise HeaderError(path, f"tensor {name!r} has shape {shape!r:.80}; expected a list of non-negative ints")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise HeaderError(path, f"tensor {name!r} has data_offsets {offsets!r:.80}; expected [begin, end]")
+    begin, end = offsets
+    if begin > end or end > data_len:
+        if end > data_len and begin <= end:
+            raise TruncatedFileError(
+                path,
+                f"tensor {name!r} ends at byte {end} of the data section, but the file holds only "
+                f"{data_len} data bytes; the file is truncated",
+            )
+        raise HeaderError(path, f"tensor {name!r} has data_offsets [{begin}, {end}] out of order")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != end - begin:
+        raise HeaderError(
+            path,
+            f"tensor {name!r} of shape {shape} and dtype {dtype_name} needs {expected} bytes "
+            f"but its data_offsets span {end - begin}",
+        )
+    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
