@@ -1,0 +1,47 @@
+"""Start a server process on a free loopback port and wait until it answers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server that tests can stop and start again on the same port (to simulate an outage)."""
+
+    def __init__(self, command: Callable[[int], Sequence[str]], ready: Callable[[int], bool]) -> None:
+        self._command = command
+        self._ready = ready
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._process = subprocess.Popen(
+            list(self._command(self.port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                stderr = self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
+                raise RuntimeError(f"{self._command(self.port)[0]} exited early: {stderr[-2000:]}")
+            if self._ready(self.port):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self._command(self.port)[0]} did not answer on port {self.port} in {timeout}s")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            if self._process.stderr:
+                self._process.stderr.close()
+            self._process = None
