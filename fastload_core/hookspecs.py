@@ -38,12 +38,12 @@ def after_load(report: LoadReport) -> None:
 # --- storage -----------------------------------------------------------------------------------
 @hookspec
 def register_storage_schemes(register: Callable[..., None]) -> None:
-    """Register origins for URI schemes (``s3``, ``file``, or a plugin's own such as ``hf``)."""
+    """Register URI schemes: ``register(scheme, factory)``; ``factory()`` returns a ``storage.Origin``."""
 
 
 @hookspec
 def on_tier_hit(uri: str, tier: str, path: str) -> None:
-    """A model was found in a tier."""
+    """A model was found in a tier (``path`` is what fetch hands out)."""
 
 
 @hookspec
@@ -52,8 +52,13 @@ def on_tier_miss(uri: str, tier: str) -> None:
 
 
 @hookspec
+def on_tier_full(uri: str, tier: str, nbytes: int) -> None:
+    """A tier could not make room for a model, which is served from the next tier down instead."""
+
+
+@hookspec
 def on_fetch_start(uri: str, tier: str, nbytes: int) -> None:
-    """A fetch into a tier began."""
+    """A fetch into a tier began (from the origin, or a promotion from a slower tier)."""
 
 
 @hookspec
@@ -63,7 +68,7 @@ def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float) -> None:
 
 @hookspec
 def on_evict(tier: str, key: str, nbytes: int) -> None:
-    """An entry was evicted from a tier to make room."""
+    """An entry (``slug/version``) was removed from a tier to make room, by gc, or by ``cache rm``."""
 
 
 # --- compile cache -----------------------------------------------------------------------------

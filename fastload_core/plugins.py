@@ -24,6 +24,8 @@ log = logging.getLogger("fastload.plugins")
 # Modules whose hook implementations ship with fastload. Names are what FASTLOAD_DISABLE_PLUGINS takes.
 BUILTIN_PLUGINS: dict[str, str] = {
     "fastload.torch_pickle": "fastload_core.loader.legacy",
+    "fastload.storage": "fastload_core.storage.builtin",
+    "fastload.metrics": "fastload_core.storage.metrics",
 }
 
 _lock = threading.Lock()

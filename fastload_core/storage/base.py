@@ -1,0 +1,352 @@
+"""The two small bases everything else builds on.
+
+``Tier``: a directory on this machine holding verified entries under a byte budget. shm, local disk and the
+shared mount differ only in where they live, their defaults, and whether other nodes see them.
+
+``Origin``: where a model's bytes come from (S3, a mount named by ``file://``, a plugin's scheme). It
+resolves a URI to a ``Manifest`` (files, sizes, identities) and writes those files into a directory a tier
+has prepared. A lower tier's entry is a source in the same shape (``EntrySource``), which is how promotion
+reuses the same prepare → write → verify → publish path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import filelock
+
+from .errors import UnsafeKeyError
+from .meta import FILES_DIR, META_NAME, Checksums, EntryMeta, Manifest
+from .uri import ModelURI, confine, safe_relpath
+
+if TYPE_CHECKING:
+    from .eviction import Pin
+    from .progress import Progress
+
+log = logging.getLogger("fastload.storage")
+
+JOURNAL_NAME = ".journal"
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9\-]", "_", socket.gethostname())[:64] or "host"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_segment(value: str, what: str) -> str:
+    """Slugs and versions become single directory names; anything else (a typed ``cache rm`` key) is
+    refused before it reaches the filesystem."""
+    if not _SEGMENT.match(value):
+        raise UnsafeKeyError(value, f"not a valid {what} (letters, digits, '.', '_', '-'; no '/')")
+    return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    tier: str
+    slug: str
+    version: str
+    path: Path
+    meta: EntryMeta
+    last_used: float
+
+    @property
+    def size(self) -> int:
+        return self.meta.total_size
+
+    @property
+    def data_path(self) -> Path:
+        """What ``fetch`` hands out: the single file, or the directory holding a prefix's files."""
+        files = self.path / FILES_DIR
+        return files / self.meta.files[0].name if self.meta.single else files
+
+
+class Journal:
+    """Which byte ranges of a partial download are complete (and their MD5s), so a download interrupted by a
+    crash or SIGKILL resumes from the parts it had instead of starting over. Lines are appended only after
+    a part's bytes are written, and the final checksum verification catches anything a crash garbled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.done: dict[tuple[str, int, int], str | None] = {}
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines(keepends=True):
+            fields = line.rstrip("\n").split("\t")
+            if not line.endswith("\n") or len(fields) != 4:
+                continue  # a torn last line from a killed writer
+            name, start, end, md5 = fields
+            try:
+                self.done[(name, int(start), int(end))] = None if md5 == "-" else md5
+            except ValueError:
+                continue
+
+    def record(self, name: str, start: int, end: int, md5: str | None) -> None:
+        with self._lock:
+            self.done[(name, start, end)] = md5
+            with open(self.path, "a") as handle:
+                handle.write(f"{name}\t{start}\t{end}\t{md5 or '-'}\n")
+
+    def has(self, name: str, start: int, end: int) -> bool:
+        return (name, start, end) in self.done
+
+
+class Source(ABC):
+    """Writes a manifest's files into ``dest`` (a prepared directory: every file exists at full size)."""
+
+    @abstractmethod
+    def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+        """Fill the files; return the checksum of each file it verified or computed, by name."""
+
+
+class Origin(Source):
+    """A URI scheme's remote (or mounted) home of models."""
+
+    scheme: ClassVar[str] = ""
+
+    @abstractmethod
+    def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
+        """List the model's files at their current version (or at ``revision``, where the origin has one)."""
+
+
+class Tier:
+    """A directory of published entries ``<root>/<slug>/<version>/{meta.json,files/}`` with a budget.
+
+    Writers fill ``<root>/<slug>/.partial-<version>-<host>/`` under the per-entry fetch lock, then fsync
+    and rename it into place, so an entry either exists complete and verified or not at all.
+    """
+
+    name: ClassVar[str] = "tier"
+    shared: ClassVar[bool] = False  # seen by other nodes: fetch locks stay node-local, a lease spans nodes
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, capacity: int | float | None = None,
+        lock_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self._capacity = capacity
+        self.lock_dir = Path(lock_dir) if lock_dir is not None else self.root / ".locks"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, capacity={self.capacity()!r})"
+
+    # --- budget ----------------------------------------------------------------------------------
+    def capacity(self) -> int | None:
+        """Bytes this tier may hold; a fractional setting is a share of its filesystem's size."""
+        if isinstance(self._capacity, float):
+            stats = os.statvfs(self._existing_ancestor())
+            return int(stats.f_blocks * stats.f_frsize * self._capacity)
+        return self._capacity
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self._existing_ancestor())
+        return stats.f_bavail * stats.f_frsize
+
+    def usage(self) -> int:
+        """Bytes allocated under the root (entries, partials, trash): what the budget is charged for."""
+        total = 0
+        if not self.root.exists():
+            return 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == str(self.root) and ".locks" in dirnames:
+                dirnames.remove(".locks")
+            for name in filenames:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                except FileNotFoundError:
+                    continue
+        return total
+
+    def _existing_ancestor(self) -> Path:
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    # --- layout ----------------------------------------------------------------------------------
+    def entry_dir(self, slug: str, version: str) -> Path:
+        return self.root / check_segment(slug, "model slug") / check_segment(version, "version")
+
+    def partial_dir(self, slug: str, version: str) -> Path:
+        return self.entry_dir(slug, version).parent / f".partial-{version}-{_host()}"
+
+    def lookup(self, slug: str, version: str) -> Entry | None:
+        return self._entry_at(self.entry_dir(slug, version))
+
+    def _entry_at(self, path: Path) -> Entry | None:
+        meta_path = path / META_NAME
+        try:
+            meta = EntryMeta.from_json(meta_path.read_text())
+            last_used = meta_path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring entry %s with an unreadable %s: %r", path, META_NAME, exc)
+            return None
+        return Entry(self.name, path.parent.name, path.name, path, meta, last_used)
+
+    def entries(self, slug: str | None = None) -> list[Entry]:
+        found: list[Entry] = []
+        if not self.root.is_dir():
+            return found
+        slugs = [self.root / slug] if slug else sorted(self.root.iterdir())
+        for slug_dir in slugs:
+            if slug_dir.name.startswith(".") or not slug_dir.is_dir() or slug_dir.is_symlink():
+                continue
+            for version_dir in sorted(slug_dir.iterdir()):
+                if version_dir.name.startswith(".") or version_dir.is_symlink():
+                    continue
+                entry = self._entry_at(version_dir)
+                if entry is not None:
+                    found.append(entry)
+        return found
+
+    def partials(self) -> Iterator[Path]:
+        if not self.root.is_dir():
+            return
+        for slug_dir in self.root.iterdir():
+            if slug_dir.name.startswith(".") or not slug_dir.is_dir():
+                continue
+            yield from (p for p in slug_dir.iterdir() if p.name.startswith(".partial-"))
+
+    # --- locks -----------------------------------------------------------------------------------
+    def fetch_lock(self, slug: str, version: str) -> filelock.BaseFileLock:
+        """Single flight for one entry on this node. Only prevents duplicate work: correctness comes from
+        publishing by rename. The kernel drops it when its holder dies, so there are no stale locks."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(self.lock_dir / f"fetch-{slug}-{version}.lock")
+
+    def tier_lock(self) -> filelock.BaseFileLock:
+        """Serialises budget decisions (measure, evict, preallocate) between processes."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(self.lock_dir / "tier.lock")
+
+    def use_lock_path(self, slug: str, version: str) -> Path:
+        return self.root / ".locks" / f"use-{slug}-{version}.lock"
+
+    # --- writing ---------------------------------------------------------------------------------
+    def prepare(self, slug: str, version: str, manifest: Manifest) -> Path:
+        """Make room and create the partial directory with every file preallocated to its final size, all
+        under the tier lock so two processes filling the tier at once cannot both spend the same room."""
+        from .eviction import make_room
+
+        partial = self.partial_dir(slug, version)
+        with self.tier_lock():
+            held = _allocated(partial)
+            make_room(self, manifest.total_size - held, keep={(slug, version)}, uri=manifest.uri)
+            files_dir = partial / FILES_DIR
+            files_dir.mkdir(parents=True, exist_ok=True)
+            for item in manifest.files:
+                path = confine(files_dir, item.name, uri=manifest.uri)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                try:
+                    if os.fstat(fd).st_size != item.size:
+                        os.ftruncate(fd, item.size)
+                    if item.size:
+                        _preallocate(fd, item.size)
+                finally:
+                    os.close(fd)
+        return partial
+
+    def publish(self, slug: str, version: str, partial: Path, meta: EntryMeta) -> Path:
+        """fsync every file, write the sidecar last, and rename the directory into place. Losing a race to
+        another node publishing the same version is fine: its copy is identical, ours is discarded."""
+        for dirpath, _dirnames, filenames in os.walk(partial / FILES_DIR):
+            for name in filenames:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fsync_dir(Path(dirpath))
+        (partial / JOURNAL_NAME).unlink(missing_ok=True)
+        meta.write(partial)
+        fsync_dir(partial)
+        target = self.entry_dir(slug, version)
+        try:
+            os.rename(partial, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if self.lookup(slug, version) is None:  # a broken leftover without a sidecar: replace it
+                self.discard(target)
+                os.rename(partial, target)
+            else:
+                self.discard(partial)
+        fsync_dir(target.parent)
+        return target
+
+    def discard(self, path: Path) -> None:
+        """Remove a directory by renaming it out of sight first, so nobody sees it half deleted."""
+        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def pin(self, slug: str, version: str) -> Pin | None:
+        from .eviction import pin_entry
+
+        return pin_entry(self, slug, version)
+
+
+def _allocated(path: Path) -> int:
+    total = 0
+    if path.is_dir():
+        for dirpath, _dirnames, filenames in os.walk(path):
+            for name in filenames:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks now: on tmpfs a full tier fails here with ENOSPC instead of with SIGBUS when a
+    mapped page is first touched, and the budget sees the bytes as spent."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+def tier_for_path(tiers: list[Tier], path: Path) -> tuple[Tier, str, str] | None:
+    """Which tier entry a path handed out by ``fetch`` belongs to (for ``pin(path)``)."""
+    resolved = path.absolute()
+    for tier in tiers:
+        try:
+            relative = resolved.relative_to(tier.root.absolute())
+        except ValueError:
+            continue
+        parts = relative.parts
+        if len(parts) >= 2:
+            try:
+                safe_relpath("/".join(parts[:2]))
+            except UnsafeKeyError:
+                return None
+            return tier, parts[0], parts[1]
+    return None

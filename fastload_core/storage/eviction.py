@@ -1,0 +1,189 @@
+"""In-use marking and LRU eviction.
+
+A process that serves a model from a tier holds a *shared* ``flock`` on the entry's use-lock file for as
+long as it reads or maps the files (a ``Pin``). Eviction takes the same lock *exclusively and without
+waiting*: if anyone holds it shared, the entry is in use and skipped. flock is released by the kernel when
+a process dies, so a crashed server never pins an entry forever. (filelock only offers exclusive locks,
+hence ``fcntl`` here.) Mapped files would survive deletion anyway; the pin is what keeps the budget honest,
+since an unlinked but mapped file still occupies /dev/shm until unmapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import weakref
+from pathlib import Path
+from types import TracebackType
+
+import filelock
+
+from ..plugins import notify
+from .base import Entry, Tier, _host
+from .errors import TierFullError
+
+log = logging.getLogger("fastload.storage")
+
+
+class Pin:
+    """A model path held in use. Release it (or leave the ``with`` block) when the model is unloaded::
+
+        with store.pin("s3://bucket/m1/") as path:
+            model = load_model(model, path)      # evictions skip this entry meanwhile
+
+    For a model served for the life of the process keep the object and call ``release()`` when the model
+    is dropped; garbage collection and process exit release it too.
+    """
+
+    def __init__(self, path: Path, *, fd: int | None = None, tier: str | None = None,
+                 key: str | None = None, entry: Entry | None = None) -> None:
+        self.path = path
+        self.tier = tier
+        self.key = key
+        self.entry = entry
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd) if fd is not None else None
+
+    @property
+    def held(self) -> bool:
+        return self._finalizer is not None and self._finalizer.alive
+
+    def release(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "released"
+        return f"Pin({str(self.path)!r}, tier={self.tier!r}, {state})"
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """After locking, the lock file may have been unlinked by an evictor; a lock on a dead inode guards
+    nothing, so the caller retries on the current file."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def pin_entry(tier: Tier, slug: str, version: str) -> Pin | None:
+    """Mark an entry in use and return its pin, or None when the tier does not hold it (any more)."""
+    if tier.lookup(slug, version) is None:
+        return None
+    lock_path = tier.use_lock_path(slug, version)
+    while True:
+        fd = _open_lock(lock_path)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # an evictor holds it exclusively only for a rename
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)
+    entry = tier.lookup(slug, version)
+    if entry is None:
+        os.close(fd)
+        return None
+    with contextlib.suppress(OSError):  # a read-only shared mount still serves
+        os.utime(entry.path / "meta.json")  # the LRU clock
+    return Pin(entry.data_path, fd=fd, tier=tier.name, key=f"{slug}/{version}", entry=entry)
+
+
+def in_use(tier: Tier, entry: Entry) -> bool:
+    """Whether some process holds ``entry`` pinned (a momentary probe, for ``cache ls``)."""
+    lock_path = tier.use_lock_path(entry.slug, entry.version)
+    if not lock_path.exists():
+        return False
+    fd = _open_lock(lock_path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def try_evict(tier: Tier, entry: Entry) -> bool:
+    """Remove ``entry`` unless some process holds it in use. Returns whether it was removed."""
+    lock_path = tier.use_lock_path(entry.slug, entry.version)
+    fd = _open_lock(lock_path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not _same_file(fd, lock_path):
+            return False
+        tier.discard(entry.path)
+        lock_path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    log.info("evicted %s/%s (%d bytes) from tier %s", entry.slug, entry.version, entry.size, tier.name)
+    notify("on_evict", tier=tier.name, key=f"{entry.slug}/{entry.version}", nbytes=entry.size)
+    return True
+
+
+def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]]) -> int:
+    """Discard this host's partial downloads whose writer is gone (its fetch lock is free). Returns the
+    number removed. A partial of an entry in ``keep`` is about to be resumed and stays."""
+    removed = 0
+    host = _host()
+    for partial in list(tier.partials()):
+        slug = partial.parent.name
+        rest = partial.name[len(".partial-"):]
+        version, _, partial_host = rest.partition("-")
+        if partial_host != host or (slug, version) in keep:
+            continue
+        lock = tier.fetch_lock(slug, version)
+        try:
+            lock.acquire(timeout=0)
+        except (filelock.Timeout, RuntimeError):
+            continue
+        try:
+            tier.discard(partial)
+            removed += 1
+        finally:
+            lock.release()
+    return removed
+
+
+def make_room(tier: Tier, need: int, *, keep: set[tuple[str, str]], uri: str | None = None) -> None:
+    """Evict least recently used entries nobody holds until ``need`` more bytes fit; the caller holds the
+    tier lock. Raises ``TierFullError`` when even that is not enough, so the store can fall through."""
+    if need <= 0:
+        return
+    capacity = tier.capacity()
+
+    def room() -> int:
+        free = tier.free_bytes()
+        return free if capacity is None else min(capacity - tier.usage(), free)
+
+    available = room()
+    if need <= available:
+        return
+    if capacity is not None and need > capacity:
+        raise TierFullError(tier.name, need, capacity, uri=uri)
+    if remove_stale_partials(tier, keep):
+        available = room()
+        if need <= available:
+            return
+    for entry in sorted(tier.entries(), key=lambda e: e.last_used):
+        if (entry.slug, entry.version) in keep:
+            continue
+        if try_evict(tier, entry):
+            available = room()
+            if need <= available:
+                return
+    raise TierFullError(tier.name, need, max(available, 0), uri=uri)

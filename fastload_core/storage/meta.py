@@ -1,0 +1,129 @@
+"""Metadata: what an origin says a model is (``Manifest``) and what a tier entry holds (``EntryMeta``).
+
+An entry's sidecar (``meta.json`` beside its ``files/`` directory) records each file's size and the
+origin's identity for it (ETag, VersionId) plus an MD5 when one was computed, so a copy into another
+tier can be verified against it before it is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+META_NAME = "meta.json"
+# file name -> (checksum in ETag form, part size it was computed with)
+Checksums: TypeAlias = dict[str, tuple[str, int | None]]
+FILES_DIR = "files"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model as its origin lists it. ``locator`` is origin-specific (an S3 key, a path)."""
+
+    name: str
+    size: int
+    locator: str
+    etag: str | None = None
+    version_id: str | None = None
+    identity: str | None = None  # anything else that changes when the file does (mtime for file origins)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model at one version: its files and whether the URI named a single object or a prefix."""
+
+    uri: str
+    files: tuple[RemoteFile, ...]
+    single: bool
+    pinned_version: str | None = None  # set when the manifest comes from a cached entry
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def version(self) -> str:
+        """Digest of every file's name, size and remote identity: a changed object is a new version, so it
+        lands in a new entry instead of being mixed with the old one."""
+        if self.pinned_version:
+            return self.pinned_version
+        return version_digest(
+            [(f.name, f.size, f.etag or "", f.version_id or "", f.identity or "") for f in self.files]
+        )
+
+
+def version_digest(items: list[tuple[str, int, str, str, str]]) -> str:
+    payload = json.dumps(sorted(items), separators=(",", ":")).encode()
+    return hashlib.sha256(payload).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    name: str
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+    checksum: str | None = None  # ETag form (see checksum.py): plain MD5, or MD5-of-part-MD5s "-N"
+    part_size: int | None = None  # the part size ``checksum`` was computed with (None: plain MD5)
+
+
+@dataclass(frozen=True)
+class EntryMeta:
+    uri: str
+    version: str
+    single: bool
+    files: tuple[FileMeta, ...]
+    created: float = field(default_factory=time.time)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = asdict(self)
+        data["format"] = 1
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EntryMeta:
+        data = json.loads(text)
+        files = tuple(FileMeta(**item) for item in data["files"])
+        return cls(uri=data["uri"], version=data["version"], single=bool(data["single"]),
+                   files=files, created=float(data["created"]))
+
+    @classmethod
+    def read(cls, entry_dir: Path) -> EntryMeta:
+        return cls.from_json((entry_dir / META_NAME).read_text())
+
+    def write(self, entry_dir: Path) -> None:
+        """Write the sidecar durably; it is written last, so its presence means the files are complete."""
+        path = entry_dir / META_NAME
+        with open(path, "w") as handle:
+            handle.write(self.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, checksums: Checksums) -> EntryMeta:
+        files = []
+        for f in manifest.files:
+            checksum, part_size = checksums.get(f.name, (None, None))
+            files.append(FileMeta(f.name, f.size, f.etag, f.version_id, checksum, part_size))
+        return cls(uri=manifest.uri, version=manifest.version, single=manifest.single, files=tuple(files))
+
+    def checksums(self) -> Checksums:
+        return {f.name: (f.checksum, f.part_size) for f in self.files if f.checksum}
+
+    def as_manifest(self) -> Manifest:
+        """The manifest a lower tier's entry offers when it is the source of a promotion."""
+        return Manifest(
+            uri=self.uri,
+            files=tuple(RemoteFile(f.name, f.size, f.name, f.etag, f.version_id) for f in self.files),
+            single=self.single,
+            pinned_version=self.version,
+        )

@@ -1,0 +1,91 @@
+"""Prometheus metrics for the storage events (a built-in plugin, active when ``prometheus-client`` imports).
+
+Built in rather than opt-in because every serving framework we target already scrapes the default
+``prometheus_client`` registry (BentoML, Ray Serve) or can (TorchServe), so the metrics show up with no
+wiring; without the ``metrics`` extra the hooks do nothing, and ``FASTLOAD_DISABLE_PLUGINS=fastload.metrics``
+turns them off. Labels are tier names only: URIs would explode cardinality and leak bucket names.
+A process without an exporter can call ``serve(port)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..hookspecs import hookimpl
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] | None = None
+_unavailable = False
+
+
+def _get() -> dict[str, Any] | None:
+    global _metrics, _unavailable
+    with _lock:
+        if _metrics is None and not _unavailable:
+            try:
+                from prometheus_client import Counter, Gauge, Histogram
+            except ImportError:
+                _unavailable = True
+                return None
+            _metrics = {
+                "hits": Counter("fastload_tier_hits", "Models found in a tier", ["tier"]),
+                "misses": Counter("fastload_tier_misses", "Models not found in a tier", ["tier"]),
+                "full": Counter("fastload_tier_full", "Models a tier could not make room for", ["tier"]),
+                "fetches": Counter("fastload_fetches", "Fetches published into a tier", ["tier"]),
+                "bytes": Counter("fastload_fetch_bytes", "Bytes fetched into a tier", ["tier"]),
+                "seconds": Histogram("fastload_fetch_seconds", "Duration of fetches into a tier", ["tier"],
+                                     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)),
+                "active": Gauge("fastload_fetches_in_progress", "Fetches running now", ["tier"]),
+                "evictions": Counter("fastload_evictions", "Entries evicted from a tier", ["tier"]),
+                "evicted_bytes": Counter("fastload_evicted_bytes", "Bytes evicted from a tier", ["tier"]),
+            }
+        return _metrics
+
+
+@hookimpl
+def on_tier_hit(uri: str, tier: str, path: str) -> None:
+    if (m := _get()) is not None:
+        m["hits"].labels(tier).inc()
+
+
+@hookimpl
+def on_tier_miss(uri: str, tier: str) -> None:
+    if (m := _get()) is not None:
+        m["misses"].labels(tier).inc()
+
+
+@hookimpl
+def on_tier_full(uri: str, tier: str, nbytes: int) -> None:
+    if (m := _get()) is not None:
+        m["full"].labels(tier).inc()
+
+
+@hookimpl
+def on_fetch_start(uri: str, tier: str, nbytes: int) -> None:
+    if (m := _get()) is not None:
+        m["active"].labels(tier).inc()
+
+
+@hookimpl
+def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float) -> None:
+    if (m := _get()) is not None:
+        m["active"].labels(tier).dec()
+        m["fetches"].labels(tier).inc()
+        m["bytes"].labels(tier).inc(nbytes)
+        m["seconds"].labels(tier).observe(seconds)
+
+
+@hookimpl
+def on_evict(tier: str, key: str, nbytes: int) -> None:
+    if (m := _get()) is not None:
+        m["evictions"].labels(tier).inc()
+        m["evicted_bytes"].labels(tier).inc(nbytes)
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> None:
+    """Expose the default registry on ``http://addr:port/metrics`` (for processes without an exporter)."""
+    from prometheus_client import start_http_server
+
+    _get()
+    start_http_server(port, addr=addr)

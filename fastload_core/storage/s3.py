@@ -1,0 +1,400 @@
+"""The S3 origin: parallel ranged GETs written straight into the destination file at their offsets.
+
+Why not s3transfer's ``download_file``: it restarts a failed part from its first byte, keeps no record a
+later process could resume from, and does not say which byte ranges have landed (the streaming loader
+needs that). What it does well is reused: botocore's client (credentials, endpoint and region from the
+standard AWS configuration, so Ceph RGW and MinIO work), its retry modes for throttling, 5xx and
+connection errors, its content-length checks, and the list paginator. ``tenacity`` resumes a part whose
+body broke mid-stream from the byte it reached.
+
+Every GET is pinned to the identity seen when the model was resolved (``If-Match`` on the ETag, plus the
+VersionId where there is one), so an overwrite during the download fails the fetch (``ObjectChangedError``)
+instead of mixing versions. Each file is verified against its ETag before the store publishes it: for a
+multipart upload the ranges follow the upload's parts, so each worker hashes its own part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tenacity
+
+from .base import Journal, Origin
+from .checksum import ETagHasher, combine, etag_parts, normalize_etag
+from .errors import IntegrityError, ObjectChangedError, OriginError, StorageError, UnsafeKeyError
+from .meta import Checksums, Manifest, RemoteFile
+from .progress import Progress
+from .settings import S3Settings
+from .uri import ModelURI, confine, parse_uri, safe_relpath
+
+log = logging.getLogger("fastload.storage.s3")
+
+_CHUNK = 1024 * 1024
+# Beyond this an upload's parts are too coarse to be download ranges; such files hash sequentially.
+_MAX_ALIGNED_PART = 256 * 1024 * 1024
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class _ShortRead(Exception):
+    """The body ended before the range did (a proxy or server cut it); the rest is requested again."""
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, _ShortRead):
+        return True
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling", "ThrottlingException")
+    from urllib3.exceptions import HTTPError as Urllib3Error  # botocore's own HTTP layer
+
+    return isinstance(exc, (ResponseStreamingError, IncompleteReadError, ReadTimeoutError,
+                            ConnectionClosedError, EndpointConnectionError, BotoConnectionError, Urllib3Error,
+                            ConnectionError, TimeoutError))
+
+
+def client_error(uri: str, exc: Exception, *, name: str | None = None) -> StorageError:
+    """Turn a botocore failure into a storage error with advice; botocore's messages carry no secrets."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return OriginError(uri, "no AWS credentials found; configure them the standard way "
+                                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, "
+                                "an instance role)",
+                           code="NoCredentials")
+    if isinstance(exc, EndpointConnectionError):
+        return OriginError(uri, f"cannot reach the S3 endpoint ({exc}); check AWS_ENDPOINT_URL_S3 and the "
+                                "network", code="Unreachable")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("PreconditionFailed",) or status == 412:
+            return ObjectChangedError(uri, name or "?", "the object was overwritten during the download "
+                                                        "(its ETag changed); fetch again for the new version")
+        if code in ("NoSuchBucket",):
+            return OriginError(uri, "the bucket does not exist", code=code)
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return OriginError(uri, "no such object or prefix", code="NotFound")
+        if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+            return OriginError(uri, "access denied; check the credentials' permissions and the bucket policy",
+                               code="AccessDenied")
+        return OriginError(uri, f"S3 request failed: {code or status}", code=code or str(status))
+    if _retryable(exc):
+        return OriginError(uri, f"S3 transfer failed after retries: {type(exc).__name__}", code="Unreachable")
+    return OriginError(uri, f"S3 request failed: {type(exc).__name__}: {exc}")
+
+
+class _Tracker:
+    """Which ranges of one file have landed, and how far the contiguous prefix reaches."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.watermark = 0
+        self._pending: dict[int, int] = {}
+
+    def complete(self, start: int, end: int) -> None:
+        with self.cond:
+            self._pending[start] = end
+            while self.watermark in self._pending:
+                self.watermark = self._pending.pop(self.watermark)
+            self.cond.notify_all()
+
+    def wait_beyond(self, position: int, abort: threading.Event) -> int:
+        with self.cond:
+            while self.watermark <= position and not abort.is_set():
+                self.cond.wait(0.2)
+            if abort.is_set():
+                raise _Aborted
+            return self.watermark
+
+
+@dataclass
+class _Plan:
+    item: RemoteFile
+    path: Path
+    ranges: list[tuple[int, int]]
+    mode: str  # "parts": ranges are upload parts, hashed by workers; "sequential": hashed in order; "none"
+    part_size: int | None
+    fd: int = -1
+    part_md5s: dict[int, bytes] = field(default_factory=dict)
+    tracker: _Tracker = field(default_factory=_Tracker)
+    unverifiable: bool = False  # SSE-KMS / SSE-C: the ETag is not an MD5
+
+
+class S3Origin(Origin):
+    scheme = "s3"
+
+    def __init__(self, settings: S3Settings | None = None, *, client: Any = None) -> None:
+        self.settings = settings or S3Settings.from_env()
+        self._client = client
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                self._client = boto3.session.Session().client(
+                    "s3",
+                    config=Config(
+                        retries={"mode": self.settings.retry_mode,
+                                 "max_attempts": self.settings.max_attempts},
+                        max_pool_connections=self.settings.concurrency + 4,
+                        connect_timeout=10,
+                        read_timeout=60,
+                        tcp_keepalive=True,
+                    ),
+                )
+            return self._client
+
+    # --- resolve ---------------------------------------------------------------------------------
+    def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
+        shown = str(uri)
+        if uri.is_prefix:
+            return self._list(uri)
+        extra = {"VersionId": revision} if revision else {}
+        try:
+            head = self.client.head_object(Bucket=uri.netloc, Key=uri.path, **extra)
+        except Exception as exc:
+            error = client_error(shown, exc)
+            if isinstance(error, OriginError) and error.code == "NotFound" and not revision:
+                return self._list(uri.as_prefix(), shown=shown)
+            raise error from None
+        name = safe_relpath(uri.path.rsplit("/", 1)[-1], uri=shown)
+        item = RemoteFile(name, int(head["ContentLength"]), uri.path, normalize_etag(head.get("ETag")),
+                          head.get("VersionId"))
+        return Manifest(shown, (item,), single=True)
+
+    def _list(self, uri: ModelURI, *, shown: str | None = None) -> Manifest:
+        shown = shown or str(uri)
+        files: list[RemoteFile] = []
+        names: set[str] = set()
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=uri.netloc, Prefix=uri.path):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    relative = key[len(uri.path):]
+                    if key.endswith("/") and int(obj.get("Size", 0)) == 0:
+                        continue  # a "folder" marker some tools create
+                    safe_relpath(relative, uri=shown)
+                    names.add(relative)
+                    files.append(RemoteFile(relative, int(obj["Size"]), key, normalize_etag(obj.get("ETag"))))
+        except UnsafeKeyError:
+            raise
+        except Exception as exc:
+            raise client_error(shown, exc) from None
+        for name in names:  # "a" and "a/b" cannot both be files on disk
+            parent = name.rsplit("/", 1)[0] if "/" in name else None
+            while parent:
+                if parent in names:
+                    raise UnsafeKeyError(name, f"{parent!r} is both a file and a directory in the listing",
+                                         uri=shown)
+                parent = parent.rsplit("/", 1)[0] if "/" in parent else None
+        if not files:
+            raise OriginError(shown, "no such object, and no objects under this prefix", code="NotFound")
+        return Manifest(str(uri), tuple(sorted(files, key=lambda f: f.name)), single=False)
+
+    # --- download --------------------------------------------------------------------------------
+    def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+        bucket = parse_uri(manifest.uri).netloc
+        client = self.client
+        abort = threading.Event()
+        with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="fastload-s3") as pool:
+            plans = list(pool.map(lambda item: self._plan(client, bucket, item, dest, manifest.uri),
+                                  manifest.files))
+            try:
+                for plan in plans:
+                    plan.fd = os.open(plan.path, os.O_RDWR)
+                futures: list[Future[Any]] = []
+                with ThreadPoolExecutor(2, thread_name_prefix="fastload-hash") as hashers:
+                    hash_futures = {plan.item.name: hashers.submit(self._hash_sequential, plan, abort)
+                                    for plan in plans if plan.mode == "sequential"}
+                    for plan in plans:  # in file order, so contiguous prefixes (and hashing) advance early
+                        for index, (start, end) in enumerate(plan.ranges):
+                            if journal.has(plan.item.name, start, end):
+                                done_md5 = journal.done[(plan.item.name, start, end)]
+                                if done_md5:
+                                    plan.part_md5s[index] = bytes.fromhex(done_md5)
+                                progress.add(end - start)
+                                plan.tracker.complete(start, end)
+                                continue
+                            futures.append(pool.submit(self._fetch_range, client, bucket, plan, index, start,
+                                                       end, manifest.uri, journal, progress, abort))
+                    done, _ = wait(futures + list(hash_futures.values()), return_when=FIRST_EXCEPTION)
+                    failed = [f for f in done if f.exception() is not None]
+                    if failed:
+                        abort.set()
+                        for future in futures:
+                            future.cancel()
+                        errors = [f.exception() for f in failed]
+                        real = [e for e in errors if not isinstance(e, _Aborted)]
+                        raise (real or errors)[0]  # type: ignore[misc]
+                    return {plan.item.name: self._verify(plan, hash_futures, manifest.uri) for plan in plans
+                            if plan.mode != "none" and not plan.unverifiable}
+            finally:
+                abort.set()
+                for plan in plans:
+                    if plan.fd >= 0:
+                        os.close(plan.fd)
+
+    def _plan(self, client: Any, bucket: str, item: RemoteFile, dest: Path, uri: str) -> _Plan:
+        path = confine(dest, item.name, uri=uri)
+        parts = etag_parts(item.etag)
+        part_size: int | None = None
+        mode = "none"
+        if parts == 0:
+            mode = "sequential"
+        elif parts:
+            first = item.size if parts == 1 else self._first_part_size(client, bucket, item)
+            if first and (parts - 1) * first < item.size <= parts * first:
+                part_size = first
+                mode = "parts" if first <= _MAX_ALIGNED_PART else "sequential"
+            else:
+                log.debug("%s: cannot recover the part layout of %s; verifying size only", uri, item.name)
+        step = part_size if mode == "parts" and part_size else self.settings.part_size
+        ranges = [(start, min(start + step, item.size)) for start in range(0, item.size, step)]
+        return _Plan(item, path, ranges, mode, part_size)
+
+    def _first_part_size(self, client: Any, bucket: str, item: RemoteFile) -> int | None:
+        extra: dict[str, Any] = {"VersionId": item.version_id} if item.version_id else {}
+        try:
+            head = client.head_object(Bucket=bucket, Key=item.locator, PartNumber=1, **extra)
+        except Exception as exc:
+            log.debug("HEAD partNumber=1 of %s failed: %r", item.name, exc)
+            return None
+        return int(head["ContentLength"])
+
+    def _fetch_range(self, client: Any, bucket: str, plan: _Plan, index: int, start: int, end: int, uri: str,
+                     journal: Journal, progress: Progress, abort: threading.Event) -> None:
+        item = plan.item
+        hasher = ETagHasher(None) if plan.mode == "parts" else None
+        position = start
+        extra: dict[str, Any] = {}
+        if item.etag:
+            extra["IfMatch"] = f'"{item.etag}"'
+        if item.version_id:
+            extra["VersionId"] = item.version_id
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_retryable),
+            stop=tenacity.stop_after_attempt(self.settings.max_attempts),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=10),
+            before_sleep=lambda state: log.warning(
+                "%s: part %s bytes %d-%d failed (%r); resuming at byte %d", uri, item.name, start, end,
+                state.outcome.exception() if state.outcome else None, position),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if abort.is_set():
+                        raise _Aborted
+                    position = self._get_into(client, bucket, plan, position, end, extra, hasher, progress,
+                                              uri)
+        except (_Aborted, StorageError):
+            raise
+        except Exception as exc:
+            raise client_error(uri, exc, name=item.name) from exc
+        md5 = None
+        if hasher is not None:
+            digest = bytes.fromhex(hasher.hexdigest())
+            plan.part_md5s[index] = digest
+            md5 = digest.hex()
+        journal.record(item.name, start, end, md5)
+        plan.tracker.complete(start, end)
+        progress.range_done(item.name, start, end)
+
+    def _get_into(self, client: Any, bucket: str, plan: _Plan, position: int, end: int, extra: dict[str, Any],
+                  hasher: ETagHasher | None, progress: Progress, uri: str) -> int:
+        """One GET of ``[position, end)``; returns how far it got. A body that ends early raises
+        ``_ShortRead`` after its bytes are kept, so the retry asks only for the rest."""
+        item = plan.item
+        response = client.get_object(Bucket=bucket, Key=item.locator, Range=f"bytes={position}-{end - 1}",
+                                     **extra)
+        body = response["Body"]
+        try:
+            got_etag = normalize_etag(response.get("ETag"))
+            if item.etag and got_etag and got_etag != item.etag:
+                raise ObjectChangedError(uri, item.name, f"ETag changed from {item.etag} to {got_etag} during"
+                                                         " the download; fetch again for the new version")
+            if item.version_id and response.get("VersionId") not in (None, item.version_id):
+                raise ObjectChangedError(uri, item.name, "VersionId changed during the download")
+            if response.get("ServerSideEncryption", "").startswith("aws:kms") or \
+                    response.get("SSECustomerAlgorithm"):
+                plan.unverifiable = True
+            content_range = response.get("ContentRange")
+            if content_range:
+                match = _CONTENT_RANGE.match(content_range)
+                if not match or int(match.group(1)) != position:
+                    raise IntegrityError(uri, item.name, f"asked for bytes from {position}, server sent "
+                                                         f"{content_range!r}")
+            elif position != 0:
+                raise IntegrityError(uri, item.name, "server ignored the Range header")
+            while position < end:
+                chunk = body.read(min(_CHUNK, end - position))
+                if not chunk:
+                    break
+                os.pwrite(plan.fd, chunk, position)
+                if hasher is not None:
+                    hasher.update(chunk)
+                position += len(chunk)
+                progress.add(len(chunk))
+        finally:
+            body.close()
+        if position < end:
+            raise _ShortRead(f"body ended at byte {position} of {end}")
+        return position
+
+    def _hash_sequential(self, plan: _Plan, abort: threading.Event) -> str:
+        """Hash a file in order as its contiguous prefix grows, overlapping the download (plain-MD5 ETags
+        cannot be hashed per range)."""
+        hasher = ETagHasher(plan.part_size)
+        position = 0
+        size = plan.item.size
+        while position < size:
+            limit = plan.tracker.wait_beyond(position, abort)
+            while position < limit:
+                data = os.pread(plan.fd, min(8 * _CHUNK, limit - position), position)
+                if not data:
+                    raise IntegrityError(plan.item.locator, plan.item.name,
+                                         f"file ends at {position}, expected {size}")
+                hasher.update(data)
+                position += len(data)
+        return hasher.hexdigest()
+
+    def _verify(self, plan: _Plan, hash_futures: dict[str, Future[Any]], uri: str) -> tuple[str, int | None]:
+        item = plan.item
+        size = os.fstat(plan.fd).st_size
+        if size != item.size:
+            raise IntegrityError(uri, item.name, f"expected {item.size} bytes, have {size}")
+        if plan.mode == "parts":
+            checksum = combine([plan.part_md5s[i] for i in range(len(plan.ranges))]) if plan.ranges else \
+                ETagHasher(plan.part_size).hexdigest()
+        else:
+            checksum = hash_futures[item.name].result()
+        if checksum != item.etag:
+            raise IntegrityError(uri, item.name, f"content hashes to ETag {checksum}, S3 says {item.etag}")
+        return checksum, plan.part_size
