@@ -42,7 +42,10 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}$")
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9\-]", "_", socket.gethostname())[:64] or "host"
+    """This node's name in partial-directory names (FASTLOAD_NODE_ID overrides the host name, for nodes
+    that share one, such as containers with a fixed hostname)."""
+    name = os.environ.get("FASTLOAD_NODE_ID") or socket.gethostname()
+    return re.sub(r"[^A-Za-z0-9]", "_", name)[:64] or "host"
 
 
 def fsync_dir(path: Path) -> None:

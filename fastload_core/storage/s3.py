@@ -301,7 +301,7 @@ class S3Origin(Origin):
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_retryable),
             stop=tenacity.stop_after_attempt(self.settings.max_attempts),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=10),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=10, jitter=0.2),
             before_sleep=lambda state: log.warning(
                 "%s: part %s bytes %d-%d failed (%r); resuming at byte %d", uri, item.name, start, end,
                 state.outcome.exception() if state.outcome else None, position),

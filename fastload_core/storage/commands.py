@@ -1,0 +1,91 @@
+"""``fastload cache ls|rm|gc``, ``fastload fetch URI [--tier T]`` and ``fastload warm URI... [--tier T]``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .settings import TIER_ORDER
+from .store import default_store
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fetch = subparsers.add_parser("fetch", help="fetch a model into the cache; print its path")
+    fetch.add_argument("uri", help="s3://bucket/key, s3://bucket/prefix/, file:///mnt/models/m1 or a path")
+    fetch.add_argument("--tier", choices=TIER_ORDER, help="tier to place it in (default: FASTLOAD_TIER)")
+    fetch.add_argument("--revision", help="an S3 VersionId, or a cached version shown by `cache ls`")
+    fetch.set_defaults(func=_fetch)
+
+    warm = subparsers.add_parser("warm", help="prefetch models ahead of a deployment")
+    warm.add_argument("uris", nargs="+", metavar="URI")
+    warm.add_argument("--tier", choices=TIER_ORDER)
+    warm.set_defaults(func=_warm)
+
+    cache = subparsers.add_parser("cache", help="inspect and clean the tiered cache")
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    ls = actions.add_parser("ls", help="list cached models per tier")
+    ls.add_argument("--tier", choices=TIER_ORDER)
+    ls.set_defaults(func=_ls)
+    rm = actions.add_parser("rm", help="remove a model (every version) or one slug/version key")
+    rm.add_argument("target", help="a model URI, or a key as `cache ls` prints it (slug or slug/version)")
+    rm.add_argument("--tier", choices=TIER_ORDER)
+    rm.set_defaults(func=_rm)
+    gc = actions.add_parser("gc", help="drop dead partial downloads and evict down to each tier's budget")
+    gc.add_argument("--tier", choices=TIER_ORDER)
+    gc.set_defaults(func=_gc)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    print(default_store().fetch(args.uri, tier=args.tier, revision=args.revision))
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    paths = default_store().prefetch(args.uris, tier=args.tier)
+    assert isinstance(paths, list)
+    for uri, path in zip(args.uris, paths, strict=True):
+        print(f"{uri}\t{path}")
+    print(f"warmed {len(paths)} model(s) in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def _ls(args: argparse.Namespace) -> int:
+    store = default_store()
+    tiers = [t for t in store.tiers if args.tier in (None, t.name)]
+    for tier in tiers:
+        capacity = tier.capacity()
+        budget = _size(capacity) if capacity is not None else "unlimited"
+        print(f"{tier.name}  {tier.root}  used {_size(tier.usage())} of {budget}")
+        infos = store.ls(tier=tier.name)
+        for info in sorted(infos, key=lambda i: -i.entry.last_used):
+            entry = info.entry
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+            flag = "  in use" if info.in_use else ""
+            print(f"  {entry.slug}/{entry.version}  {_size(entry.size):>10}  {used}  {entry.meta.uri}{flag}")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    removed, busy = default_store().rm(args.target, tier=args.tier)
+    for entry in removed:
+        print(f"removed {entry.tier}:{entry.slug}/{entry.version} ({_size(entry.size)})")
+    for entry in busy:
+        print(f"kept {entry.tier}:{entry.slug}/{entry.version}: in use by a running process")
+    if not removed and not busy:
+        print(f"nothing cached matches {args.target}")
+    return 1 if busy else 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    counts = default_store().gc(tier=args.tier)
+    print(", ".join(f"{kind}: {count}" for kind, count in counts.items()))
+    return 0
