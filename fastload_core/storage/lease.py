@@ -44,6 +44,10 @@ class RedisLease:
             if time.monotonic() - started > timeout:
                 raise FetchTimeoutError(uri, tier, time.monotonic() - started, "another node (Redis lease)")
             time.sleep(poll)
+        if ready():  # the other node finished and let go between two polls
+            lock.release()
+            yield False
+            return
         stop = threading.Event()
 
         def renew() -> None:

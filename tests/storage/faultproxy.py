@@ -2,8 +2,8 @@
 
 boto3 talks to the proxy (AWS_ENDPOINT_URL_S3 points at it); the proxy forwards to moto and, for ranged
 GETs, applies the next queued fault: an S3 error status, a dropped connection before any response, a
-connection reset or a short body part-way through, or a corrupted byte. It also counts the GET body bytes
-it sent for ranged GETs (object bytes; listings are not counted), which is "bytes the origin served" for the single-flight tests.
+connection reset or a short body part-way through, or a corrupted byte. It also counts the body bytes of
+ranged GETs (object bytes, not listings): "bytes the origin served" for the single-flight tests.
 """
 
 from __future__ import annotations

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from fastload_core.storage import pin
+from fastload_core.storage.commands import add_commands
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fastload")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_fetch_ls_rm_gc(tmp_path: Path, shm_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "w.bin").write_bytes(os.urandom(50_000))
+    uri = f"file://{model}"
+    assert run(["fetch", uri, "--tier", "shm"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.is_relative_to(shm_root) and (path / "w.bin").stat().st_size == 50_000
+
+    assert run(["cache", "ls"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count(uri) == 2 and "shm" in listing and "local_disk" in listing
+
+    with pin(uri, tier="shm"):
+        assert run(["cache", "rm", uri, "--tier", "shm"]) == 1  # in use: kept
+        assert "in use" in capsys.readouterr().out
+        assert path.exists()
+    assert run(["cache", "rm", uri]) == 0
+    assert capsys.readouterr().out.count("removed") == 2
+    assert not path.exists()
+
+    stale = shm_root / "s3-x-0123456789abcdef" / ".partial-abc-deadnode"
+    stale.mkdir(parents=True)
+    assert run(["cache", "gc"]) == 0
+    assert "partials: 0" in capsys.readouterr().out  # another node's partial is not ours to judge
+    assert stale.exists()
+
+    assert run(["warm", uri]) == 0
+    assert "warmed 1 model(s)" in capsys.readouterr().out
+
+
+def test_rm_refuses_traversal_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from fastload_core.storage.errors import UnsafeKeyError
+
+    with pytest.raises(UnsafeKeyError):
+        run(["cache", "rm", "../../etc"])
