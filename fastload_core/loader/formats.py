@@ -55,17 +55,24 @@ def converted_path(path: Path) -> Path:
     target = config.cache_dir() / "converted" / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.safetensors"
     if target.exists():
         return target
-    fmt = find_format(path)
-    if fmt is None:
-        names = ", ".join(f.name for f in registered_formats()) or "none"
-        raise UnsupportedFormatError(
-            path, f"not a safetensors file and no registered checkpoint format reads it (formats: {names})"
-        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(target) + ".lock"):
         if not target.exists():
-            write_safetensors(_untangle(fmt.read_state_dict(path)), target, {"fastload_source": path.name})
+            convert(path, target)
     return target
+
+
+def convert(source: Path, target: Path) -> dict[str, torch.Tensor]:
+    """Read ``source`` with the format that claims it and write it to ``target`` as safetensors."""
+    fmt = find_format(source)
+    if fmt is None:
+        names = ", ".join(f.name for f in registered_formats()) or "none"
+        raise UnsupportedFormatError(
+            source, f"not a safetensors file and no registered checkpoint format reads it (formats: {names})"
+        )
+    state = untangle(fmt.read_state_dict(source))
+    write_safetensors(state, target, {"fastload_source": source.name, "fastload_format": fmt.name})
+    return state
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
@@ -82,7 +89,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: 
         raise
 
 
-def _untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors stores no aliasing: give each shared or strided tensor its own contiguous bytes."""
     seen: set[tuple[int, int]] = set()
     result = {}
@@ -90,5 +97,5 @@ def _untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         storage_key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         shared = storage_key in seen and tensor.numel() > 0
         seen.add(storage_key)
-        result[name] = tensor.clone() if shared or not tensor.is_contiguous() else tensor
+        result[name] = tensor.clone(memory_format=torch.contiguous_format) if shared else tensor.contiguous()
     return result

@@ -7,6 +7,8 @@ that needs anything beyond tensors and plain containers is refused, never execut
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,16 +30,27 @@ class TorchPickleFormat:
 
     def read_state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            with warnings.catch_warnings():
+                # Old checkpoints use other pickle protocols; torch warns but reads them fine.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
         except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc):
+                raise CheckpointError(path, f"not a readable torch.save checkpoint: {_first_line(exc)}") from None
             raise CheckpointError(
                 path,
-                "refused to unpickle: it holds objects beyond tensors and containers, and fastload never "
-                f"runs code from a checkpoint (weights_only=True). Save a plain state_dict instead. ({exc})",
+                "refused to unpickle: it holds objects beyond tensors and containers, and fastload never runs "
+                f"code from a checkpoint (weights_only=True). Save a plain state_dict instead. ({_first_line(exc)})",
             ) from None
         except (RuntimeError, EOFError, ValueError) as exc:
-            raise CheckpointError(path, f"not a readable torch.save checkpoint: {exc}") from None
+            raise CheckpointError(path, f"not a readable torch.save checkpoint: {_first_line(exc)}") from None
         return _find_state_dict(path, loaded)
+
+
+def _first_line(exc: Exception) -> str:
+    """torch's unpickling errors run to a page; the phrase that names the cause is enough."""
+    cause = re.search(r"Unsupported[^\n]*", str(exc))
+    return cause.group(0).strip() if cause else str(exc).strip().splitlines()[0]
 
 
 def _is_zip(path: Path) -> bool:
