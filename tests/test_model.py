@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from fastload_core.report import LoadReport
 class TinyLM(nn.Module):
     """Tied embedding/head, a norm with persistent buffers, and a non-persistent rotary table."""
 
-    init_devices: list[str] = []
+    init_devices: ClassVar[list[str]] = []
 
     def __init__(self, vocab: int = 32, width: int = 16) -> None:
         super().__init__()
@@ -51,7 +52,9 @@ TOKENS = torch.randint(0, 32, (3, 5), generator=torch.Generator().manual_seed(1)
 
 
 @pytest.mark.parametrize("options", [{}, {"copy": True}, {"lazy": True}], ids=["mmap", "copy", "lazy"])
-def test_class_factory_and_instance_give_the_same_outputs(trained: tuple[TinyLM, Path], options: dict[str, bool]) -> None:
+def test_class_factory_and_instance_give_the_same_outputs(
+    trained: tuple[TinyLM, Path], options: dict[str, bool]
+) -> None:
     reference, path = trained
     expected = reference(TOKENS)
     for spec in (TinyLM, lambda: TinyLM(vocab=32), TinyLM()):
@@ -130,5 +133,5 @@ def test_from_a_legacy_pickle(trained: tuple[TinyLM, Path], tmp_path: Path) -> N
 
 
 def test_factory_must_build_a_module(trained: tuple[TinyLM, Path]) -> None:
-    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"not a torch\.nn\.Module"):
         fastload_core.load_model(lambda: object(), trained[1])  # type: ignore[arg-type, return-value]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -135,7 +136,5 @@ def test_parser_accepts_or_raises_checkpoint_error(entries: dict[str, object], f
 def test_arbitrary_bytes_never_crash_the_reader(tmp_path_factory: pytest.TempPathFactory, blob: bytes) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "blob.safetensors"
     path.write_bytes(blob)
-    try:
+    with contextlib.suppress(CheckpointError):
         read_header(path)
-    except CheckpointError:
-        pass

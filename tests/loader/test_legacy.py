@@ -96,7 +96,7 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
 def test_garbage_file(tmp_path: Path) -> None:
     path = tmp_path / "junk.bin"
     path.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable torch.save checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a readable torch\.save checkpoint"):
         fastload_core.load_state_dict(path)
 
 

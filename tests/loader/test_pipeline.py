@@ -44,7 +44,9 @@ class DeferredEngine:
         return completion
 
 
-@pytest.mark.parametrize(("size", "chunk", "slots"), [(10_000, 1000, 3), (10_001, 64, 1), (5, 1000, 4), (4096, 1024, 4)])
+@pytest.mark.parametrize(
+    ("size", "chunk", "slots"), [(10_000, 1000, 3), (10_001, 64, 1), (5, 1000, 4), (4096, 1024, 4)]
+)
 def test_no_buffer_is_reused_before_its_copy_lands(size: int, chunk: int, slots: int) -> None:
     """If a ring slot were refilled before its deferred copy ran, the destination would hold wrong bytes."""
     source = torch.randint(0, 256, (size,), dtype=torch.uint8)
