@@ -37,12 +37,13 @@ def load_file(
     dtype: torch.dtype | None = None,
     copy: bool = False,
     lazy: bool = False,
+    report: LoadReport | None = None,
 ) -> dict[str, torch.Tensor]:
     """Drop-in for ``safetensors.torch.load_file``, faster; see ``load_state_dict`` for the options."""
     path = _local_path(source)
     if path.is_dir():
         raise CheckpointError(path, "is a directory; load_file takes one .safetensors file (use load_state_dict)")
-    return load_state_dict(path, device, dtype=dtype, copy=copy, lazy=lazy)
+    return load_state_dict(path, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
 
 
 def load_state_dict(
