@@ -16,7 +16,7 @@ from .. import plugins
 from ..errors import CheckpointError, MissingShardError
 from ..report import LoadReport
 from . import cpu, formats
-from .header import Header, read_header
+from .header import Header, read_header, read_header_from
 
 log = logging.getLogger("fastload")
 
@@ -76,11 +76,12 @@ def load_state_dict(
     files, strategy_suffix = _resolve(_local_path(source), report)
     tensors: dict[str, torch.Tensor] = {}
     ring = _staging_ring(target)
-    for file, expected in files:
-        header = _timed(report, "header", read_header, file)
-        loaded = _load_one(file, header, target, copy=copy, lazy=lazy, report=report, ring=ring)
+    for path, expected in files:
+        with open(path, "rb") as file:
+            header = _timed(report, "header", read_header_from, file, path)
+            loaded = _load_one(file.fileno(), str(path), header, target, copy=copy, lazy=lazy, report=report, ring=ring)
         if expected is not None and (absent := expected - loaded.keys()):
-            raise CheckpointError(file, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
+            raise CheckpointError(path, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
         tensors.update(loaded)
         report.files += 1
         report.tensors += len(header.tensors)
@@ -97,7 +98,8 @@ def load_state_dict(
 
 
 def _load_one(
-    path: Path,
+    fd: int,
+    path: str,
     header: Header,
     device: torch.device,
     *,
@@ -107,23 +109,18 @@ def _load_one(
     ring: list[torch.Tensor] | None,
 ) -> dict[str, torch.Tensor]:
     started = time.perf_counter()
+    start, end = header.span
     if device.type == "cpu" and not copy:
-        base = cpu.map_file(str(path), populate=not lazy)
-        base_offset = 0
+        base, base_offset = cpu.map_file(fd, populate=not lazy), 0
     elif device.type == "cpu":
-        start = header.tensors[0].start if header.tensors else header.data_start
-        end = max((entry.end for entry in header.tensors), default=start)
-        base = cpu.allocate_private(end - start)
-        cpu.read_into(str(path), base, start)
-        base_offset = start
+        base, base_offset = cpu.allocate_private(end - start), start
+        cpu.read_into(fd, path, base, start)
     elif device.type == "cuda":
         from . import cuda
 
-        base = cuda.load_to_device(str(path), header, device, ring)
-        base_offset = header.tensors[0].start if header.tensors else header.data_start
+        base, base_offset = cuda.load_to_device(fd, path, header, device, ring), start
     else:  # other accelerators: map, then let torch copy
-        base = cpu.map_file(str(path)).to(device)
-        base_offset = 0
+        base, base_offset = cpu.map_file(fd).to(device), 0
     report.add_stage("read", time.perf_counter() - started)
     started = time.perf_counter()
     tensors = dict(cpu.tensor_views(base, header, base_offset))

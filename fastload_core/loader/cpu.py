@@ -37,11 +37,10 @@ def io_threads() -> int:
     return int(configured) if configured else max(4, min(16, 2 * (os.cpu_count() or 1)))
 
 
-def map_file(path: str, populate: bool = True) -> torch.Tensor:
-    """Map ``path`` copy-on-write and return it as one uint8 tensor (which keeps the mapping alive)."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        mapping = mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+def map_file(fd: int, populate: bool = True) -> torch.Tensor:
+    """Map the open file ``fd`` copy-on-write as one uint8 tensor (which keeps the mapping alive)."""
+    size = os.fstat(fd).st_size
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     base = torch.frombuffer(mapping, dtype=torch.uint8)
     if populate:
         populate_pages(base)
@@ -82,16 +81,14 @@ def allocate_private(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
-def read_into(path: str, destination: torch.Tensor, file_offset: int) -> None:
-    """Fill ``destination`` from ``path`` starting at ``file_offset``, with parallel preadv calls."""
+def read_into(fd: int, path: str, destination: torch.Tensor, file_offset: int) -> None:
+    """Fill ``destination`` from file ``fd`` starting at ``file_offset``, with parallel preadv calls."""
     view = destination.numpy().data
     size = len(view)
-    with open(path, "rb") as file:
-        fd = file.fileno()
-        spans = [(start, min(READ_CHUNK_BYTES, size - start)) for start in range(0, size, READ_CHUNK_BYTES)]
-        with ThreadPoolExecutor(min(io_threads(), len(spans)) or 1) as pool:
-            list(pool.map(lambda span: pread_exact(fd, view[span[0]:span[0] + span[1]],
-                                                    file_offset + span[0], path), spans))
+    spans = [(start, min(READ_CHUNK_BYTES, size - start)) for start in range(0, size, READ_CHUNK_BYTES)]
+    with ThreadPoolExecutor(min(io_threads(), len(spans)) or 1) as pool:
+        list(pool.map(lambda span: pread_exact(fd, view[span[0] : span[0] + span[1]], file_offset + span[0], path),
+                      spans))
 
 
 def pread_exact(fd: int, target: memoryview, offset: int, path: str) -> None:

@@ -36,22 +36,17 @@ def allocate_ring(count: int, nbytes: int, pin: bool) -> list[torch.Tensor]:
 
 
 def load_to_device(
-    path: str, header: Header, device: torch.device, ring: list[torch.Tensor] | None = None
+    fd: int, path: str, header: Header, device: torch.device, ring: list[torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Copy the data section of ``path`` into one new uint8 allocation on ``device``."""
-    start = header.tensors[0].start if header.tensors else header.data_start
-    end = max((entry.end for entry in header.tensors), default=start)
+    """Copy the tensor bytes of file ``fd`` into one new uint8 allocation on ``device``."""
+    start, end = header.span
     destination = torch.empty(end - start, dtype=torch.uint8, device=device)
     if end == start:
         return destination
     ring = ring or allocate_ring(STAGING_BUFFERS, STAGING_BYTES, pin=True)
-    chunks = plan_chunks(start, end, ring[0].numel())
-    with open(path, "rb") as file:
-        fd = file.fileno()
 
-        def read(buffer: torch.Tensor, chunk: Chunk) -> None:
-            view = buffer.numpy().data[:chunk.length]
-            pread_exact(fd, view, chunk.file_offset, path)
+    def read(buffer: torch.Tensor, chunk: Chunk) -> None:
+        pread_exact(fd, buffer.numpy().data[: chunk.length], chunk.file_offset, path)
 
-        run_pipeline(chunks, ring, destination, read, CudaCopyEngine(device))
+    run_pipeline(plan_chunks(start, end, ring[0].numel()), ring, destination, read, CudaCopyEngine(device))
     return destination
