@@ -1,9 +1,25 @@
-"""fastload: fast cold starts for PyTorch models in serving frameworks."""
+"""fastload: fast cold starts for PyTorch models in serving frameworks.
+
+The public surface is re-exported here; everything else is private and may change.
+"""
 
 from __future__ import annotations
 
 from . import errors
 from .errors import FastloadError
+from .hookspecs import hookimpl
+from .loader.api import load_file, load_state_dict, read_metadata
+from .model import load_model
+from .report import LoadReport
 
-__all__ = ["FastloadError", "errors"]
+__all__ = [
+    "FastloadError",
+    "LoadReport",
+    "errors",
+    "hookimpl",
+    "load_file",
+    "load_model",
+    "load_state_dict",
+    "read_metadata",
+]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ Callers that only want "did fastload fail?" catch the base class; the subclasses
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 
 class FastloadError(Exception):
@@ -16,8 +16,8 @@ class FastloadError(Exception):
 class CheckpointError(FastloadError):
     """A checkpoint file is unusable; ``path`` names it."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
@@ -33,7 +33,7 @@ class HeaderError(CheckpointError):
 class UnsupportedDtypeError(CheckpointError):
     """A tensor's dtype is unknown to safetensors or cannot be held by this build of torch."""
 
-    def __init__(self, path: str | Path, problem: str, dtype: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], problem: str, dtype: str) -> None:
         self.dtype = dtype
         super().__init__(path, problem)
 

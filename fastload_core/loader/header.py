@@ -11,6 +11,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -59,17 +60,30 @@ class Header:
     def data_bytes(self) -> int:
         return sum(entry.nbytes for entry in self.tensors)
 
+    @property
+    def span(self) -> tuple[int, int]:
+        """File offsets from the first tensor byte to past the last one: what a loader must read."""
+        if not self.tensors:
+            return self.data_start, self.data_start
+        return self.tensors[0].start, max(entry.end for entry in self.tensors)
+
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
     with open(path, "rb") as file:
-        file_size = os.fstat(file.fileno()).st_size
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise TruncatedFileError(path, f"only {file_size} bytes: too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", prefix)
-        _check_header_len(path, header_len, file_size)
-        raw = file.read(header_len)
+        return read_header_from(file, path)
+
+
+def read_header_from(file: BinaryIO, path: str | os.PathLike[str]) -> Header:
+    """Validate the header of an open file: loading then reads the same inode, even if ``path``
+    is replaced by a newer version in the meantime."""
+    file_size = os.fstat(file.fileno()).st_size
+    prefix = os.pread(file.fileno(), 8, 0)
+    if len(prefix) < 8:
+        raise TruncatedFileError(path, f"only {file_size} bytes: too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", prefix)
+    _check_header_len(path, header_len, file_size)
+    raw = os.pread(file.fileno(), header_len, 8)
     return parse_header(path, raw, file_size)
 
 

@@ -1,0 +1,221 @@
+"""Public loading functions: resolve a source to safetensors files, load them, report the cost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import torch
+
+from .. import plugins
+from ..errors import CheckpointError, MissingShardError
+from ..report import LoadReport
+from . import cpu, formats
+from .header import Header, read_header, read_header_from
+
+log = logging.getLogger("fastload")
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+Source = str | os.PathLike[str]
+
+
+def read_metadata(source: Source) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file's header (None when it has none)."""
+    return read_header(_local_path(source)).metadata
+
+
+def load_file(
+    source: Source,
+    device: str | int | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    copy: bool = False,
+    lazy: bool = False,
+    report: LoadReport | None = None,
+) -> dict[str, torch.Tensor]:
+    """Drop-in for ``safetensors.torch.load_file``, faster; see ``load_state_dict`` for the options."""
+    path = _local_path(source)
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory; load_file takes one .safetensors file (use load_state_dict)")
+    return load_state_dict(path, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
+
+
+def load_state_dict(
+    source: Source,
+    device: str | int | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    copy: bool = False,
+    lazy: bool = False,
+    report: LoadReport | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of a checkpoint: a file, a directory, a sharded index, or a legacy pickle.
+
+    On CPU, tensors are copy-on-write views of a shared mapping (``copy=False``) or private memory
+    (``copy=True``). ``lazy=True`` maps without reading: a page is read when first touched, so
+    parts of the model that are never used are never read. On a CUDA device, a pinned pipeline
+    fills one device allocation per file. ``dtype`` converts floating-point tensors.
+    ``report``, when given, is filled with what the load cost.
+    """
+    target = _device(device)
+    if lazy and target.type != "cpu":
+        raise ValueError(
+            f"lazy=True maps weights into CPU memory, but device={device!r}; load lazily on 'cpu' and move "
+            "the submodules you need with .to(), or load eagerly onto the device"
+        )
+    report = report if report is not None else LoadReport(source=str(source), device=str(target))
+    report.source, report.device = str(source), str(target)
+    started = time.perf_counter()
+    plugins.notify("before_load", source=str(source), device=str(target))
+    files, strategy_suffix = _resolve(_local_path(source), report)
+    tensors: dict[str, torch.Tensor] = {}
+    ring = _staging_ring(target)
+    for path, expected in files:
+        with open(path, "rb") as file:
+            header = _timed(report, "header", read_header_from, file, path)
+            loaded = _load_one(file.fileno(), str(path), header, target, copy=copy, lazy=lazy, report=report, ring=ring)
+        if expected is not None and (absent := expected - loaded.keys()):
+            raise CheckpointError(path, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
+        tensors.update(loaded)
+        report.files += 1
+        report.tensors += len(header.tensors)
+        report.nbytes += header.data_bytes
+    if dtype is not None:
+        converted_at = time.perf_counter()
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+        report.add_stage("convert", time.perf_counter() - converted_at)
+    report.strategy = _strategy(target, copy, lazy) + strategy_suffix
+    report.seconds = time.perf_counter() - started
+    log.info(report.summary())
+    plugins.notify("after_load", report=report)
+    return tensors
+
+
+def _load_one(
+    fd: int,
+    path: str,
+    header: Header,
+    device: torch.device,
+    *,
+    copy: bool,
+    lazy: bool,
+    report: LoadReport,
+    ring: list[torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    started = time.perf_counter()
+    start, end = header.span
+    if device.type == "cpu" and not copy:
+        base, base_offset = cpu.map_file(fd, populate=not lazy), 0
+    elif device.type == "cpu":
+        base, base_offset = cpu.allocate_private(end - start), start
+        cpu.read_into(fd, path, base, start)
+    elif device.type == "cuda":
+        from . import cuda
+
+        base, base_offset = cuda.load_to_device(fd, path, header, device, ring), start
+    else:  # other accelerators: map, then let torch copy
+        base, base_offset = cpu.map_file(fd).to(device), 0
+    report.add_stage("read", time.perf_counter() - started)
+    started = time.perf_counter()
+    tensors = dict(cpu.tensor_views(base, header, base_offset))
+    report.add_stage("views", time.perf_counter() - started)
+    return tensors
+
+
+def _resolve(path: Path, report: LoadReport) -> tuple[list[tuple[Path, set[str] | None]], str]:
+    """The safetensors files behind ``path``, each with the tensor names an index expects of it."""
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if index.exists():
+            return _shards(index), ""
+        if (path / SINGLE_NAME).exists():
+            return [(path / SINGLE_NAME, None)], ""
+        candidates = sorted(path.glob("*.safetensors"))
+        if len(candidates) == 1:
+            return [(candidates[0], None)], ""
+        legacy = [p for p in sorted(path.iterdir()) if p.is_file() and formats.find_format(p)]
+        if len(candidates) > 1 or not legacy:
+            found = ", ".join(p.name for p in candidates) or "no checkpoint files"
+            raise CheckpointError(
+                path, f"cannot tell which checkpoint to load ({found}); expected {SINGLE_NAME} or {INDEX_NAME}"
+            )
+        path = legacy[0]
+    if not path.exists():
+        raise CheckpointError(path, "does not exist")
+    if _is_safetensors(path):
+        return [(path, None)], ""
+    converted = _timed(report, "convert-legacy", formats.converted_path, path)
+    return [(converted, None)], "+converted"
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By suffix, or by a plausible header (8-byte length then '{') for files named otherwise."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as file:
+        prefix = file.read(9)
+    return len(prefix) == 9 and prefix[8:9] == b"{" and int.from_bytes(prefix[:8], "little") < 100_000_000
+
+
+def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(index, f"not a valid sharded index: {exc!r}") from None
+    expected: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(index, f"tensor {name!r} maps to {shard!r}; a shard must be a file name, not a path")
+        expected.setdefault(shard, set()).add(name)
+    missing = [shard for shard in expected if not (index.parent / shard).is_file()]
+    if missing:
+        raise MissingShardError(index, f"names shard(s) {missing} that are not in {index.parent}")
+    return [(index.parent / shard, names) for shard, names in sorted(expected.items())]
+
+
+def _local_path(source: Source) -> Path:
+    text = os.fspath(source)
+    if "://" in text:
+        from ..storage import fetch
+
+        return Path(fetch(text))
+    return Path(text)
+
+
+def _device(device: str | int | torch.device) -> torch.device:
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def _staging_ring(device: torch.device) -> list[torch.Tensor] | None:
+    if device.type != "cuda":
+        return None
+    from . import cuda
+
+    return cuda.allocate_ring(cuda.STAGING_BUFFERS, cuda.STAGING_BYTES, pin=True)
+
+
+def _strategy(device: torch.device, copy: bool, lazy: bool) -> str:
+    if device.type != "cpu":
+        return "cuda-pipeline" if device.type == "cuda" else f"{device.type}-copy"
+    return "cpu-lazy-mmap" if lazy else ("cpu-copy" if copy else "cpu-mmap")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _timed(report: LoadReport, stage: str, function: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    started = time.perf_counter()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        report.add_stage(stage, time.perf_counter() - started)
+

@@ -1,0 +1,149 @@
+"""``load_model``: a ready module without spending start-up on weights it is about to overwrite.
+
+A class or factory is built with its parameters on the meta device (no allocation, no random
+init) while buffers stay real, because non-persistent buffers such as rotary frequencies are
+computed in ``__init__`` and never saved. Loaded tensors are then assigned, not copied, and
+parameters that the module ties together (an embedding shared with the output layer) are tied
+again so ``.to()`` and optimizers see one parameter, as in the original module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .errors import StateDictMismatchError
+from .loader.api import Source, _device, load_state_dict
+from .report import LoadReport
+
+log = logging.getLogger("fastload")
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_model(
+    model: type[M] | Callable[[], M] | M,
+    source: Source,
+    device: str | int | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    lazy: bool = False,
+    copy: bool = False,
+    report: LoadReport | None = None,
+) -> M:
+    """Build (or take) ``model`` and give it the weights in ``source``, on ``device``.
+
+    ``model`` is an ``nn.Module`` subclass, a zero-argument factory, or an instance. ``strict``
+    raises ``StateDictMismatchError`` naming missing, unexpected and mis-shaped keys; with
+    ``strict=False`` matching keys load and modules whose weights are all missing are initialised
+    by their own ``reset_parameters``. ``lazy``, ``copy`` and ``dtype`` are as in
+    ``load_state_dict``; ``report`` is filled with the cost, module construction included.
+    """
+    started = time.perf_counter()
+    report = report if report is not None else LoadReport(source=str(source), device=str(device))
+    if isinstance(model, nn.Module):
+        module = model
+    else:
+        with _parameters_on_meta():
+            module = model()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"load_model: {model!r} built a {type(module).__name__}, not a torch.nn.Module")
+    report.add_stage("build", time.perf_counter() - started)
+    state = load_state_dict(source, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
+    assigned_at = time.perf_counter()
+    _assign(module, state, strict=strict, device=_device(device))
+    report.add_stage("assign", time.perf_counter() - assigned_at)
+    report.seconds = time.perf_counter() - started
+    return module  # type: ignore[return-value]  # a factory's result was checked above
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Like accelerate's ``init_empty_weights(include_buffers=False)``: parameters are born on meta."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            self._parameters[name] = meta
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, device: torch.device) -> None:
+    tied = _tied_groups(module)
+    expected = module.state_dict(keep_vars=True)
+    for group in tied:  # a checkpoint saved with tied weights deduplicated names only one of them
+        present = next((name for name in group if name in state), None)
+        if present is not None:
+            for name in group:
+                state.setdefault(name, state[present])
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    mismatched = [
+        (name, tuple(expected[name].shape), tuple(tensor.shape))
+        for name, tensor in state.items()
+        if name in expected and expected[name].shape != tensor.shape
+    ]
+    if strict and (missing or unexpected or mismatched):
+        raise StateDictMismatchError(missing, unexpected, mismatched)
+    for name, _, _ in mismatched:
+        del state[name]
+    module.load_state_dict(state, strict=False, assign=True)
+    _materialize_missing(module, missing, device)
+    for group in tied:
+        first = module.get_parameter(group[0])
+        for name in group[1:]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(owner), attribute, first)
+    _move_remaining(module, device)
+
+
+def _tied_groups(module: nn.Module) -> list[list[str]]:
+    by_identity: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        by_identity.setdefault(id(param), []).append(name)
+    return [names for names in by_identity.values() if len(names) > 1]
+
+
+def _materialize_missing(module: nn.Module, missing: list[str], device: torch.device) -> None:
+    """Give keys absent from the checkpoint real memory: the module's own init where it owns only
+    missing tensors (a freshly added head, say), zeros otherwise, so nothing is left on meta."""
+    if not missing:
+        return
+    log.warning("fastload: %d key(s) missing from the checkpoint were initialised: %s",
+                len(missing), ", ".join(missing[:10]))
+    for submodule in module.modules():
+        slots = [(table, name) for table in (submodule._parameters, submodule._buffers) for name in table
+                 if table[name] is not None]
+        empty = [(table, name) for table, name in slots if table[name].device.type == "meta"]  # type: ignore[union-attr]
+        for table, name in empty:
+            old = table[name]
+            assert old is not None
+            new = torch.zeros_like(old, device=device)
+            table[name] = nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new  # type: ignore[assignment]
+        reset: Any = getattr(submodule, "reset_parameters", None)
+        if empty and len(empty) == len(slots) and callable(reset):
+            with torch.no_grad():
+                reset()
+
+
+def _move_remaining(module: nn.Module, device: torch.device) -> None:
+    """Buffers computed at build time (non-persistent) still live on the CPU: move them along."""
+    for submodule in module.modules():
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                submodule._buffers[name] = buffer.to(device)

@@ -1,0 +1,140 @@
+"""Bad headers end in a FastloadError that names the file and the problem — never anything else."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from fastload_core.errors import CheckpointError, HeaderError, TruncatedFileError, UnsupportedDtypeError
+from fastload_core.loader.header import MAX_HEADER_BYTES, parse_header, read_header
+
+from .helpers import write_raw
+
+F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+def test_valid_header_lists_tensors_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "ok.safetensors"
+    save_file({"b": torch.zeros(3), "a": torch.ones(2, dtype=torch.int64)}, path, metadata={"m": "1"})
+    header = read_header(path)
+    assert [entry.start for entry in header.tensors] == sorted(entry.start for entry in header.tensors)
+    assert {entry.name: entry.shape for entry in header.tensors} == {"a": (2,), "b": (3,)}
+    assert header.metadata == {"m": "1"}
+    assert header.data_bytes == 3 * 4 + 2 * 8
+    assert header.file_size == path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "fragment"),
+    [
+        (b"", TruncatedFileError, "too short"),
+        (b"\x01\x02\x03", TruncatedFileError, "too short"),
+        (struct.pack("<Q", 1000) + b"{}", TruncatedFileError, "past the end"),
+        (struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}", HeaderError, "exceeds"),
+        (struct.pack("<Q", 2**64 - 1) + b"{}", HeaderError, "exceeds"),
+        (struct.pack("<Q", 5) + b"{nope", HeaderError, "not valid UTF-8 JSON"),
+        (struct.pack("<Q", 2) + b"\xff\xfe", HeaderError, "not valid UTF-8 JSON"),
+        (struct.pack("<Q", 2) + b"[]", HeaderError, "must be a JSON object"),
+    ],
+)
+def test_broken_prefix_or_json(tmp_path: Path, content: bytes, error: type[Exception], fragment: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(error, match=fragment) as info:
+        read_header(path)
+    assert info.value.path == str(path)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("entries", "data", "error", "fragment"),
+    [
+        ({"t": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", UnsupportedDtypeError, "'Q7'"),
+        ({"t": {"shape": [1], "data_offsets": [0, 1]}}, b"\0", HeaderError, "no dtype"),
+        ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, HeaderError, "shape"),
+        ({"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, HeaderError, "shape"),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4, HeaderError, "data_offsets"),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, HeaderError, "out of order"),
+        ({"t": F32_2x2}, b"\0" * 8, TruncatedFileError, "truncated"),
+        ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16, HeaderError, "needs 12 bytes"),
+        ({"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16, HeaderError, "needs"),
+        ({"a": F32_2x2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16, HeaderError,
+         "overlap"),
+        ({"t": [1, 2]}, b"", HeaderError, "must be an object"),
+        ({"__metadata__": {"k": 1}}, b"", HeaderError, "__metadata__"),
+    ],
+)
+def test_bad_tensor_entries(
+    tmp_path: Path, entries: dict[str, object], data: bytes, error: type[Exception], fragment: str
+) -> None:
+    path = write_raw(tmp_path / "bad.safetensors", entries, data)
+    with pytest.raises(error, match=fragment):
+        read_header(path)
+
+
+def test_unknown_dtype_error_carries_the_dtype_and_the_supported_list(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "x.safetensors", {"t": {"dtype": "F128", "shape": [], "data_offsets": [0, 16]}},
+                     b"\0" * 16)
+    with pytest.raises(UnsupportedDtypeError) as info:
+        read_header(path)
+    assert info.value.dtype == "F128"
+    assert "BF16" in str(info.value) and "x.safetensors" in str(info.value)
+
+
+def test_zero_sized_tensors_may_share_an_offset(tmp_path: Path) -> None:
+    empty = {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}
+    path = write_raw(tmp_path / "e.safetensors", {"a": empty, "b": empty, "c": F32_2x2}, b"\0" * 16)
+    assert {entry.name for entry in read_header(path).tensors} == {"a", "b", "c"}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12,
+)
+entry_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "X", 3]),
+        "shape": st.lists(st.integers(-2, 6), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(-2, 80), min_size=0, max_size=3) | json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.dictionaries(st.text(max_size=4), entry_values | json_values, max_size=4),
+    file_size=st.integers(0, 200),
+)
+def test_parser_accepts_or_raises_checkpoint_error(entries: dict[str, object], file_size: int) -> None:
+    """Whatever the header says, parsing either yields in-bounds tensors or a CheckpointError."""
+    import json
+
+    raw = json.dumps(entries).encode()
+    try:
+        header = parse_header("fuzz.safetensors", raw, 8 + len(raw) + file_size)
+    except CheckpointError:
+        return
+    previous_end = header.data_start
+    for entry in header.tensors:
+        assert header.data_start <= entry.start <= entry.end <= header.file_size
+        assert entry.nbytes == torch.Size(entry.shape).numel() * entry.dtype.itemsize
+        if entry.nbytes:
+            assert entry.start >= previous_end
+            previous_end = entry.end
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=64))
+def test_arbitrary_bytes_never_crash_the_reader(tmp_path_factory: pytest.TempPathFactory, blob: bytes) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "blob.safetensors"
+    path.write_bytes(blob)
+    with contextlib.suppress(CheckpointError):
+        read_header(path)

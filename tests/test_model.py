@@ -1,0 +1,137 @@
+"""load_model: a ready module, built without random init, equal to the stock path."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from safetensors.torch import save_file, save_model
+from torch import nn
+
+import fastload_core
+from fastload_core.errors import StateDictMismatchError
+from fastload_core.report import LoadReport
+
+
+class TinyLM(nn.Module):
+    """Tied embedding/head, a norm with persistent buffers, and a non-persistent rotary table."""
+
+    init_devices: ClassVar[list[str]] = []
+
+    def __init__(self, vocab: int = 32, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.block = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.norm = nn.BatchNorm1d(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, width, 2).float() / width))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        TinyLM.init_devices.append(self.block[0].weight.device.type)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(tokens).mean(1)
+        hidden = self.norm(hidden + self.block(hidden)) * self.inv_freq.repeat(2)
+        return self.head(hidden)
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[TinyLM, Path]:
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    model.norm.running_mean.uniform_()  # a persistent buffer that must come from the checkpoint
+    path = tmp_path / "model.safetensors"
+    save_model(model, str(path))  # drops the tied duplicate, as HF checkpoints do
+    return model, path
+
+
+TOKENS = torch.randint(0, 32, (3, 5), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("options", [{}, {"copy": True}, {"lazy": True}], ids=["mmap", "copy", "lazy"])
+def test_class_factory_and_instance_give_the_same_outputs(
+    trained: tuple[TinyLM, Path], options: dict[str, bool]
+) -> None:
+    reference, path = trained
+    expected = reference(TOKENS)
+    for spec in (TinyLM, lambda: TinyLM(vocab=32), TinyLM()):
+        model = fastload_core.load_model(spec, path, **options).eval()
+        assert torch.equal(model(TOKENS), expected)
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_parameters_are_built_on_meta_without_random_init(trained: tuple[TinyLM, Path]) -> None:
+    TinyLM.init_devices.clear()
+    fastload_core.load_model(TinyLM, trained[1])
+    assert TinyLM.init_devices == ["meta"]
+
+
+def test_tied_weights_stay_one_parameter(trained: tuple[TinyLM, Path], tmp_path: Path) -> None:
+    model = fastload_core.load_model(TinyLM, trained[1])
+    assert model.head.weight is model.embed.weight
+    assert len(list(model.parameters())) == len(list(trained[0].parameters()))
+    both = tmp_path / "both.safetensors"  # a checkpoint that stores both names, as torch.save would
+    save_file({k: v.clone() for k, v in trained[0].state_dict().items()}, both)
+    from_both = fastload_core.load_model(TinyLM, both)
+    assert from_both.head.weight is from_both.embed.weight
+
+
+def test_non_persistent_buffer_is_computed_not_loaded(trained: tuple[TinyLM, Path]) -> None:
+    model = fastload_core.load_model(TinyLM, trained[1])
+    assert torch.equal(model.inv_freq, trained[0].inv_freq)
+    assert torch.equal(model.norm.running_mean, trained[0].norm.running_mean)
+
+
+def test_strict_names_missing_unexpected_and_mismatched_keys(trained: tuple[TinyLM, Path], tmp_path: Path) -> None:
+    state = {k: v.clone() for k, v in trained[0].state_dict().items() if k != "head.weight"}
+    del state["block.2.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["block.0.bias"] = torch.zeros(3)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, path)
+    with pytest.raises(StateDictMismatchError) as info:
+        fastload_core.load_model(TinyLM, path)
+    error = info.value
+    assert error.missing == ["block.2.bias"]
+    assert error.unexpected == ["extra.weight"]
+    assert error.mismatched == [("block.0.bias", (64,), (3,))]
+    assert "strict=False" in str(error)
+
+
+def test_non_strict_initialises_what_is_missing(trained: tuple[TinyLM, Path], tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    state = {k: v.clone() for k, v in trained[0].state_dict().items() if not k.startswith("block.2.")}
+    state["extra"] = torch.zeros(1)
+    path = tmp_path / "partial.safetensors"
+    save_file(state, path)
+    model = fastload_core.load_model(TinyLM, path, strict=False)
+    assert torch.equal(model.block[0].weight, trained[0].block[0].weight)
+    fresh = model.block[2].weight
+    assert not fresh.is_meta and fresh.abs().sum() > 0  # Linear.reset_parameters ran
+    assert fresh.abs().max() <= 1 / math.sqrt(fresh.shape[1])
+    assert "block.2.weight" in caplog.text
+
+
+def test_dtype_and_report(trained: tuple[TinyLM, Path]) -> None:
+    report = LoadReport(source="", device="")
+    model = fastload_core.load_model(TinyLM, trained[1], dtype=torch.bfloat16, report=report)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.norm.num_batches_tracked.dtype == torch.int64
+    assert {"build", "read", "assign"} <= set(report.stages)
+    assert report.tensors == len(trained[0].state_dict()) - 1  # the tied head is not stored
+
+
+def test_from_a_legacy_pickle(trained: tuple[TinyLM, Path], tmp_path: Path) -> None:
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(trained[0].state_dict(), path)
+    model = fastload_core.load_model(TinyLM, tmp_path).eval()
+    assert torch.equal(model(TOKENS), trained[0](TOKENS))
+    assert model.head.weight is model.embed.weight
+
+
+def test_factory_must_build_a_module(trained: tuple[TinyLM, Path]) -> None:
+    with pytest.raises(TypeError, match=r"not a torch\.nn\.Module"):
+        fastload_core.load_model(lambda: object(), trained[1])  # type: ignore[arg-type, return-value]
