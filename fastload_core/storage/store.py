@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import filelock
 
@@ -49,6 +50,14 @@ from .uri import ModelURI, is_uri, parse_uri
 log = logging.getLogger("fastload.storage")
 
 OriginFactory = Callable[[], Origin]
+
+
+class FetchWatch(Protocol):
+    """Told where a fetch from the origin writes and which byte ranges have landed (the streaming loader)."""
+
+    def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None: ...
+
+    def range_done(self, name: str, start: int, end: int) -> None: ...
 
 
 def registered_origins() -> dict[str, OriginFactory]:
@@ -145,8 +154,9 @@ class TieredStore:
             return path
 
     def pin(self, uri: str | os.PathLike[str], *, tier: str | None = None,
-            revision: str | None = None) -> Pin:
-        """Like ``fetch``, but the entry stays marked in use (never evicted) until the pin is released."""
+            revision: str | None = None, watch: FetchWatch | None = None) -> Pin:
+        """Like ``fetch``, but the entry stays marked in use (never evicted) until the pin is released.
+        ``watch`` hears where a download from the origin lands and its progress (none on a hit)."""
         parsed = parse_uri(uri)
         target = self._tier(tier or self.default_tier)
         if parsed.bare and tier is None:
@@ -170,7 +180,7 @@ class TieredStore:
                 source, source_index = pinned, index
                 break
             notify("on_tier_miss", uri=shown, tier=candidate.name)
-        return self._fill_up(parsed, manifest, origin, source, source_index, target_index)
+        return self._fill_up(parsed, manifest, origin, source, source_index, target_index, watch)
 
     def pin_path(self, path: str | os.PathLike[str]) -> Pin:
         """Pin a path ``fetch`` returned, for a caller that keeps using it (a loader mapping its files)."""
@@ -236,14 +246,15 @@ class TieredStore:
 
     # --- filling ---------------------------------------------------------------------------------
     def _fill_up(self, parsed: ModelURI, manifest: Manifest, origin: Origin, source: Pin | None,
-                 source_index: int, target_index: int) -> Pin:
+                 source_index: int, target_index: int, watch: FetchWatch | None = None) -> Pin:
         current = source
         last_error: TierFullError | None = None
         try:
             for index in range(source_index - 1, target_index - 1, -1):
                 tier = self.tiers[index]
                 try:
-                    filled = self._fill(tier, parsed, manifest, origin if current is None else current)
+                    filled = self._fill(tier, parsed, manifest, origin if current is None else current,
+                                        watch if current is None else None)
                 except TierFullError as exc:
                     last_error = exc
                     below = current.tier if current is not None else "the next tier"
@@ -263,7 +274,8 @@ class TieredStore:
                                uri=str(parsed)) from last_error
         return current
 
-    def _fill(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin) -> Pin:
+    def _fill(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin,
+              watch: FetchWatch | None = None) -> Pin:
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
         lock = tier.fetch_lock(slug, version)
@@ -288,12 +300,13 @@ class TieredStore:
                         if existing is not None:
                             notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                             return existing
-                    return self._write(tier, parsed, manifest, source)
-            return self._write(tier, parsed, manifest, source)
+                    return self._write(tier, parsed, manifest, source, watch)
+            return self._write(tier, parsed, manifest, source, watch)
         finally:
             lock.release()
 
-    def _write(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin) -> Pin:
+    def _write(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin,
+               watch: FetchWatch | None = None) -> Pin:
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
         writer: Source
@@ -309,6 +322,9 @@ class TieredStore:
         notify("on_fetch_start", uri=shown, tier=tier.name, nbytes=nbytes)
         what = f"{shown} -> {tier.name}"
         progress = Progress(what, nbytes, enabled=self.show_progress)
+        if watch is not None:
+            watch.started(tier.name, partial / FILES_DIR, manifest)
+            progress.listeners.append(watch.range_done)
         started = time.monotonic()
         try:
             checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
@@ -406,4 +422,4 @@ def default_store() -> TieredStore:
         return _default[1]
 
 
-__all__ = ["EntryInfo", "TieredStore", "default_store", "registered_origins"]
+__all__ = ["EntryInfo", "FetchWatch", "TieredStore", "default_store", "registered_origins"]
