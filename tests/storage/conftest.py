@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import uuid
@@ -25,9 +24,6 @@ def _isolated_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     for variable in list(os.environ):
         if variable.startswith("FASTLOAD_") and variable not in ("FASTLOAD_CACHE_DIR", "FASTLOAD_SHM_DIR"):
             monkeypatch.delenv(variable)
-    if importlib.util.find_spec("fastload_core.loader.legacy") is None:
-        # Until the loader lands, the skeleton lists a built-in plugin module that does not exist yet.
-        monkeypatch.setenv("FASTLOAD_DISABLE_PLUGINS", "fastload.torch_pickle")
     monkeypatch.setenv("FASTLOAD_S3_PART_SIZE", "256KiB")
     monkeypatch.setenv("FASTLOAD_S3_CONCURRENCY", "4")
     yield shm
