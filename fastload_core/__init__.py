@@ -11,15 +11,23 @@ from .hookspecs import hookimpl
 from .loader.api import load_file, load_state_dict, read_metadata
 from .model import load_model
 from .report import LoadReport
+from .storage import TieredStore, fetch, pin, pin_path, prefetch
+from .storage.errors import StorageError
 
 __all__ = [
     "FastloadError",
     "LoadReport",
+    "StorageError",
+    "TieredStore",
     "errors",
+    "fetch",
     "hookimpl",
     "load_file",
     "load_model",
     "load_state_dict",
+    "pin",
+    "pin_path",
+    "prefetch",
     "read_metadata",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from .errors import FastloadError
 
 _COMMAND_MODULES = (
     "fastload_core.loader.commands",
+    "fastload_core.storage.commands",
 )
 
 

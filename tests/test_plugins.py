@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import fastload_core
 from fastload_core.cli import main
 from fastload_core.errors import UnsupportedFormatError
-from fastload_core.plugins import get_plugin_manager, plugin_infos, reset_plugin_manager
+from fastload_core.plugins import BUILTIN_PLUGINS, get_plugin_manager, plugin_infos, reset_plugin_manager
 
 NPZ_PLUGIN = '''
 from pathlib import Path
@@ -110,7 +110,7 @@ def test_fastload_plugins_selects_and_disable_removes(plugin_dir: Path, monkeypa
     monkeypatch.setenv("FASTLOAD_PLUGINS", "npz-format")
     reset_plugin_manager()
     loaded = {name for name, _ in get_plugin_manager().list_name_plugin()}
-    assert loaded == {"npz-format", "fastload.torch_pickle"}  # built-ins are not third-party plugins
+    assert loaded == {"npz-format"} | set(BUILTIN_PLUGINS)  # built-ins are not third-party plugins
 
     monkeypatch.delenv("FASTLOAD_PLUGINS")
     monkeypatch.setenv("FASTLOAD_DISABLE_PLUGINS", "recorder, fastload.torch_pickle")

@@ -12,7 +12,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from .. import plugins
+from .. import plugins, storage
 from ..errors import CheckpointError, MissingShardError
 from ..report import LoadReport
 from . import cpu, formats
@@ -27,7 +27,8 @@ Source = str | os.PathLike[str]
 
 def read_metadata(source: Source) -> dict[str, str] | None:
     """The ``__metadata__`` of a safetensors file's header (None when it has none)."""
-    return read_header(_local_path(source)).metadata
+    text = os.fspath(source)
+    return read_header(storage.fetch(text) if storage.is_uri(text) else text).metadata
 
 
 def load_file(
@@ -40,10 +41,9 @@ def load_file(
     report: LoadReport | None = None,
 ) -> dict[str, torch.Tensor]:
     """Drop-in for ``safetensors.torch.load_file``, faster; see ``load_state_dict`` for the options."""
-    path = _local_path(source)
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory; load_file takes one .safetensors file (use load_state_dict)")
-    return load_state_dict(path, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
+    if not storage.is_uri(os.fspath(source)) and Path(source).is_dir():
+        raise CheckpointError(source, "is a directory; load_file takes one .safetensors file (use load_state_dict)")
+    return load_state_dict(source, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
 
 
 def load_state_dict(
@@ -55,13 +55,18 @@ def load_state_dict(
     lazy: bool = False,
     report: LoadReport | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Load every tensor of a checkpoint: a file, a directory, a sharded index, or a legacy pickle.
+    """Load every tensor of a checkpoint: a file, a directory, a sharded index, a legacy pickle, or a
+    URI (``s3://``, ``file://``, or a plugin's scheme) served through the tiered store.
 
     On CPU, tensors are copy-on-write views of a shared mapping (``copy=False``) or private memory
     (``copy=True``). ``lazy=True`` maps without reading: a page is read when first touched, so
     parts of the model that are never used are never read. On a CUDA device, a pinned pipeline
     fills one device allocation per file. ``dtype`` converts floating-point tensors.
     ``report``, when given, is filled with what the load cost.
+
+    A URI's cache entry stays pinned (never evicted) while mapped tensors use it. Where the load
+    copies anyway (``copy=True``, or a device), a cold URI is streamed: tensors are copied out of
+    the download as their bytes land, so a cold start costs about one download.
     """
     target = _device(device)
     if lazy and target.type != "cpu":
@@ -69,31 +74,58 @@ def load_state_dict(
             f"lazy=True maps weights into CPU memory, but device={device!r}; load lazily on 'cpu' and move "
             "the submodules you need with .to(), or load eagerly onto the device"
         )
-    report = report if report is not None else LoadReport(source=str(source), device=str(target))
-    report.source, report.device = str(source), str(target)
+    text = os.fspath(source)
+    report = report if report is not None else LoadReport(source=text, device=str(target))
+    report.source, report.device = text, str(target)
     started = time.perf_counter()
-    plugins.notify("before_load", source=str(source), device=str(target))
-    files, strategy_suffix = _resolve(_local_path(source), report)
-    tensors: dict[str, torch.Tensor] = {}
-    ring = _staging_ring(target)
-    for path, expected in files:
-        with open(path, "rb") as file:
-            header = _timed(report, "header", read_header_from, file, path)
-            loaded = _load_one(file.fileno(), str(path), header, target, copy=copy, lazy=lazy, report=report, ring=ring)
-        if expected is not None and (absent := expected - loaded.keys()):
-            raise CheckpointError(path, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
-        tensors.update(loaded)
-        report.files += 1
-        report.tensors += len(header.tensors)
-        report.nbytes += header.data_bytes
+    plugins.notify("before_load", source=text, device=str(target))
+    private = copy or target.type != "cpu"
+    if storage.is_uri(text) and private:
+        tensors = _stream(text, target, report)
+    else:
+        pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
+        tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
     if dtype is not None:
         converted_at = time.perf_counter()
         tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
         report.add_stage("convert", time.perf_counter() - converted_at)
-    report.strategy = _strategy(target, copy, lazy) + strategy_suffix
     report.seconds = time.perf_counter() - started
     log.info(report.summary())
     plugins.notify("after_load", report=report)
+    return tensors
+
+
+def _load_local(
+    path: Path, device: torch.device, copy: bool, lazy: bool, report: LoadReport, pinned: storage.Pin | None
+) -> dict[str, torch.Tensor]:
+    files, strategy_suffix = _resolve(path, report)
+    tensors: dict[str, torch.Tensor] = {}
+    ring = _staging_ring(device)
+    for file_path, expected in files:
+        with open(file_path, "rb") as file:
+            header = _timed(report, "header", read_header_from, file, file_path)
+            loaded = _load_one(file.fileno(), str(file_path), header, device, copy, lazy, report, ring, pinned)
+        if expected is not None and (absent := expected - loaded.keys()):
+            raise CheckpointError(file_path, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
+        tensors.update(loaded)
+        report.files += 1
+        report.tensors += len(header.tensors)
+        report.nbytes += header.data_bytes
+    report.strategy = _strategy(device, copy, lazy) + strategy_suffix
+    return tensors
+
+
+def _stream(uri: str, device: torch.device, report: LoadReport) -> dict[str, torch.Tensor]:
+    from ..storage.streaming import stream_state_dict
+
+    stats: dict[str, float] = {}
+    tensors, pinned = _timed(report, "stream", stream_state_dict, uri, device, stats=stats)
+    pinned.release()  # the tensors are private copies; the published entry may now be evicted
+    report.files += 1
+    report.tensors += len(tensors)
+    report.nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    streamed = "first_tensor" in stats  # else a cache hit, loaded from the tier
+    report.strategy = ("stream+" if streamed else "") + _strategy(device, copy=True, lazy=False)
     return tensors
 
 
@@ -102,16 +134,16 @@ def _load_one(
     path: str,
     header: Header,
     device: torch.device,
-    *,
     copy: bool,
     lazy: bool,
     report: LoadReport,
     ring: list[torch.Tensor] | None,
+    pinned: storage.Pin | None,
 ) -> dict[str, torch.Tensor]:
     started = time.perf_counter()
     start, end = header.span
     if device.type == "cpu" and not copy:
-        base, base_offset = cpu.map_file(fd, populate=not lazy), 0
+        base, base_offset = cpu.map_file(fd, populate=not lazy, keepalive=pinned), 0
     elif device.type == "cpu":
         base, base_offset = cpu.allocate_private(end - start), start
         cpu.read_into(fd, path, base, start)
@@ -179,15 +211,6 @@ def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
     if missing:
         raise MissingShardError(index, f"names shard(s) {missing} that are not in {index.parent}")
     return [(index.parent / shard, names) for shard, names in sorted(expected.items())]
-
-
-def _local_path(source: Source) -> Path:
-    text = os.fspath(source)
-    if "://" in text:
-        from ..storage import fetch
-
-        return Path(fetch(text))
-    return Path(text)
 
 
 def _device(device: str | int | torch.device) -> torch.device:

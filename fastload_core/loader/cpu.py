@@ -37,10 +37,17 @@ def io_threads() -> int:
     return int(configured) if configured else max(4, min(16, 2 * (os.cpu_count() or 1)))
 
 
-def map_file(fd: int, populate: bool = True) -> torch.Tensor:
+class _Mapping(mmap.mmap):
+    """A mapping that carries what must live as long as any tensor views it (a storage tier's pin)."""
+
+    keepalive: object = None
+
+
+def map_file(fd: int, populate: bool = True, keepalive: object = None) -> torch.Tensor:
     """Map the open file ``fd`` copy-on-write as one uint8 tensor (which keeps the mapping alive)."""
     size = os.fstat(fd).st_size
-    mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mapping = _Mapping(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mapping.keepalive = keepalive
     base = torch.frombuffer(mapping, dtype=torch.uint8)
     if populate:
         populate_pages(base)

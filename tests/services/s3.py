@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,9 @@ class S3Server(ServerProcess):
             pass
 
 
+BUCKET = "models"
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     server = S3Server()
@@ -54,3 +58,13 @@ def s3_endpoint(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     yield s3_server.endpoint_url
+
+
+@pytest.fixture
+def s3(s3_endpoint: str) -> Any:
+    """A boto3 client talking to the server directly, with the test bucket ``BUCKET`` created."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    return client
