@@ -134,6 +134,7 @@ METHOD_NAMES = sorted({m.name for s in SCENARIOS.values() for m in s.methods if 
 # ---------------------------------------------------------------------------------------------------
 
 Loaded = Any  # a dict of tensors, a module, or a list of buffers: whatever keeps the weights alive
+_STAGES: dict[str, float] = {}  # fastload's own per-stage report, where the method provides one
 
 
 def touch(loaded: Loaded) -> tuple[int, int, int]:
@@ -219,9 +220,18 @@ def _prepare_model(name: str, path: str, config: TransformerConfig) -> Callable[
 
         return partial(with_state_dict, partial(safetensors.torch.load_file, path))
     if name == "fastload":
-        from fastload_core import load_model
+        from fastload_core import LoadReport, load_model
 
-        return partial(load_model, partial(SyntheticTransformer, config), path)
+        _STAGES.clear()
+        report = LoadReport(source=path, device="cpu")
+
+        def build_and_load() -> torch.nn.Module:
+            try:
+                return load_model(partial(SyntheticTransformer, config), path, report=report)
+            finally:
+                _STAGES.update(report.stages)
+
+        return build_and_load
     raise ValueError(f"unknown model-scenario method {name!r}")
 
 
@@ -310,8 +320,6 @@ def run_worker(method_id: str, path: str, config: TransformerConfig) -> dict[str
     loaded_at = time.perf_counter()
     nbytes, tensors, checksum = touch(loaded)
     finished = time.perf_counter()
-    import resource
-
     return {
         "method": method_id,
         "seconds": finished - started,
@@ -321,8 +329,22 @@ def run_worker(method_id: str, path: str, config: TransformerConfig) -> dict[str
         "bytes": nbytes,
         "tensors": tensors,
         "checksum": checksum,
-        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stages": dict(_STAGES),
+        **_memory_counters(),
     }
+
+
+def _memory_counters() -> dict[str, int]:
+    """Peak RSS (``VmHWM``: per exec, unlike ``ru_maxrss`` which a child inherits from its parent)
+    and anonymous huge-page bytes: private copies are fast only when the kernel granted huge pages."""
+    counters: dict[str, int] = {}
+    for source, key, name in (("/proc/self/status", "VmHWM:", "peak_rss_bytes"),
+                              ("/proc/self/smaps_rollup", "AnonHugePages:", "anon_huge_bytes")):
+        with contextlib.suppress(OSError):
+            for line in Path(source).read_text().splitlines():
+                if line.startswith(key):
+                    counters[name] = int(line.split()[1]) * 1024
+    return counters
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
@@ -428,7 +450,9 @@ class Run:
     setup_seconds: float | None = None
     process_seconds: float = 0.0
     resident_before: float | None = None
-    max_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    anon_huge_bytes: int | None = None
+    stages: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -556,7 +580,9 @@ def run_scenario(
             else:
                 run.seconds, run.bytes, run.tensors = result["seconds"], result["bytes"], result["tensors"]
                 run.checksum, run.setup_seconds = result["checksum"], result["setup_seconds"]
-                run.max_rss_bytes = result.get("max_rss_bytes")
+                run.peak_rss_bytes = result.get("peak_rss_bytes")
+                run.anon_huge_bytes = result.get("anon_huge_bytes")
+                run.stages = result.get("stages", {})
             runs[method.id].append(run)
             shown = f"{run.seconds:.3f}s" if run.seconds is not None else f"n/a ({run.error})"
             progress(f"  {scenario.name} round {round_index + 1}/{bench.rounds} {method.id}: {shown}")
