@@ -1,0 +1,84 @@
+"""``fastload bench``: the load benchmark on the command line (wired in through ``cli._COMMAND_MODULES``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import DTYPES, GIB
+from .load import METHOD_NAMES, SCENARIOS, BenchConfig, run_bench, update_markdown
+
+DEFAULT_SCENARIOS = "warm,cold,model"
+
+
+def add_commands(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time checkpoint loading: fastload against torch.load, safetensors, Run:ai, fastsafetensors",
+        description=(
+            "Writes a synthetic transformer-like checkpoint, loads it with every method in a fresh "
+            "process (methods interleaved, several rounds), and prints medians, ratios and the target checks."
+        ),
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per scenario; medians are reported (default 5)")
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
+                        help=f"comma-separated, from {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {','.join(METHOD_NAMES)}; limits always run (default all)")
+    parser.add_argument("--dir", type=Path, default=Path("bench-out"),
+                        help="local-disk directory for the checkpoint and the cold scenario (default ./bench-out)")
+    parser.add_argument("--warm-dir", type=Path, default=Path("/dev/shm/fastload-bench"),
+                        help="RAM-backed directory for the warm scenarios (default /dev/shm/fastload-bench)")
+    parser.add_argument("--keep-warm", action="store_true", help="leave the warm copy in --warm-dir afterwards")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take (default 900)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="write the report into this file between <!-- bench:load --> markers")
+    parser.add_argument("--json", type=Path, default=None, help="write every run's raw result here")
+    parser.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rounds < 1 or args.size_gb <= 0:
+        print("fastload bench: --rounds must be ≥ 1 and --size-gb > 0", file=sys.stderr)
+        return 2
+    bench = BenchConfig(
+        size_bytes=int(args.size_gb * GIB),
+        rounds=args.rounds,
+        scenarios=[s.strip() for s in args.scenarios.split(",") if s.strip()],
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        disk_dir=args.dir,
+        warm_dir=args.warm_dir,
+        dtype=args.dtype,
+        timeout_s=args.timeout,
+        keep_warm=args.keep_warm,
+    )
+    command = "fastload bench " + shlex.join(sys.argv[1:] if sys.argv[1:2] != ["bench"] else sys.argv[2:])
+    try:
+        outcome = run_bench(bench, command.strip(), args.note,
+                            progress=(lambda _: None) if args.quiet else _progress)
+    except ValueError as exc:
+        print(f"fastload bench: {exc}", file=sys.stderr)
+        return 2
+    print(outcome.markdown)
+    if args.markdown is not None:
+        update_markdown(args.markdown, outcome.markdown)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(outcome.raw, indent=1))
+    return 0
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,141 @@
+"""The load harness end to end at a tiny size: real worker processes, real files, parsed results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastload_core.bench.checkpoints import TransformerConfig, ensure_checkpoint
+from fastload_core.bench.load import (
+    MARK_END,
+    MARK_START,
+    BenchConfig,
+    Method,
+    resident_fraction,
+    run_method,
+    run_worker,
+    touch,
+    update_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE_GB = 8 / 1024  # 8 MiB
+
+
+def _table(markdown: str, heading: str) -> list[list[str]]:
+    """Rows (cells stripped) of the first table after ``heading``."""
+    lines = markdown[markdown.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_harness_end_to_end(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nIntro stays.\n\n{MARK_START}\nold numbers\n{MARK_END}\n\n## Other\nKept too.\n")
+    raw = tmp_path / "raw.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_load.py"), "--size-gb", str(SIZE_GB), "--rounds", "1",
+        "--scenarios", "warm,cold", "--methods", "safetensors,fastload", "--dir", str(tmp_path / "disk"),
+        "--warm-dir", str(tmp_path / "warm"), "--markdown", str(doc), "--json", str(raw), "--quiet",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+
+    expected = TransformerConfig.for_size(int(SIZE_GB * (1 << 30))).nbytes
+    results = json.loads(raw.read_text())
+    runs = results["runs"]
+    assert {(r["scenario"], r["method"]) for r in runs} == {
+        ("warm", "cpu/safetensors"), ("warm", "cpu/fastload"), ("warm", "limit/hugepage-read"),
+        ("cold", "cpu/safetensors"), ("cold", "cpu/fastload"), ("cold", "limit/odirect"),
+    }
+    for run in runs:
+        assert run["error"] is None, run
+        assert run["seconds"] > 0
+        if run["method"].startswith("limit/"):
+            assert run["bytes"] >= expected  # the whole file, header included
+        else:
+            assert run["bytes"] == expected and run["tensors"] == 2 + 16 * 18 + 2
+    assert len({r["checksum"] for r in runs if not r["method"].startswith("limit/")}) == 1
+    cold_runs = [r for r in runs if r["scenario"] == "cold"]
+    assert all(r["resident_before"] is not None and r["resident_before"] <= 0.01 for r in cold_runs)
+    assert not list((tmp_path / "warm").iterdir())  # the warm copy is removed afterwards
+
+    report = doc.read_text()
+    assert "Intro stays." in report and "## Other\nKept too." in report and "old numbers" not in report
+    assert report.count(MARK_START) == 1 and done.stdout.strip() in report
+    for heading in ("### Warm", "### Cold"):
+        rows = _table(report, heading)
+        assert rows[0] == ["method", "median s", "GB/s", "time ÷ fastload", "time ÷ anchor", "rounds"]
+        body = {row[0]: row for row in rows[2:]}
+        assert all(len(row) == 6 for row in rows)
+        fastload = body["fastload load_file"]
+        assert fastload[3] == "1.00×" and fastload[5] == "1/1"
+        anchor = body["safetensors.torch.load_file *(anchor)*"]
+        assert anchor[4] == "1.00×" and float(anchor[1]) > 0 and float(anchor[2]) > 0
+        seconds = {r["method"]: r["seconds"] for r in runs if r["scenario"] == heading[4:].lower()}
+        # one round, so the medians are the runs' own seconds; the cell is rounded to 2 decimals
+        assert float(anchor[3].rstrip("×")) == pytest.approx(
+            seconds["cpu/safetensors"] / seconds["cpu/fastload"], abs=0.0051)
+    verdicts = {row[0]: row for row in _table(report, "### Targets")[2:]}
+    assert len(verdicts) == 8
+    assert verdicts["warm `load_file` ≤ 1.1× the time of `safetensors.torch.load_file`"][2] in ("**PASS**", "**FAIL**")
+    assert verdicts["warm `load_file` ≥ 8× faster than `torch.load`"][2] == "n/a"  # torch.load was not selected
+    assert {row[2] for key, row in verdicts.items() if key.startswith("GPU")} == {"n/a"}
+
+
+def test_a_failing_method_is_reported_not_raised(tmp_path: Path) -> None:
+    checkpoint = ensure_checkpoint(tmp_path, 1 << 20)
+    bench = BenchConfig(1 << 20, 1, ["warm"], None, tmp_path, tmp_path, timeout_s=120)
+    result = run_method(bench, Method("cpu/no-such-loader", "nothing", "safetensors"), checkpoint.safetensors,
+                        checkpoint.config)
+    assert result["error"].startswith("ValueError: unknown benchmark method 'cpu/no-such-loader'")
+
+
+def test_touch_reads_every_page_and_checksums_bytes() -> None:
+    tensor = torch.zeros(3 * 4096 + 10, dtype=torch.uint8)
+    tensor[::4096] = 1
+    tensor[-1] = 5
+    nbytes, count, checksum = touch({"a": tensor, "empty": torch.empty(0)})
+    assert (nbytes, count, checksum) == (tensor.numel(), 1, 4 + 5)
+
+
+def test_resident_fraction_sees_eviction(tmp_path: Path) -> None:
+    from fastload_core.bench.load import EvictionLog, evict
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"x" * (1 << 20))
+    path.read_bytes()
+    assert resident_fraction(path) == 1.0
+    log = EvictionLog()
+    assert evict(path, log) <= 0.01 and log.max_resident_after <= 0.01
+
+
+def test_update_markdown_creates_then_replaces(tmp_path: Path) -> None:
+    doc = tmp_path / "docs" / "benchmarks.md"
+    update_markdown(doc, "## Load benchmark\nfirst")
+    update_markdown(doc, "## Load benchmark\nsecond")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and "second" in text and "first" not in text
+
+
+@pytest.mark.gpu
+def test_gpu_methods_load_the_same_bytes(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    checkpoint = ensure_checkpoint(tmp_path, 8 << 20)
+    path = str(checkpoint.safetensors)
+    results = {m: run_worker(m, path, checkpoint.config) for m in ("cuda/fastload", "cuda/safetensors")}
+    assert {r["bytes"] for r in results.values()} == {checkpoint.nbytes}
+    assert results["cuda/fastload"]["checksum"] == results["cuda/safetensors"]["checksum"]
+    limit = run_worker("limit/h2d-pinned", path, checkpoint.config)
+    assert limit["bytes"] == checkpoint.safetensors.stat().st_size and limit["seconds"] > 0
