@@ -64,10 +64,27 @@ def load_model(
     return module  # type: ignore[return-value]  # a factory's result was checked above
 
 
+# Initialisers that modules call from reset_parameters. On meta tensors they do nothing useful, and
+# the first meta normal_ in a process imports torch._dynamo (~0.8 s), so they are skipped there.
+_INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+
+
+def _skip_on_meta(function: Callable[..., Any]) -> Callable[..., Any]:
+    def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return tensor if tensor.is_meta else function(tensor, *args, **kwargs)
+
+    return initialise
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Like accelerate's ``init_empty_weights(include_buffers=False)``: parameters are born on meta."""
+    """Like accelerate's ``init_empty_weights(include_buffers=False)``: parameters are born on meta,
+    and ``torch.nn.init`` skips them."""
     original = nn.Module.register_parameter
+    initialisers = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
 
     def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(self, name, param)
@@ -77,10 +94,14 @@ def _parameters_on_meta() -> Iterator[None]:
             self._parameters[name] = meta
 
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    for name, function in initialisers.items():
+        setattr(nn.init, name, _skip_on_meta(function))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for name, function in initialisers.items():
+            setattr(nn.init, name, function)
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, device: torch.device) -> None:

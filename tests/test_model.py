@@ -135,3 +135,23 @@ def test_from_a_legacy_pickle(trained: tuple[TinyLM, Path], tmp_path: Path) -> N
 def test_factory_must_build_a_module(trained: tuple[TinyLM, Path]) -> None:
     with pytest.raises(TypeError, match=r"not a torch\.nn\.Module"):
         fastload_core.load_model(lambda: object(), trained[1])  # type: ignore[arg-type, return-value]
+
+
+class InitHeavy(nn.Module):
+    """Initialisers on parameters (skipped on meta) and on a real buffer (must still run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(4, 4))
+        nn.init.normal_(self.weight)
+        self.register_buffer("scale", nn.init.ones_(torch.empty(4)), persistent=False)
+
+
+def test_initialisers_skip_meta_parameters_but_not_real_buffers(tmp_path: Path) -> None:
+    originals = {name: getattr(nn.init, name) for name in ("normal_", "ones_")}
+    weight = torch.randn(4, 4)
+    save_file({"weight": weight}, tmp_path / "m.safetensors")
+    model = fastload_core.load_model(InitHeavy, tmp_path / "m.safetensors")
+    assert torch.equal(model.weight, weight)
+    assert torch.equal(model.scale, torch.ones(4))
+    assert all(getattr(nn.init, name) is function for name, function in originals.items())  # restored

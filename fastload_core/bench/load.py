@@ -264,7 +264,8 @@ def _hugepage_read(path: str) -> list[torch.Tensor]:
     from fastload_core.loader.cpu import allocate_private, read_into
 
     buffer = allocate_private(os.path.getsize(path))
-    read_into(path, buffer, 0)
+    with open(path, "rb") as file:
+        read_into(file.fileno(), path, buffer, 0)
     return [buffer]
 
 

@@ -145,6 +145,7 @@ def _load_one(
     if device.type == "cpu" and not copy:
         base, base_offset = cpu.map_file(fd, populate=not lazy, keepalive=pinned), 0
     elif device.type == "cpu":
+        start -= start % cpu.PAGE  # source and destination pages line up: whole-page copies
         base, base_offset = cpu.allocate_private(end - start), start
         cpu.read_into(fd, path, base, start)
     elif device.type == "cuda":

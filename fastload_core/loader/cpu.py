@@ -22,7 +22,7 @@ from ..errors import TruncatedFileError
 from .header import Header, TensorEntry
 
 _MADV_POPULATE_READ = 22  # Linux >= 5.14; not exported by Python's mmap module.
-_PAGE = mmap.PAGESIZE
+PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
@@ -57,16 +57,16 @@ def map_file(fd: int, populate: bool = True, keepalive: object = None) -> torch.
 def populate_pages(base: torch.Tensor) -> None:
     """Fault in every page of a mapping, in parallel: ctypes releases the GIL around madvise."""
     address, size = base.data_ptr(), base.numel()
-    step = max(_PAGE, (size // io_threads() // _PAGE + 1) * _PAGE)
+    step = max(PAGE, (size // io_threads() // PAGE + 1) * PAGE)
     ranges = [(address + offset, min(step, size - offset)) for offset in range(0, size, step)]
     with ThreadPoolExecutor(len(ranges) or 1) as pool:
         results = list(pool.map(lambda r: _madvise_populate(*r), ranges))
     if not all(results):  # kernels before 5.14: touch one byte per page instead
-        base[::_PAGE].sum()
+        base[::PAGE].sum()
 
 
 def _madvise_populate(address: int, length: int) -> bool:
-    start = address - address % _PAGE
+    start = address - address % PAGE
     if _libc.madvise(start, length + (address - start), _MADV_POPULATE_READ) == 0:
         return True
     if ctypes.get_errno() == errno.EINVAL:
