@@ -24,6 +24,7 @@ log = logging.getLogger("fastload.plugins")
 # Modules whose hook implementations ship with fastload. Names are what FASTLOAD_DISABLE_PLUGINS takes.
 BUILTIN_PLUGINS: dict[str, str] = {
     "fastload.torch_pickle": "fastload_core.loader.legacy",
+    "fastload.compile_cache": "fastload_core.compile_cache.backends",
 }
 
 _lock = threading.Lock()
