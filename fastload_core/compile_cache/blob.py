@@ -2,7 +2,7 @@
 
 Layout::
 
-    b"FLCC" | u16 format | u32 header length | header (JSON) | payload (tar.gz)
+    b"FLCC" | u16 format | u32 header length | sha256 of the rest | header (JSON) | payload (tar.gz)
 
 The payload holds ``mega.bin`` (torch's portable mega-cache, from ``torch.compiler.save_cache_artifacts``)
 and ``inductor/...``, the inductor cache directory the compile wrote: FX-graph and AOTAutograd cache
@@ -10,8 +10,8 @@ entries plus the built kernels (``.so`` on CPU, Triton cubins on GPU). The mega-
 enough on CPU: it holds generated C++ source, and inductor rebuilds the libraries from it, which is
 most of the cold-start time.
 
-The header carries a sha256 of the payload and the key's fields, so truncation, bit rot or an entry
-stored under the wrong key are caught before a single file is written.
+The checksum covers header and payload, and the header records the key's fields, so truncation, bit
+rot or an entry stored under the wrong key are caught before a single file is written.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .errors import CorruptEntryError
 from .keys import FORMAT_VERSION, CompileKey
 
 MAGIC = b"FLCC"
-_PREFIX = struct.Struct(">4sHI")
+_PREFIX = struct.Struct(">4sHI32s")
 #: Enough bytes to read any header we write; listings fetch only this much of each entry.
 HEADER_PROBE_BYTES = 64 * 1024
 _MEGA = "mega.bin"
@@ -71,29 +71,33 @@ def pack(key: CompileKey, inductor_dir: Path, mega: bytes | None) -> bytes:
             tar.add(path, arcname=f"{_INDUCTOR}/{relative}", recursive=False)
             files += 1
             total += path.stat().st_size
-    data = payload.getvalue()
     header = {
         "format": FORMAT_VERSION,
         "key": key.digest,
         "fields": dict(key.fields),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "payload_size": len(data),
         "created": time.time(),
         "files": files,
         "inductor_bytes": total,
         "mega_bytes": len(mega) if mega is not None else 0,
     }
-    encoded = json.dumps(header, sort_keys=True).encode()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded)) + encoded + data
+    return assemble(header, payload.getvalue())
+
+
+def assemble(header: dict[str, Any], payload: bytes) -> bytes:
+    """Prefix, header and payload, with the checksum over everything after the prefix."""
+    encoded = json.dumps({**header, "payload_size": len(payload)}, sort_keys=True).encode()
+    digest = hashlib.sha256(encoded)
+    digest.update(payload)
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), digest.digest()) + encoded + payload
 
 
 def read_header(blob: bytes, key: str = "?") -> dict[str, Any]:
     """Parse the header from the start of an entry (the whole entry is not needed)."""
+    if blob[: len(MAGIC)] != MAGIC[: len(blob)]:
+        raise CorruptEntryError(key, f"bad magic {blob[:4]!r}: not a fastload compile-cache entry")
     if len(blob) < _PREFIX.size:
         raise CorruptEntryError(key, f"only {len(blob)} bytes, shorter than the entry prefix")
-    magic, version, length = _PREFIX.unpack_from(blob)
-    if magic != MAGIC:
-        raise CorruptEntryError(key, f"bad magic {magic!r}: not a fastload compile-cache entry")
+    _, version, length, digest = _PREFIX.unpack_from(blob)
     if version != FORMAT_VERSION:
         raise EntryMismatchError(key, f"entry format {version}, this fastload reads format {FORMAT_VERSION}")
     end = _PREFIX.size + length
@@ -106,6 +110,7 @@ def read_header(blob: bytes, key: str = "?") -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CorruptEntryError(key, "header is not a JSON object")
     header["_payload_offset"] = end
+    header["_sha256"] = digest
     return header
 
 
@@ -117,9 +122,8 @@ def verify(blob: bytes, key: CompileKey) -> dict[str, Any]:
         expected = header.get("payload_size")
         raise CorruptEntryError(key.digest, f"payload is {payload_size} bytes, header says {expected} "
                                             "(truncated?)")
-    digest = hashlib.sha256(memoryview(blob)[header["_payload_offset"]:]).hexdigest()
-    if digest != header.get("sha256"):
-        raise CorruptEntryError(key.digest, "sha256 of the payload does not match the header")
+    if hashlib.sha256(memoryview(blob)[_PREFIX.size:]).digest() != header["_sha256"]:
+        raise CorruptEntryError(key.digest, "sha256 does not match: the entry was altered or damaged")
     recorded = header.get("fields") or {}
     differing = sorted(name for name in set(recorded) | set(key.fields)
                        if recorded.get(name) != key.fields.get(name))

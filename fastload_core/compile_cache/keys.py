@@ -93,7 +93,7 @@ def environment_fields(device: torch.device) -> dict[str, str]:
         "torch_git": str(getattr(torch.version, "git_version", "")),
         "torch_cuda": str(torch.version.cuda),
         "torch_hip": str(getattr(torch.version, "hip", None)),
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "python": f"{sys.implementation.name}-{platform.python_version()}",
         "arch": f"{sys.platform}-{platform.machine()}",
         "device": device.type,
@@ -222,7 +222,7 @@ def _freezing(compile_kwargs: Mapping[str, Any]) -> bool:
     return bool(inductor_config.freezing)
 
 
-def _triton_version() -> str:
+def triton_version() -> str:
     for distribution in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
         try:
             return f"{distribution}-{importlib.metadata.version(distribution)}"
@@ -232,20 +232,21 @@ def _triton_version() -> str:
 
 
 def _source_digest(obj: Any) -> str:
-    try:
-        path = inspect.getsourcefile(obj)
-        if path and os.path.exists(path):
-            with open(path, "rb") as file:
-                return _digest(file.read())
-    except (TypeError, OSError):
-        pass
-    # No file (``python -c``, a notebook cell): hash the bytecode instead, which is as specific.
     if hasattr(obj, "__code__"):
         codes = [obj.__code__]
     elif isinstance(obj, type):
         codes = [member.__code__ for member in vars(obj).values() if hasattr(member, "__code__")]
     else:
         codes = []
+    try:
+        path = inspect.getsourcefile(obj)
+    except (TypeError, OSError):  # e.g. a class whose module is not in sys.modules
+        path = None
+    for candidate in [path, *(code.co_filename for code in codes)]:
+        if candidate and os.path.isfile(candidate):
+            with open(candidate, "rb") as file:
+                return _digest(file.read())
+    # No file (``python -c``, a notebook cell): hash the bytecode instead, which is as specific.
     return _digest(b"".join(marshal.dumps(code) for code in codes)) if codes else "unknown"
 
 
