@@ -1,6 +1,6 @@
 """A fresh replica: compile a small transformer block through the compile cache and report as JSON.
 
-Run by the tests as ``python -m tests.compile_cache.child CACHE_URL OUT.json [--lazy]``.
+Run by the tests as ``python -m tests.compile_cache.child CACHE_URL OUT.json [--lazy] [--device cuda]``.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ class _Collect(logging.Handler):
 
 def main() -> None:
     cache_url, out = sys.argv[1], sys.argv[2]
-    lazy = "--lazy" in sys.argv[3:]
+    options = sys.argv[3:]
+    lazy = "--lazy" in options
+    device = options[options.index("--device") + 1] if "--device" in options else "cpu"
     warnings = _Collect()
     logging.getLogger("fastload").addHandler(warnings)
     torch.manual_seed(0)
-    model = TinyBlock().eval()
-    x = torch.randn(2, 8, 32)
+    model = TinyBlock().eval().to(device)
+    x = torch.randn(2, 8, 32).to(device)
     with torch.inference_mode():
         if lazy:
             compiled = compile_cache.compile(model, cache=cache_url)
