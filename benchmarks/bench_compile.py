@@ -3,7 +3,8 @@
 Every measurement is a fresh Python process with empty fastload, inductor and temp directories, so a
 "warm" start has nothing local to lean on: whatever it skips, it skipped because of the cache.
 
-    python benchmarks/bench_compile.py [--rounds 3] [--backends file,redis,s3] [--json out.json]
+    python benchmarks/bench_compile.py [--rounds 3] [--backends file,redis,s3] [--device cpu|cuda]
+                                       [--json out.json]
 
 Redis: starts its own ``redis-server`` on a free port. S3: uses ``AWS_ENDPOINT_URL_S3`` if set,
 otherwise starts moto's server on loopback (needs ``moto[server]``); a backend whose service cannot
@@ -13,6 +14,7 @@ be started is skipped with the reason printed. Prints a markdown table of median
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the replica ---------------------------------------------------------------------------------
-def child(cache_url: str | None) -> None:
+def child(cache_url: str | None, device: str) -> None:
     """One replica start: build the block, compile with a warm-up call, print timings as JSON."""
     started = time.perf_counter()
     import torch
@@ -56,7 +58,7 @@ def child(cache_url: str | None) -> None:
             return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
     torch.manual_seed(0)
-    model, x = Block().eval(), torch.randn(2, 16, 64)
+    model, x = Block().eval().to(device), torch.randn(2, 16, 64, device=device)
     imported = time.perf_counter()
     result: dict[str, Any] = {"import_s": imported - started}
     with torch.inference_mode():
@@ -77,13 +79,14 @@ def child(cache_url: str | None) -> None:
     print(json.dumps(result))
 
 
-def run_replica(cache_url: str | None, env: dict[str, str]) -> dict[str, Any]:
+def run_replica(cache_url: str | None, env: dict[str, str], device: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as home:
         child_env = {k: v for k, v in env.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
         child_env.update(FASTLOAD_CACHE_DIR=f"{home}/fastload", TMPDIR=f"{home}/tmp", PYTHONPATH=str(ROOT))
         os.makedirs(f"{home}/tmp")
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", cache_url or "-"], env=child_env,
+        done = subprocess.run([sys.executable, __file__, "--child", cache_url or "-", "--device", device],
+                              env=child_env,
                               capture_output=True, text=True, timeout=600)
         wall = time.perf_counter() - started
         if done.returncode != 0:
@@ -172,13 +175,14 @@ def s3_service(env: dict[str, str]) -> Iterator[str]:
 
 
 # --- the benchmark -------------------------------------------------------------------------------
-def bench_backend(name: str, url_template: str, env: dict[str, str], rounds: int) -> dict[str, Any]:
+def bench_backend(name: str, url_template: str, env: dict[str, str], rounds: int, device: str
+                  ) -> dict[str, Any]:
     """Each round gets its own empty namespace (``{i}`` in the template), so its cold start is cold."""
     cold, warm = [], []
     for index in range(rounds):
         round_url = url_template.format(i=index)
-        cold.append(run_replica(round_url, env))
-        warm.append(run_replica(round_url, env))
+        cold.append(run_replica(round_url, env, device))
+        warm.append(run_replica(round_url, env, device))
         c, w = cold[-1], warm[-1]
         print(f"  {name} round {index + 1}: cold {c['ready_s']:.2f}s ({c['status']}), "
               f"warm {w['ready_s']:.2f}s ({w['status']})", file=sys.stderr)
@@ -191,11 +195,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", default="file,redis,s3")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for benchmarks/gpu_check.sh")
     parser.add_argument("--json", type=Path, help="also write raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(None if args.child == "-" else args.child)
+        child(None if args.child == "-" else args.child, args.device)
         return 0
 
     env = dict(os.environ)
@@ -204,21 +209,21 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
     print("baseline: plain torch.compile", file=sys.stderr)
-    plain = [run_replica(None, env) for _ in range(args.rounds)]
+    plain = [run_replica(None, env, args.device) for _ in range(args.rounds)]
     for name in args.backends.split(","):
         print(f"backend: {name}", file=sys.stderr)
+        run = functools.partial(bench_backend, name, rounds=args.rounds, device=args.device)
         try:
             if name == "file":
                 with tempfile.TemporaryDirectory(prefix="fl-bench-store-") as store:
-                    base = Path(store)
-                    results.append(bench_backend(name, base.as_uri() + "/round{i}", env, args.rounds))
+                    results.append(run(Path(store).as_uri() + "/round{i}", env))
             elif name == "redis":
                 with redis_service() as url:
-                    results.append(bench_backend(name, url + "?prefix=round{i}:", env, args.rounds))
+                    results.append(run(url + "?prefix=round{i}:", env))
             elif name == "s3":
                 s3_env: dict[str, str] = {}
                 with s3_service(s3_env) as url:
-                    results.append(bench_backend(name, url + "/round{i}", {**env, **s3_env}, args.rounds))
+                    results.append(run(url + "/round{i}", {**env, **s3_env}))
             else:
                 skipped.append(f"{name}: unknown backend")
         except (RuntimeError, ImportError, OSError) as exc:
