@@ -46,7 +46,7 @@ def local_root() -> Path:
 
 @dataclass(frozen=True)
 class RestoreOutcome:
-    """How a lookup went. ``status`` is one of: restored, local, miss, corrupt, mismatch, unavailable."""
+    """How a lookup went: restored, local, miss, corrupt, mismatch, unavailable or error (local I/O)."""
 
     status: str
     restored: Restored | None = None
@@ -58,7 +58,7 @@ class RestoreOutcome:
 
 @dataclass(frozen=True)
 class SaveOutcome:
-    """How a store went. ``status`` is one of: stored, exists, too_large, unavailable."""
+    """How a store went: stored, exists, too_large, unavailable or error (local I/O)."""
 
     status: str
     entry_bytes: int = 0
@@ -97,6 +97,11 @@ class CompileCache:
             return RestoreOutcome("miss", fetch_s=fetched - started)
         try:
             restored = blobfmt.unpack(data, key, dest)
+        except OSError as exc:  # the entry may be fine; this node could not write it (disk full, ...)
+            message = f"compile cache: could not unpack entry {key.digest} into {dest}: {exc!r}; compiling"
+            log.warning("%s", message)
+            return RestoreOutcome("error", entry_bytes=len(data), fetch_s=fetched - started,
+                                  unpack_s=time.perf_counter() - fetched, message=message)
         except CorruptEntryError as exc:
             status = "mismatch" if isinstance(exc, EntryMismatchError) else "corrupt"
             message = (f"compile cache {self.url}: ignoring entry {key.digest}: {exc.problem}; "
@@ -113,7 +118,12 @@ class CompileCache:
     ) -> SaveOutcome:
         """Pack ``source`` (an inductor cache directory) and store it under ``key``; never raises."""
         started = time.perf_counter()
-        data = blobfmt.pack(key, source, mega)
+        try:
+            data = blobfmt.pack(key, source, mega)
+        except OSError as exc:
+            message = f"compile cache: could not pack {source}: {exc!r}; not storing"
+            log.warning("%s", message)
+            return SaveOutcome("error", 0, time.perf_counter() - started, 0.0, message)
         packed = time.perf_counter()
         try:
             stored = self.backend.put(key.digest, data, overwrite=overwrite)

@@ -131,9 +131,9 @@ def compile(
         def priming_forward(*args: Any, **kwargs: Any) -> Any:
             with primer.lock:
                 if primer.report is None:
-                    # Put the real forward back first: priming calls through it exactly once.
-                    compiled.forward = original
                     report = primer.prime(original, args, kwargs, keep_output=True)
+                    # Primed: later calls go straight to the compiled forward, no lock, no check.
+                    compiled.forward = original
                     _attach(compiled, report)
                     return primer.pop_output()
             return original(*args, **kwargs)
@@ -183,8 +183,11 @@ class _Primer:
               *, keep_output: bool = False) -> CompileReport:
         stages: dict[str, float] = {}
         mark = time.perf_counter()
-        key = derive_key(self.model, args=args, kwargs=kwargs, compile_kwargs=self.compile_kwargs,
-                         extra=self.extra)
+        try:
+            key = derive_key(self.model, args=args, kwargs=kwargs, compile_kwargs=self.compile_kwargs,
+                             extra=self.extra)
+        except Exception as exc:  # an exotic model or input: compile it, just without the cache
+            return self._uncached(call, args, kwargs, keep_output, f"could not derive a cache key: {exc!r}")
         workdir = self.cache.workdir(key)
         report = CompileReport(key=key.digest, cache_url=self.cache.url, fields=key.fields,
                                workdir=str(workdir))
@@ -212,8 +215,10 @@ class _Primer:
             output = call(*args, **kwargs)
             stages["first_call"] = time.perf_counter() - mark
             report.torch_counters = {name: value - before[name] for name, value in _counter_values().items()}
-        misses = report.torch_counters["fxgraph_cache_miss"] + report.torch_counters["autograd_cache_miss"]
-        hits = report.torch_counters["fxgraph_cache_hit"] + report.torch_counters["autograd_cache_hit"]
+        counts = report.torch_counters
+        misses = counts["fxgraph_cache_miss"] + counts["autograd_cache_miss"]
+        hits = counts["fxgraph_cache_hit"] + counts["autograd_cache_hit"]
+        bypassed = counts["fxgraph_cache_bypass"] + counts["autograd_cache_bypass"]
         if misses:
             report.status = "partial" if report.source else "miss"
         elif hits:
@@ -234,11 +239,27 @@ class _Primer:
                 report.notes.append(saved.message)
         elif misses and lookup.status == "unavailable":
             report.store = "skipped (cache unavailable)"
+        if bypassed:
+            report.notes.append(f"inductor bypassed its own cache for {bypassed} graph(s) (caches disabled, "
+                                "or something it cannot cache); those compile on every start")
         report.stages = stages
         if keep_output:
             self._output = output
         self.report = report
         log.info("%s", report.summary())
+        return report
+
+
+    def _uncached(self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  keep_output: bool, problem: str) -> CompileReport:
+        log.warning("compile cache %s: %s; compiling without the cache", self.cache.url, problem)
+        report = CompileReport(key="", cache_url=self.cache.url, lookup="skipped", notes=[problem])
+        mark = time.perf_counter()
+        output = call(*args, **kwargs)
+        report.stages = {"first_call": time.perf_counter() - mark}
+        if keep_output:
+            self._output = output
+        self.report = report
         return report
 
 

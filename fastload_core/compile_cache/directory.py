@@ -3,7 +3,7 @@
 The default backend, because it needs no server. On a shared mount it is also a cluster-wide cache.
 Publication is a hard link of a fully written, fsynced temp file: ``link`` fails if the name exists,
 which gives ``SET NX`` semantics on local file systems and NFS alike, and a reader can never open a
-half-written entry.
+half-written entry. Where hard links are unsupported, an atomic rename is used instead.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ class DirectoryBackend(CompileCacheBackend):
                 os.link(temp, target)
             except FileExistsError:
                 return False
+            except OSError:
+                # No hard links here (some FUSE and SMB mounts): rename if still absent. The window
+                # between the check and the rename can let two racers both write, but each writes a
+                # complete, verified entry, so one valid entry remains either way.
+                if target.exists():
+                    return False
+                os.replace(temp, target)
             return True
         finally:
             if os.path.exists(temp):

@@ -137,7 +137,7 @@ def layout_digest(model: torch.nn.Module) -> str:
     compile to the same code (unless freezing is on, see ``weights_digest``).
     """
     lines = [
-        f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}:{t.requires_grad}:{t.stride()}"
+        f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}:{t.requires_grad}:{_strides(t)}"
         for name, t in _named_tensors(model)
     ]
     lines += [f"{name}:training={m.training}" for name, m in model.named_modules()]
@@ -152,6 +152,10 @@ def weights_digest(model: torch.nn.Module) -> str:
         flat = tensor.detach().contiguous().reshape(-1)
         h.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()[:32]
+
+
+def _strides(tensor: torch.Tensor) -> str:
+    return str(tuple(tensor.stride())) if tensor.layout == torch.strided else str(tensor.layout)
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -184,7 +188,7 @@ def _signature(value: Any) -> Any:
     """What dynamo specialises on: tensor metadata, and the values of plain Python scalars."""
     if isinstance(value, torch.Tensor):
         return ["tensor", list(value.shape), str(value.dtype), value.device.type, value.requires_grad,
-                list(value.stride())]
+                _strides(value)]
     if isinstance(value, (list, tuple)):
         return [type(value).__name__, [_signature(v) for v in value]]
     if isinstance(value, dict):

@@ -80,3 +80,18 @@ def test_entry_from_another_torch_version_is_a_miss(tmp_path: Path) -> None:
     cache.backend.put(older.digest, packed)
     assert cache.restore(KEY, tmp_path / "dest").status == "mismatch"
     assert cache.restore(older, tmp_path / "old").status == "restored"
+
+
+def test_a_node_that_cannot_write_the_files_compiles_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = CompileCache((tmp_path / "store").as_uri())
+    cache.save(KEY, _inductor_dir(tmp_path / "src"), None)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(blobfmt, "unpack", disk_full)
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        assert cache.restore(KEY, tmp_path / "dest").status == "error"
+    assert "No space left on device" in caplog.text

@@ -6,6 +6,7 @@ processes through each backend, or break the backend between store and load.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,3 +234,40 @@ def test_precompiled_header_is_off_unless_asked_for() -> None:
     kept = {"options": {"cpp_cache_precompile_headers": True}}
     assert _with_fastload_defaults(kept) == kept
     assert _with_fastload_defaults({"backend": "eager"}) == {"backend": "eager"}
+
+
+def test_a_model_the_key_cannot_describe_still_compiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastload_core.compile_cache import compiler
+
+    def no_key(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("cannot hash this")
+
+    monkeypatch.setattr(compiler, "derive_key", no_key)
+    compiled = compile_cache.compile(torch.nn.Linear(3, 3), cache=(tmp_path / "s").as_uri(), backend="eager")
+    x = torch.randn(1, 3)
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        assert compiled(x).shape == (1, 3)
+    report = compile_cache.report_of(compiled)
+    assert report is not None and report.lookup == "skipped" and "cannot hash this" in report.notes[0]
+    assert "compiling without the cache" in caplog.text
+
+
+def test_a_first_call_that_raises_primes_again_next_time(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def flaky(x: torch.Tensor) -> torch.Tensor:
+        if not calls:
+            calls.append(1)
+            raise ValueError("bad request")
+        return x + 1
+
+    compiled = compile_cache.compile(flaky, cache=(tmp_path / "s").as_uri(), backend="eager")
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with pytest.raises(ValueError, match="bad request"):
+        compiled(torch.zeros(2))
+    assert compile_cache.report_of(compiled) is None
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
+    assert compile_cache.report_of(compiled) is not None
