@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .base import CompileCacheBackend, StoredEntry
 from .cache import CompileCache, default_url
-from .compiler import CompileReport, compile, report_of
+from .compiler import CompileReport, compile, compile_loaded_model, report_of
 from .errors import CacheURLError, CompileCacheError, CorruptEntryError, EntryTooLargeError
 from .keys import CompileKey, derive_key
 from .manage import Entry, check_backend, list_entries, remove_entry
@@ -26,6 +26,7 @@ __all__ = [
     "StoredEntry",
     "check_backend",
     "compile",
+    "compile_loaded_model",
     "default_url",
     "derive_key",
     "list_entries",

@@ -156,6 +156,30 @@ def compile(
     return cast(F, priming_call)
 
 
+def compile_loaded_model(
+    model: torch.nn.Module,
+    *,
+    compile: bool | Mapping[str, Any] = True,  # the same name as load_model's argument
+    compile_cache: str | CompileCache | None = None,
+    example_inputs: Any = None,
+) -> tuple[torch.nn.Module, CompileReport | None]:
+    """What ``load_model(..., compile=..., compile_cache=..., example_inputs=...)`` calls last.
+
+    ``compile`` is False (return the model as is), True (default torch.compile arguments) or a mapping
+    of torch.compile arguments (``{"mode": "max-autotune"}``), which may also hold ``extra``. The
+    report is None when there were no example inputs: it appears on ``report_of(model)`` after the
+    first call.
+    """
+    if compile is False:
+        return model, None
+    kwargs = dict(compile) if isinstance(compile, Mapping) else {}
+    compiled = _compile(model, cache=compile_cache, example_inputs=example_inputs, **kwargs)
+    return compiled, report_of(compiled)
+
+
+_compile = compile  # reachable where a parameter named ``compile`` shadows it
+
+
 def report_of(compiled: Any) -> CompileReport | None:
     """The report of a callable returned by ``compile``; None until its first compile has happened."""
     report = getattr(compiled, "fastload_report", None)

@@ -271,3 +271,15 @@ def test_a_first_call_that_raises_primes_again_next_time(tmp_path: Path) -> None
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
     assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
     assert compile_cache.report_of(compiled) is not None
+
+
+def test_load_model_entry_point(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 4)
+    same, report = compile_cache.compile_loaded_model(model, compile=False)
+    assert same is model and report is None
+    url = (tmp_path / "s").as_uri()
+    compiled, report = compile_cache.compile_loaded_model(
+        model, compile={"backend": "eager", "extra": "tenant-3"}, compile_cache=url,
+        example_inputs=torch.randn(1, 4))
+    assert compiled is not model and report is not None
+    assert report.cache_url == url and report.fields["extra"] == "tenant-3"
