@@ -58,7 +58,7 @@ def cold(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
     redis_client.Redis.from_url(redis_server.url).flushall()
     result = run_child(tmp_path_factory.mktemp("cold"), "cold", redis_server.url)
     entry = redis_client.Redis.from_url(redis_server.url).get(_redis_key(result["key"]))
-    assert entry is not None
+    assert isinstance(entry, bytes)
     yield Cold(result, entry)
 
 
@@ -156,7 +156,7 @@ def test_corrupt_blob_in_redis_is_recompiled_replaced_and_then_hit(
     assert any("sha256 does not match" in w for w in fixer["warnings"])
     assert _same_outputs(fixer, cold.result)
     replaced = redis_client.Redis.from_url(redis_url).get(_redis_key(cold.result["key"]))
-    assert replaced is not None
+    assert isinstance(replaced, bytes)
     blobfmt.verify(replaced, key_from_fields(blobfmt.read_header(replaced)["fields"]))
     after = run_child(tmp_path, "after", redis_url)
     assert (after["status"], after["lookup"]) == ("hit", "restored")
