@@ -74,4 +74,4 @@ def on_evict(tier: str, key: str, nbytes: int) -> None:
 # --- compile cache -----------------------------------------------------------------------------
 @hookspec
 def register_compile_cache_backends(register: Callable[..., None]) -> None:
-    """Register compile-cache backends for URL schemes (``redis``, ``file``, ``s3``, ...)."""
+    """Call ``register(scheme, factory)``; ``factory(url)`` returns that scheme's ``CompileCacheBackend``."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from .compile_cache import CompileCache, compile_loaded_model
 from .errors import StateDictMismatchError
 from .loader.api import Source, _device, load_state_dict
 from .report import LoadReport
@@ -37,14 +38,23 @@ def load_model(
     lazy: bool = False,
     copy: bool = False,
     report: LoadReport | None = None,
+    compile: bool | Mapping[str, Any] = False,
+    compile_cache: str | CompileCache | None = None,
+    example_inputs: Any = None,
 ) -> M:
-    """Build (or take) ``model`` and give it the weights in ``source``, on ``device``.
+    """Build (or take) ``model`` and give it the weights in ``source``, on ``device``, in eval mode
+    (as ``from_pretrained`` does; call ``.train()`` to train it).
 
     ``model`` is an ``nn.Module`` subclass, a zero-argument factory, or an instance. ``strict``
     raises ``StateDictMismatchError`` naming missing, unexpected and mis-shaped keys; with
     ``strict=False`` matching keys load and modules whose weights are all missing are initialised
     by their own ``reset_parameters``. ``lazy``, ``copy`` and ``dtype`` are as in
     ``load_state_dict``; ``report`` is filled with the cost, module construction included.
+
+    ``compile=True`` (or a dict of ``torch.compile`` arguments) returns the module compiled through
+    the compile cache at ``compile_cache`` (see ``fastload_core.compile``): a new replica restores
+    the artifacts an earlier one stored instead of compiling. With ``example_inputs`` the compile
+    happens here, at start-up, and ``report_of(model)`` says whether it hit.
     """
     started = time.perf_counter()
     report = report if report is not None else LoadReport(source=str(source), device=str(device))
@@ -59,7 +69,14 @@ def load_model(
     state = load_state_dict(source, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
     assigned_at = time.perf_counter()
     _assign(module, state, strict=strict, device=_device(device))
+    module.eval()  # a model loaded to serve; a warm-up call in train mode would also update BN statistics
     report.add_stage("assign", time.perf_counter() - assigned_at)
+    if compile is not False:
+        compiled_at = time.perf_counter()
+        module, _ = compile_loaded_model(
+            module, compile=compile, compile_cache=compile_cache, example_inputs=example_inputs
+        )
+        report.add_stage("compile", time.perf_counter() - compiled_at)
     report.seconds = time.perf_counter() - started
     return module  # type: ignore[return-value]  # a factory's result was checked above
 

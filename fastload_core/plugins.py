@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "fastload.torch_pickle": "fastload_core.loader.legacy",
     "fastload.storage": "fastload_core.storage.builtin",
     "fastload.metrics": "fastload_core.storage.metrics",
+    "fastload.compile_cache": "fastload_core.compile_cache.backends",
 }
 
 _lock = threading.Lock()

@@ -115,6 +115,11 @@ def test_non_strict_initialises_what_is_missing(trained: tuple[TinyLM, Path], tm
     assert "block.2.weight" in caplog.text
 
 
+def test_the_model_comes_back_in_eval_mode(trained: tuple[TinyLM, Path]) -> None:
+    model = fastload_core.load_model(TinyLM().train(), trained[1])
+    assert not any(module.training for module in model.modules())
+
+
 def test_dtype_and_report(trained: tuple[TinyLM, Path]) -> None:
     report = LoadReport(source="", device="")
     model = fastload_core.load_model(TinyLM, trained[1], dtype=torch.bfloat16, report=report)
@@ -155,3 +160,21 @@ def test_initialisers_skip_meta_parameters_but_not_real_buffers(tmp_path: Path) 
     assert torch.equal(model.weight, weight)
     assert torch.equal(model.scale, torch.ones(4))
     assert all(getattr(nn.init, name) is function for name, function in originals.items())  # restored
+
+
+@pytest.mark.slow
+def test_load_model_compiles_through_the_cache(trained: tuple[TinyLM, Path], tmp_path: Path) -> None:
+    """A real inductor compile at start-up: stored in the cache, same outputs as eager."""
+    from fastload_core.compile_cache import list_entries
+
+    url = f"file://{tmp_path / 'compile-cache'}"
+    report = LoadReport(source="", device="")
+    with torch.inference_mode():
+        model = fastload_core.load_model(
+            TinyLM, trained[1], compile=True, compile_cache=url, example_inputs=TOKENS, report=report
+        )
+        compiled = fastload_core.report_of(model)
+        torch.testing.assert_close(model(TOKENS), trained[0](TOKENS))
+    assert compiled is not None and compiled.status == "miss" and compiled.stored
+    assert "compile" in report.stages
+    assert [entry.key for entry in list_entries(url)] == [compiled.key]

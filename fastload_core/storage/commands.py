@@ -23,12 +23,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     cache = subparsers.add_parser("cache", help="inspect and clean the tiered cache")
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    ls = actions.add_parser("ls", help="list cached models per tier")
+    ls = actions.add_parser("ls", help="list cached models per tier, and compile-cache entries")
     ls.add_argument("--tier", choices=TIER_ORDER)
+    ls.add_argument("--compile-cache", metavar="URL", help="compile cache to list (default: FASTLOAD_COMPILE_CACHE)")
     ls.set_defaults(func=_ls)
     rm = actions.add_parser("rm", help="remove a model (every version) or one slug/version key")
-    rm.add_argument("target", help="a model URI, or a key as `cache ls` prints it (slug or slug/version)")
+    rm.add_argument("target", help="a model URI, a key as `cache ls` prints it (slug or slug/version), "
+                                   "or with --compile a compile-cache key")
     rm.add_argument("--tier", choices=TIER_ORDER)
+    rm.add_argument("--compile", action="store_true", help="TARGET is a compile-cache key")
+    rm.add_argument("--compile-cache", metavar="URL", help="compile cache to remove from")
     rm.set_defaults(func=_rm)
     gc = actions.add_parser("gc", help="drop dead partial downloads and evict down to each tier's budget")
     gc.add_argument("--tier", choices=TIER_ORDER)
@@ -71,10 +75,30 @@ def _ls(args: argparse.Namespace) -> int:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
             flag = "  in use" if info.in_use else ""
             print(f"  {entry.slug}/{entry.version}  {_size(entry.size):>10}  {used}  {entry.meta.uri}{flag}")
+    if args.tier is None:
+        _ls_compile(args.compile_cache)
     return 0
 
 
+def _ls_compile(url: str | None) -> None:
+    from ..compile_cache import default_url, list_entries
+
+    url = url or default_url()
+    entries = list_entries(url)
+    print(f"compile cache  {url}  {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+          f"{_size(sum(e.size for e in entries))}")
+    for compiled in sorted(entries, key=lambda e: -(e.stored_at or 0)):
+        stored = time.strftime("%Y-%m-%d %H:%M", time.localtime(compiled.stored_at)) if compiled.stored_at else "?"
+        print(f"  {compiled.key}  {_size(compiled.size):>10}  {stored}  {compiled.describe()}")
+
+
 def _rm(args: argparse.Namespace) -> int:
+    if args.compile:
+        from ..compile_cache import remove_entry
+
+        found = remove_entry(args.compile_cache, args.target)
+        print(f"removed compile entry {args.target}" if found else f"no compile entry {args.target}")
+        return 0 if found else 1
     removed, busy = default_store().rm(args.target, tier=args.tier)
     for entry in removed:
         print(f"removed {entry.tier}:{entry.slug}/{entry.version} ({_size(entry.size)})")

@@ -1,0 +1,159 @@
+"""``CompileCache``: a backend plus the rules that keep a bad cache from hurting a replica.
+
+Every path that can fail here degrades: a backend that is down or slow is a miss (warned once per
+process per URL, so a Redis outage does not flood the logs of a fleet); a corrupt, truncated or
+mismatched entry is a miss that gets replaced after the compile (warned each time, because it means
+something wrote garbage); an entry too large for its backend is simply not stored. Only a URL that no
+backend can serve raises, at construction, because that is a configuration mistake worth failing on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import cache_dir
+from . import blob as blobfmt
+from .base import CompileCacheBackend
+from .blob import EntryMismatchError, Restored
+from .errors import CorruptEntryError, EntryTooLargeError
+from .keys import CompileKey
+from .registry import open_backend
+
+log = logging.getLogger("fastload.compile_cache")
+
+#: Default cache URL when none is passed; a ``file://`` directory under the fastload cache otherwise.
+URL_VARIABLE = "FASTLOAD_COMPILE_CACHE"
+_MARKER = ".fastload-entry"
+
+_warned_lock = threading.Lock()
+_warned_unavailable: set[str] = set()
+
+
+def default_url() -> str:
+    configured = os.environ.get(URL_VARIABLE)
+    return configured if configured else (cache_dir() / "compile" / "entries").as_uri()
+
+
+def local_root() -> Path:
+    """Where per-key inductor cache directories live on this node (shared by its replicas)."""
+    return cache_dir() / "compile" / "inductor"
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    """How a lookup went: restored, local, miss, corrupt, mismatch, unavailable or error (local I/O)."""
+
+    status: str
+    restored: Restored | None = None
+    entry_bytes: int = 0
+    fetch_s: float = 0.0
+    unpack_s: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """How a store went: stored, exists, too_large, unavailable or error (local I/O)."""
+
+    status: str
+    entry_bytes: int = 0
+    pack_s: float = 0.0
+    store_s: float = 0.0
+    message: str = ""
+
+
+class CompileCache:
+    """A compile cache at one URL (``file://``, ``redis://``, ``s3://`` or a plugin's scheme)."""
+
+    def __init__(self, url: str | None = None, *, backend: CompileCacheBackend | None = None) -> None:
+        self.backend = backend if backend is not None else open_backend(url or default_url())
+        self.url = self.backend.url
+
+    def __repr__(self) -> str:
+        return f"CompileCache({self.url!r})"
+
+    def workdir(self, key: CompileKey) -> Path:
+        """The inductor cache directory for one key on this node."""
+        return local_root() / key.digest
+
+    def restore(self, key: CompileKey, dest: Path) -> RestoreOutcome:
+        """Put the stored entry for ``key`` into ``dest`` if there is a valid one; never raises."""
+        if (dest / _MARKER).is_file():
+            # Another replica on this node already restored or built this key: inductor finds it there.
+            return RestoreOutcome("local", message=f"{dest} already holds this key")
+        started = time.perf_counter()
+        try:
+            data = self.backend.get(key.digest)
+        except Exception as exc:
+            return RestoreOutcome("unavailable", fetch_s=time.perf_counter() - started,
+                                  message=self._unavailable("read", exc))
+        fetched = time.perf_counter()
+        if data is None:
+            return RestoreOutcome("miss", fetch_s=fetched - started)
+        try:
+            restored = blobfmt.unpack(data, key, dest)
+        except OSError as exc:  # the entry may be fine; this node could not write it (disk full, ...)
+            message = f"compile cache: could not unpack entry {key.digest} into {dest}: {exc!r}; compiling"
+            log.warning("%s", message)
+            return RestoreOutcome("error", entry_bytes=len(data), fetch_s=fetched - started,
+                                  unpack_s=time.perf_counter() - fetched, message=message)
+        except CorruptEntryError as exc:
+            status = "mismatch" if isinstance(exc, EntryMismatchError) else "corrupt"
+            message = (f"compile cache {self.url}: ignoring entry {key.digest}: {exc.problem}; "
+                       "compiling and replacing it")
+            log.warning("%s", message)
+            return RestoreOutcome(status, entry_bytes=len(data), fetch_s=fetched - started,
+                                  unpack_s=time.perf_counter() - fetched, message=message)
+        _mark(dest, key)
+        return RestoreOutcome("restored", restored=restored, entry_bytes=len(data), fetch_s=fetched - started,
+                              unpack_s=time.perf_counter() - fetched)
+
+    def save(
+        self, key: CompileKey, source: Path, mega: bytes | None, *, overwrite: bool = False
+    ) -> SaveOutcome:
+        """Pack ``source`` (an inductor cache directory) and store it under ``key``; never raises."""
+        started = time.perf_counter()
+        try:
+            data = blobfmt.pack(key, source, mega)
+        except OSError as exc:
+            message = f"compile cache: could not pack {source}: {exc!r}; not storing"
+            log.warning("%s", message)
+            return SaveOutcome("error", 0, time.perf_counter() - started, 0.0, message)
+        packed = time.perf_counter()
+        try:
+            stored = self.backend.put(key.digest, data, overwrite=overwrite)
+        except EntryTooLargeError as exc:
+            log.warning("compile cache: not storing %s: %s", key.digest, exc)
+            return SaveOutcome("too_large", len(data), packed - started, time.perf_counter() - packed,
+                               str(exc))
+        except Exception as exc:
+            return SaveOutcome("unavailable", len(data), packed - started, time.perf_counter() - packed,
+                               self._unavailable("write", exc))
+        _mark(source, key)
+        return SaveOutcome("stored" if stored else "exists", len(data), packed - started,
+                           time.perf_counter() - packed)
+
+    def _unavailable(self, action: str, exc: BaseException) -> str:
+        message = (f"compile cache {self.url} could not {action} ({type(exc).__name__}: {exc}); "
+                   "compiling without it")
+        with _warned_lock:
+            first = self.url not in _warned_unavailable
+            _warned_unavailable.add(self.url)
+        if first:
+            log.warning("%s (further failures of this cache are logged at debug level)", message)
+        else:
+            log.debug("%s", message)
+        return message
+
+
+def _mark(dest: Path, key: CompileKey) -> None:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / _MARKER).write_text(key.digest)
+    except OSError as exc:  # the marker only saves a fetch; losing it costs nothing else
+        log.debug("could not mark %s: %r", dest, exc)

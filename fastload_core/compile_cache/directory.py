@@ -1,0 +1,102 @@
+"""``file:///dir``: entries as files in a directory — local disk, or a shared mount (Ceph, NFS).
+
+The default backend, because it needs no server. On a shared mount it is also a cluster-wide cache.
+Publication is a hard link of a fully written, fsynced temp file: ``link`` fails if the name exists,
+which gives ``SET NX`` semantics on local file systems and NFS alike, and a reader can never open a
+half-written entry. Where hard links are unsupported, an atomic rename is used instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from .base import CompileCacheBackend, StoredEntry
+from .errors import CacheURLError
+
+_SUFFIX = ".flcc"
+
+
+class DirectoryBackend(CompileCacheBackend):
+    scheme = "file"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise CacheURLError(url, "expected file:///absolute/directory")
+        self.root = Path(unquote(parts.path))
+
+    def _path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"unsafe compile-cache key {key!r}")
+        return self.root / f"{key}{_SUFFIX}"
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def get_prefix(self, key: str, nbytes: int) -> bytes | None:
+        try:
+            with self._path(key).open("rb") as file:
+                return file.read(nbytes)
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, blob: bytes, *, overwrite: bool = False) -> bool:
+        target = self._path(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(blob)
+                file.flush()
+                os.fsync(file.fileno())
+            if overwrite:
+                os.replace(temp, target)
+                return True
+            try:
+                os.link(temp, target)
+            except FileExistsError:
+                return False
+            except OSError:
+                # No hard links here (some FUSE and SMB mounts): rename if still absent. The window
+                # between the check and the rename can let two racers both write, but each writes a
+                # complete, verified entry, so one valid entry remains either way.
+                if target.exists():
+                    return False
+                os.replace(temp, target)
+            return True
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
+
+    def delete(self, key: str) -> bool:
+        try:
+            self._path(key).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def entries(self) -> list[StoredEntry]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob(f"*{_SUFFIX}")):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed while listing
+                continue
+            key = path.name[: -len(_SUFFIX)]
+            found.append(StoredEntry(key=key, size=stat.st_size, stored_at=stat.st_mtime))
+        return found
+
+    def check(self) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=self.root):
+            pass  # proves we can create (and remove) files there
+        return f"{self.root} is writable, {len(self.entries())} entries"

@@ -1,0 +1,47 @@
+"""Errors the compile cache raises to its caller.
+
+Almost nothing here reaches a serving replica: a cache that is down, slow or corrupt degrades to a
+normal compile with a warning. What does raise is a mistake in configuration (a URL nobody can
+serve), which should fail loudly at start-up rather than silently never cache.
+"""
+
+from __future__ import annotations
+
+from ..errors import FastloadError
+
+
+class CompileCacheError(FastloadError):
+    """Base class of compile-cache errors."""
+
+
+class CacheURLError(CompileCacheError):
+    """A compile-cache URL is malformed or names a scheme no backend serves; ``url`` names it."""
+
+    def __init__(self, url: str, problem: str, schemes: list[str] | None = None) -> None:
+        self.url = url
+        self.problem = problem
+        self.schemes = sorted(schemes or [])
+        hint = f" (supported schemes: {', '.join(s + '://' for s in self.schemes)})" if self.schemes else ""
+        super().__init__(f"compile cache URL {url!r}: {problem}{hint}")
+
+
+class CorruptEntryError(CompileCacheError):
+    """A stored entry failed verification (bad magic, truncated, checksum mismatch, unsafe member)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"compile cache entry {key}: {problem}")
+
+
+class EntryTooLargeError(CompileCacheError):
+    """A packed entry exceeds what the backend may hold inline and no blob backend is configured."""
+
+    def __init__(self, url: str, size: int, limit: int) -> None:
+        self.url = url
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{url}: entry of {size} bytes exceeds the inline limit of {limit} bytes; add "
+            "?blob=<file:// or s3:// URL> to the cache URL so large entries go to a blob store"
+        )

@@ -1,0 +1,158 @@
+"""``redis://host:port/db``: entries as Redis strings, large ones in a blob store behind a pointer.
+
+Query parameters (all optional), stripped before the URL reaches redis-py:
+
+- ``timeout`` (seconds, default 5) and ``connect_timeout`` (default 1): a slow or dead Redis costs at
+  most this per operation, then the replica compiles normally. Retries are off for the same reason.
+- ``max_inline`` (bytes, default 32 MiB): entries above it go to ``blob``; Redis strings top out at
+  512 MB and multi-megabyte values stall every other client of a single-threaded server.
+- ``blob``: a URL-encoded ``file://`` or ``s3://`` URL for large entries. Redis then holds a small
+  pointer record; without ``blob`` a large entry is not stored (with a warning).
+- ``prefix`` (default ``fastload:compile:``): key namespace.
+
+``SET NX`` makes racing replicas leave one entry; a large entry's blob is written before its pointer,
+so a pointer never names a blob that is not there yet.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .base import CompileCacheBackend, StoredEntry, float_param, query_params
+from .errors import CacheURLError, CompileCacheError, EntryTooLargeError
+
+_POINTER_MAGIC = b"FLCCPTR1"
+_OWN_PARAMS = ("timeout", "connect_timeout", "max_inline", "blob", "prefix")
+DEFAULT_MAX_INLINE = 32 * 1024 * 1024
+
+
+class RedisBackend(CompileCacheBackend):
+    scheme = "redis"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise CompileCacheError(
+                f"{url}: the redis backend needs redis-py: pip install 'fastload[redis]'"
+            ) from None
+        params = query_params(url)
+        self.prefix = params.get("prefix", "fastload:compile:")
+        self.max_inline = int(float_param(url, "max_inline", DEFAULT_MAX_INLINE))
+        self._blob_url = params.get("blob")
+        self._blob: CompileCacheBackend | None = None
+        parts = urlsplit(url)
+        if not parts.hostname and not parts.path.endswith(".sock"):
+            raise CacheURLError(url, "expected redis://host:port/db")
+        client_query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in _OWN_PARAMS])
+        self._client = redis.Redis.from_url(
+            urlunsplit(parts._replace(query=client_query)),
+            socket_timeout=float_param(url, "timeout", 5.0),
+            socket_connect_timeout=float_param(url, "connect_timeout", 1.0),
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    @property
+    def blob_backend(self) -> CompileCacheBackend | None:
+        if self._blob is None and self._blob_url:
+            from .registry import open_backend
+
+            self._blob = open_backend(self._blob_url)
+        return self._blob
+
+    @staticmethod
+    def _bytes(value: object) -> bytes | None:
+        # decode_responses is off, so redis-py hands back bytes; its stubs also allow str.
+        return value.encode() if isinstance(value, str) else value if isinstance(value, bytes) else None
+
+    def _name(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    @staticmethod
+    def _pointer(value: bytes | None) -> dict[str, Any] | None:
+        if value is None or not value.startswith(_POINTER_MAGIC):
+            return None
+        try:
+            pointer = json.loads(value[len(_POINTER_MAGIC):])
+        except ValueError:
+            return None  # garbage under our key: the caller's checksum rejects it as an entry
+        return pointer if isinstance(pointer, dict) else None
+
+    def _blob_for(self, pointer: dict[str, Any]) -> CompileCacheBackend:
+        if self.blob_backend is None or pointer.get("url") != self.blob_backend.url:
+            # A pointer written with another blob store: follow it, it says where the bytes are.
+            from .registry import open_backend
+
+            return open_backend(str(pointer["url"]))
+        return self.blob_backend
+
+    def get(self, key: str) -> bytes | None:
+        value = self._bytes(self._client.get(self._name(key)))
+        pointer = self._pointer(value)
+        if pointer is None:
+            return value
+        return self._blob_for(pointer).get(key)
+
+    def get_prefix(self, key: str, nbytes: int) -> bytes | None:
+        value = self._bytes(self._client.getrange(self._name(key), 0, max(nbytes, 4096) - 1))
+        if not value:
+            return None
+        pointer = self._pointer(value)
+        if pointer is None:
+            return value[:nbytes]
+        return self._blob_for(pointer).get_prefix(key, nbytes)
+
+    def put(self, key: str, blob: bytes, *, overwrite: bool = False) -> bool:
+        if len(blob) <= self.max_inline:
+            return bool(self._client.set(self._name(key), blob, nx=not overwrite))
+        if self.blob_backend is None:
+            raise EntryTooLargeError(self.url, len(blob), self.max_inline)
+        if not overwrite and self._client.exists(self._name(key)):
+            return False  # skip uploading a large blob that would lose the race anyway
+        self.blob_backend.put(key, blob, overwrite=overwrite)
+        pointer = _POINTER_MAGIC + json.dumps({"url": self.blob_backend.url, "size": len(blob)}).encode()
+        return bool(self._client.set(self._name(key), pointer, nx=not overwrite))
+
+    def delete(self, key: str) -> bool:
+        pointer = self._pointer(self._bytes(self._client.get(self._name(key))))
+        if pointer is not None:
+            self._blob_for(pointer).delete(key)
+        return bool(self._client.delete(self._name(key)))
+
+    def entries(self) -> list[StoredEntry]:
+        names = sorted(self._client.scan_iter(match=f"{self.prefix}*", count=1000))
+        if not names:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.strlen(name)
+            pipe.getrange(name, 0, 4095)
+        results = pipe.execute()
+        found = []
+        for index, name in enumerate(names):
+            size, head = results[2 * index], results[2 * index + 1]
+            pointer = self._pointer(head)
+            if pointer is not None:
+                size = int(pointer.get("size", size))
+            found.append(StoredEntry(key=name.decode()[len(self.prefix):], size=size, stored_at=None))
+        return found
+
+    def check(self) -> str:
+        self._client.ping()
+        info = self._client.info("server")
+        memory = self._client.info("memory")
+        message = (f"redis {info.get('redis_version', '?')}, maxmemory-policy "
+                   f"{memory.get('maxmemory_policy', '?')}, {len(self.entries())} entries")
+        if self.blob_backend is not None:
+            message += f"; blob store {self.blob_backend.url}: {self.blob_backend.check()}"
+        return message
+
+    def close(self) -> None:
+        self._client.close()
+        if self._blob is not None:
+            self._blob.close()
