@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,10 +23,12 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from . import config
-from .bench.checkpoints import GIB, SyntheticTransformer, describe, ensure_checkpoint
+from .bench.checkpoints import GIB, SyntheticTransformer, TransformerConfig, describe, ensure_checkpoint
+from .compile_cache import report_of
 from .model import load_model
 from .storage import fetch
 
@@ -37,17 +42,21 @@ class Row:
 
     @property
     def gbps(self) -> float:
-        return self.nbytes / self.seconds / 1e9
+        return self.nbytes / self.seconds / 1e9 if self.nbytes else 0.0
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = subparsers.add_parser("demo", help="show the stock load beside fastload's on a sample checkpoint")
     demo.add_argument("--size-gb", type=float, default=1.0, help="sample checkpoint size in GiB (default 1)")
     demo.add_argument("--dir", type=Path, default=None, help="where to write the sample (default: the cache dir)")
+    demo.add_argument("--no-compile", action="store_true", help="skip the torch.compile replicas (~20 s on 2 cores)")
+    demo.add_argument("--replica", metavar="URL", help=argparse.SUPPRESS)  # a compile replica's child process
     demo.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.replica:
+        return _compile_replica(args.replica)
     directory: Path = args.dir or config.cache_dir() / "demo"
     print(f"fastload demo: writing a sample pickled checkpoint ({args.size_gb:g} GiB) to {directory} ...")
     checkpoint = ensure_checkpoint(directory, int(args.size_gb * GIB))
@@ -90,8 +99,14 @@ def run_demo(args: argparse.Namespace) -> int:
                         outputs.append(model.eval()(tokens))
                 rows.append(Row(name, elapsed, checkpoint.nbytes, model_ready=model is not None))
                 del model
+        if not args.no_compile:
+            rows.extend(_compile_rows(Path(scratch) / "compile-cache"))
     print()
     print(format_rows(rows))
+    if not args.no_compile:
+        print(f"\ntorch.compile rows: a small transformer ({_COMPILE_CONFIG.layers} blocks), each replica a fresh "
+              "process with empty inductor and temp dirs,\nsharing only the compile cache (here a directory; "
+              "redis:// or s3:// across a fleet).")
     identical = all(torch.equal(outputs[0], output) for output in outputs[1:])
     print(f"\noutputs identical to the stock path: {'yes' if identical else 'NO'}")
     return 0 if identical else 1
@@ -103,5 +118,49 @@ def format_rows(rows: list[Row]) -> str:
     lines = [f"{'step':<{width}}  {'seconds':>8}  {'GB/s':>6}  {'speed-up':>8}", "-" * (width + 30)]
     for row in rows:
         speedup = f"{baseline / row.seconds:>7.1f}x" if row.model_ready else f"{'-':>8}"
-        lines.append(f"{row.step:<{width}}  {row.seconds:>8.3f}  {row.gbps:>6.2f}  {speedup}")
+        gbps = f"{row.gbps:>6.2f}" if row.nbytes else f"{'-':>6}"
+        lines.append(f"{row.step:<{width}}  {row.seconds:>8.3f}  {gbps}  {speedup}")
     return "\n".join(lines)
+
+
+# A model small enough that its cold compile is a demo's worth of waiting on two cores.
+_COMPILE_CONFIG = TransformerConfig(vocab=512, hidden=64, intermediate=256, layers=2, dtype="bf16")
+
+
+def _compile_rows(cache: Path) -> list[Row]:
+    """Two replica starts in fresh processes: the first compiles and stores, the second restores."""
+    url = f"file://{cache}"
+    rows = []
+    for name in ("torch.compile: first replica (compiles, stores)", "torch.compile: next replica (from cache)"):
+        with tempfile.TemporaryDirectory(prefix="fastload-replica-") as home:
+            os.makedirs(f"{home}/tmp")
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
+            env.update(FASTLOAD_CACHE_DIR=f"{home}/fastload", TMPDIR=f"{home}/tmp")
+            done = subprocess.run(
+                [sys.executable, "-m", "fastload_core", "demo", "--replica", url],
+                env=env, capture_output=True, text=True, timeout=900, check=False,
+            )
+        if done.returncode != 0:
+            raise RuntimeError(f"compile replica failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(Row(f"{name}: {result['status']}", result["seconds"], 0, model_ready=False))
+    return rows
+
+
+def _compile_replica(url: str) -> int:
+    """One replica: build, load and compile with a warm-up call; print how long until it was ready."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = Path(scratch) / "model.safetensors"
+        save_file(SyntheticTransformer(_COMPILE_CONFIG).state_dict(), weights)
+        tokens = torch.randint(0, _COMPILE_CONFIG.vocab, (1, 16))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model = load_model(
+                lambda: SyntheticTransformer(_COMPILE_CONFIG), weights, compile=True, compile_cache=url,
+                example_inputs=tokens,
+            )
+        seconds = time.perf_counter() - started
+    report = report_of(model)
+    print(json.dumps({"seconds": seconds, "status": report.status if report else "none"}))
+    return 0
