@@ -5,7 +5,8 @@
 #   3. runs the load benchmark's GPU scenario: fastload load_file(device="cuda") against
 #      safetensors.torch.load_file(device="cuda"), fastsafetensors and Run:ai on the same warm file,
 #      with the pinned host-to-device bandwidth measured in the same rounds as the limit;
-#   4. prints the table and the GPU target verdicts; exits 3 if a GPU target fails.
+#   4. runs the compile-cache benchmark on cuda (file backend, one round: cold vs warm replica);
+#   5. prints the tables and the GPU target verdicts; exits 3 if a GPU target fails.
 # Environment: PYTHON (default python), SIZE_GB (2), ROUNDS (3), BENCH_DIR (/tmp/fastload-bench),
 # OUT_DIR (bench-out/gpu; JSON and markdown land here), MARKDOWN (a docs file to update, optional).
 set -euo pipefail
@@ -45,6 +46,10 @@ markdown_args=()
 if [ -n "${MARKDOWN:-}" ]; then markdown_args=(--markdown "$MARKDOWN"); fi
 timeout 300 "$PYTHON" benchmarks/bench_load.py --scenarios gpu --size-gb "$SIZE_GB" --rounds "$ROUNDS" \
     --dir "$BENCH_DIR" --json "$OUT_DIR/gpu.json" "${markdown_args[@]}" | tee "$OUT_DIR/gpu.md"
+
+echo "== compile cache on cuda (file backend, 1 round)"
+timeout 150 "$PYTHON" benchmarks/bench_compile.py --device cuda --backends file --rounds 1 \
+    --json "$OUT_DIR/compile.json" | tee "$OUT_DIR/compile.md" || echo "gpu_check: compile benchmark failed" >&2
 
 echo "gpu_check: finished in $((SECONDS - started))s"
 if grep -E '^\| GPU .*\*\*FAIL\*\*' "$OUT_DIR/gpu.md" >/dev/null; then

@@ -7,11 +7,13 @@ fails to import, or raises from a hook, is logged and skipped instead.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,18 +54,22 @@ def _build_manager() -> pluggy.PluginManager:
     manager.add_hookspecs(hookspecs)
     disabled = _names_from_env("FASTLOAD_DISABLE_PLUGINS") or set()
     wanted = _names_from_env("FASTLOAD_PLUGINS")
-    for name, module_name in BUILTIN_PLUGINS.items():
-        if name not in disabled:
-            manager.register(importlib.import_module(module_name), name=name)
-    for entry_point in importlib.metadata.entry_points(group="fastload"):
-        if entry_point.name in disabled or (wanted is not None and entry_point.name not in wanted):
+    candidates: list[tuple[str, str, Callable[[], object]]] = [
+        (name, module_name, functools.partial(importlib.import_module, module_name))
+        for name, module_name in BUILTIN_PLUGINS.items()
+    ]
+    candidates += [
+        (entry_point.name, entry_point.value, entry_point.load)
+        for entry_point in importlib.metadata.entry_points(group="fastload")
+        if wanted is None or entry_point.name in wanted
+    ]
+    for name, where, load in candidates:
+        if name in disabled:
             continue
         try:
-            plugin = entry_point.load()
-            manager.register(plugin, name=entry_point.name)
-        except Exception as exc:
-            log.warning("fastload plugin %r (%s) failed to load and is skipped: %r",
-                        entry_point.name, entry_point.value, exc)
+            manager.register(load(), name=name)
+        except Exception as exc:  # built-ins included: an optional dependency may be broken
+            log.warning("fastload plugin %r (%s) failed to load and is skipped: %r", name, where, exc)
     return manager
 
 

@@ -119,6 +119,14 @@ def test_fastload_plugins_selects_and_disable_removes(plugin_dir: Path, monkeypa
     assert "recorder" not in loaded and "fastload.torch_pickle" not in loaded and "npz-format" in loaded
 
 
+def test_a_broken_builtin_is_skipped_too(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(BUILTIN_PLUGINS, "fastload.broken", "fastload_core.no_such_module")
+    with caplog.at_level(logging.WARNING, logger="fastload.plugins"):
+        loaded = {name for name, _ in get_plugin_manager().list_name_plugin()}
+    assert "fastload.broken" not in loaded and "fastload.torch_pickle" in loaded
+    assert "no_such_module" in caplog.text
+
+
 def test_disabling_the_pickle_reader_refuses_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTLOAD_DISABLE_PLUGINS", "fastload.torch_pickle")
     reset_plugin_manager()
