@@ -68,16 +68,23 @@ def populate_pages(base: torch.Tensor) -> None:
         list(pool.map(lambda start: base[start : start + step : PAGE].sum(), range(0, size, step)))
 
 
-def resident_fraction(base: torch.Tensor) -> float:
-    """The share of a mapping's pages already in memory (mincore), 0.0 where it cannot be told."""
+def resident_fraction(base: torch.Tensor, windows: int = 64, window_pages: int = 64) -> float:
+    """The share of a mapping's pages already in memory, from ``mincore`` on evenly spread windows
+    (a whole-file vector costs ~50 ms per 2 GiB; a sample answers "cached or not" in microseconds)."""
     address, size = base.data_ptr(), base.numel()
     pages = -(-size // PAGE)
     if pages == 0 or address % PAGE:
         return 0.0
-    vector = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(address, size, vector) != 0:
-        return 0.0
-    return float(torch.frombuffer(vector, dtype=torch.uint8).bitwise_and(1).sum()) / pages
+    window_pages = min(window_pages, pages)
+    vector = (ctypes.c_ubyte * window_pages)()
+    starts = sorted({index * (pages - window_pages) // max(1, windows - 1) for index in range(windows)})
+    resident = 0
+    for start in starts:
+        length = min(window_pages * PAGE, size - start * PAGE)
+        if _libc.mincore(address + start * PAGE, length, vector) != 0:
+            return 0.0
+        resident += sum(byte & 1 for byte in bytes(vector)[: -(-length // PAGE)])
+    return resident / (len(starts) * window_pages)
 
 
 def allocate_private(nbytes: int) -> torch.Tensor:
