@@ -8,7 +8,7 @@ Measures, in one run and against the same endpoint:
   * N processes starting at once: bytes served by the origin (counted by a proxy) and wall time.
 
 moto is not S3: its throughput is bounded by one Python process, so compare ratios, not MB/s.
-Usage: python benchmarks/bench_s3.py [--size 2GiB] [--processes 4] [--out bench-out/s3.md]
+Usage: python benchmarks/bench_s3.py [--size 2GiB] [--rounds 3] [--processes 4] [--out bench-out/s3.md]
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -85,6 +87,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--part-size", default="16MiB")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting moto")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each in a shuffled order; medians reported")
     parser.add_argument("--out", default=str(REPO / "bench-out" / "s3.md"))
     args = parser.parse_args()
     size = int(parse_size(args.size) or 0)
@@ -124,58 +127,77 @@ def main() -> int:
         source.unlink()
         print(f"checkpoint: {size / MiB:.0f} MiB at {endpoint}; destinations in /dev/shm", flush=True)
 
-        with timed(f"ceiling: {args.concurrency} parallel raw GETs, discard", results, size):
-            ceiling(client, size, part, args.concurrency)
-        with timed("boto3 download_file (defaults)", results, size):
-            client.download_file(BUCKET, KEY, str(work / "default.bin"))
-        (work / "default.bin").unlink()
-        tuned = TransferConfig(max_concurrency=args.concurrency, multipart_chunksize=part)
-        with timed(f"boto3 download_file (TransferConfig {args.concurrency}x{args.part_size})", results, size):
-            client.download_file(BUCKET, KEY, str(work / "tuned.bin"), Config=tuned)
-        (work / "tuned.bin").unlink()
-
+        from fastload_core.loader.api import load_state_dict
         from fastload_core.storage import fetch
+        from fastload_core.storage.streaming import stream_state_dict
 
-        os.environ["FASTLOAD_CACHE_DIR"] = str(work / "cache-fetch")
-        with timed("fastload fetch (cold, verified, published)", results, size):
-            path = fetch(f"s3://{BUCKET}/{KEY}")
-        assert path.stat().st_size == size
-        shutil.rmtree(work / "cache-fetch")
+        uri = f"s3://{BUCKET}/{KEY}"
+        tuned = TransferConfig(max_concurrency=args.concurrency, multipart_chunksize=part)
 
-        try:
+        def boto3_download(config: TransferConfig | None) -> None:
+            client.download_file(BUCKET, KEY, str(work / "download.bin"), **({"Config": config} if config else {}))
+            (work / "download.bin").unlink()
+
+        def in_empty_cache(action):  # type: ignore[no-untyped-def]
+            def run() -> None:  # every fastload row starts from an empty cache: a cold replica
+                os.environ["FASTLOAD_CACHE_DIR"] = str(work / "cache")
+                try:
+                    action()
+                finally:
+                    shutil.rmtree(work / "cache", ignore_errors=True)
+            return run
+
+        def streaming() -> None:
+            stats: dict[str, float] = {}
+            state, pinned = stream_state_dict(uri, stats=stats)
+            pinned.release()
+            stream_overlap.append((stats["first_tensor"] - stats["started"], stats["fetch_done"] - stats["started"]))
+            del state
+
+        def runai() -> None:
             from runai_model_streamer import SafetensorsStreamer
 
             os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
             os.environ.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
             os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-            with timed("Run:ai Model Streamer (S3 -> CPU tensors)", results, size), \
-                    SafetensorsStreamer() as streamer:
-                streamer.stream_file(f"s3://{BUCKET}/{KEY}")
+            with SafetensorsStreamer() as streamer:
+                streamer.stream_file(uri)
                 got = sum(t.numel() * t.element_size() for _, t in streamer.get_tensors())
-            notes.append(f"Run:ai streamer returned {got} tensor bytes")
-        except Exception as exc:  # it may not work against moto; say so rather than hide the row
-            notes.append(f"Run:ai Model Streamer could not read from this endpoint: {exc!r}"[:300])
-            print(notes[-1], flush=True)
+            assert got > 0, "Run:ai returned no tensors"
 
-        # cold S3 -> ready state dict
-        from fastload_core.loader.api import load_state_dict
-        from fastload_core.storage.streaming import stream_state_dict
-
-        os.environ["FASTLOAD_CACHE_DIR"] = str(work / "cache-a")
-        with timed("cold: fetch, then load (copy into private memory)", results, size):
-            state = load_state_dict(fetch(f"s3://{BUCKET}/{KEY}"), "cpu", copy=True)
-        del state
-        shutil.rmtree(work / "cache-a")
-        os.environ["FASTLOAD_CACHE_DIR"] = str(work / "cache-b")
-        stats: dict[str, float] = {}
-        with timed("cold: streaming load (stream_state_dict)", results, size):
-            state, pinned = stream_state_dict(f"s3://{BUCKET}/{KEY}", stats=stats)
-        pinned.release()
-        del state
-        notes.append(f"streaming: first tensor {stats['first_tensor'] - stats['started']:.2f}s after start, "
-                     f"fetch done at {stats['fetch_done'] - stats['started']:.2f}s, last tensor at "
-                     f"{stats['last_tensor'] - stats['started']:.2f}s")
-        shutil.rmtree(work / "cache-b")
+        stream_overlap: list[tuple[float, float]] = []
+        methods = {
+            f"ceiling: {args.concurrency} parallel raw GETs, discard":
+                lambda: ceiling(client, size, part, args.concurrency),
+            "boto3 download_file (defaults)": lambda: boto3_download(None),
+            f"boto3 download_file (TransferConfig {args.concurrency}x{args.part_size})": lambda: boto3_download(tuned),
+            "fastload fetch (cold, verified, published)": in_empty_cache(lambda: fetch(uri)),
+            "Run:ai Model Streamer (S3 -> CPU tensors)": runai,
+            "cold: fetch, then load (copy into private memory)":
+                in_empty_cache(lambda: load_state_dict(fetch(uri), "cpu", copy=True)),
+            "cold: streaming load (stream_state_dict)": in_empty_cache(streaming),
+        }
+        timings: dict[str, list[float]] = {name: [] for name in methods}
+        failed: set[str] = set()
+        shuffler = random.Random(args.rounds)
+        for round_index in range(args.rounds):  # a seeded shuffle per round: no row always follows another
+            for name in shuffler.sample(list(methods), len(methods)):
+                if name in failed:
+                    continue
+                started = time.monotonic()
+                try:
+                    methods[name]()
+                except Exception as exc:  # a third-party reader may not work against this endpoint
+                    failed.add(name)
+                    notes.append(f"{name} failed: {exc!r}"[:300])
+                    continue
+                timings[name].append(time.monotonic() - started)
+                print(f"round {round_index + 1}: {name:<56} {timings[name][-1]:7.2f} s", flush=True)
+        for name, seconds in timings.items():
+            if seconds:
+                results.append((f"{name} [{len(seconds)}/{args.rounds}]", statistics.median(seconds), size))
+        first, done = statistics.median(o[0] for o in stream_overlap), statistics.median(o[1] for o in stream_overlap)
+        notes.append(f"streaming (median): first tensor {first:.2f}s after start, fetch done at {done:.2f}s")
 
         # N processes at once, through a counting proxy
         from tests.storage.faultproxy import FaultProxy
@@ -204,7 +226,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     ceiling_rate = size / results[0][1]
-    lines = ["| run | seconds | MiB/s | % of ceiling |", "|---|---:|---:|---:|"]
+    lines = ["| run [rounds] | median s | MiB/s | % of ceiling |", "|---|---:|---:|---:|"]
     for label, seconds, nbytes in results:
         lines.append(f"| {label} | {seconds:.2f} | {nbytes / seconds / MiB:.1f} | "
                      f"{100 * nbytes / seconds / ceiling_rate:.0f}% |")
