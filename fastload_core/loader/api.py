@@ -16,7 +16,7 @@ from .. import plugins, storage
 from ..errors import CheckpointError, MissingShardError
 from ..report import LoadReport
 from . import cpu, formats
-from .header import Header, read_header, read_header_from
+from .header import MAX_HEADER_BYTES, Header, read_header, read_header_from
 
 log = logging.getLogger("fastload")
 
@@ -193,7 +193,7 @@ def _is_safetensors(path: Path) -> bool:
         return True
     with open(path, "rb") as file:
         prefix = file.read(9)
-    return len(prefix) == 9 and prefix[8:9] == b"{" and int.from_bytes(prefix[:8], "little") < 100_000_000
+    return len(prefix) == 9 and prefix[8:9] == b"{" and int.from_bytes(prefix[:8], "little") <= MAX_HEADER_BYTES
 
 
 def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
