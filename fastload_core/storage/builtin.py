@@ -10,11 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..hookspecs import hookimpl
+from .errors import StorageError
 
 
 def _s3_origin() -> Any:
-    from .s3 import S3Origin
-
+    try:
+        from .s3 import S3Origin
+    except ImportError as exc:
+        raise StorageError(f"s3:// URIs need the s3 extra ({exc.name} is missing): "
+                           "pip install 'fastload[s3]'") from None
     return S3Origin()
 
 

@@ -106,7 +106,8 @@ class TieredStore:
         self.lease = lease
         self.offline = offline
         self.show_progress = show_progress
-        self._origins = dict(origins) if origins is not None else None
+        self._origins: dict[str, Origin] = dict(origins) if origins is not None else {}
+        self._use_registered = origins is None
         self._origin_lock = threading.Lock()
 
     @classmethod
@@ -136,14 +137,16 @@ class TieredStore:
 
     def origin(self, scheme: str, *, uri: str = "") -> Origin:
         with self._origin_lock:
-            if self._origins is None:
-                self._origins = {scheme: factory() for scheme, factory in registered_origins().items()}
-            origin = self._origins.get(scheme)
-        if origin is None:
-            known = ", ".join(sorted(self._origins)) or "none"
-            raise BadURIError(uri or f"{scheme}://", f"no storage backend for scheme {scheme!r} (registered: "
-                                                     f"{known}); install the plugin that provides it")
-        return origin
+            if scheme not in self._origins:
+                # Built lazily, per scheme: an s3 origin needs the s3 extra, a file:// URI must not.
+                factories = registered_origins() if self._use_registered else {}
+                if scheme not in factories:
+                    known = ", ".join(sorted({*self._origins, *factories})) or "none"
+                    raise BadURIError(uri or f"{scheme}://", f"no storage backend for scheme {scheme!r} "
+                                                             f"(registered: {known}); install the plugin that "
+                                                             "provides it")
+                self._origins[scheme] = factories[scheme]()
+            return self._origins[scheme]
 
     # --- public API ------------------------------------------------------------------------------
     def fetch(self, uri: str | os.PathLike[str], *, tier: str | None = None,
