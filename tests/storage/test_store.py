@@ -280,3 +280,22 @@ def test_sigkill_mid_download_leaves_nothing_torn_and_the_retry_resumes(s3: Any,
     assert path.read_bytes() == data
     assert proxy.get_body_bytes < len(data)  # resumed: the parts already on disk were not fetched again
     assert leftovers(local_dir()) == []
+
+
+class BrokenScheme:
+    """A scheme whose origin cannot be built here (like s3:// without boto3 installed)."""
+
+    @hookimpl
+    def register_storage_schemes(self, register: Any) -> None:
+        def unavailable() -> Origin:
+            raise ImportError("no module named 'imaginary'")
+
+        register("broken", unavailable)
+
+
+def test_origins_are_built_per_scheme_on_first_use(tmp_path: Path) -> None:
+    get_plugin_manager().register(BrokenScheme(), name="broken-scheme")
+    model, data = make_model(tmp_path, "m", MiB)
+    assert (fetch(f"file://{model}") / "model.safetensors").read_bytes() == data  # not blocked by 'broken'
+    with pytest.raises(ImportError, match="imaginary"):
+        fetch("broken://bucket/model")
