@@ -14,15 +14,18 @@ comparison between ``Model()`` + ``load_state_dict(torch.load(...))`` and ``load
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from .._atomic import publish_file
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 1 << 30
@@ -151,9 +154,7 @@ class Checkpoint:
         for source in (self.safetensors, self.pickle):
             target = directory / source.name
             if not (target.exists() and target.stat().st_size == source.stat().st_size):
-                temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                _copy_file(source, temporary)
-                temporary.replace(target)
+                publish_file(target, functools.partial(shutil.copyfile, source))
             copies.append(target)
         return Checkpoint(self.config, copies[0], copies[1])
 
@@ -193,8 +194,8 @@ def ensure_checkpoint(directory: Path, size_bytes: int, dtype: str = "bf16", see
     directory.mkdir(parents=True, exist_ok=True)
     state = synthetic_state_dict(config, seed)
     metadata = {"fastload.bench.config": json.dumps(asdict(config))}
-    _publish(checkpoint.safetensors, lambda path: save_file(state, str(path), metadata=metadata))
-    _publish(checkpoint.pickle, lambda path: torch.save(state, path))
+    publish_file(checkpoint.safetensors, lambda path: save_file(state, str(path), metadata=metadata))
+    publish_file(checkpoint.pickle, lambda path: torch.save(state, path))
     spec_path.write_text(json.dumps(spec))
     return checkpoint
 
@@ -216,33 +217,6 @@ def _spec_path(safetensors_path: Path) -> Path:
 
 def _files_present(checkpoint: Checkpoint) -> bool:
     return checkpoint.safetensors.exists() and checkpoint.pickle.exists()
-
-
-def _publish(target: Path, write: Callable[[Path], object]) -> None:
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        _fsync(temporary)
-        temporary.replace(target)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _copy_file(source: Path, target: Path) -> None:
-    chunk = 64 << 20
-    with open(source, "rb") as reader, open(target, "wb") as writer:
-        while block := reader.read(chunk):
-            writer.write(block)
-        writer.flush()
-        os.fsync(writer.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def describe(config: TransformerConfig) -> str:

@@ -9,8 +9,6 @@ file that looks valid.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import config, plugins
+from .._atomic import publish_file
 from ..errors import CheckpointError, UnsupportedFormatError
 
 
@@ -77,16 +76,7 @@ def convert(source: Path, target: Path) -> dict[str, torch.Tensor]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
     """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(descriptor)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    publish_file(target, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
