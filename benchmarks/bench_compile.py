@@ -14,23 +14,28 @@ be started is skipped with the reason printed. Prints a markdown table of median
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.services._process import ServerProcess  # noqa: E402
+from tests.services.redis import RedisServer  # noqa: E402
+from tests.services.s3 import S3Server  # noqa: E402
+
+S = TypeVar("S", bound=ServerProcess)
 
 
 # --- the replica ---------------------------------------------------------------------------------
@@ -96,68 +101,26 @@ def run_replica(cache_url: str | None, env: dict[str, str], device: str) -> dict
         return result
 
 
-# --- services ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not come up in {timeout}s")
-
-
+# --- services (the test suite's own server starters) ---------------------------------------------
 @contextmanager
-def redis_service() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed")
-    port = _free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
-
-    def ready() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
+def running(server: S) -> Iterator[S]:
+    server.start()
     try:
-        _wait(ready, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server
     finally:
-        process.kill()
-        process.wait()
+        server.stop()
 
 
 @contextmanager
 def s3_service(env: dict[str, str]) -> Iterator[str]:
+    """A bucket on ``AWS_ENDPOINT_URL_S3`` if set, else on a moto server started for the run."""
     import boto3
 
-    process = None
-    if "AWS_ENDPOINT_URL_S3" not in os.environ:
-        port = _free_port()
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=0.5):
-                    return True
-            except OSError:
-                return False
-
-        _wait(ready, "moto server")
-        env.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    try:
+    with contextlib.ExitStack() as stack:
+        if "AWS_ENDPOINT_URL_S3" not in os.environ:
+            server = stack.enter_context(running(S3Server()))
+            env.update(AWS_ENDPOINT_URL_S3=server.endpoint_url, AWS_ACCESS_KEY_ID="bench",
+                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         merged = {**os.environ, **env}
         bucket = f"fastload-bench-{os.getpid()}"
         boto3.client(
@@ -168,10 +131,6 @@ def s3_service(env: dict[str, str]) -> Iterator[str]:
             aws_secret_access_key=merged.get("AWS_SECRET_ACCESS_KEY"),
         ).create_bucket(Bucket=bucket)
         yield f"s3://{bucket}/compile"
-    finally:
-        if process is not None:
-            process.kill()
-            process.wait()
 
 
 # --- the benchmark -------------------------------------------------------------------------------
@@ -204,8 +163,6 @@ def main() -> int:
         return 0
 
     env = dict(os.environ)
-    if not _loader_plugin_present():
-        env["FASTLOAD_DISABLE_PLUGINS"] = "fastload.torch_pickle"
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
     print("baseline: plain torch.compile", file=sys.stderr)
@@ -218,8 +175,8 @@ def main() -> int:
                 with tempfile.TemporaryDirectory(prefix="fl-bench-store-") as store:
                     results.append(run(Path(store).as_uri() + "/round{i}", env))
             elif name == "redis":
-                with redis_service() as url:
-                    results.append(run(url + "?prefix=round{i}:", env))
+                with running(RedisServer()) as redis:
+                    results.append(run(redis.url + "?prefix=round{i}:", env))
             elif name == "s3":
                 s3_env: dict[str, str] = {}
                 with s3_service(s3_env) as url:
@@ -234,13 +191,6 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"plain": plain, "backends": results, "skipped": skipped}, indent=1))
     return 0
-
-
-def _loader_plugin_present() -> bool:
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT))
-    return importlib.util.find_spec("fastload_core.loader.legacy") is not None
 
 
 def _first_call(result: dict[str, Any]) -> float:

@@ -24,7 +24,7 @@ class RedisServer(ServerProcess):
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+            raise RuntimeError("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
         super().__init__(
             lambda port: [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             _answers_ping,
