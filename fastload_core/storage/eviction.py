@@ -43,7 +43,6 @@ class Pin:
         self.tier = tier
         self.key = key
         self.entry = entry
-        self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd) if fd is not None else None
 
     @property

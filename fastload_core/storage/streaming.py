@@ -97,6 +97,7 @@ def stream_state_dict(uri: str, device: str | torch.device = "cpu", *, tier: str
     """
     stats = stats if stats is not None else {}
     stats["started"] = time.monotonic()
+    from ..loader.cpu import pread_exact
     from ..loader.header import parse_header
 
     store = store or default_store()
@@ -122,13 +123,7 @@ def stream_state_dict(uri: str, device: str | torch.device = "cpu", *, tier: str
             for entry in sorted(header.tensors, key=lambda e: e.start):
                 watch.wait_for(name, entry.end)
                 raw = bytearray(entry.nbytes)
-                view = memoryview(raw)
-                done = 0
-                while done < entry.nbytes:
-                    count = os.preadv(fd, [view[done:]], entry.start + done)
-                    if count == 0:
-                        raise EOFError(f"{name}: ended at byte {entry.start + done}")
-                    done += count
+                pread_exact(fd, memoryview(raw), entry.start, name)
                 tensor = torch.frombuffer(raw, dtype=torch.uint8) if entry.nbytes else \
                     torch.empty(0, dtype=torch.uint8)
                 tensor = tensor.view(entry.dtype).reshape(entry.shape)
