@@ -77,3 +77,8 @@ class PluginError(FastloadError):
 def _preview(items: list[str], limit: int = 10) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+class LoaderSettingError(FastloadError, ValueError):
+    """A ``FASTLOAD_*`` loader setting in the environment has a value the loader cannot use; the
+    message names the variable, the value and what it accepts."""

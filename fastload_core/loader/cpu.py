@@ -15,7 +15,6 @@ I/O and several threads divide the page-table work.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 from collections.abc import Iterator
@@ -23,22 +22,35 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..errors import TruncatedFileError
+from ..errors import LoaderSettingError, TruncatedFileError
 from .header import Header, TensorEntry
-
-PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.mincore.restype = ctypes.c_int
+from .pagecache import PAGE, resident_fraction_at
 
 # Reads this size or larger are issued as one preadv per thread task.
 READ_CHUNK_BYTES = 16 << 20
 
 
-def io_threads() -> int:
-    """Parallel reads keep a disk's queue full; more threads than this only add contention."""
+def io_threads(cpus: int | None = None) -> int:
+    """Parallel reads keep a disk's queue full and, from the page cache, spread the memcpy over the
+    cores: two per core, 4 to 16 (more only add contention). ``FASTLOAD_IO_THREADS`` overrides."""
     configured = os.environ.get("FASTLOAD_IO_THREADS")
-    return int(configured) if configured else max(4, min(16, 2 * (os.cpu_count() or 1)))
+    if configured:
+        try:
+            threads = int(configured)
+        except ValueError:
+            threads = 0
+        if not 1 <= threads <= 256:
+            raise LoaderSettingError(f"FASTLOAD_IO_THREADS={configured!r}: expected a number of threads from 1 to 256")
+        return threads
+    return max(4, min(16, 2 * (cpus if cpus is not None else usable_cpus())))
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Mapping(mmap.mmap):
@@ -71,20 +83,7 @@ def populate_pages(base: torch.Tensor) -> None:
 def resident_fraction(base: torch.Tensor, windows: int = 64, window_pages: int = 64) -> float:
     """The share of a mapping's pages already in memory, from ``mincore`` on evenly spread windows
     (a whole-file vector costs ~50 ms per 2 GiB; a sample answers "cached or not" in microseconds)."""
-    address, size = base.data_ptr(), base.numel()
-    pages = -(-size // PAGE)
-    if pages == 0 or address % PAGE:
-        return 0.0
-    window_pages = min(window_pages, pages)
-    vector = (ctypes.c_ubyte * window_pages)()
-    starts = sorted({index * (pages - window_pages) // max(1, windows - 1) for index in range(windows)})
-    resident = 0
-    for start in starts:
-        length = min(window_pages * PAGE, size - start * PAGE)
-        if _libc.mincore(address + start * PAGE, length, vector) != 0:
-            return 0.0
-        resident += sum(byte & 1 for byte in bytes(vector)[: -(-length // PAGE)])
-    return resident / (len(starts) * window_pages)
+    return resident_fraction_at(base.data_ptr(), base.numel(), windows, window_pages)
 
 
 def allocate_private(nbytes: int) -> torch.Tensor:

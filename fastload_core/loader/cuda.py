@@ -1,26 +1,71 @@
 """GPU loading: parallel reads into pinned buffers, overlapped with async copies on CUDA streams.
 
 Each file becomes one device allocation; tensors are views into it, so the staging buffers can be
-reused safely. Dtype conversion happens on the device, after the bytes have landed.
+reused safely. All files of a checkpoint go through one pipeline (shared readers, one buffer pool),
+so shards load concurrently. Dtype conversion happens on the device, after the bytes have landed.
+
+What a fresh process pays once is kept small or overlapped: the pool of pinned buffers is
+process-wide and reused by every later load (``release_staging`` frees it), each buffer is pinned by
+the reader that first needs it while the others already read, and the copy streams are made once per
+device. How buffers are pinned is ``FASTLOAD_PINNED``: ``alloc`` (default: ``cudaHostAlloc`` through
+torch's pinned allocator) or ``register`` (an anonymous huge-page mapping, faulted in by the reader,
+then ``cudaHostRegister``; no allocator lock, fewer pages to pin).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+
 import torch
 
-from .cpu import pread_exact
+from ..errors import LoaderSettingError
+from .cpu import io_threads
 from .header import Header
-from .pipeline import Chunk, Completion, plan_chunks, run_pipeline
+from .pipeline import (
+    DIRECT_ALIGN,
+    MIB,
+    BufferPool,
+    Chunk,
+    Completion,
+    direct_reopen,
+    plan_chunks,
+    plan_staging,
+    read_chunk,
+    run_pipeline,
+)
 
-STAGING_BUFFERS = 4
-STAGING_BYTES = 32 << 20
+COPY_STREAMS = 4
+PINNED_MODES = ("alloc", "register")
+
+
+def slot_bytes() -> int:
+    """Size of one pinned staging buffer: ``FASTLOAD_GPU_BUFFER_MB`` MiB (default 16)."""
+    configured = os.environ.get("FASTLOAD_GPU_BUFFER_MB", "16")
+    try:
+        value = int(configured)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1024:
+        raise LoaderSettingError(f"FASTLOAD_GPU_BUFFER_MB={configured!r}: expected a whole number of MiB from 1 "
+                                 "to 1024 (default 16)")
+    return value * MIB
+
+
+def pinned_mode() -> str:
+    mode = os.environ.get("FASTLOAD_PINNED", "alloc")
+    if mode not in PINNED_MODES:
+        raise LoaderSettingError(f"FASTLOAD_PINNED={mode!r}: expected one of {', '.join(PINNED_MODES)} (default alloc)")
+    return mode
 
 
 class CudaCopyEngine:
     """Round-robins copies over a few streams so consecutive chunks overlap on the copy engines."""
 
-    def __init__(self, device: torch.device, streams: int = 2) -> None:
-        self.streams = [torch.cuda.Stream(device=device) for _ in range(streams)]
+    def __init__(self, streams: Sequence[torch.cuda.Stream]) -> None:
+        self.streams = list(streams)
 
     def copy(self, destination: torch.Tensor, source: torch.Tensor, index: int) -> Completion:
         stream = self.streams[index % len(self.streams)]
@@ -31,22 +76,97 @@ class CudaCopyEngine:
         return event
 
 
-def allocate_ring(count: int, nbytes: int, pin: bool) -> list[torch.Tensor]:
-    return [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+_lock = threading.Lock()
+_pools: dict[tuple[int, str], BufferPool] = {}
+_streams: dict[int, list[torch.cuda.Stream]] = {}
+_registered: list[tuple[int, mmap.mmap]] = []
 
 
-def load_to_device(
-    fd: int, path: str, header: Header, device: torch.device, ring: list[torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Copy the tensor bytes of file ``fd`` into one new uint8 allocation on ``device``."""
-    start, end = header.span
-    destination = torch.empty(end - start, dtype=torch.uint8, device=device)
-    if end == start:
-        return destination
-    ring = ring or allocate_ring(STAGING_BUFFERS, STAGING_BYTES, pin=True)
+def _pin_by_allocation(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def read(buffer: torch.Tensor, chunk: Chunk) -> None:
-        pread_exact(fd, buffer.numpy().data[: chunk.length], chunk.file_offset, path)
 
-    run_pipeline(plan_chunks(start, end, ring[0].numel()), ring, destination, read, CudaCopyEngine(device))
-    return destination
+def _pin_by_registration(nbytes: int) -> torch.Tensor:
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    tensor = torch.frombuffer(buffer, dtype=torch.uint8)
+    tensor[::mmap.PAGESIZE] = 0  # fault the pages in here, in the reader thread, not inside the driver
+    error = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    if int(error) != 0:
+        raise RuntimeError(f"cudaHostRegister of a {nbytes}-byte staging buffer failed: {error}")
+    with _lock:
+        _registered.append((tensor.data_ptr(), buffer))
+    return tensor
+
+
+def staging_pool(nbytes: int | None = None, mode: str | None = None) -> BufferPool:
+    """The process-wide pool of pinned buffers of ``nbytes`` each (created empty on first use)."""
+    key = (nbytes or slot_bytes(), mode or pinned_mode())
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            allocate = _pin_by_registration if key[1] == "register" else _pin_by_allocation
+            pool = _pools[key] = BufferPool(key[0], allocate)
+        return pool
+
+
+def release_staging() -> None:
+    """Free the process-wide pinned buffers (after waiting for copies out of them); a later load
+    pins new ones. For a process that loads once and wants the pinned host memory back."""
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.drain()
+    with _lock:
+        registered = list(_registered)
+        _registered.clear()
+    for address, buffer in registered:
+        torch.cuda.cudart().cudaHostUnregister(address)
+        del buffer  # unmapped when the last tensor over it is gone
+
+
+def copy_streams(device: torch.device) -> list[torch.cuda.Stream]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        streams = _streams.get(index)
+        if streams is None:
+            streams = _streams[index] = [torch.cuda.Stream(device=index) for _ in range(COPY_STREAMS)]
+        return streams
+
+
+def load_files(files: Sequence[tuple[int, str, Header]], device: torch.device) -> list[torch.Tensor]:
+    """Copy the tensor bytes of each open file ``(fd, path, header)`` into one new uint8 allocation per
+    file on ``device``; byte 0 of each is its file's ``header.span[0]``."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    spans = [header.span for _, _, header in files]
+    destinations = [torch.empty(end - start, dtype=torch.uint8, device=device) for start, end in spans]
+    total = sum(end - start for start, end in spans)
+    if total == 0:
+        return destinations
+    pool = staging_pool()
+    plan = plan_staging(total, io_threads(), slot_bytes=pool.slot_bytes)
+    pool.ensure(plan.slots)
+    chunks: list[Chunk] = []
+    descriptors: list[tuple[int, str]] = []
+    opened: list[int] = []
+    try:
+        for target, ((fd, path, _), (start, end)) in enumerate(zip(files, spans, strict=True)):
+            direct = direct_reopen(fd, path) if end > start else None
+            if direct is not None:
+                opened.append(direct)
+            descriptors.append((direct if direct is not None else fd, path))
+            align = DIRECT_ALIGN if direct is not None else 1
+            chunks += plan_chunks(start, end, plan.chunk_bytes, align=align, target=target)
+
+        def read(buffer: torch.Tensor, chunk: Chunk) -> None:
+            fd, path = descriptors[chunk.target]
+            read_chunk(fd, buffer, chunk, path)
+
+        run_pipeline(chunks, pool, destinations, read, CudaCopyEngine(copy_streams(device)), plan.readers)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return destinations
