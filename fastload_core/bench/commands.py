@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the report into this file between <!-- bench:load --> markers")
     parser.add_argument("--json", type=Path, default=None, help="write every run's raw result here")
     parser.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
+    parser.add_argument("--device", default="cuda:0",
+                        help="where the gpu scenarios load to (default cuda:0); 'cpu' runs them as a dry run "
+                             "of the harness on a machine without a GPU (figures meaningless, verdicts n/a)")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
 
 
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         timeout_s=args.timeout,
         keep_warm=args.keep_warm,
+        device=args.device,
     )
     command = "fastload bench " + shlex.join(sys.argv[1:] if sys.argv[1:2] != ["bench"] else sys.argv[2:])
     try:
