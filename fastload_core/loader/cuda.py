@@ -117,14 +117,13 @@ def release_staging() -> None:
     with _lock:
         pools = list(_pools.values())
         _pools.clear()
-    for pool in pools:
-        pool.drain()
+    buffers = [buffer for pool in pools for buffer in pool.drain()]  # alive until unregistered below
     with _lock:
         registered = list(_registered)
         _registered.clear()
-    for address, buffer in registered:
+    for address, _mapping in registered:
         torch.cuda.cudart().cudaHostUnregister(address)
-        del buffer  # unmapped when the last tensor over it is gone
+    del buffers, registered  # the mappings are unmapped once the last tensor over them is gone
 
 
 def copy_streams(device: torch.device) -> list[torch.cuda.Stream]:
@@ -148,6 +147,10 @@ def load_files(files: Sequence[tuple[int, str, Header]], device: torch.device) -
         return destinations
     pool = staging_pool()
     plan = plan_staging(total, io_threads(), slot_bytes=pool.slot_bytes)
+    streams = copy_streams(device)
+    current = torch.cuda.current_stream(device)
+    for stream in streams:  # the new allocations may reuse memory that queued work on it still uses
+        stream.wait_stream(current)
     pool.ensure(plan.slots)
     chunks: list[Chunk] = []
     descriptors: list[tuple[int, str]] = []
@@ -165,7 +168,7 @@ def load_files(files: Sequence[tuple[int, str, Header]], device: torch.device) -
             fd, path = descriptors[chunk.target]
             read_chunk(fd, buffer, chunk, path)
 
-        run_pipeline(chunks, pool, destinations, read, CudaCopyEngine(copy_streams(device)), plan.readers)
+        run_pipeline(chunks, pool, destinations, read, CudaCopyEngine(streams), plan.readers)
     finally:
         for fd in opened:
             os.close(fd)

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 import fastload_core
-from fastload_core.errors import LoaderSettingError
+from fastload_core.errors import LoaderSettingError, TruncatedFileError
 from fastload_core.loader import cpu, cuda, pipeline
+from fastload_core.loader.header import read_header
 from fastload_core.report import LoadReport
 
 from .test_api import mixed_file, same_bytes  # noqa: F401  (fixture)
@@ -126,10 +127,10 @@ def test_a_truncated_file_is_an_error_not_garbage(tmp_path: Path) -> None:
     path = tmp_path / "t.safetensors"
     save_file({"x": torch.randn(1_000_000)}, path)
     original_size = path.stat().st_size
-    header = fastload_core.loader.header.read_header(path)
+    header = read_header(path)
     with open(path, "r+b") as file:
         file.truncate(original_size - 1000)
-    with pytest.raises(fastload_core.CheckpointError):
+    with pytest.raises(TruncatedFileError, match="truncated"):
         fastload_core.load_file(path, device="cuda")
     assert header.file_size == original_size
 
