@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import TruncatedFileError
+from ..errors import LoaderSettingError, TruncatedFileError
 from .pagecache import PAGE, file_resident_fraction
 
 MIB = 1 << 20
@@ -260,9 +260,14 @@ def direct_reopen(fd: int, path: str) -> int | None:
     A cold load then reads the disk once, in large aligned requests, straight into the pinned
     buffers: no page-cache copy, and no readahead defeated by parallel streams. A cached file (and
     /dev/shm, where direct I/O is refused on older kernels) is read through the page cache, which
-    is a memcpy. Returns None as well if ``path`` no longer names the file behind ``fd``.
+    is a memcpy. Returns None as well if ``path`` no longer names the file behind ``fd``, and always
+    with ``FASTLOAD_DIRECT_IO=never``: direct reads leave nothing in the page cache, so several
+    processes that load the same local file at once each read the disk.
     """
-    if not hasattr(os, "O_DIRECT") or file_resident_fraction(fd) >= 0.5:
+    setting = os.environ.get("FASTLOAD_DIRECT_IO", "auto")
+    if setting not in ("auto", "never"):
+        raise LoaderSettingError(f"FASTLOAD_DIRECT_IO={setting!r}: expected auto (default) or never")
+    if setting == "never" or not hasattr(os, "O_DIRECT") or file_resident_fraction(fd) >= 0.5:
         return None
     try:
         direct = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastload_core.errors import TruncatedFileError
+from fastload_core.errors import LoaderSettingError, TruncatedFileError
 from fastload_core.loader import cpu
 from fastload_core.loader.pipeline import (
     DIRECT_ALIGN,
@@ -232,6 +232,21 @@ def test_a_cached_file_is_not_reopened_direct(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f.bin", os.O_RDONLY)
     try:
         assert direct_reopen(fd, str(tmp_path / "f.bin")) is None
+    finally:
+        os.close(fd)
+
+
+def test_direct_io_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _file(tmp_path / "f.bin", MIB)
+    fd = os.open(tmp_path / "f.bin", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        monkeypatch.setenv("FASTLOAD_DIRECT_IO", "never")
+        assert direct_reopen(fd, str(tmp_path / "f.bin")) is None
+        monkeypatch.setenv("FASTLOAD_DIRECT_IO", "always")
+        with pytest.raises(LoaderSettingError, match="FASTLOAD_DIRECT_IO='always'"):
+            direct_reopen(fd, str(tmp_path / "f.bin"))
     finally:
         os.close(fd)
 
