@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import DTYPES, GIB
-from .load import METHOD_NAMES, SCENARIOS, BenchConfig, run_bench, update_markdown
+from .report import update_markdown
+from .runner import BenchConfig, run_bench
+from .scenarios import METHOD_NAMES, SCENARIOS
 
 DEFAULT_SCENARIOS = "warm,cold,model"
 

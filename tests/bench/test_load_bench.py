@@ -11,22 +11,14 @@ import pytest
 import torch
 
 from fastload_core.bench.checkpoints import TransformerConfig, ensure_checkpoint
-from fastload_core.bench.load import (
-    MARK_END,
-    MARK_START,
-    SCENARIOS,
-    BenchConfig,
-    Method,
-    Run,
-    ScenarioResult,
-    Summary,
-    resident_fraction,
-    run_method,
-    run_worker,
-    touch,
-    update_markdown,
-    verdicts,
-)
+from fastload_core.bench.methods import Context, Method, touch
+from fastload_core.bench.pagecache import EvictionLog, evict, resident_fraction
+from fastload_core.bench.report import MARK_END, MARK_START, update_markdown
+from fastload_core.bench.results import Run, ScenarioResult, Summary
+from fastload_core.bench.runner import BenchConfig, run_method, run_scenario
+from fastload_core.bench.scenarios import SCENARIOS
+from fastload_core.bench.targets import verdicts
+from fastload_core.bench.worker import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE_GB = 8 / 1024  # 8 MiB
@@ -101,8 +93,8 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
 def test_a_failing_method_is_reported_not_raised(tmp_path: Path) -> None:
     checkpoint = ensure_checkpoint(tmp_path, 1 << 20)
     bench = BenchConfig(1 << 20, 1, ["warm"], None, tmp_path, tmp_path, timeout_s=120)
-    result = run_method(bench, Method("cpu/no-such-loader", "nothing", "safetensors"), checkpoint.safetensors,
-                        checkpoint.config)
+    method = Method("cpu/no-such-loader", "nothing", "safetensors", lambda ctx: lambda: None)
+    result = run_method(bench, method, checkpoint.safetensors, checkpoint.config)
     assert result["error"].startswith("ValueError: unknown benchmark method 'cpu/no-such-loader'")
 
 
@@ -115,8 +107,6 @@ def test_touch_reads_every_page_and_checksums_bytes() -> None:
 
 
 def test_resident_fraction_sees_eviction(tmp_path: Path) -> None:
-    from fastload_core.bench.load import EvictionLog, evict
-
     path = tmp_path / "data.bin"
     path.write_bytes(b"x" * (1 << 20))
     path.read_bytes()
@@ -213,13 +203,13 @@ def test_gpu_verdicts_follow_the_issue_targets() -> None:
 def test_a_cold_run_that_cannot_be_evicted_is_skipped_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastload_core.bench import load
+    from fastload_core.bench import runner
 
     checkpoint = ensure_checkpoint(tmp_path, 1 << 20, pickle=False)
-    monkeypatch.setattr(load, "evict", lambda path, log: 0.4)
-    monkeypatch.setattr(load, "run_method", lambda *a: pytest.fail("a run that is not cold must not run"))
+    monkeypatch.setattr(runner, "evict", lambda path, log: 0.4)
+    monkeypatch.setattr(runner, "run_method", lambda *a: pytest.fail("a run that is not cold must not run"))
     bench = BenchConfig(1 << 20, 2, ["gpu-cold"], ["fastload"], tmp_path, tmp_path, device="cpu")
-    result = load.run_scenario(bench, SCENARIOS["gpu-cold"], checkpoint, load.EvictionLog())
+    result = run_scenario(bench, SCENARIOS["gpu-cold"], checkpoint, EvictionLog())
     summary = result.summaries["cuda/fastload"]
     assert summary.median is None and len(summary.runs) == 2
     assert summary.error is not None and summary.error.startswith("not cold: 40% of the file stayed")
@@ -232,3 +222,20 @@ def test_gpu_check_script_rejects_unknown_arguments() -> None:
                           text=True, timeout=60, check=False)
     assert done.returncode == 64
     assert "unknown argument '--fast'" in done.stderr and "--dry-run" in done.stderr
+
+
+def test_every_scenario_method_is_a_registered_loader(tmp_path: Path) -> None:
+    """Each method carries its own loader (no dispatch on its name): what the worker runs for an id is
+    the method object the scenario lists, and a limit's loader reads the whole file."""
+    from fastload_core.bench.methods import METHODS
+
+    for scenario in SCENARIOS.values():
+        for method in scenario.methods:
+            assert METHODS[method.id] is method
+    checkpoint = ensure_checkpoint(tmp_path, 1 << 20, pickle=False)
+    context = Context(str(checkpoint.safetensors), checkpoint.config)
+    loaded = METHODS["limit/hugepage-read"].prepare(context)()
+    assert touch(loaded)[0] == checkpoint.safetensors.stat().st_size
+    assert context.stages == {}
+    fastload = METHODS["cpu/fastload"].prepare(context)()
+    assert touch(fastload)[0] == checkpoint.nbytes and "read" in context.stages  # fastload reports its stages

@@ -1,0 +1,236 @@
+"""The load benchmark: every method in a fresh process, interleaved, several rounds, medians and ratios.
+
+Why each rule:
+
+- **Fresh process per run.** A loader that ran before in the same process finds warm allocator
+  pools, a populated CUDA context and already-imported libraries; a server cold start has none of
+  that. The child reports the time of the load itself (imports and CUDA context creation are
+  recorded as ``setup`` but not counted), the parent records the whole process as well.
+- **Interleaved, order shuffled per round.** Machine noise (other jobs, thermal, the host's cache)
+  drifts over minutes; running method A five times then B five times would put the drift into the
+  ratio. A rotated round-robin still keeps each method's predecessor fixed, and on a VM that
+  matters: a method that runs right after one that freed 2 GiB reuses memory the host has already
+  backed (measured: 22 GB/s first touch vs 0.6 GB/s for memory the host had reclaimed). A seeded
+  shuffle per round gives every method varied neighbours.
+- **Everything ends resident.** Each run finishes by reading one byte of every 4 KiB page of every
+  tensor (and synchronizing CUDA), so a lazy method (``torch.load(mmap=True)``) pays its page
+  faults inside the timed region instead of looking free. The bytes read are summed into a
+  checksum that must agree across methods: a method that returned the wrong bytes is caught.
+- **Limits in the same run.** A target such as "85% of the disk" means nothing against a number
+  from another day; the limits (huge-page read of the warm file, O_DIRECT read of the cold file,
+  pinned host-to-device copy) run as extra methods in the same rounds.
+- **Cold means evicted and verified.** Before every cold run the file's pages are dropped with
+  ``posix_fadvise(DONTNEED)`` (per file: other people's caches stay intact) and ``mincore`` checks
+  that they are gone; ``drop_caches`` is the fallback. The residency left is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import Checkpoint, TransformerConfig
+from .methods import Method
+from .pagecache import MAX_RESIDENT_COLD, EvictionLog, evict
+from .report import machine_info, render
+from .results import Run, ScenarioResult, Summary
+from .scenarios import METHOD_NAMES, SCENARIOS, Scenario, selected_methods
+from .targets import verdicts
+from .worker import RESULT_PREFIX
+
+
+@dataclass
+class BenchConfig:
+    size_bytes: int
+    rounds: int
+    scenarios: list[str]
+    methods: list[str] | None  # None = all
+    disk_dir: Path
+    warm_dir: Path
+    dtype: str = "bf16"
+    timeout_s: float = 900.0
+    keep_warm: bool = False
+    python: str = sys.executable
+    device: str = "cuda:0"  # the GPU scenarios' target; "cpu" runs them as a dry run of the harness
+
+
+def run_method(bench: BenchConfig, method: Method, path: Path, config: TransformerConfig) -> dict[str, Any]:
+    """Spawn the worker for one run; an error of any kind comes back as ``{"error": ...}``."""
+    command = [bench.python, "-m", "fastload_core.bench.worker", "--worker", method.id, "--file", str(path),
+               "--config", json.dumps(asdict(config)), "--device", bench.device]
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=bench.timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {bench.timeout_s:.0f}s", "process_seconds": bench.timeout_s}
+    elapsed = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return {"error": f"worker crashed (exit {done.returncode}): {tail[:300]}", "process_seconds": elapsed}
+    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["process_seconds"] = elapsed
+    return result
+
+
+def run_scenario(
+    bench: BenchConfig,
+    scenario: Scenario,
+    checkpoint: Checkpoint,
+    eviction: EvictionLog,
+    progress: Callable[[str], None] = lambda _: None,
+) -> ScenarioResult:
+    methods = selected_methods(scenario, bench.methods)
+    runs: dict[str, list[Run]] = {m.id: [] for m in methods}
+    failed: set[str] = set()
+    shuffler = random.Random(f"{scenario.name}-{bench.rounds}")  # reproducible orders
+    for round_index in range(bench.rounds):
+        for method in shuffler.sample(methods, len(methods)):
+            run = Run(scenario.name, method.id, round_index)
+            if method.id in failed:  # the same import or API error again: say it once, save the time
+                run.error = runs[method.id][0].error
+                runs[method.id].append(run)
+                continue
+            path = checkpoint.safetensors if method.reads == "safetensors" else checkpoint.pickle
+            if scenario.cold:
+                run.resident_before = evict(path, eviction)
+                if run.resident_before > MAX_RESIDENT_COLD:
+                    run.error = (f"not cold: {run.resident_before:.0%} of the file stayed in the page cache "
+                                 "(posix_fadvise and drop_caches did not evict it; drop_caches needs root)")
+                    runs[method.id].append(run)
+                    progress(f"  {scenario.name} round {round_index + 1}/{bench.rounds} {method.id}: skipped, "
+                             f"{run.error}")
+                    continue
+            result = run_method(bench, method, path, checkpoint.config)
+            run.process_seconds = result.get("process_seconds", 0.0)
+            if "error" in result:
+                run.error = result["error"]
+                failed.add(method.id)
+            else:
+                run.seconds, run.bytes, run.tensors = result["seconds"], result["bytes"], result["tensors"]
+                run.checksum, run.setup_seconds = result["checksum"], result["setup_seconds"]
+                run.peak_rss_bytes = result.get("peak_rss_bytes")
+                run.anon_huge_bytes = result.get("anon_huge_bytes")
+                run.stages = result.get("stages", {})
+            runs[method.id].append(run)
+            shown = f"{run.seconds:.3f}s" if run.seconds is not None else f"n/a ({run.error})"
+            progress(f"  {scenario.name} round {round_index + 1}/{bench.rounds} {method.id}: {shown}")
+    expected = checkpoint.nbytes
+    summaries = {m.id: Summary(m, runs[m.id], expected) for m in methods}
+    outcome = ScenarioResult(scenario, summaries, str(checkpoint.safetensors.parent))
+    _check_consistency(outcome, checkpoint)
+    return outcome
+
+
+def _check_consistency(result: ScenarioResult, checkpoint: Checkpoint) -> None:
+    """Every non-limit method must have touched the same bytes: same count, same checksum."""
+    reference: int | None = None
+    for summary in result.summaries.values():
+        if summary.method.limit:
+            continue
+        for run in summary.ok:
+            if run.bytes != checkpoint.nbytes:
+                result.notes.append(f"{summary.method.label} loaded {run.bytes} bytes, expected {checkpoint.nbytes}")
+            reference = run.checksum if reference is None else reference
+            if run.checksum != reference:
+                result.notes.append(f"{summary.method.label} returned different bytes (checksum mismatch)")
+    if reference is not None and not result.notes:
+        result.notes.append(f"all methods loaded {checkpoint.nbytes} bytes with the same page checksum")
+
+
+@dataclass
+class BenchOutcome:
+    results: dict[str, ScenarioResult]
+    markdown: str
+    raw: dict[str, Any]
+
+
+def run_bench(
+    bench: BenchConfig,
+    command: str,
+    notes: Sequence[str] = (),
+    progress: Callable[[str], None] = lambda _: None,
+) -> BenchOutcome:
+    """Generate (or reuse) the checkpoint, run the scenarios, and render the report."""
+    from .checkpoints import describe, ensure_checkpoint
+
+    unknown = [s for s in bench.scenarios if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; choose from {sorted(SCENARIOS)}")
+    if bench.methods is not None and (bad := [m for m in bench.methods if m not in METHOD_NAMES]):
+        raise ValueError(f"unknown method(s) {bad}; choose from {METHOD_NAMES}")
+    machine = machine_info(bench.disk_dir, bench.warm_dir)
+    progress(f"checkpoint: {bench.size_bytes / (1 << 30):.3g} GiB in {bench.disk_dir}")
+    needs_pickle = any(m.reads == "pickle" for name in bench.scenarios if name in SCENARIOS
+                       for m in selected_methods(SCENARIOS[name], bench.methods))
+    disk = ensure_checkpoint(bench.disk_dir, bench.size_bytes, bench.dtype, pickle=needs_pickle)
+    extra_notes = list(notes)
+    warm: Checkpoint | None = None
+    results: dict[str, ScenarioResult] = {}
+    eviction = EvictionLog()
+    try:
+        for name in bench.scenarios:
+            scenario = SCENARIOS[name]
+            if scenario.needs_cuda and bench.device != "cpu" and not torch.cuda.is_available():
+                extra_notes.append(f"Scenario `{name}` skipped: torch.cuda.is_available() is False on this machine.")
+                progress(f"{name}: skipped (no CUDA)")
+                continue
+            if scenario.cold:
+                checkpoint = disk
+            else:
+                if warm is None:
+                    warm, note = _warm_copy(disk, bench)
+                    if note:
+                        extra_notes.append(note)
+                checkpoint = warm
+            progress(f"{name}: {len(selected_methods(scenario, bench.methods))} methods × {bench.rounds} rounds")
+            results[name] = run_scenario(bench, scenario, checkpoint, eviction, progress)
+    finally:
+        if warm is not None and warm.safetensors.parent != disk.safetensors.parent and not bench.keep_warm:
+            warm.remove()
+    machine["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    dry_run = bench.device == "cpu"
+    if dry_run and any(SCENARIOS[name].needs_cuda for name in results):
+        extra_notes.append("Dry run: the GPU scenarios' methods loaded to the CPU (`--device cpu`) to check the "
+                           "harness; their figures say nothing about a GPU and their verdicts are n/a.")
+    markdown = render(results, machine, command, describe(disk.config),
+                      eviction if any(r.scenario.cold for r in results.values()) else None, extra_notes, dry_run)
+    raw = {
+        "command": command,
+        "machine": machine,
+        "config": asdict(disk.config),
+        "eviction": asdict(eviction),
+        "runs": [asdict(run) for r in results.values() for s in r.summaries.values() for run in s.runs],
+        "verdicts": [asdict(v) for v in verdicts(results, dry_run)],
+    }
+    return BenchOutcome(results, markdown, raw)
+
+
+def _warm_copy(disk: Checkpoint, bench: BenchConfig) -> tuple[Checkpoint, str | None]:
+    """The checkpoint in the warm directory; where it does not fit, the disk copy read into the page cache."""
+    need = sum(path.stat().st_size for path in (disk.safetensors, disk.pickle) if path.exists())
+    try:
+        bench.warm_dir.mkdir(parents=True, exist_ok=True)
+        free = os.statvfs(bench.warm_dir).f_bavail * os.statvfs(bench.warm_dir).f_frsize
+    except OSError:
+        free = 0
+    if free > need + (256 << 20):
+        return disk.copy_to(bench.warm_dir), None
+    for path in (p for p in (disk.safetensors, disk.pickle) if p.exists()):
+        with open(path, "rb", buffering=0) as file:
+            while file.read(64 << 20):
+                pass
+    return disk, (f"{bench.warm_dir} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed: the warm scenarios "
+                  f"read the disk copy after reading it once into the page cache.")
