@@ -340,6 +340,11 @@ def test_more_example_inputs_are_primed_and_keyed(tmp_path: Path) -> None:
     assert first is not None and both is not None
     assert "more_calls" in both.stages and "more_calls" not in first.stages
     assert both.key != first.key and both.fields["inputs"].startswith(first.fields["inputs"] + "+")
+    loaded, loaded_report = compile_cache.compile_loaded_model(  # what load_model(compile={...}) passes
+        model, compile={"backend": "eager", "more_example_inputs": [(torch.randn(8, 4),)]}, compile_cache=url,
+        example_inputs=torch.randn(2, 4))
+    assert loaded_report is not None and "more_calls" in loaded_report.stages
+    assert "+" in loaded_report.fields["inputs"] and loaded is not model
     with pytest.raises(compile_cache.CompileCacheError, match="more_example_inputs is a sequence"):
         compile_cache.compile(model, cache=url, backend="eager", more_example_inputs=torch.randn(2, 4))
 
