@@ -169,11 +169,12 @@ def test_corrupt_blob_in_redis_is_recompiled_replaced_and_then_hit(
 
 # On a GPU, inductor picks some Triton kernels' configurations by timing them on the first call (for
 # reductions the block size and warp count, which set the summation order). torch 2.11 does not always
-# restore that choice on a cache hit: a kernel loaded from the FX-graph cache keeps the cold node's
-# absolute kernel path for its autotune-cache lookup, and configurations added at run time
-# (_dynamic_scale_rblock) are never cached (pytorch/pytorch#181789, #181292, #189121). The warm replica
-# then times the candidates again, and a near tie can go the other way: same kernels, same function,
-# a different rounding of a few sums. That is what made the old exact comparison fail on an H100.
+# restore that choice on a cache hit (read from torch's source and tracker, not observed here: a
+# statically launched kernel restored from the FX-graph cache looks its autotune result up beside the
+# kernel path it had on the cold node, and configurations added at run time by _dynamic_scale_rblock
+# are never cached; pytorch/pytorch#181789, #181292, #189121). The warm replica then times the
+# candidates again and a near tie can go the other way: same kernels, same function, a different
+# rounding of a few sums. That is what made the old exact comparison fail on an H100.
 # Hence two tests: with default options the replicas agree within float32 rounding of a reordered sum
 # (<= 64 terms of magnitude ~1 here: a few ulp, far below 1e-5, while a kernel built for another shape
 # or a wrong restore is off by O(0.1)) and both agree with eager; with inductor's deterministic mode,
