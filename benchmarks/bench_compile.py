@@ -1,14 +1,26 @@
-"""Cold vs warm start of a compiled transformer block on CPU, through each compile-cache backend.
+"""Where a new replica's start goes, cold and warm, through each compile-cache backend.
 
 Every measurement is a fresh Python process with empty fastload, inductor and temp directories, so a
 "warm" start has nothing local to lean on: whatever it skips, it skipped because of the cache.
 
-    python benchmarks/bench_compile.py [--rounds 3] [--backends file,redis,s3] [--device cpu|cuda]
-                                       [--json out.json]
+    python benchmarks/bench_compile.py [--rounds 3] [--models block,mlp] [--backends file,redis,s3]
+                                       [--device cpu|cuda] [--json out.json]
 
-Redis: starts its own ``redis-server`` on a free port. S3: uses ``AWS_ENDPOINT_URL_S3`` if set,
-otherwise starts moto's server on loopback (needs ``moto[server]``); a backend whose service cannot
-be started is skipped with the reason printed. Prints a markdown table of medians.
+Each process goes through the stages of a replica start and times them: ``import torch``,
+``import fastload_core``, building the model and loading its weights (``load_model`` from a
+safetensors file, without compile), then the clock: ``fastload_core.compile(model, cache=...,
+example_inputs=...)`` to the first output, which the compile report splits into ``torch.compile()``
+(dynamo's imports), key, fetch, unpack, mega-cache load and the first call. The baseline is plain
+``torch.compile`` + first call of the same model, in fresh processes of the same run. Targets: warm
+ready <= 0.15 x plain, for each model and backend.
+
+Models: ``block`` is the project's transformer block (``fastload_core.bench.checkpoints.Block``: 64
+features, 4 heads, 256-wide MLP; input 2x16x64), ``mlp`` a small MLP (64 -> 256 -> GELU -> 64; input
+8x64). Redis: starts its own ``redis-server`` on a free port. S3: uses ``AWS_ENDPOINT_URL_S3`` if set,
+otherwise starts moto's server on loopback (needs ``moto[server]``); a backend whose service cannot be
+started is reported as skipped with the reason. A round whose cold start is not a miss, whose warm
+start is not a hit, or whose warm output differs from the cold one beyond float32 rounding is printed
+and flagged in the table, never silently dropped.
 """
 
 from __future__ import annotations
@@ -36,69 +48,105 @@ from tests.services.redis import RedisServer  # noqa: E402
 from tests.services.s3 import S3Server  # noqa: E402
 
 S = TypeVar("S", bound=ServerProcess)
+MODELS = ("block", "mlp")
+#: Cold and warm outputs may differ by a reordered float32 sum on a GPU (see
+#: tests/compile_cache/test_compiler.py); a wrong restore is off by orders of magnitude more.
+TOLERANCE = 1e-5
 
 
 # --- the replica ---------------------------------------------------------------------------------
-def child(cache_url: str | None, device: str) -> None:
-    """One replica start: build the block, compile with a warm-up call, print timings as JSON."""
-    started = time.perf_counter()
-    import torch
-    import torch.nn.functional as F
+def build(model: str) -> Any:
+    """The benchmark's models (imported lazily: the child times its imports itself)."""
     from torch import nn
 
-    class Block(nn.Module):
-        def __init__(self, dim: int = 64, heads: int = 4) -> None:
-            super().__init__()
-            self.heads = heads
-            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-            self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+    from fastload_core.bench.checkpoints import Block
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, t, d = x.shape
-            q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-            q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
-            return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    if model == "block":
+        return Block(64, 256, heads=4)
+    if model == "mlp":
+        return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
 
-    torch.manual_seed(0)
-    model, x = Block().eval().to(device), torch.randn(2, 16, 64, device=device)
-    imported = time.perf_counter()
-    result: dict[str, Any] = {"import_s": imported - started}
+
+def example_shape(model: str) -> tuple[int, ...]:
+    return (2, 16, 64) if model == "block" else (8, 64)
+
+
+def child(cache_url: str | None, model_name: str, weights: str, device: str) -> None:
+    """One replica start: imports, model and weights, then compile + first call; timings as JSON."""
+    t0 = time.perf_counter()
+    import torch
+
+    t1 = time.perf_counter()
+    import fastload_core
+
+    t2 = time.perf_counter()
+    model = fastload_core.load_model(functools.partial(build, model_name), weights, device)
+    t3 = time.perf_counter()
+    stages: dict[str, float] = {"import_torch": t1 - t0, "import_fastload": t2 - t1, "model_and_weights": t3 - t2}
+    result: dict[str, Any] = {}
     with torch.inference_mode():
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(*example_shape(model_name), generator=generator).to(device)
+        started = time.perf_counter()
         if cache_url is None:
             compiled = torch.compile(model)
-            compiled(x)
-            result["ready_s"] = time.perf_counter() - imported
+            output = compiled(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            result["ready_s"] = time.perf_counter() - started
         else:
-            import fastload_core.compile_cache as compile_cache
-
-            compiled = compile_cache.compile(model, cache=cache_url, example_inputs=(x,))
-            result["ready_s"] = time.perf_counter() - imported
-            report = compile_cache.report_of(compiled)
+            compiled = fastload_core.compile(model, cache=cache_url, example_inputs=(x,))
+            output = compiled(x)  # the first output a request gets
+            if device == "cuda":
+                torch.cuda.synchronize()
+            result["ready_s"] = time.perf_counter() - started
+            report = fastload_core.report_of(compiled)
             assert report is not None
-            result.update(status=report.status, stages=report.stages, entry_bytes=report.entry_bytes,
-                          restored_files=report.restored_files, counters=report.torch_counters)
-        result["checksum"] = float(compiled(x).sum())
+            stages.update({f"compile.{name}": seconds for name, seconds in report.stages.items()})
+            result.update(status=report.status, lookup=report.lookup, store=report.store,
+                          entry_bytes=report.entry_bytes, restored_files=report.restored_files,
+                          counters=report.torch_counters, served_by=_served_by(report))
+    result["stages"] = stages
+    result["output"] = output.float().cpu().flatten().tolist()
+    result["since_start_s"] = time.perf_counter() - t0
     print(json.dumps(result))
 
 
-def run_replica(cache_url: str | None, env: dict[str, str], device: str) -> dict[str, Any]:
+def _served_by(report: Any) -> str:
+    """Which path produced the warm replica's kernels (the report names it; see docs/compile_cache.md)."""
+    if report.status == "hit":
+        return f"{report.source}: inductor FX-graph/AOTAutograd cache entries + built kernels (torch.compile path)"
+    return report.status
+
+
+def run_replica(cache_url: str | None, env: dict[str, str], model: str, weights: Path, device: str
+                ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as home:
         child_env = {k: v for k, v in env.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
         child_env.update(FASTLOAD_CACHE_DIR=f"{home}/fastload", TMPDIR=f"{home}/tmp", PYTHONPATH=str(ROOT))
         os.makedirs(f"{home}/tmp")
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", cache_url or "-", "--device", device],
-                              env=child_env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, __file__, "--child", cache_url or "-", "--models", model,
+                               "--weights", str(weights), "--device", device],
+                              env=child_env, capture_output=True, text=True, timeout=900)
         wall = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(f"replica failed:\n{done.stderr[-3000:]}")
         result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         result["process_s"] = wall
         return result
+
+
+def write_weights(model: str, directory: Path) -> Path:
+    """The model's weights as safetensors, written once: every replica loads the same ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = directory / f"{model}.safetensors"
+    save_file({k: v.contiguous() for k, v in build(model).state_dict().items()}, str(path))
+    return path
 
 
 # --- services (the test suite's own server starters) ---------------------------------------------
@@ -134,58 +182,92 @@ def s3_service(env: dict[str, str]) -> Iterator[str]:
 
 
 # --- the benchmark -------------------------------------------------------------------------------
-def bench_backend(name: str, url_template: str, env: dict[str, str], rounds: int, device: str
-                  ) -> dict[str, Any]:
+def verdict(cold: dict[str, Any], warm: dict[str, Any]) -> str:
+    """"ok" for a miss then a hit with the same output (within float32 rounding); else what differed."""
+    problems = []
+    if cold.get("status") != "miss":
+        problems.append(f"cold was {cold.get('status')} (lookup {cold.get('lookup')})")
+    if warm.get("status") != "hit":
+        problems.append(f"warm was {warm.get('status')} (lookup {warm.get('lookup')})")
+    difference = max_difference(cold["output"], warm["output"])
+    if difference > TOLERANCE * max(1.0, max(abs(v) for v in cold["output"])):
+        problems.append(f"outputs differ by {difference:.3g}")
+    return "; ".join(problems) or ("ok" if difference == 0 else f"ok (outputs within {difference:.1g})")
+
+
+def max_difference(a: list[float], b: list[float]) -> float:
+    if len(a) != len(b):
+        return float("inf")
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def bench_backend(name: str, url_template: str, env: dict[str, str], rounds: int, model: str, weights: Path,
+                  device: str) -> dict[str, Any]:
     """Each round gets its own empty namespace (``{i}`` in the template), so its cold start is cold."""
-    cold, warm = [], []
+    cold, warm, verdicts = [], [], []
     for index in range(rounds):
-        round_url = url_template.format(i=index)
-        cold.append(run_replica(round_url, env, device))
-        warm.append(run_replica(round_url, env, device))
+        round_url = url_template.format(i=f"{model}{index}")
+        cold.append(run_replica(round_url, env, model, weights, device))
+        warm.append(run_replica(round_url, env, model, weights, device))
+        verdicts.append(verdict(cold[-1], warm[-1]))
         c, w = cold[-1], warm[-1]
-        print(f"  {name} round {index + 1}: cold {c['ready_s']:.2f}s ({c['status']}), "
-              f"warm {w['ready_s']:.2f}s ({w['status']})", file=sys.stderr)
-        if c["status"] != "miss" or w["status"] != "hit" or c["checksum"] != w["checksum"]:
-            raise RuntimeError(f"{name}: unexpected cold/warm outcome: {c} / {w}")
-    return {"backend": name, "url": url_template, "cold": cold, "warm": warm}
+        print(f"  {model}/{name} round {index + 1}: cold {c['ready_s']:.2f}s ({c['status']}), "
+              f"warm {w['ready_s']:.2f}s ({w['status']}): {verdicts[-1]}", file=sys.stderr)
+    return {"backend": name, "model": model, "url": url_template, "cold": cold, "warm": warm, "verdicts": verdicts}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)} (default: all on cpu, "
+                                         "block on cuda, which keeps benchmarks/gpu_check.sh short)")
     parser.add_argument("--backends", default="file,redis,s3")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for benchmarks/gpu_check.sh")
     parser.add_argument("--json", type=Path, help="also write raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(None if args.child == "-" else args.child, args.device)
+        child(None if args.child == "-" else args.child, args.models, args.weights, args.device)
         return 0
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    models = (args.models or ("block" if args.device == "cuda" else ",".join(MODELS))).split(",")
+    for model in models:
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
 
     env = dict(os.environ)
     results: list[dict[str, Any]] = []
+    plain: dict[str, list[dict[str, Any]]] = {}
     skipped: list[str] = []
-    print("baseline: plain torch.compile", file=sys.stderr)
-    plain = [run_replica(None, env, args.device) for _ in range(args.rounds)]
-    for name in args.backends.split(","):
-        print(f"backend: {name}", file=sys.stderr)
-        run = functools.partial(bench_backend, name, rounds=args.rounds, device=args.device)
-        try:
-            if name == "file":
-                with tempfile.TemporaryDirectory(prefix="fl-bench-store-") as store:
-                    results.append(run(Path(store).as_uri() + "/round{i}", env))
-            elif name == "redis":
-                with running(RedisServer()) as redis:
-                    results.append(run(redis.url + "?prefix=round{i}:", env))
-            elif name == "s3":
-                s3_env: dict[str, str] = {}
-                with s3_service(s3_env) as url:
-                    results.append(run(url + "/round{i}", {**env, **s3_env}))
-            else:
-                skipped.append(f"{name}: unknown backend")
-        except (RuntimeError, ImportError, OSError) as exc:
-            skipped.append(f"{name}: {exc}")
+    with tempfile.TemporaryDirectory(prefix="fl-bench-weights-") as weights_dir:
+        for model in models:
+            weights = write_weights(model, Path(weights_dir))
+            print(f"{model}: baseline, plain torch.compile", file=sys.stderr)
+            plain[model] = [run_replica(None, env, model, weights, args.device) for _ in range(args.rounds)]
+            for name in args.backends.split(","):
+                print(f"{model}: backend {name}", file=sys.stderr)
+                run = functools.partial(bench_backend, name, rounds=args.rounds, model=model, weights=weights,
+                                        device=args.device)
+                try:
+                    if name == "file":
+                        with tempfile.TemporaryDirectory(prefix="fl-bench-store-") as store:
+                            results.append(run(Path(store).as_uri() + "/round{i}", env))
+                    elif name == "redis":
+                        with running(RedisServer()) as redis:
+                            results.append(run(redis.url + "?prefix=round{i}:", env))
+                    elif name == "s3":
+                        s3_env: dict[str, str] = {}
+                        with s3_service(s3_env) as url:
+                            results.append(run(url + "/round{i}", {**env, **s3_env}))
+                    else:
+                        skipped.append(f"{name}: unknown backend")
+                except (RuntimeError, ImportError, OSError) as exc:
+                    skipped.append(f"{model}/{name}: {exc}")
     print(table(plain, results))
+    print()
+    print(stage_table(plain, results))
     for line in skipped:
         print(f"\nskipped {line}")
     if args.json:
@@ -193,34 +275,59 @@ def main() -> int:
     return 0
 
 
-def _first_call(result: dict[str, Any]) -> float:
-    """The cache's part: fetch, unpack, load the mega-cache, and the first compiled call itself."""
-    return sum(result["stages"].get(stage, 0.0) for stage in ("fetch", "unpack", "load_mega", "first_call"))
+def _med(values: Any) -> float:
+    return statistics.median(list(values))
 
 
-def table(plain: list[dict[str, Any]], results: list[dict[str, Any]]) -> str:
-    """Medians. "ready" is compile() start to a warmed-up model, including the ~1.5 s torch.compile
-    spends importing dynamo and inductor, which no cache can skip; "first call" is the cache's part."""
-    med = statistics.median
+def table(plain: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:
+    """Medians. "ready" is the compile() call to the first output; the targets are warm / plain."""
     lines = [
-        "| backend | cold ready (s) | warm ready (s) | warm/cold | cold first call (s) | "
-        "warm fetch+restore+first call (s) | warm/cold | warm process wall (s) | entry |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| torch.compile alone | {med(r['ready_s'] for r in plain):.2f} | – | – | – | – | – | "
-        f"{med(r['process_s'] for r in plain):.2f} (cold) | – |",
+        "| model | backend | plain torch.compile ready (s) | fastload cold ready (s) | warm ready (s) | "
+        "**warm / plain** | warm / cold | warm process wall (s) | plain process wall (s) | entry | outcome |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        cold, warm = result["cold"], result["warm"]
-        cold_ready, warm_ready = med(r["ready_s"] for r in cold), med(r["ready_s"] for r in warm)
-        cold_first, warm_first = med(_first_call(r) for r in cold), med(_first_call(r) for r in warm)
-        wall, size = med(r["process_s"] for r in warm), med(r["entry_bytes"] for r in cold) / 1024
+        model, cold, warm = result["model"], result["cold"], result["warm"]
+        plain_ready = _med(r["ready_s"] for r in plain[model])
+        cold_ready, warm_ready = _med(r["ready_s"] for r in cold), _med(r["ready_s"] for r in warm)
         cells = [
-            result["backend"],
-            f"{cold_ready:.2f}", f"{warm_ready:.2f}", f"{100 * warm_ready / cold_ready:.0f}%",
-            f"{cold_first:.2f}", f"{warm_first:.2f}", f"{100 * warm_first / cold_first:.0f}%",
-            f"{wall:.2f}", f"{size:.0f} KiB",
+            model, result["backend"], f"{plain_ready:.2f}", f"{cold_ready:.2f}", f"{warm_ready:.2f}",
+            f"**{warm_ready / plain_ready:.3f}**", f"{warm_ready / cold_ready:.3f}",
+            f"{_med(r['process_s'] for r in warm):.2f}", f"{_med(r['process_s'] for r in plain[model]):.2f}",
+            f"{_med(r['entry_bytes'] for r in cold) / 1024:.0f} KiB",
+            "; ".join(sorted(set(result["verdicts"]))),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_STAGES = ("import_torch", "import_fastload", "model_and_weights", "compile.torch_compile", "compile.key",
+           "compile.fetch", "compile.unpack", "compile.load_mega", "compile.first_call")
+
+
+def stage_table(plain: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:
+    """Median seconds per stage; "other" is the ready time that no compile stage accounts for
+    (the store after a cold compile: pack + upload; the report's own bookkeeping)."""
+    header = ["model", "start", *(s.replace("compile.", "") for s in _STAGES), "other in ready", "ready"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(model: str, label: str, runs: list[dict[str, Any]]) -> None:
+        cells = [model, label]
+        for stage in _STAGES:
+            values = [r["stages"].get(stage) for r in runs]
+            cells.append(f"{_med(v for v in values if v is not None):.2f}" if any(v is not None for v in values)
+                         else "–")
+        ready = _med(r["ready_s"] for r in runs)
+        accounted = _med(sum(v for k, v in r["stages"].items() if k.startswith("compile.")) for r in runs)
+        cells += [f"{max(0.0, ready - accounted):.2f}" if accounted else "–", f"{ready:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for model, runs in plain.items():
+        row(model, "plain torch.compile", runs)
+        for result in results:
+            if result["model"] == model:
+                row(model, f"{result['backend']} cold", result["cold"])
+                row(model, f"{result['backend']} warm", result["warm"])
     return "\n".join(lines)
 
 

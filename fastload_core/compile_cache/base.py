@@ -60,6 +60,11 @@ class CompileCacheBackend(ABC):
         """Reach the backend and say what is there; raise if it cannot be used."""
         return f"{len(self.entries())} entries"
 
+    def collect_garbage(self, *, older_than: float) -> tuple[int, int]:
+        """Remove what interrupted stores left behind, older than ``older_than`` seconds and no longer in
+        use; returns (files, bytes). Backends whose writes are atomic on the server keep nothing."""
+        return 0, 0
+
     def close(self) -> None:  # noqa: B027  (most backends hold nothing to release)
         """Release connections."""
 

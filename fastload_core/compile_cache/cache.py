@@ -70,7 +70,10 @@ class SaveOutcome:
 class CompileCache:
     """A compile cache at one URL (``file://``, ``redis://``, ``s3://`` or a plugin's scheme)."""
 
-    def __init__(self, url: str | None = None, *, backend: CompileCacheBackend | None = None) -> None:
+    def __init__(self, url: str | os.PathLike[str] | None = None, *,
+                 backend: CompileCacheBackend | None = None) -> None:
+        """``url``: ``file:///dir``, ``redis://...``, ``s3://...``, a plugin's scheme, or a directory path
+        (``/srv/compile-cache`` means ``file:///srv/compile-cache``); None for ``default_url()``."""
         self.backend = backend if backend is not None else open_backend(url or default_url())
         self.url = self.backend.url
 
@@ -89,6 +92,8 @@ class CompileCache:
         started = time.perf_counter()
         try:
             data = self.backend.get(key.digest)
+        except CorruptEntryError as exc:  # the backend found garbage under the key (e.g. a bad pointer)
+            return self._corrupt(key, exc, fetch_s=time.perf_counter() - started)
         except Exception as exc:
             return RestoreOutcome("unavailable", fetch_s=time.perf_counter() - started,
                                   message=self._unavailable("read", exc))
@@ -103,12 +108,8 @@ class CompileCache:
             return RestoreOutcome("error", entry_bytes=len(data), fetch_s=fetched - started,
                                   unpack_s=time.perf_counter() - fetched, message=message)
         except CorruptEntryError as exc:
-            status = "mismatch" if isinstance(exc, EntryMismatchError) else "corrupt"
-            message = (f"compile cache {self.url}: ignoring entry {key.digest}: {exc.problem}; "
-                       "compiling and replacing it")
-            log.warning("%s", message)
-            return RestoreOutcome(status, entry_bytes=len(data), fetch_s=fetched - started,
-                                  unpack_s=time.perf_counter() - fetched, message=message)
+            return self._corrupt(key, exc, entry_bytes=len(data), fetch_s=fetched - started,
+                                 unpack_s=time.perf_counter() - fetched)
         _mark(dest, key)
         return RestoreOutcome("restored", restored=restored, entry_bytes=len(data), fetch_s=fetched - started,
                               unpack_s=time.perf_counter() - fetched)
@@ -137,6 +138,16 @@ class CompileCache:
         _mark(source, key)
         return SaveOutcome("stored" if stored else "exists", len(data), packed - started,
                            time.perf_counter() - packed)
+
+    def _corrupt(self, key: CompileKey, exc: CorruptEntryError, *, entry_bytes: int = 0, fetch_s: float = 0.0,
+                 unpack_s: float = 0.0) -> RestoreOutcome:
+        """A miss that the store after the compile overwrites (warned every time: something wrote garbage)."""
+        status = "mismatch" if isinstance(exc, EntryMismatchError) else "corrupt"
+        message = (f"compile cache {self.url}: ignoring entry {key.digest}: {exc.problem}; "
+                   "compiling and replacing it")
+        log.warning("%s", message)
+        return RestoreOutcome(status, entry_bytes=entry_bytes, fetch_s=fetch_s, unpack_s=unpack_s,
+                              message=message)
 
     def _unavailable(self, action: str, exc: BaseException) -> str:
         message = (f"compile cache {self.url} could not {action} ({type(exc).__name__}: {exc}); "

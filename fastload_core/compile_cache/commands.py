@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .cache import URL_VARIABLE, default_url
 from .keys import triton_version
-from .manage import check_backend
+from .manage import STALE_AFTER_S, check_backend, collect_garbage
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -59,3 +59,14 @@ def _check_toolchain() -> tuple[bool, str]:
             return False, "; ".join([*parts, "CUDA is present but triton is not installed"])
         parts.append(f"{triton}, {torch.cuda.get_device_name()}")
     return True, "; ".join(parts)
+
+
+def add_gc_arguments(gc: argparse.ArgumentParser) -> None:
+    """``fastload cache gc``'s compile-cache options (the command itself belongs to the storage CLI)."""
+    gc.add_argument("--compile-cache", metavar="URL",
+                    help="compile cache whose stale temp files to remove (default: FASTLOAD_COMPILE_CACHE)")
+
+
+def run_gc(args: argparse.Namespace) -> str:
+    """The compile-cache part of ``fastload cache gc``: one line saying what was removed."""
+    return collect_garbage(getattr(args, "compile_cache", None), older_than=STALE_AFTER_S).describe()

@@ -11,7 +11,17 @@ One default differs from plain torch.compile, measured on CPU (see docs/compile_
 inductor's precompiled header is turned off, because it lives outside the cache directory (under
 ``$TMPDIR``, ~150 MB), is rebuilt on every fresh node even when every kernel is restored, and made a
 warm start 5.5 s instead of 1.1 s while saving nothing on the cold compile of a small model; pass
-``options={"cpp_cache_precompile_headers": True}`` to keep it.
+``options={"cpp_cache_precompile_headers": True}`` to keep it. A second one skips inductor's CPU
+vector-ISA probe (``cpp.vec_isa_ok=True``): every fresh process otherwise builds a test library and
+spawns a Python child per candidate ISA to ``dlopen`` it, which on a busy 2-core node cost several
+seconds of every warm start, although the key already pins the ISA (``cpu_isa``) and the torch build
+the entry was compiled for. Pass ``options={"cpp.vec_isa_ok": None}`` to have inductor probe again.
+
+Examples are primed under the grad mode of the ``compile()`` call, and example tensors are made to
+match it: a tensor made outside ``torch.inference_mode()`` but primed inside it (or the reverse) would
+leave dynamo a guard that the first real request fails, recompiling outside the cache.
+``more_example_inputs`` primes further calls (other batch sizes, other shapes) in the same first
+compile, so each of their graphs is stored in, and restored from, the same entry.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from .cache import CompileCache
+from .errors import CompileCacheError
 from .keys import derive_key
 
 log = logging.getLogger("fastload.compile_cache")
@@ -97,28 +108,41 @@ class CompileReport:
 def compile(
     model_or_fn: F,
     *,
-    cache: str | CompileCache | None = None,
+    cache: str | os.PathLike[str] | CompileCache | None = None,
     example_inputs: Any = None,
+    more_example_inputs: Sequence[Any] = (),
     extra: str = "",
     **torch_compile_kwargs: Any,
 ) -> F:
     """``torch.compile`` whose first compile is restored from, or stored to, a shared compile cache.
 
     ``cache`` is a URL (``file:///dir``, ``redis://host:port/db``, ``s3://bucket/prefix``, or a plugin's
-    scheme), a ``CompileCache``, or None for ``$FASTLOAD_COMPILE_CACHE`` or a directory under the
-    fastload cache. With ``example_inputs`` (a tensor, a tuple of positional arguments, or a dict of
-    keyword arguments) the model is compiled and run once now, under the caller's grad mode, so the
-    first request does not pay; serve under the same grad mode (e.g. call this inside
-    ``torch.inference_mode()``) or dynamo recompiles. Without it the first call primes the cache.
-    ``extra`` is folded into the key, for anything else the artifacts depend on.
+    scheme), a directory path (``/srv/compile-cache``), a ``CompileCache``, or None for
+    ``$FASTLOAD_COMPILE_CACHE`` or a directory under the fastload cache. With ``example_inputs`` (a
+    tensor, a tuple of positional arguments, or a dict of keyword arguments) the model is compiled and
+    run once now, under the caller's grad mode, so the first request does not pay; serve under the
+    same grad mode (call this inside ``torch.inference_mode()`` and serve inside it) or dynamo
+    recompiles. Example tensors made in another mode than the call's are copied into the call's mode
+    (with a warning), since the first request would otherwise fail dynamo's guard on them. Without
+    ``example_inputs`` the first call primes the cache. ``more_example_inputs`` is a sequence of further
+    calls' inputs (each like ``example_inputs``: other batch sizes or shapes) primed in the same first
+    compile, so every graph they need is stored in and restored from one entry; ``dynamic=True`` is
+    the other way to serve many shapes. ``extra`` is folded into the key, for anything else the
+    artifacts depend on.
 
     The report is at ``report_of(compiled)`` once the first compile has happened. The cache never makes
     this fail: any cache problem degrades to a normal compile and a logged warning.
     """
     cc = cache if isinstance(cache, CompileCache) else CompileCache(cache)
     compile_kwargs = _with_fastload_defaults(torch_compile_kwargs)
-    compiled: Any = torch.compile(model_or_fn, **compile_kwargs)
-    primer = _Primer(model_or_fn, cc, compile_kwargs, extra)
+    if isinstance(more_example_inputs, (str, bytes)) or not isinstance(more_example_inputs, Sequence):
+        raise CompileCacheError("more_example_inputs is a sequence of example inputs (one per call), e.g. "
+                        f"[(batch_of_8,), (batch_of_32,)], not {type(more_example_inputs).__name__}")
+    mark = time.perf_counter()
+    compiled: Any = torch.compile(model_or_fn, **compile_kwargs)  # imports dynamo the first time
+    compile_call_s = time.perf_counter() - mark
+    more = [_split_inputs(inputs) for inputs in more_example_inputs]
+    primer = _Primer(model_or_fn, cc, compile_kwargs, extra, more, compile_call_s)
     if example_inputs is not None:
         args, kwargs = _split_inputs(example_inputs)
         report = primer.prime(compiled, args, kwargs)
@@ -160,15 +184,15 @@ def compile_loaded_model(
     model: torch.nn.Module,
     *,
     compile: bool | Mapping[str, Any] = True,  # the same name as load_model's argument
-    compile_cache: str | CompileCache | None = None,
+    compile_cache: str | os.PathLike[str] | CompileCache | None = None,
     example_inputs: Any = None,
 ) -> tuple[torch.nn.Module, CompileReport | None]:
     """What ``load_model(..., compile=..., compile_cache=..., example_inputs=...)`` calls last.
 
     ``compile`` is False (return the model as is), True (default torch.compile arguments) or a mapping
-    of torch.compile arguments (``{"mode": "max-autotune"}``), which may also hold ``extra``. The
-    report is None when there were no example inputs: it appears on ``report_of(model)`` after the
-    first call.
+    of torch.compile arguments (``{"mode": "max-autotune"}``), which may also hold ``extra`` and
+    ``more_example_inputs`` (see ``compile``). The report is None when there were no example inputs:
+    it appears on ``report_of(model)`` after the first call.
     """
     if compile is False:
         return model, None
@@ -190,11 +214,14 @@ class _Primer:
     """Runs the first call of one compiled model inside its cache directory, once."""
 
     def __init__(self, model: Callable[..., Any], cache: CompileCache, compile_kwargs: dict[str, Any],
-                 extra: str) -> None:
+                 extra: str, more: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = (),
+                 compile_call_s: float = 0.0) -> None:
         self.model = model
         self.cache = cache
         self.compile_kwargs = compile_kwargs
         self.extra = extra
+        self.more = list(more)
+        self.compile_call_s = compile_call_s
         self.lock = threading.RLock()
         self.report: CompileReport | None = None
         self._output: Any = None
@@ -205,11 +232,13 @@ class _Primer:
 
     def prime(self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
               *, keep_output: bool = False) -> CompileReport:
-        stages: dict[str, float] = {}
+        stages: dict[str, float] = {"torch_compile": self.compile_call_s}
+        args, kwargs = _in_current_mode(args, kwargs)
+        more = [_in_current_mode(a, k) for a, k in self.more]
         mark = time.perf_counter()
         try:
             key = derive_key(self.model, args=args, kwargs=kwargs, compile_kwargs=self.compile_kwargs,
-                             extra=self.extra)
+                             extra=self.extra, more_inputs=more)
         except Exception as exc:  # an exotic model or input: compile it, just without the cache
             return self._uncached(call, args, kwargs, keep_output, f"could not derive a cache key: {exc!r}")
         workdir = self.cache.workdir(key)
@@ -235,9 +264,15 @@ class _Primer:
             elif lookup.status == "local":
                 report.source = "local"
             before = _counter_values()
-            mark = time.perf_counter()
-            output = call(*args, **kwargs)
-            stages["first_call"] = time.perf_counter() - mark
+            with _no_compile_workers(restored=report.source is not None):
+                mark = time.perf_counter()
+                output = call(*args, **kwargs)
+                stages["first_call"] = time.perf_counter() - mark
+                if more:
+                    mark = time.perf_counter()
+                    for more_args, more_kwargs in more:
+                        call(*more_args, **more_kwargs)
+                    stages["more_calls"] = time.perf_counter() - mark
             report.torch_counters = {name: value - before[name] for name, value in _counter_values().items()}
         counts = report.torch_counters
         misses = counts["fxgraph_cache_miss"] + counts["autograd_cache_miss"]
@@ -305,6 +340,25 @@ def _inductor_cache_dir(path: Path) -> Iterator[None]:
                     os.environ[name] = value
 
 
+@contextmanager
+def _no_compile_workers(*, restored: bool) -> Iterator[None]:
+    """With a restored entry, load kernels in this process instead of through inductor's worker pool.
+
+    With Triton installed, inductor's first compile starts a pool of subprocesses (each imports torch and
+    Triton) and hands kernel loading to it; on a hit there is nothing to compile, so that start-up is
+    pure overhead on the replica's critical path. ``compile_threads`` is one of the settings inductor
+    leaves out of its cache keys, so the restored graphs still hit. Without a restored entry, or when
+    the user set ``TORCHINDUCTOR_COMPILE_THREADS``, nothing changes.
+    """
+    if not restored or "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
 def _with_fastload_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Turn inductor's precompiled header off unless the caller chose (see the module docstring)."""
     result = dict(kwargs)
@@ -322,8 +376,47 @@ def _with_fastload_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         result.pop("mode")
     options = dict(options or {})
     options.setdefault("cpp_cache_precompile_headers", False)
+    options.setdefault("cpp.vec_isa_ok", True)
     result["options"] = options
     return result
+
+
+def _in_current_mode(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example tensors as requests made in the current grad mode would be.
+
+    Dynamo guards on whether an input is an inference tensor. An example made outside
+    ``torch.inference_mode()`` and primed inside it (the README's old pattern) left a graph that the
+    first real request, made inside, failed ("dispatch key set mismatch"), and that recompile never
+    went through the cache. So an example of the other kind is copied into the current mode, with a
+    warning that requests must be made in that mode too.
+    """
+    inference = torch.is_inference_mode_enabled()
+    converted: list[str] = []
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_inference() != inference:
+            converted.append(f"{tuple(value.shape)}")
+            if inference:
+                return value.clone()  # inside inference mode: an inference tensor
+            with torch.inference_mode(False):
+                return value.clone()  # outside it: an ordinary tensor
+        if isinstance(value, tuple):
+            return type(value)(*map(convert, value)) if hasattr(value, "_fields") else tuple(map(convert, value))
+        if isinstance(value, list):
+            return [convert(item) for item in value]
+        if isinstance(value, dict):
+            return {name: convert(item) for name, item in value.items()}
+        return value
+
+    new_args = tuple(convert(a) for a in args)
+    new_kwargs = {name: convert(value) for name, value in kwargs.items()}
+    if converted:
+        made, primed = ("outside", "inside") if inference else ("inside", "outside")
+        log.warning("compile cache: example tensor(s) %s were made %s torch.inference_mode() but compile() "
+                    "runs %s it; priming with copies made %s it. Make requests %s torch.inference_mode() "
+                    "as well, or dynamo recompiles on the first one (outside the cache).",
+                    ", ".join(converted), made, primed, primed, primed)
+    return new_args, new_kwargs
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

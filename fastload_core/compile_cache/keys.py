@@ -22,7 +22,7 @@ import marshal
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +64,10 @@ def derive_key(
     kwargs: Mapping[str, Any],
     compile_kwargs: Mapping[str, Any],
     extra: str = "",
+    more_inputs: Sequence[tuple[tuple[Any, ...], Mapping[str, Any]]] = (),
 ) -> CompileKey:
-    """The key for compiling ``model`` with ``compile_kwargs`` and first calling it with these inputs."""
+    """The key for compiling ``model`` with ``compile_kwargs`` and first calling it with these inputs
+    (then with each of ``more_inputs``: the graphs those calls compile are part of the same entry)."""
     device = _device_of(model, args, kwargs)
     fields: dict[str, str] = {
         "format": str(FORMAT_VERSION),
@@ -75,8 +77,7 @@ def derive_key(
         "model": _qualname(type(model) if isinstance(model, torch.nn.Module) else model),
         "model_code": code_digest(model),
         "model_layout": layout_digest(model) if isinstance(model, torch.nn.Module) else "-",
-        "inputs": _digest(_canonical([_signature(a) for a in args]) + _canonical(
-            {name: _signature(value) for name, value in kwargs.items()})),
+        "inputs": _inputs_digest([(args, kwargs), *more_inputs]),
         "grad_mode": f"grad={torch.is_grad_enabled()},inference={torch.is_inference_mode_enabled()}",
         "extra": extra,
     }
@@ -84,6 +85,15 @@ def derive_key(
         # Freezing folds weights into the generated code as constants, so the values matter too.
         fields["weights"] = weights_digest(model)
     return key_from_fields(fields)
+
+
+def _inputs_digest(calls: Sequence[tuple[tuple[Any, ...], Mapping[str, Any]]]) -> str:
+    """One digest per primed call, joined; a single call hashes exactly as before ``more_inputs`` existed."""
+    return "+".join(
+        _digest(_canonical([_signature(a) for a in args])
+                + _canonical({name: _signature(value) for name, value in kwargs.items()}))
+        for args, kwargs in calls
+    )
 
 
 def environment_fields(device: torch.device) -> dict[str, str]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import blob as blobfmt
-from .cache import default_url
+from .cache import default_url, local_root
 from .errors import CorruptEntryError
 from .registry import open_backend
 
@@ -86,3 +88,58 @@ def check_backend(url: str | None = None) -> tuple[bool, str]:
         return False, f"{backend.url}: {type(exc).__name__}: {exc}"
     finally:
         backend.close()
+
+
+#: A temp file or staging directory untouched for this long belongs to a store or restore that died
+#: (a live one rewrites its file within seconds, and holds a lock on it besides).
+STALE_AFTER_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """What ``collect_garbage`` removed."""
+
+    url: str
+    temp_files: int
+    temp_bytes: int
+    staging_dirs: int
+
+    def describe(self) -> str:
+        return (f"compile cache {self.url}: removed {self.temp_files} stale temp file(s) "
+                f"({self.temp_bytes} bytes), {self.staging_dirs} stale restore director(ies)")
+
+
+def collect_garbage(url: str | None = None, *, older_than: float = STALE_AFTER_S) -> Garbage:
+    """Remove what killed stores and restores left behind (issue 11.9), for ``fastload cache gc``.
+
+    In the backend at ``url``: ``.<key>.*.tmp`` files older than ``older_than`` seconds whose writer no
+    longer holds their lock. On this node: ``.restore-*`` staging directories under the per-key inductor
+    directories' root that nobody has touched for as long (a restore renames its files out of its
+    staging directory within seconds).
+    """
+    backend = open_backend(url or default_url())
+    try:
+        files, nbytes = backend.collect_garbage(older_than=older_than)
+        resolved = backend.url
+    finally:
+        backend.close()
+    return Garbage(resolved, files, nbytes, _collect_staging(local_root(), older_than))
+
+
+def _collect_staging(root: Path, older_than: float) -> int:
+    removed = 0
+    now = time.time()
+    try:
+        candidates = list(root.glob(".restore-*"))
+    except OSError:
+        return 0
+    for path in candidates:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if path.is_symlink() or not path.is_dir() or now - info.st_mtime < older_than:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed

@@ -12,16 +12,22 @@ Query parameters (all optional), stripped before the URL reaches redis-py:
 
 ``SET NX`` makes racing replicas leave one entry; a large entry's blob is written before its pointer,
 so a pointer never names a blob that is not there yet.
+
+A pointer is followed only into the blob store this URL configures. Anything else under a key that
+looks like a pointer (not JSON, no URL, another store's URL — ``file:///etc``, ``bogus://``, a host
+that is gone — a blob that is missing or of another size) is a corrupt entry: the replica compiles
+and overwrites it, exactly as for any other garbage, instead of reading wherever a stranger pointed
+or reporting the cache unavailable forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .base import CompileCacheBackend, StoredEntry, float_param, query_params
-from .errors import CacheURLError, CompileCacheError, EntryTooLargeError
+from .errors import CacheURLError, CompileCacheError, CorruptEntryError, EntryTooLargeError
 
 _POINTER_MAGIC = b"FLCCPTR1"
 _OWN_PARAMS = ("timeout", "connect_timeout", "max_inline", "blob", "prefix")
@@ -74,38 +80,50 @@ class RedisBackend(CompileCacheBackend):
         return f"{self.prefix}{key}"
 
     @staticmethod
-    def _pointer(value: bytes | None) -> dict[str, Any] | None:
-        if value is None or not value.startswith(_POINTER_MAGIC):
-            return None
+    def _is_pointer(value: bytes | None) -> bool:
+        return value is not None and value.startswith(_POINTER_MAGIC)
+
+    def _pointer(self, key: str, value: bytes) -> tuple[CompileCacheBackend, int]:
+        """The blob store and size a pointer names; ``CorruptEntryError`` unless it names ours."""
         try:
             pointer = json.loads(value[len(_POINTER_MAGIC):])
         except ValueError:
-            return None  # garbage under our key: the caller's checksum rejects it as an entry
-        return pointer if isinstance(pointer, dict) else None
-
-    def _blob_for(self, pointer: dict[str, Any]) -> CompileCacheBackend:
-        if self.blob_backend is None or pointer.get("url") != self.blob_backend.url:
-            # A pointer written with another blob store: follow it, it says where the bytes are.
-            from .registry import open_backend
-
-            return open_backend(str(pointer["url"]))
-        return self.blob_backend
+            raise CorruptEntryError(key, "a blob pointer that is not JSON") from None
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("url"), str):
+            raise CorruptEntryError(key, f"a blob pointer without a URL: {value[:200]!r}")
+        size = pointer.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CorruptEntryError(key, f"a blob pointer without a valid size: {value[:200]!r}")
+        blob_backend = self.blob_backend
+        if blob_backend is None:
+            raise CorruptEntryError(key, f"a blob pointer to {pointer['url']!r}, but this cache URL configures "
+                                         "no blob store (?blob=); not following it")
+        if pointer["url"] != blob_backend.url:
+            raise CorruptEntryError(key, f"a blob pointer to {pointer['url']!r}, outside the configured blob "
+                                         f"store {blob_backend.url}; not following it")
+        return blob_backend, size
 
     def get(self, key: str) -> bytes | None:
         value = self._bytes(self._client.get(self._name(key)))
-        pointer = self._pointer(value)
-        if pointer is None:
+        if value is None or not self._is_pointer(value):
             return value
-        return self._blob_for(pointer).get(key)
+        blob_backend, size = self._pointer(key, value)
+        data = blob_backend.get(key)
+        if data is None:
+            raise CorruptEntryError(key, f"the blob pointer names {blob_backend.url}, which has no such blob")
+        if len(data) != size:
+            raise CorruptEntryError(key, f"the blob in {blob_backend.url} is {len(data)} bytes, the pointer "
+                                         f"says {size}")
+        return data
 
     def get_prefix(self, key: str, nbytes: int) -> bytes | None:
         value = self._bytes(self._client.getrange(self._name(key), 0, max(nbytes, 4096) - 1))
         if not value:
             return None
-        pointer = self._pointer(value)
-        if pointer is None:
+        if not self._is_pointer(value):
             return value[:nbytes]
-        return self._blob_for(pointer).get_prefix(key, nbytes)
+        blob_backend, _ = self._pointer(key, value)
+        return blob_backend.get_prefix(key, nbytes)
 
     def put(self, key: str, blob: bytes, *, overwrite: bool = False) -> bool:
         if len(blob) <= self.max_inline:
@@ -119,9 +137,15 @@ class RedisBackend(CompileCacheBackend):
         return bool(self._client.set(self._name(key), pointer, nx=not overwrite))
 
     def delete(self, key: str) -> bool:
-        pointer = self._pointer(self._bytes(self._client.get(self._name(key))))
-        if pointer is not None:
-            self._blob_for(pointer).delete(key)
+        value = self._bytes(self._client.get(self._name(key)))
+        if self._is_pointer(value):
+            assert value is not None
+            try:
+                blob_backend, _ = self._pointer(key, value)
+            except CorruptEntryError:
+                pass  # a pointer we would not follow: drop it, and touch nothing it names
+            else:
+                blob_backend.delete(key)
         return bool(self._client.delete(self._name(key)))
 
     def entries(self) -> list[StoredEntry]:
@@ -136,9 +160,9 @@ class RedisBackend(CompileCacheBackend):
         found = []
         for index, name in enumerate(names):
             size, head = results[2 * index], results[2 * index + 1]
-            pointer = self._pointer(head)
-            if pointer is not None:
-                size = int(pointer.get("size", size))
+            if self._is_pointer(head):
+                with contextlib.suppress(CorruptEntryError):  # listed as it is; `ls` reports the problem
+                    size = self._pointer(name.decode(), head)[1]
             found.append(StoredEntry(key=name.decode()[len(self.prefix):], size=size, stored_at=None))
         return found
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,12 +42,25 @@ def schemes() -> list[str]:
     return sorted(backend_factories())
 
 
-def open_backend(url: str) -> CompileCacheBackend:
-    """The backend serving ``url``; raises ``CacheURLError`` naming the URL and the schemes on offer."""
+def normalize_url(url: str | os.PathLike[str]) -> str:
+    """A cache URL as the backends take it: a plain path (``/srv/compile-cache``, ``~/cc``, ``./cc``)
+    becomes the ``file://`` URL of that directory, made absolute so that every worker process, whatever
+    its working directory, reads the same place. Anything that names a scheme (``://``) is left alone.
+    """
+    text = os.fspath(url)
+    if "://" in text or not text.strip():
+        return text
+    return Path(text).expanduser().absolute().as_uri()
+
+
+def open_backend(url: str | os.PathLike[str]) -> CompileCacheBackend:
+    """The backend serving ``url`` (a URL, or a directory path); raises ``CacheURLError`` naming the URL
+    and the schemes on offer."""
     factories = backend_factories()
+    url = normalize_url(url)
     scheme = urlsplit(url).scheme.lower()
     if not scheme:
-        raise CacheURLError(url, "has no scheme; use e.g. file:///var/cache/fastload-compile",
+        raise CacheURLError(url, "has no scheme; use e.g. file:///var/cache/fastload-compile or a directory path",
                             list(factories))
     factory = factories.get(scheme)
     if factory is None:

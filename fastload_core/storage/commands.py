@@ -36,6 +36,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     rm.set_defaults(func=_rm)
     gc = actions.add_parser("gc", help="drop dead partial downloads and evict down to each tier's budget")
     gc.add_argument("--tier", choices=TIER_ORDER)
+    from ..compile_cache.commands import add_gc_arguments
+
+    add_gc_arguments(gc)
     gc.set_defaults(func=_gc)
 
 
@@ -112,4 +115,7 @@ def _rm(args: argparse.Namespace) -> int:
 def _gc(args: argparse.Namespace) -> int:
     counts = default_store().gc(tier=args.tier)
     print(", ".join(f"{kind}: {count}" for kind, count in counts.items()))
+    from ..compile_cache.commands import run_gc
+
+    print(run_gc(args))
     return 0

@@ -1,6 +1,14 @@
 """A fresh replica: compile a small transformer block through the compile cache and report as JSON.
 
-Run by the tests as ``python -m tests.compile_cache.child CACHE_URL OUT.json [--lazy] [--device cuda]``.
+Run by the tests as ``python -m tests.compile_cache.child CACHE_URL OUT.json [--lazy] [--device cuda]
+[--deterministic] [--more-shape]``. The block is the project's one transformer block
+(``fastload_core.bench.checkpoints.Block``), at 32 features, 2 heads and a 64-wide MLP so that a cold
+CPU compile stays in seconds.
+
+``--deterministic`` compiles with inductor's deterministic mode (no timing-based choice among
+reduction configurations); ``--more-shape`` also primes a second batch size through
+``more_example_inputs`` and then serves it. ``eager`` in the output is the uncompiled model's result on
+the same inputs, so a test can tell "restored kernels compute the same function" from "bit-identical".
 """
 
 from __future__ import annotations
@@ -10,32 +18,9 @@ import logging
 import sys
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import fastload_core.compile_cache as compile_cache
-
-
-class TinyBlock(nn.Module):
-    """Attention and an MLP, small enough that a cold CPU compile stays in seconds."""
-
-    def __init__(self, dim: int = 32, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+from fastload_core.bench.checkpoints import Block
 
 
 class _Collect(logging.Handler):
@@ -52,19 +37,31 @@ def main() -> None:
     options = sys.argv[3:]
     lazy = "--lazy" in options
     device = options[options.index("--device") + 1] if "--device" in options else "cpu"
+    compile_kwargs: dict[str, object] = {}
+    if "--deterministic" in options:
+        compile_kwargs["options"] = {"deterministic": True}
     warnings = _Collect()
     logging.getLogger("fastload").addHandler(warnings)
     torch.manual_seed(0)
-    model = TinyBlock().eval().to(device)
-    x = torch.randn(2, 8, 32).to(device)
-    with torch.inference_mode():
+    model = Block(32, 64, heads=2).eval().to(device)
+    with torch.inference_mode():  # examples and requests made where they are served (see the README)
+        x = torch.randn(2, 8, 32).to(device)
+        wide = torch.randn(5, 8, 32).to(device)
+        more = [(wide,)] if "--more-shape" in options else []
+        eager = [model(x), model(x + 1), model(wide)]
         if lazy:
-            compiled = compile_cache.compile(model, cache=cache_url)
+            compiled = compile_cache.compile(model, cache=cache_url, more_example_inputs=more, **compile_kwargs)
             first = compiled(x)
         else:
-            compiled = compile_cache.compile(model, cache=cache_url, example_inputs=(x,))
+            compiled = compile_cache.compile(model, cache=cache_url, example_inputs=(x,),
+                                             more_example_inputs=more, **compile_kwargs)
             first = compiled(x)
         second = compiled(x + 1)
+        from torch._dynamo.utils import counters
+
+        frames_before = int(counters["frames"]["ok"])
+        third = compiled(wide) if more else eager[2]
+        recompiled_for_more = int(counters["frames"]["ok"]) - frames_before
     report = compile_cache.report_of(compiled)
     assert report is not None
     result = {
@@ -82,7 +79,9 @@ def main() -> None:
         "stages": report.stages,
         "notes": report.notes,
         "warnings": warnings.messages,
-        "outputs": [first.flatten().tolist(), second.flatten().tolist()],
+        "outputs": [first.flatten().tolist(), second.flatten().tolist(), third.flatten().tolist()],
+        "eager": [t.flatten().tolist() for t in eager],
+        "recompiled_for_more": recompiled_for_more,
         "workdir": report.workdir,
     }
     with open(out, "w") as file:

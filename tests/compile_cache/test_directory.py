@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +34,85 @@ def test_keys_cannot_name_paths(tmp_path: Path) -> None:
     for bad in ("../x", ".hidden", "a/b", ""):
         with pytest.raises(ValueError, match="unsafe compile-cache key"):
             backend.get(bad)
+
+
+# --- issue 11.9: temp files of killed stores are found and removed by age and lock ---------------------
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _old(path: Path, seconds: float = 7200) -> Path:
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_a_killed_store_leaves_a_temp_file_that_gc_removes(tmp_path: Path) -> None:
+    root = tmp_path / "cc"
+    script = (
+        "import os, sys\n"
+        "from fastload_core.compile_cache.directory import DirectoryBackend\n"
+        "backend = DirectoryBackend(sys.argv[1])\n"
+        "real_fsync = os.fsync\n"
+        "def die(fd):\n"
+        "    real_fsync(fd)\n"
+        "    os.kill(os.getpid(), 9)  # SIGKILL mid-store: no finally runs\n"
+        "os.fsync = die\n"
+        "backend.put('v1-killed', b'x' * 100000)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, root.as_uri()], cwd=_ROOT, check=False,
+                          env={**os.environ, "PYTHONPATH": str(_ROOT)})
+    assert done.returncode == -signal.SIGKILL
+    [leftover] = root.glob(".v1-killed.*.tmp")
+    backend = DirectoryBackend(root.as_uri())
+    assert backend.collect_garbage(older_than=3600) == (0, 0)  # young: may still be a live writer's
+    _old(leftover)
+    assert backend.collect_garbage(older_than=3600) == (1, 100000)
+    assert not leftover.exists() and backend.entries() == []
+
+
+def test_gc_keeps_a_temp_file_a_live_store_holds(tmp_path: Path) -> None:
+    root = tmp_path / "cc"
+    root.mkdir()
+    live = root / ".v1-live.abc.tmp"
+    live.write_bytes(b"half")
+    _old(live)
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # what put() holds while it writes and publishes
+        assert DirectoryBackend(root.as_uri()).collect_garbage(older_than=60) == (0, 0)
+    assert live.exists()
+    link = root / ".v1-link.abc.tmp"
+    link.symlink_to(tmp_path / "elsewhere")
+    assert DirectoryBackend(root.as_uri()).collect_garbage(older_than=60) == (1, 4)
+    assert link.is_symlink() and not live.exists()  # links are not followed, nor removed
+
+
+def test_a_store_still_publishes_one_entry_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    backend = DirectoryBackend((tmp_path / "cc").as_uri())
+    assert backend.put("v1-a", b"first") and not backend.put("v1-a", b"second")
+    assert backend.put("v1-a", b"third", overwrite=True)
+    assert backend.get("v1-a") == b"third"
+    assert [p.name for p in (tmp_path / "cc").iterdir()] == ["v1-a.flcc"]
+
+
+def test_cache_gc_command_collects_compile_temp_files(tmp_path: Path) -> None:
+    root = tmp_path / "cc"
+    root.mkdir()
+    stale = root / ".v1-dead.xyz.tmp"
+    stale.write_bytes(b"z" * 1234)
+    _old(stale)
+    staging = tmp_path / "fl" / "compile" / "inductor" / ".restore-abc"
+    staging.mkdir(parents=True)
+    (staging / "half.so").write_bytes(b"so")
+    _old(staging)
+    env = {**os.environ, "PYTHONPATH": str(_ROOT), "FASTLOAD_CACHE_DIR": str(tmp_path / "fl"),
+           "FASTLOAD_SHM_DIR": str(tmp_path / "shm")}
+    done = subprocess.run([sys.executable, "-m", "fastload_core", "cache", "gc", "--compile-cache", str(root)],
+                          capture_output=True, text=True, env=env, cwd=_ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"compile cache {root.as_uri()}: removed 1 stale temp file(s) (1234 bytes), 1 stale restore" in done.stdout
+    assert not stale.exists() and not staging.exists()
+    bad = subprocess.run([sys.executable, "-m", "fastload_core", "cache", "gc", "--compile-cache", "gopher://x"],
+                         capture_output=True, text=True, env=env, cwd=_ROOT, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("fastload: error: ") and "gopher://x" in bad.stderr
+    assert "Traceback" not in bad.stderr

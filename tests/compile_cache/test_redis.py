@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -88,3 +89,114 @@ def test_garbage_under_the_key_is_a_corrupt_entry(redis_url: str, tmp_path: Path
     cache = CompileCache(redis_url)
     redis_client.Redis.from_url(redis_url).set(f"fastload:compile:{KEY.digest}", b"FLCCPTR1{not json")
     assert cache.restore(KEY, tmp_path / "dest").status == "corrupt"
+
+
+# --- issue 11.4: a pointer that cannot or must not be followed is a corrupt entry, and is replaced ---
+
+
+def _valid_entry(tmp_path: Path) -> bytes:
+    """A real packed entry for KEY, large enough to go to the blob store behind a pointer."""
+    from fastload_core.compile_cache import blob as blobfmt
+
+    return blobfmt.pack(KEY, _inductor_dir(tmp_path / "valid-src", size=8000), None)
+
+
+def _pointer(url: str, size: int) -> bytes:
+    return b"FLCCPTR1" + json.dumps({"url": url, "size": size}).encode()
+
+
+@pytest.fixture
+def outside_store(tmp_path: Path) -> tuple[str, bytes]:
+    """Another directory holding a perfectly valid entry for KEY: a pointer there must still not be followed."""
+    entry = _valid_entry(tmp_path)
+    url = (tmp_path / "outside").as_uri()
+    assert open_backend(url).put(KEY.digest, entry)
+    return url, entry
+
+
+@pytest.mark.parametrize(
+    "pointer",
+    [
+        pytest.param(b'FLCCPTR1{"size": 10}', id="no-url"),
+        pytest.param(b"FLCCPTR1{not json", id="not-json"),
+        pytest.param(b'FLCCPTR1["file:///etc", 10]', id="not-an-object"),
+        pytest.param(b'FLCCPTR1{"url": "file:///etc", "size": "ten"}', id="bad-size"),
+        pytest.param(_pointer("bogus://somewhere", 10), id="unknown-scheme"),
+        pytest.param(_pointer("file:///etc", 10), id="outside-directory"),
+        pytest.param(_pointer("redis://127.0.0.1:1/0", 10), id="dead-host"),
+        pytest.param(_pointer("s3://no-such-bucket/x", 10), id="other-s3"),
+    ],
+)
+def test_an_unusable_pointer_is_corrupt_and_overwritten(
+    redis_url: str, tmp_path: Path, pointer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    blobs = (tmp_path / "blobs").as_uri()
+    url = f"{redis_url}?max_inline=1000&blob={quote(blobs, safe='')}&prefix=ptr-{os.getpid()}:"
+    client = redis_client.Redis.from_url(redis_url)
+    name = f"ptr-{os.getpid()}:{KEY.digest}"
+    client.set(name, pointer)
+    cache = CompileCache(url)
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        started = time.monotonic()
+        outcome = cache.restore(KEY, tmp_path / "dest")
+    assert outcome.status == "corrupt", outcome.message
+    assert time.monotonic() - started < 2  # a dead host named in the pointer is never contacted
+    assert "compiling and replacing it" in caplog.text
+    # what the replica does after compiling: store with overwrite, which replaces the pointer
+    assert cache.save(KEY, _inductor_dir(tmp_path / "src", size=8000), None, overwrite=True).status == "stored"
+    replaced = client.get(name)
+    assert isinstance(replaced, bytes) and replaced != pointer and replaced.startswith(b"FLCCPTR1")
+    assert blobs in replaced.decode()
+    assert cache.restore(KEY, tmp_path / "next").status == "restored"
+    client.delete(name)
+
+
+def test_a_pointer_outside_the_blob_store_is_not_followed_even_to_a_valid_entry(
+    redis_url: str, tmp_path: Path, outside_store: tuple[str, bytes]
+) -> None:
+    outside_url, entry = outside_store
+    blobs = (tmp_path / "blobs").as_uri()
+    url = f"{redis_url}?max_inline=1000&blob={quote(blobs, safe='')}&prefix=out-{os.getpid()}:"
+    redis_client.Redis.from_url(redis_url).set(f"out-{os.getpid()}:{KEY.digest}", _pointer(outside_url, len(entry)))
+    outcome = CompileCache(url).restore(KEY, tmp_path / "dest")
+    assert outcome.status == "corrupt" and "outside the configured blob store" in outcome.message
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").rglob("*.so"))
+    # without a blob store configured, no pointer is followed at all
+    plain = CompileCache(f"{redis_url}?prefix=out-{os.getpid()}:")
+    assert plain.restore(KEY, tmp_path / "dest2").status == "corrupt"
+
+
+def test_a_dangling_or_resized_pointer_into_our_blob_store_is_corrupt(redis_url: str, tmp_path: Path) -> None:
+    blobs = (tmp_path / "blobs").as_uri()
+    url = f"{redis_url}?max_inline=1000&blob={quote(blobs, safe='')}&prefix=dang-{os.getpid()}:"
+    cache = CompileCache(url)
+    assert cache.save(KEY, _inductor_dir(tmp_path / "src", size=8000), None).status == "stored"
+    client = redis_client.Redis.from_url(redis_url)
+    name = f"dang-{os.getpid()}:{KEY.digest}"
+    good = client.get(name)
+    assert isinstance(good, bytes)
+    size = json.loads(good[len(b"FLCCPTR1"):])["size"]
+    client.set(name, _pointer(blobs, size + 1))
+    assert cache.restore(KEY, tmp_path / "a").status == "corrupt"
+    client.set(name, good)
+    (tmp_path / "blobs" / f"{KEY.digest}.flcc").unlink()
+    outcome = cache.restore(KEY, tmp_path / "b")
+    assert outcome.status == "corrupt" and "has no such blob" in outcome.message
+    # a store that lost the race to a dangling pointer would keep it forever; overwrite replaces it
+    assert cache.save(KEY, _inductor_dir(tmp_path / "src2", size=8000), None, overwrite=True).status == "stored"
+    assert cache.restore(KEY, tmp_path / "c").status == "restored"
+
+
+def test_listing_and_removing_a_garbage_pointer_touch_nothing_it_names(redis_url: str, tmp_path: Path) -> None:
+    from fastload_core.compile_cache import list_entries, remove_entry
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / f"{KEY.digest}.flcc").write_bytes(b"not yours")
+    prefix = f"ls-{os.getpid()}:"
+    redis_client.Redis.from_url(redis_url).set(f"{prefix}{KEY.digest}", _pointer(victim.as_uri(), 9))
+    url = f"{redis_url}?prefix={prefix}"
+    [entry] = list_entries(url)
+    assert entry.problem is not None and "not following it" in entry.problem
+    assert remove_entry(url, KEY.digest) is True
+    assert (victim / f"{KEY.digest}.flcc").read_bytes() == b"not yours"
