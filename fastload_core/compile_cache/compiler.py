@@ -137,7 +137,7 @@ def compile(
     compile_kwargs = _with_fastload_defaults(torch_compile_kwargs)
     if isinstance(more_example_inputs, (str, bytes)) or not isinstance(more_example_inputs, Sequence):
         raise CompileCacheError("more_example_inputs is a sequence of example inputs (one per call), e.g. "
-                        f"[(batch_of_8,), (batch_of_32,)], not {type(more_example_inputs).__name__}")
+                                f"[(batch_of_8,), (batch_of_32,)], not {type(more_example_inputs).__name__}")
     mark = time.perf_counter()
     compiled: Any = torch.compile(model_or_fn, **compile_kwargs)  # imports dynamo the first time
     compile_call_s = time.perf_counter() - mark
@@ -316,6 +316,8 @@ class _Primer:
         mark = time.perf_counter()
         output = call(*args, **kwargs)
         report.stages = {"first_call": time.perf_counter() - mark}
+        for more_args, more_kwargs in self.more:  # still warmed, just not through the cache
+            call(*more_args, **more_kwargs)
         if keep_output:
             self._output = output
         self.report = report
