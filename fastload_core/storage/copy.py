@@ -4,7 +4,7 @@ Each file is read once, hashed and written in the same pass. A promotion checks 
 source entry recorded at download (XXH3, see verify.py), or its MD5 for entries written before digests
 existed; a mismatch is an ``IntegrityError`` and is never published. Files are copied in parallel (the
 hashes release the GIL), which matters for sharded checkpoints. A copy keeps a private source private: a
-file no one but its owner may read is written 0600, anything else 0644.
+file keeps the source's read permissions for group and others, never more (0600 stays 0600).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ _CHUNK = 8 * 1024 * 1024
 
 
 def private_mode(source_mode: int) -> int:
-    """The mode of a copy: 0600 when the source is readable by its owner only, else 0644 (the same rule as
-    converted checkpoints), so caching a private model never publishes it to every user of the node."""
-    return 0o600 if source_mode & 0o044 == 0 else 0o644
+    """The mode of a copy: the owner reads and writes; group and others read only where they can read the
+    source (a 0600 file stays 0600, an ordinary 0644 one is 0644). The same rule as converted checkpoints
+    (``_atomic.mode_like`` on the env branch), so caching a private model never publishes it to every user."""
+    return 0o600 | (source_mode & 0o044)
 
 
 def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | None] | None, uri: str,
