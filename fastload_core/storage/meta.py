@@ -113,14 +113,14 @@ class EntryMeta:
             os.fsync(handle.fileno())
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, checksums: Checksums, *, digests: dict[str, str] | None = None,
-                      block_size: int | None = None) -> EntryMeta:
+    def from_manifest(cls, manifest: Manifest, checksums: Checksums, *,
+                      digests: dict[str, tuple[int, str]] | None = None) -> EntryMeta:
+        """``digests``: block size and block digests by file name (see verify.py)."""
         files = []
         for f in manifest.files:
             checksum, part_size = checksums.get(f.name, (None, None))
-            digest = (digests or {}).get(f.name)
-            files.append(FileMeta(f.name, f.size, f.etag, f.version_id, checksum, part_size,
-                                  block_size if digest is not None else None, digest))
+            block_size, digest = (digests or {}).get(f.name, (None, None))
+            files.append(FileMeta(f.name, f.size, f.etag, f.version_id, checksum, part_size, block_size, digest))
         return cls(uri=manifest.uri, version=manifest.version, single=manifest.single, files=tuple(files))
 
     def checksums(self) -> Checksums:

@@ -384,12 +384,11 @@ class TieredStore:
             raise
         finally:
             progress.close()
-        if isinstance(writer, EntrySource):
-            digests = {name: value for name, (_, value) in writer.digests.items()}  # verified in the copy
-            block_size = next(iter(writer.digests.values()))[0] if writer.digests else BLOCK_SIZE
-        else:
-            digests, block_size = self._digest(partial / FILES_DIR, manifest), BLOCK_SIZE
-        meta = EntryMeta.from_manifest(manifest, checksums, digests=digests, block_size=block_size)
+        # A promotion keeps the digests it verified in the copy; anything without them is digested now.
+        digests = dict(writer.digests) if isinstance(writer, EntrySource) else {}
+        missing = [item.name for item in manifest.files if item.name not in digests]
+        digests.update(self._digest(partial / FILES_DIR, missing))
+        meta = EntryMeta.from_manifest(manifest, checksums, digests=digests)
         tier.publish(slug, version, partial, meta)
         seconds = time.monotonic() - started
         log.info("%s: %d bytes in %.2fs (%.1f MiB/s)", what, nbytes, seconds,
@@ -402,13 +401,15 @@ class TieredStore:
         return pinned
 
     @staticmethod
-    def _digest(files_dir: Path, manifest: Manifest) -> dict[str, str]:
-        """Block digests of freshly downloaded files, read back while they are still in the page cache, so
+    def _digest(files_dir: Path, names: list[str]) -> dict[str, tuple[int, str]]:
+        """Block digests of freshly written files, read back while they are still in the page cache, so
         later hits (FASTLOAD_VERIFY=sample|full) and promotions can check them."""
-        names = [item.name for item in manifest.files]
+        if not names:
+            return {}
         workers = max(1, min(4, len(names), os.cpu_count() or 1))
         with ThreadPoolExecutor(workers, thread_name_prefix="fastload-digest") as pool:
-            return dict(zip(names, pool.map(lambda name: file_digests(files_dir / name), names), strict=True))
+            found = pool.map(lambda name: (BLOCK_SIZE, file_digests(files_dir / name)), names)
+            return dict(zip(names, found, strict=True))
 
     # --- maintenance (the ``fastload cache`` commands) --------------------------------------------
     def _selected(self, tier: str | None) -> list[Tier]:

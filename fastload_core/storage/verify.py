@@ -21,6 +21,7 @@ from pathlib import Path
 import xxhash
 
 from .._safefs import UnsafePath, open_file
+from .checksum import ETagHasher
 from .meta import FileMeta
 
 BLOCK_SIZE = 4 * 1024 * 1024
@@ -74,9 +75,10 @@ def _blocks_to_check(count: int, mode: str) -> list[int]:
 
 
 def check_blocks(path: Path, item: FileMeta, mode: str) -> str | None:
-    """Compare the blocks ``mode`` selects with the recorded digests; the problem, or None when they match."""
+    """Compare the blocks ``mode`` selects with the recorded digests; the problem, or None when they match.
+    An entry written before digests existed has only its checksum: ``full`` recomputes that instead."""
     if not item.digests or not item.block_size:
-        return None
+        return _check_checksum(path, item) if mode == "full" and item.checksum else None
     block = item.block_size
     count = len(item.digests) // DIGEST_CHARS
     try:
@@ -92,6 +94,20 @@ def check_blocks(path: Path, item: FileMeta, mode: str) -> str | None:
                        "does not match the digest recorded when it was written"
     finally:
         os.close(fd)
+    return None
+
+
+def _check_checksum(path: Path, item: FileMeta) -> str | None:
+    hasher = ETagHasher(item.part_size)
+    try:
+        fd = open_file(path, os.O_RDONLY)
+    except (OSError, UnsafePath) as exc:
+        return f"{item.name!r} cannot be read ({exc})"
+    with os.fdopen(fd, "rb", buffering=0) as reader:
+        while chunk := reader.read(BLOCK_SIZE):
+            hasher.update(chunk)
+    if hasher.hexdigest() != item.checksum:
+        return f"{item.name!r} hashes to {hasher.hexdigest()}, its metadata records {item.checksum}"
     return None
 
 

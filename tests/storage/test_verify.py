@@ -84,16 +84,32 @@ def test_a_damaged_local_entry_no_longer_fails_every_promotion(tmp_path: Path) -
     assert store.tiers[1].lookup(on_disk.parent.parent.parent.name, on_disk.parent.parent.name) is not None
 
 
-def test_an_entry_without_digests_still_verifies_by_size_and_checksum(tmp_path: Path) -> None:
-    uri, data = _model(tmp_path, 1000)
-    path = _store(tmp_path).fetch(uri)
-    meta_path = path.parent.parent / "meta.json"
+def _forget_digests(meta_path: Path) -> None:
     meta = json.loads(meta_path.read_text())
     for item in meta["files"]:  # as written before digests existed
         item.pop("block_size")
         item.pop("digests")
     meta_path.write_text(json.dumps(meta))
-    assert _store(tmp_path, "full").fetch(uri, tier="shm").read_bytes() == data  # promoted by MD5
+
+
+def test_an_entry_without_digests_is_promoted_by_md5_and_gains_digests(tmp_path: Path) -> None:
+    uri, data = _model(tmp_path, 1000)
+    path = _store(tmp_path).fetch(uri)
+    _forget_digests(path.parent.parent / "meta.json")
+    _flip(path, 10)
+    in_shm = _store(tmp_path).fetch(uri, tier="shm")  # the MD5 check catches the flip; fetched afresh
+    assert in_shm.read_bytes() == data
+    (item,) = json.loads((in_shm.parent.parent / "meta.json").read_text())["files"]
+    assert item["digests"] == file_digests(in_shm)
+
+
+def test_full_verification_of_an_entry_without_digests_uses_its_checksum(tmp_path: Path) -> None:
+    uri, data = _model(tmp_path, 1000)
+    path = _store(tmp_path).fetch(uri)
+    _forget_digests(path.parent.parent / "meta.json")
+    _flip(path, 10)
+    assert _store(tmp_path, "sample").fetch(uri).read_bytes() != data  # nothing to sample against
+    assert _store(tmp_path, "full").fetch(uri).read_bytes() == data
 
 
 def test_a_bad_verify_setting_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
