@@ -28,12 +28,9 @@ def _many_files(root: Path, count: int, size: int = 100) -> str:
     return f"file://{model}"
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 20 MiB tmpfs holding at most 1000 inodes, where this machine lets us mount one (as root)."""
-    mount_point = tmp_path / "tmpfs"
+def _mount_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,nr_inodes=1000", "tmpfs", str(mount_point)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the fault-injection test covers it")
@@ -41,6 +38,32 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 20 MiB tmpfs holding at most 1000 inodes, where this machine lets us mount one (as root)."""
+    yield from _mount_tmpfs(tmp_path / "tmpfs", "size=20m,nr_inodes=1000")
+
+
+@pytest.fixture
+def tmpfs_20m(tmp_path: Path) -> Iterator[Path]:
+    yield from _mount_tmpfs(tmp_path / "tmpfs20", "size=20m")
+
+
+@pytest.mark.slow
+def test_the_issues_many_file_model_on_a_20_mib_tmpfs(tmp_path: Path, tmpfs_20m: Path) -> None:
+    """Issue 11.7 as reported: 5121 small files, the shm tier's default budget (50% of the tmpfs). The bytes
+    fit the budget, the blocks do not: the tier says so up front and the chain falls through."""
+    uri = _many_files(tmp_path / "models", 5121)
+    shm_root = tmpfs_20m / "fastload"
+    store = TieredStore([ShmTier(shm_root, capacity=0.5), LocalDiskTier(tmp_path / "disk", capacity=None)],
+                        show_progress=False)
+    for _ in range(2):
+        assert store.fetch(uri, tier="shm").is_relative_to(tmp_path / "disk")
+        assert leftovers(shm_root) == [] and not list(shm_root.rglob("*.bin"))
+    stats = os.statvfs(tmpfs_20m)
+    assert stats.f_bfree == stats.f_blocks  # nothing of the model was left filling the tmpfs
 
 
 def test_a_full_tmpfs_while_preallocating_falls_through(tmp_path: Path, small_tmpfs: Path) -> None:
