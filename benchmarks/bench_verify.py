@@ -12,6 +12,10 @@ Every measurement is a fresh Python process, imports included, that asks the tie
 - ``cold/file``: ``fetch(uri)`` from a ``file://`` origin into local disk, digests computed after the copy.
 
     python benchmarks/bench_verify.py [--size-mib 1024] [--files 1] [--rounds 5] [--json out.json]
+                                      [--baseline DIR]
+
+``--baseline DIR``: a checkout of fastload before verified hits (``git archive <commit> fastload_core | tar
+-x -C DIR``); its ``cold``, ``promote`` and ``hit`` rows are measured in the same rounds, named ``base/...``.
 
 Prints a markdown table of medians. The model is random bytes in a temporary directory; the shm tier lives
 in /dev/shm, local disk in the system temp dir (page cache warm: this measures CPU cost, not the disk).
@@ -37,9 +41,10 @@ CHILD = """
 import os, sys, time
 from fastload_core.storage import LocalDiskTier, ShmTier, TieredStore
 started = time.perf_counter()
+verify = os.environ.get("FASTLOAD_VERIFY")
 store = TieredStore([ShmTier(os.environ["BENCH_SHM"], capacity=None),
                      LocalDiskTier(os.environ["BENCH_DISK"], capacity=None)],
-                    show_progress=False, verify=os.environ.get("FASTLOAD_VERIFY", "size"))
+                    show_progress=False, **({"verify": verify} if verify else {}))
 begin = time.perf_counter()
 path = store.fetch(sys.argv[1], tier=sys.argv[2])
 print(time.perf_counter() - begin, time.perf_counter() - started)
@@ -50,7 +55,7 @@ def run_child(uri: str, tier: str, env: dict[str, str]) -> tuple[float, float, f
     """(fetch seconds, seconds after the first import, whole process seconds)."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, uri, tier], capture_output=True, text=True, check=True,
-                          env=env, cwd=ROOT)
+                          env=env, cwd=env["PYTHONPATH"])  # -c puts the cwd first on sys.path
     whole = time.perf_counter() - started
     fetch_s, after_import = (float(x) for x in done.stdout.split())
     return fetch_s, after_import, whole
@@ -71,6 +76,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline", type=Path, help="a checkout of the code to compare with")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fastload-bench-verify-"))
@@ -99,6 +105,13 @@ def main() -> None:
             shutil.rmtree(shm, ignore_errors=True)
             strip_digests(disk)
             results.setdefault("promote/md5", []).append(run_child(uri, "shm", env))
+            if args.baseline:
+                base_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
+                shutil.rmtree(disk, ignore_errors=True)
+                shutil.rmtree(shm, ignore_errors=True)
+                results.setdefault("base/cold/file", []).append(run_child(uri, "local_disk", base_env))
+                results.setdefault("base/promote/md5", []).append(run_child(uri, "shm", base_env))
+                results.setdefault("base/hit", []).append(run_child(uri, "shm", base_env))
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
