@@ -187,3 +187,20 @@ def test_files_of_another_user_are_refused(tmp_path: Path) -> None:
     os.chown(data, 12345, 12345)
     with pytest.raises(UnsafeKeyError, match="owned by uid 12345"):
         store.fetch(uri)
+
+
+def test_ls_and_gc_skip_a_planted_link_and_delete_nothing_behind_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri, _ = _single_model(tmp_path)
+    store = _store(tmp_path)
+    store.fetch(uri)
+    outside = tmp_path / "outside"
+    victim = outside / f".partial-0123456789abcdef0123-{_host()}" / "files"
+    victim.mkdir(parents=True)
+    (victim / "precious.bin").write_bytes(b"keep me")
+    (tmp_path / "disk" / "planted").symlink_to(outside)
+    assert [info.entry.meta.uri for info in store.ls()] == [uri]
+    store.gc()
+    assert (victim / "precious.bin").read_bytes() == b"keep me"  # gc did not sweep "partials" behind the link
+    assert any("symbolic link" in record.getMessage() for record in caplog.records)
