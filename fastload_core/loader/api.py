@@ -213,6 +213,8 @@ def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
             raise TypeError("weight_map is not an object")
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(index, f"not a valid sharded index: {exc!r}") from None
+    except RecursionError:
+        raise CheckpointError(index, "not a valid sharded index: it nests arrays or objects too deeply") from None
     expected: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard:

@@ -9,6 +9,7 @@ file that looks valid.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +19,8 @@ from safetensors.torch import save_file
 
 from .. import config, plugins
 from .._atomic import publish_file
+from .._safefs import UnsafePath, check_path, secure_dir
+from .._staging import staging_dir
 from ..errors import CheckpointError, UnsupportedFormatError
 
 
@@ -48,16 +51,23 @@ def find_format(path: Path) -> CheckpointFormat | None:
 
 
 def converted_path(path: Path) -> Path:
-    """The safetensors copy of checkpoint ``path``, converting it on first use."""
+    """The safetensors copy of checkpoint ``path``, converting it on first use. The cache folder, the copy
+    and its lock are checked without following links (see ``_safefs``): a link planted at the copy's name
+    would otherwise serve whatever it points to as this checkpoint's weights."""
     stat = path.stat()
     identity = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0v1"
-    target = config.cache_dir() / "converted" / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.safetensors"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(target) + ".lock"):
-        if not target.exists():
-            convert(path, target)
+    name = f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.safetensors"
+    try:
+        folder = secure_dir(config.cache_dir(), ["converted"], create=True)
+        target = folder / name
+        if check_path(target, want="file") is not None:
+            return target
+        check_path(folder / (name + ".lock"), want="file")
+        with filelock.FileLock(str(target) + ".lock"):
+            if check_path(target, want="file") is None:
+                convert(path, target)
+    except UnsafePath as exc:
+        raise CheckpointError(exc.path, f"{exc.problem} (fastload's converted-checkpoint cache)") from None
     return target
 
 
@@ -75,8 +85,13 @@ def convert(source: Path, target: Path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename."""
-    publish_file(target, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename. The writing happens in a
+    locked staging directory beside ``target`` (see ``_staging``): safetensors leaves its own full-size
+    temporary file when killed, and a later write or ``fastload cache gc`` then finds and removes it."""
+    with staging_dir(target.parent) as staging:
+        staged = staging / target.name
+        publish_file(staged, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+        os.replace(staged, target)
 
 
 def untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,9 @@ from ..errors import HeaderError, TruncatedFileError, UnsupportedDtypeError
 
 # safetensors' own limit: headers hold names and shapes, never data.
 MAX_HEADER_BYTES = 100_000_000
+# torch counts elements in a signed 64-bit integer; a shape whose running product passes it is refused (as
+# safetensors refuses one that overflows its usize), even when a later zero would make the product 0.
+MAX_ELEMENTS = 2**63 - 1
 
 # Every dtype name the safetensors format defines, mapped to torch where this torch build has it.
 _DTYPE_NAMES = {
@@ -106,9 +109,15 @@ def parse_header(path: str | os.PathLike[str], raw: bytes, file_size: int) -> He
     """Validate the JSON header ``raw`` of a file of ``file_size`` bytes."""
     data_start = 8 + len(raw)
     try:
-        document = json.loads(raw.decode("utf-8"))
+        document = loads_strict(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HeaderError(path, f"header is not valid UTF-8 JSON ({exc}); the file is corrupt") from None
+    except DuplicateKeyError as exc:
+        raise HeaderError(path, f"header names {exc.key!r} twice; safetensors refuses such a file and so does "
+                                "fastload (which copy would be meant?)") from None
+    except RecursionError:
+        raise HeaderError(path, "header nests arrays or objects too deeply to be a safetensors header; the file "
+                                "is corrupt or hostile") from None
     if not isinstance(document, dict):
         raise HeaderError(path, f"header must be a JSON object, found {type(document).__name__}")
     metadata = document.pop("__metadata__", None)
@@ -170,7 +179,35 @@ def _parse_entry(
             f"tensor {name!r} of shape {shape} and dtype {dtype_name} needs {expected} bytes "
             f"but its data_offsets span {end - begin}",
         )
+    elements = 1
+    for dim in shape:  # in order, as torch and safetensors multiply: a later 0 does not undo an overflow
+        elements *= dim
+        if elements > MAX_ELEMENTS:
+            raise HeaderError(path, f"tensor {name!r} has shape {shape!r:.120}, whose element count overflows a "
+                                    "64-bit integer; the file is corrupt or hostile")
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"duplicate key {key!r}")
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def loads_strict(text: str) -> object:
+    """``json.loads`` that refuses a key given twice in one object (Python keeps the last silently; serde,
+    which safetensors uses, refuses the file). Deep nesting still raises ``RecursionError``: callers turn it
+    into their own error."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)
 
 
 def _is_count(value: object) -> bool:

@@ -35,22 +35,34 @@ class TorchPickleFormat:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
         except pickle.UnpicklingError as exc:
-            if "Unsupported global" not in str(exc):
+            found = _GLOBAL.search(str(exc))
+            if found is None:
                 raise CheckpointError(path, f"not a readable torch.save checkpoint: {_first_line(exc)}") from None
             raise CheckpointError(
                 path,
-                "refused to unpickle: it holds objects beyond tensors and containers, and fastload never runs "
-                f"code from a checkpoint (weights_only=True). Save a plain state_dict instead. ({_first_line(exc)})",
+                f"refused to unpickle: it would import {found.group(1)}, which is not a tensor or a plain "
+                "container, and importing or calling it could run code. fastload reads checkpoints with "
+                "weights_only=True and never runs code from them. Re-save it as a plain state_dict of tensors "
+                "(torch.save(model.state_dict(), path)) or as safetensors.",
             ) from None
         except (RuntimeError, EOFError, ValueError) as exc:
             raise CheckpointError(path, f"not a readable torch.save checkpoint: {_first_line(exc)}") from None
         return _find_state_dict(path, loaded)
 
 
+# torch 2.6+ says "Unsupported global: GLOBAL mod.name was not an allowed global" or "Trying to load
+# unsupported GLOBAL mod.name whose module mod is blocked", after a paragraph suggesting weights_only=False.
+_GLOBAL = re.compile(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", re.IGNORECASE)
+# torch's advice to turn the safety off, which fastload never passes on.
+_ADVICE = re.compile(r"weights.only|trusted source|Check the documentation", re.IGNORECASE)
+
+
 def _first_line(exc: Exception) -> str:
-    """torch's unpickling errors run to a page; the phrase that names the cause is enough."""
-    cause = re.search(r"Unsupported[^\n]*", str(exc))
-    return cause.group(0).strip() if cause else str(exc).strip().splitlines()[0]
+    """torch's unpickling errors run to a page and advise turning weights_only off; keep only the line that
+    names the cause."""
+    lines = [re.sub(r"^\(\d\)\s*", "", line.strip()) for line in str(exc).splitlines()]
+    causes = [line for line in lines if line and not _ADVICE.search(line)]
+    return causes[0] if causes else "the unpickler refused it"
 
 
 def _is_zip(path: Path) -> bool:

@@ -114,6 +114,11 @@ def _rm(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     counts = default_store().gc(tier=args.tier)
+    if args.tier is None:  # conversions killed mid-write left their staging directories in the cache
+        from .._staging import sweep
+        from ..config import cache_dir
+
+        counts["temps"] = sweep(cache_dir() / "converted")
     print(", ".join(f"{kind}: {count}" for kind, count in counts.items()))
     from ..compile_cache.commands import run_gc
 

@@ -228,7 +228,7 @@ class S3Origin(Origin):
                                   manifest.files))
             try:
                 for plan in plans:
-                    plan.fd = os.open(plan.path, os.O_RDWR)
+                    plan.fd = os.open(plan.path, os.O_RDWR | os.O_NOFOLLOW)  # prepare() checked the path
                 futures: list[Future[Any]] = []
                 with ThreadPoolExecutor(2, thread_name_prefix="fastload-hash") as hashers:
                     hash_futures = {plan.item.name: hashers.submit(self._hash_sequential, plan, abort)

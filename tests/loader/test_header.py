@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import fastload_core
 from fastload_core.errors import CheckpointError, HeaderError, TruncatedFileError, UnsupportedDtypeError
 from fastload_core.loader.header import MAX_HEADER_BYTES, parse_header, read_header
 
@@ -102,7 +106,8 @@ entry_values = st.fixed_dictionaries(
     {},
     optional={
         "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "X", 3]),
-        "shape": st.lists(st.integers(-2, 6), max_size=3) | json_values,
+        "shape": st.lists(st.integers(-2, 6) | st.sampled_from([2**31, 2**62, 2**63, 2**64]), max_size=3)
+        | json_values,
         "data_offsets": st.lists(st.integers(-2, 80), min_size=0, max_size=3) | json_values,
     },
 )
@@ -115,8 +120,6 @@ entry_values = st.fixed_dictionaries(
 )
 def test_parser_accepts_or_raises_checkpoint_error(entries: dict[str, object], file_size: int) -> None:
     """Whatever the header says, parsing either yields in-bounds tensors or a CheckpointError."""
-    import json
-
     raw = json.dumps(entries).encode()
     try:
         header = parse_header("fuzz.safetensors", raw, 8 + len(raw) + file_size)
@@ -138,3 +141,71 @@ def test_arbitrary_bytes_never_crash_the_reader(tmp_path_factory: pytest.TempPat
     path.write_bytes(blob)
     with contextlib.suppress(CheckpointError):
         read_header(path)
+
+
+# --- what safetensors refuses, fastload refuses too (issue 11.8) ---------------------------------------------
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b'{"t": ' + json.dumps(F32_2x2).encode() + b', "t": ' + json.dumps(F32_2x2).encode() + b"}", "'t' twice"),
+        (b'{"__metadata__": {"a": "1"}, "__metadata__": {"a": "2"}}', "'__metadata__' twice"),
+        (b'{"t": {"dtype": "F32", "dtype": "F16", "shape": [], "data_offsets": [0, 4]}}', "'dtype' twice"),
+        (b'{"t": ' + b"[" * DEEP + b"]" * DEEP + b"}", "nests"),
+        (b'{"t": {"dtype": "F32", "shape": [4611686018427387904, 4611686018427387904, 0], "data_offsets": [0, 0]}}',
+         "overflows"),
+    ],
+)
+def test_what_safetensors_refuses_is_a_header_error(tmp_path: Path, raw: bytes, fragment: str) -> None:
+    path = write_raw(tmp_path / "bad.safetensors", raw, b"\0" * 16)
+    with pytest.raises(HeaderError, match=fragment):
+        read_header(path)
+    with pytest.raises(HeaderError, match=fragment):
+        fastload_core.load_file(path)
+
+
+def test_a_deeply_nested_sharded_index_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * DEEP + "]" * DEEP + "}")
+    with pytest.raises(CheckpointError, match="too deeply"):
+        fastload_core.load_state_dict(tmp_path)
+
+
+def test_inspect_reports_a_hostile_header_without_a_traceback(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "deep.safetensors", b'{"t": ' + b"[" * DEEP + b"]" * DEEP + b"}")
+    done = subprocess.run([sys.executable, "-m", "fastload_core", "inspect", str(path)], capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "nests arrays or objects too deeply" in done.stderr
+
+
+names = st.sampled_from(["a", "b", "__metadata__"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(st.tuples(names, entry_values | json_values), max_size=4), file_size=st.integers(0, 64))
+def test_a_name_given_twice_is_always_refused(pairs: list[tuple[str, object]], file_size: int) -> None:
+    """Headers written key by key, so names may repeat: a repeated name is a HeaderError, never "the last"."""
+    raw = ("{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}").encode()
+    keys = [k for k, _ in pairs]
+    try:
+        parse_header("fuzz.safetensors", raw, 8 + len(raw) + file_size)
+    except HeaderError as exc:
+        if len(set(keys)) != len(keys):
+            assert "twice" in str(exc) or "nests" in str(exc)
+        return
+    except CheckpointError:
+        assert len(set(keys)) == len(keys)
+        return
+    assert len(set(keys)) == len(keys)
+
+
+@settings(max_examples=50, deadline=None)
+@given(depth=st.integers(1, 200_000), opener=st.sampled_from(["[", '{"k": ']))
+def test_any_nesting_depth_parses_or_is_a_checkpoint_error(depth: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    raw = ('{"t": ' + opener * depth + ("0" if opener == '{"k": ' else "") + closer * depth + "}").encode()
+    with contextlib.suppress(CheckpointError):
+        parse_header("deep.safetensors", raw, 8 + len(raw))

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fastload_core.storage import pin
+from fastload_core.storage import parse_uri, pin
 from fastload_core.storage.commands import add_commands
 
 
@@ -53,3 +55,27 @@ def test_rm_refuses_traversal_keys(capsys: pytest.CaptureFixture[str]) -> None:
 
     with pytest.raises(UnsafeKeyError):
         run(["cache", "rm", "../../etc"])
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastload_core", *args], capture_output=True, text=True,
+                          check=False, timeout=120, env=dict(os.environ, **(env or {})))
+
+
+def test_cli_refuses_a_planted_link_and_a_bad_verify_mode(tmp_path: Path) -> None:
+    model = tmp_path / "w.bin"
+    model.write_bytes(b"x" * 100)
+    uri = f"file://{model}"
+    slug_dir = Path(os.environ["FASTLOAD_CACHE_DIR"]) / "storage" / parse_uri(uri).slug
+    slug_dir.parent.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    slug_dir.symlink_to(outside)
+    done = _cli(["fetch", uri])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "symbolic link" in done.stderr and str(slug_dir) in done.stderr and list(outside.iterdir()) == []
+    slug_dir.unlink()
+    done = _cli(["fetch", uri], {"FASTLOAD_VERIFY": "maybe"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "FASTLOAD_VERIFY='maybe'" in done.stderr
+    done = _cli(["fetch", uri], {"FASTLOAD_VERIFY": "full"})
+    assert done.returncode == 0 and Path(done.stdout.strip()).read_bytes() == b"x" * 100
