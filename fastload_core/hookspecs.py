@@ -1,8 +1,11 @@
 """The plugin surface of fastload: every hook a plugin may implement.
 
-Built-in formats, tiers and cache backends register through these same hooks, so a third-party
-plugin is never second-class. Registration hooks receive a ``register`` callback; event hooks
-receive keyword arguments and their return value is ignored.
+Built-in checkpoint formats, URI schemes and compile-cache backends register through these same
+hooks, so a third-party plugin is never second-class. Registration hooks receive a ``register``
+callback; event hooks receive keyword arguments and their return value is ignored. Every event that
+starts something (``before_load``, ``on_fetch_start``) is followed by exactly one event that
+finishes it, on every path, carrying ``error`` (None on success), so metrics and traces balance
+when a load or a fetch fails.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from .compile_cache.compiler import CompileReport
     from .report import LoadReport
 
 hookspec = pluggy.HookspecMarker("fastload")
@@ -31,8 +35,8 @@ def before_load(source: str, device: str) -> None:
 
 
 @hookspec
-def after_load(report: LoadReport) -> None:
-    """Called after a checkpoint is loaded, with what it cost."""
+def after_load(report: LoadReport, error: BaseException | None) -> None:
+    """Called once after every ``before_load``, with what it cost; ``error`` is what failed it, or None."""
 
 
 # --- storage -----------------------------------------------------------------------------------
@@ -62,8 +66,8 @@ def on_fetch_start(uri: str, tier: str, nbytes: int) -> None:
 
 
 @hookspec
-def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float) -> None:
-    """A fetch into a tier finished and was published."""
+def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float, error: BaseException | None) -> None:
+    """Once after every ``on_fetch_start``: published (``error`` None), or failed with ``error``."""
 
 
 @hookspec
@@ -75,3 +79,8 @@ def on_evict(tier: str, key: str, nbytes: int) -> None:
 @hookspec
 def register_compile_cache_backends(register: Callable[..., None]) -> None:
     """Call ``register(scheme, factory)``; ``factory(url)`` returns that scheme's ``CompileCacheBackend``."""
+
+
+@hookspec
+def after_compile(report: CompileReport) -> None:
+    """A compiled model's first call finished: ``report.status`` says whether the cache hit."""

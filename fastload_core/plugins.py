@@ -27,7 +27,7 @@ log = logging.getLogger("fastload.plugins")
 BUILTIN_PLUGINS: dict[str, str] = {
     "fastload.torch_pickle": "fastload_core.loader.legacy",
     "fastload.storage": "fastload_core.storage.builtin",
-    "fastload.metrics": "fastload_core.storage.metrics",
+    "fastload.metrics": "fastload_core.metrics",
     "fastload.compile_cache": "fastload_core.compile_cache.backends",
 }
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 
+from .. import plugins
 from .cache import CompileCache
 from .keys import derive_key
 
@@ -271,6 +272,7 @@ class _Primer:
             self._output = output
         self.report = report
         log.info("%s", report.summary())
+        plugins.notify("after_compile", report=report)
         return report
 
 
@@ -284,6 +286,7 @@ class _Primer:
         if keep_output:
             self._output = output
         self.report = report
+        plugins.notify("after_compile", report=report)
         return report
 
 

@@ -79,19 +79,24 @@ def load_state_dict(
     report.source, report.device = text, str(target)
     started = time.perf_counter()
     plugins.notify("before_load", source=text, device=str(target))
-    private = copy or target.type != "cpu"
-    if storage.is_uri(text) and private:
-        tensors = _stream(text, target, report)
-    else:
-        pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
-        tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
-    if dtype is not None:
-        converted_at = time.perf_counter()
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-        report.add_stage("convert", time.perf_counter() - converted_at)
+    try:  # every before_load is paired with one after_load, carrying the error when there is one
+        private = copy or target.type != "cpu"
+        if storage.is_uri(text) and private:
+            tensors = _stream(text, target, report)
+        else:
+            pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
+            tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
+        if dtype is not None:
+            converted_at = time.perf_counter()
+            tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+            report.add_stage("convert", time.perf_counter() - converted_at)
+    except BaseException as exc:
+        report.seconds = time.perf_counter() - started
+        plugins.notify("after_load", report=report, error=exc)
+        raise
     report.seconds = time.perf_counter() - started
     log.info(report.summary())
-    plugins.notify("after_load", report=report)
+    plugins.notify("after_load", report=report, error=None)
     return tensors
 
 

@@ -322,31 +322,36 @@ class TieredStore:
         partial = tier.prepare(slug, version, manifest)
         journal = Journal(partial / JOURNAL_NAME)
         nbytes = manifest.total_size
-        notify("on_fetch_start", uri=shown, tier=tier.name, nbytes=nbytes)
         what = f"{shown} -> {tier.name}"
-        progress = Progress(what, nbytes, enabled=self.show_progress)
-        if watch is not None:
-            watch.started(tier.name, partial / FILES_DIR, manifest)
-            progress.listeners.append(watch.range_done)
+        notify("on_fetch_start", uri=shown, tier=tier.name, nbytes=nbytes)
         started = time.monotonic()
-        try:
-            checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
-        except IntegrityError:
-            tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
+        try:  # every start is paired with one finish, carrying the error when there is one
+            progress = Progress(what, nbytes, enabled=self.show_progress)
+            if watch is not None:
+                watch.started(tier.name, partial / FILES_DIR, manifest)
+                progress.listeners.append(watch.range_done)
+            try:
+                checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
+            except IntegrityError:
+                tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
+                raise
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    tier.discard(partial)
+                    raise TierFullError(tier.name, nbytes, 0, uri=shown) from exc
+                raise
+            finally:
+                progress.close()
+            meta = EntryMeta.from_manifest(manifest, checksums)
+            tier.publish(slug, version, partial, meta)
+        except BaseException as exc:
+            notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
+                   seconds=time.monotonic() - started, error=exc)
             raise
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                tier.discard(partial)
-                raise TierFullError(tier.name, nbytes, 0, uri=shown) from exc
-            raise
-        finally:
-            progress.close()
-        meta = EntryMeta.from_manifest(manifest, checksums)
-        tier.publish(slug, version, partial, meta)
         seconds = time.monotonic() - started
         log.info("%s: %d bytes in %.2fs (%.1f MiB/s)", what, nbytes, seconds,
                  nbytes / max(seconds, 1e-9) / 2**20)
-        notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes, seconds=seconds)
+        notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes, seconds=seconds, error=None)
         pinned = tier.pin(slug, version)
         if pinned is None:
             raise StorageError(f"{shown}: entry vanished from tier {tier.name!r} right after publication "
