@@ -11,13 +11,16 @@ when a load or a fetch fails.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    from .compile_cache.base import CompileCacheBackend
     from .compile_cache.compiler import CompileReport
+    from .loader.formats import CheckpointFormat
     from .report import LoadReport
+    from .storage.base import Origin
 
 hookspec = pluggy.HookspecMarker("fastload")
 hookimpl = pluggy.HookimplMarker("fastload")
@@ -25,8 +28,8 @@ hookimpl = pluggy.HookimplMarker("fastload")
 
 # --- loading -----------------------------------------------------------------------------------
 @hookspec
-def register_checkpoint_formats(register: Callable[[Any], None]) -> None:
-    """Register ``CheckpointFormat`` objects that turn other checkpoint formats into state dicts."""
+def register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    """Call ``register(fmt)`` with ``CheckpointFormat`` objects that turn other formats into state dicts."""
 
 
 @hookspec
@@ -41,7 +44,7 @@ def after_load(report: LoadReport, error: BaseException | None) -> None:
 
 # --- storage -----------------------------------------------------------------------------------
 @hookspec
-def register_storage_schemes(register: Callable[..., None]) -> None:
+def register_storage_schemes(register: Callable[[str, Callable[[], Origin]], None]) -> None:
     """Register URI schemes: ``register(scheme, factory)``; ``factory()`` returns a ``storage.Origin``."""
 
 
@@ -77,7 +80,7 @@ def on_evict(tier: str, key: str, nbytes: int) -> None:
 
 # --- compile cache -----------------------------------------------------------------------------
 @hookspec
-def register_compile_cache_backends(register: Callable[..., None]) -> None:
+def register_compile_cache_backends(register: Callable[[str, Callable[[str], CompileCacheBackend]], None]) -> None:
     """Call ``register(scheme, factory)``; ``factory(url)`` returns that scheme's ``CompileCacheBackend``."""
 
 

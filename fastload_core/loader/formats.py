@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from .. import config, plugins
 from .._atomic import publish_file
-from ..errors import CheckpointError, UnsupportedFormatError
+from ..errors import PluginError, UnsupportedFormatError
 
 
 @runtime_checkable
@@ -34,13 +34,17 @@ class CheckpointFormat(Protocol):
         ...
 
 
+def accept_format(fmt: object) -> CheckpointFormat:
+    """The contract of ``register_checkpoint_formats``: ``register(fmt)`` with one ``CheckpointFormat``."""
+    if not isinstance(fmt, CheckpointFormat) or not isinstance(fmt.name, str):
+        raise PluginError(f"register_checkpoint_formats got {fmt!r}; register one object with a str "
+                          "`name` and `matches(path)` and `read_state_dict(path)` methods")
+    return fmt
+
+
 def registered_formats() -> list[CheckpointFormat]:
-    formats = []
-    for args in plugins.collect("register_checkpoint_formats"):
-        if len(args) != 1 or not isinstance(args[0], CheckpointFormat):
-            raise CheckpointError("<plugin>", f"register_checkpoint_formats got {args!r}; register one format object")
-        formats.append(args[0])
-    return formats
+    """The formats plugins registered, in the order they are tried (the last registered plugin first)."""
+    return [registration.value for registration in plugins.collect("register_checkpoint_formats", accept_format)]
 
 
 def find_format(path: Path) -> CheckpointFormat | None:

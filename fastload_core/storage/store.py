@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,7 @@ from typing import Protocol
 
 import filelock
 
+from ..errors import PluginError
 from ..plugins import collect, notify
 from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, tier_for_path
 from .copy import EntrySource
@@ -60,15 +62,27 @@ class FetchWatch(Protocol):
     def range_done(self, name: str, start: int, end: int) -> None: ...
 
 
-def registered_origins() -> dict[str, OriginFactory]:
-    """Schemes registered through the ``register_storage_schemes`` hook (built-ins first, so a plugin may
-    replace one): ``register(scheme, factory)`` where ``factory()`` returns an ``Origin``."""
-    found: dict[str, OriginFactory] = {}
-    for args in collect("register_storage_schemes"):
-        if len(args) != 2 or not isinstance(args[0], str) or not callable(args[1]):
-            log.warning("ignoring a storage scheme registration that is not (scheme, factory): %r", args)
-            continue
-        found[args[0].lower()] = args[1]
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*$")
+
+
+def accept_scheme(scheme: object, factory: object) -> tuple[str, OriginFactory]:
+    """The contract of ``register_storage_schemes``: ``register(scheme, factory)``, ``factory()`` an ``Origin``."""
+    if not isinstance(scheme, str) or not _SCHEME.match(scheme.lower()):
+        raise PluginError(f"register_storage_schemes got scheme {scheme!r}; a scheme is a str such as 's3'")
+    if not callable(factory):
+        raise PluginError(f"register_storage_schemes got factory {factory!r} for {scheme!r}; it must be "
+                          "callable with no arguments and return a storage Origin")
+    return scheme.lower(), factory
+
+
+def registered_origins() -> dict[str, tuple[str, OriginFactory]]:
+    """Scheme -> (plugin, factory), through the ``register_storage_schemes`` hook. Plugins are called the
+    last registered first and the first claim of a scheme wins, so a third-party plugin may replace a
+    built-in scheme."""
+    found: dict[str, tuple[str, OriginFactory]] = {}
+    for registration in collect("register_storage_schemes", accept_scheme):
+        scheme, factory = registration.value
+        found.setdefault(scheme, (registration.plugin, factory))
     return found
 
 
@@ -145,7 +159,12 @@ class TieredStore:
                     raise BadURIError(uri or f"{scheme}://", f"no storage backend for scheme {scheme!r} "
                                                              f"(registered: {known}); install the plugin that "
                                                              "provides it")
-                self._origins[scheme] = factories[scheme]()
+                plugin, factory = factories[scheme]
+                origin = factory()
+                if not isinstance(origin, Origin):
+                    raise PluginError(f"the storage scheme {scheme}:// registered by plugin {plugin!r} built "
+                                      f"{type(origin).__name__}, not a fastload_core.storage.Origin")
+                self._origins[scheme] = origin
             return self._origins[scheme]
 
     # --- public API ------------------------------------------------------------------------------
