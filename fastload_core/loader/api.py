@@ -120,9 +120,31 @@ def _load_local(
     return tensors
 
 
-def _stream(uri: str, device: torch.device, report: LoadReport) -> dict[str, torch.Tensor]:
-    from ..storage.streaming import stream_state_dict
+def stream_state_dict(uri: str, device: str | torch.device = "cpu", *, tier: str | None = None,
+                      store: storage.TieredStore | None = None,
+                      stats: dict[str, float] | None = None) -> tuple[dict[str, torch.Tensor], storage.Pin]:
+    """Fetch ``uri`` and load every tensor of its safetensors files, overlapping the two on a cold start.
 
+    Returns the state dict and the pin of the cached entry (release it when the model is dropped; the
+    tensors are private copies, so releasing early only lets the entry be evicted). On a cache hit this is
+    a plain load of the cached files. ``stats``, when given, receives monotonic times: ``started``,
+    ``first_tensor``, ``last_tensor``, ``fetch_done`` (the overlap, for benchmarks and tests).
+    """
+    from .streaming import stream_tensors
+
+    target = torch.device(device)
+    tensors, pinned = stream_tensors(uri, target, tier=tier, store=store, stats=stats)
+    if tensors is None:  # a hit: the usual private-copy load of the cached files
+        try:
+            scratch = LoadReport(source=str(pinned.path), device=str(target))
+            tensors = _load_local(pinned.path, target, target.type == "cpu", False, scratch, None)
+        except BaseException:
+            pinned.release()
+            raise
+    return tensors, pinned
+
+
+def _stream(uri: str, device: torch.device, report: LoadReport) -> dict[str, torch.Tensor]:
     stats: dict[str, float] = {}
     tensors, pinned = _timed(report, "stream", stream_state_dict, uri, device, stats=stats)
     pinned.release()  # the tensors are private copies; the published entry may now be evicted

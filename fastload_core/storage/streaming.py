@@ -1,0 +1,90 @@
+"""Watching a fetch from the origin while it lands: the byte side of the streaming load.
+
+The fetch runs as usual (parallel ranged GETs into the cache tier, verified, published). A ``RangeWatch``
+hears where the download writes and which byte ranges have landed, keeps each file's contiguous landed
+prefix (a ``Watermark``) and an open descriptor on each partial file, so a reader can use the bytes below
+the watermark while the rest is still arriving. Storage knows bytes only: turning them into tensors is
+``fastload_core.loader.streaming``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from .eviction import Pin
+from .meta import Manifest
+from .progress import Watermark
+from .store import TieredStore, default_store
+
+
+class RangeWatch:
+    """A ``FetchWatch`` that keeps the watched files' descriptors and each one's landed prefix."""
+
+    def __init__(self, wanted: Callable[[str], bool] = lambda name: True) -> None:
+        self.wanted = wanted
+        self.started_event = threading.Event()
+        self.manifest: Manifest | None = None
+        self.fds: dict[str, int] = {}
+        self.marks: dict[str, Watermark] = {}
+        self.failed: BaseException | None = None
+        self.finished = False
+
+    def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
+        # Opened now, before the download: the partial directory is renamed when it is published, and
+        # an open descriptor follows the file wherever it goes.
+        for item in manifest.files:
+            if self.wanted(item.name):
+                self.fds[item.name] = os.open(files_dir.joinpath(*item.name.split("/")), os.O_RDONLY)
+                self.marks[item.name] = Watermark()
+        self.manifest = manifest
+        self.started_event.set()
+
+    def range_done(self, name: str, start: int, end: int) -> None:
+        mark = self.marks.get(name)
+        if mark is not None:
+            mark.complete(start, end)
+
+    def finish(self, future: Future[Pin]) -> None:
+        self.failed = future.exception()
+        self.finished = True
+        for mark in self.marks.values():
+            mark.wake()
+        self.started_event.set()
+
+    def wait_for(self, name: str, position: int) -> None:
+        """Block until the first ``position`` bytes of ``name`` have landed; raise what failed the fetch."""
+        mark = self.marks[name]
+        reached = mark.wait_until(position, lambda: self.failed is not None or self.finished, 0.5)
+        if reached < position and self.failed is not None:
+            raise self.failed
+        # else landed, or complete: the ranges of a resumed download are not reported again
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def watch_fetch(uri: str, *, tier: str | None = None, store: TieredStore | None = None,
+                wanted: Callable[[str], bool] = lambda name: True,
+                stats: dict[str, float] | None = None) -> tuple[RangeWatch, Future[Pin]]:
+    """Start pinning ``uri`` in the background, watched. ``watch.started_event`` is set when the download
+    begins, or when the fetch ends without one (a hit, or a failure); the future holds the pin, verified
+    and published. ``stats``, when given, receives ``fetch_done`` (monotonic time)."""
+    store = store or default_store()
+    watch = RangeWatch(wanted)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="fastload-stream-fetch")
+    future = executor.submit(store.pin, uri, tier=tier, watch=watch)
+    executor.shutdown(wait=False)
+    if stats is not None:
+        future.add_done_callback(lambda f: stats.__setitem__("fetch_done", time.monotonic()))
+    future.add_done_callback(watch.finish)
+    return watch, future
+
+
+__all__ = ["RangeWatch", "watch_fetch"]
