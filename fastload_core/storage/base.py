@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import filelock
 
-from .errors import UnsafeKeyError
+from .._safefs import UnsafePath, check_path, open_dir, open_file, scan_tree, secure_dir
+from .errors import TierFullError, UnsafeKeyError
 from .meta import FILES_DIR, META_NAME, Checksums, EntryMeta, Manifest
 from .uri import ModelURI, confine, safe_relpath
 
@@ -94,9 +95,14 @@ class Journal:
         self._lock = threading.Lock()
         self.done: dict[tuple[str, int, int], str | None] = {}
         try:
-            text = path.read_text()
+            fd = open_file(path, os.O_RDONLY)
         except FileNotFoundError:
             text = ""
+        except UnsafePath as exc:
+            raise UnsafeKeyError(exc.path, exc.problem) from None
+        else:
+            with os.fdopen(fd, "r") as handle:
+                text = handle.read()
         for line in text.splitlines(keepends=True):
             fields = line.rstrip("\n").split("\t")
             if not line.endswith("\n") or len(fields) != 4:
@@ -110,7 +116,11 @@ class Journal:
     def record(self, name: str, start: int, end: int, md5: str | None) -> None:
         with self._lock:
             self.done[(name, start, end)] = md5
-            with open(self.path, "a") as handle:
+            try:
+                fd = open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            except UnsafePath as exc:
+                raise UnsafeKeyError(exc.path, exc.problem) from None
+            with os.fdopen(fd, "a") as handle:
                 handle.write(f"{name}\t{start}\t{end}\t{md5 or '-'}\n")
 
     def has(self, name: str, start: int, end: int) -> bool:
@@ -196,33 +206,98 @@ class Tier:
     def partial_dir(self, slug: str, version: str) -> Path:
         return self.entry_dir(slug, version).parent / f".partial-{version}-{_host()}"
 
+    def unsafe(self, exc: UnsafePath) -> UnsafeKeyError:
+        """The storage error for a path under this tier that fastload refuses to use."""
+        return UnsafeKeyError(exc.path, exc.problem, tier=self.name)
+
+    def checked_dir(self, *parts: str, create: bool = False) -> Path:
+        """``root/parts...`` with no component a link, a special file or another user's (see ``_safefs``);
+        made where missing when ``create``."""
+        try:
+            return secure_dir(self.root, parts, create=create)
+        except UnsafePath as exc:
+            raise self.unsafe(exc) from None
+
     def lookup(self, slug: str, version: str) -> Entry | None:
         return self._entry_at(self.entry_dir(slug, version))
 
     def _entry_at(self, path: Path) -> Entry | None:
-        meta_path = path / META_NAME
+        """The entry at ``path``, read without following links: a version directory or ``meta.json`` that
+        is a link (say, to a directory with a forged sidecar) is refused with ``UnsafeKeyError``."""
         try:
-            meta = EntryMeta.from_json(meta_path.read_text())
-            last_used = meta_path.stat().st_mtime
-        except (FileNotFoundError, NotADirectoryError):
+            dir_fd = open_dir(self.root, path.relative_to(self.root).parts)
+        except FileNotFoundError:
             return None
+        except UnsafePath as exc:
+            raise self.unsafe(exc) from None
+        try:
+            meta_fd = open_file(META_NAME, os.O_RDONLY, dir_fd=dir_fd)
+            with os.fdopen(meta_fd, "rb") as handle:
+                last_used = os.fstat(handle.fileno()).st_mtime
+                meta = EntryMeta.from_json(handle.read().decode())
+        except FileNotFoundError:
+            return None
+        except UnsafePath as exc:
+            raise self.unsafe(UnsafePath(path / META_NAME, exc.problem)) from None
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring entry %s with an unreadable %s: %r", path, META_NAME, exc)
             return None
+        finally:
+            os.close(dir_fd)
         return Entry(self.name, path.parent.name, path.name, path, meta, last_used)
+
+    def file_sizes(self, entry: Entry) -> dict[str, int]:
+        """Size of every file of ``entry`` by name, walked without following links; raises
+        ``UnsafeKeyError`` for a link, special file or foreign-owned file anywhere under it."""
+        try:
+            dir_fd = open_dir(self.root, (entry.slug, entry.version, FILES_DIR))
+        except FileNotFoundError:
+            return {}
+        except UnsafePath as exc:
+            raise self.unsafe(exc) from None
+        try:
+            return scan_tree(dir_fd, entry.path / FILES_DIR)
+        except UnsafePath as exc:
+            raise self.unsafe(exc) from None
+        finally:
+            os.close(dir_fd)
+
+    def _children(self, path: Path) -> list[Path]:
+        """Subdirectories of ``path`` (dot-names skipped); links and other oddities are reported, not entered."""
+        try:
+            with os.scandir(path) as scan:
+                names = sorted(entry.name for entry in scan if not entry.name.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for name in names:
+            try:
+                st = check_path(path / name, want="dir")
+            except UnsafePath as exc:
+                log.warning("tier %s: skipping %s: %s", self.name, exc.path, exc.problem)
+                continue
+            if st is not None:
+                found.append(path / name)
+        return found
 
     def entries(self, slug: str | None = None) -> list[Entry]:
         found: list[Entry] = []
         if not self.root.is_dir():
             return found
-        slugs = [self.root / slug] if slug else sorted(self.root.iterdir())
+        if slug:
+            try:
+                slugs = [self.checked_dir(slug)]
+            except (FileNotFoundError, UnsafeKeyError):
+                return found
+        else:
+            slugs = self._children(self.root)
         for slug_dir in slugs:
-            if slug_dir.name.startswith(".") or not slug_dir.is_dir() or slug_dir.is_symlink():
-                continue
-            for version_dir in sorted(slug_dir.iterdir()):
-                if version_dir.name.startswith(".") or version_dir.is_symlink():
+            for version_dir in self._children(slug_dir):
+                try:
+                    entry = self._entry_at(version_dir)
+                except UnsafeKeyError as exc:
+                    log.warning("tier %s: skipping an entry fastload refuses to read: %s", self.name, exc)
                     continue
-                entry = self._entry_at(version_dir)
                 if entry is not None:
                     found.append(entry)
         return found
@@ -230,25 +305,39 @@ class Tier:
     def partials(self) -> Iterator[Path]:
         if not self.root.is_dir():
             return
-        for slug_dir in self.root.iterdir():
-            if slug_dir.name.startswith(".") or not slug_dir.is_dir():
-                continue
-            yield from (p for p in slug_dir.iterdir() if p.name.startswith(".partial-"))
+        for slug_dir in self._children(self.root):
+            with os.scandir(slug_dir) as scan:
+                names = [entry.name for entry in scan if entry.name.startswith(".partial-")]
+            for name in names:
+                if os.path.islink(slug_dir / name):
+                    log.warning("tier %s: ignoring %s: a link, never followed", self.name, slug_dir / name)
+                    continue
+                yield slug_dir / name
 
     # --- locks -----------------------------------------------------------------------------------
     def fetch_lock(self, slug: str, version: str) -> filelock.BaseFileLock:
         """Single flight for one entry on this node. Only prevents duplicate work: correctness comes from
         publishing by rename. The kernel drops it when its holder dies, so there are no stale locks."""
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        return filelock.FileLock(self.lock_dir / f"fetch-{slug}-{version}.lock")
+        return self._file_lock(f"fetch-{slug}-{version}.lock")
 
     def tier_lock(self) -> filelock.BaseFileLock:
         """Serialises budget decisions (measure, evict, preallocate) between processes."""
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        return filelock.FileLock(self.lock_dir / "tier.lock")
+        return self._file_lock("tier.lock")
+
+    def _file_lock(self, name: str) -> filelock.BaseFileLock:
+        # filelock opens its file with O_TRUNC and follows links: check the directory and the file first.
+        base, parts = self.root, self.lock_dir.parts[len(self.root.parts):]
+        if self.lock_dir.parts[:len(self.root.parts)] != self.root.parts:  # shared_fs: locks on local disk
+            base, parts = self.lock_dir.parent.parent, self.lock_dir.parts[-2:]
+        try:
+            path = secure_dir(base, parts, create=True) / name
+            check_path(path, want="file")
+        except UnsafePath as exc:
+            raise self.unsafe(exc) from None
+        return filelock.FileLock(path)
 
     def use_lock_path(self, slug: str, version: str) -> Path:
-        return self.root / ".locks" / f"use-{slug}-{version}.lock"
+        return self.checked_dir(".locks", create=True) / f"use-{slug}-{version}.lock"
 
     # --- writing ---------------------------------------------------------------------------------
     def prepare(self, slug: str, version: str, manifest: Manifest) -> Path:
@@ -259,37 +348,51 @@ class Tier:
         partial = self.partial_dir(slug, version)
         with self.tier_lock():
             held = _allocated(partial)
-            make_room(self, manifest.total_size - held, keep={(slug, version)}, uri=manifest.uri)
-            files_dir = partial / FILES_DIR
-            files_dir.mkdir(parents=True, exist_ok=True)
-            for item in manifest.files:
-                path = confine(files_dir, item.name, uri=manifest.uri)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-                try:
-                    if os.fstat(fd).st_size != item.size:
-                        os.ftruncate(fd, item.size)
-                    if item.size:
-                        _preallocate(fd, item.size)
-                finally:
-                    os.close(fd)
+            make_room(self, _footprint(manifest) - held, keep={(slug, version)}, uri=manifest.uri)
+            try:
+                files_dir = self.checked_dir(slug, partial.name, FILES_DIR, create=True)
+                for item in manifest.files:
+                    path = confine(files_dir, item.name, uri=manifest.uri)
+                    try:
+                        secure_dir(files_dir, item.name.split("/")[:-1], create=True)
+                        fd = open_file(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    except UnsafePath as exc:
+                        raise self.unsafe(exc) from None
+                    try:
+                        if os.fstat(fd).st_size != item.size:
+                            os.ftruncate(fd, item.size)
+                        if item.size:
+                            _preallocate(fd, item.size)
+                    finally:
+                        os.close(fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The filesystem ran out (of blocks, or of inodes: a many-file model on a small tmpfs) before
+                # the budget said so. A partial this size is worth nothing: drop it so the tier is as it was.
+                self.discard(partial)
+                raise TierFullError(self.name, manifest.total_size, self.free_bytes(), uri=manifest.uri) from exc
         return partial
 
     def publish(self, slug: str, version: str, partial: Path, meta: EntryMeta) -> Path:
         """fsync every file, write the sidecar last, and rename the directory into place. Losing a race to
         another node publishing the same version is fine: its copy is identical, ours is discarded."""
-        for dirpath, _dirnames, filenames in os.walk(partial / FILES_DIR):
-            for name in filenames:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(Path(dirpath))
-        (partial / JOURNAL_NAME).unlink(missing_ok=True)
-        meta.write(partial)
-        fsync_dir(partial)
-        target = self.entry_dir(slug, version)
+        try:
+            for dirpath, _dirnames, filenames in os.walk(partial / FILES_DIR):
+                for name in filenames:
+                    fd = open_file(os.path.join(dirpath, name), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                fsync_dir(Path(dirpath))
+            (partial / JOURNAL_NAME).unlink(missing_ok=True)
+            meta.write(partial)
+            fsync_dir(partial)
+            target = self.entry_dir(slug, version)
+            check_path(target, want="dir")  # a planted link in the entry's place is refused, not replaced
+        except UnsafePath as exc:
+            raise self.unsafe(exc) from None
         try:
             os.rename(partial, target)
         except OSError as exc:
@@ -310,12 +413,22 @@ class Tier:
             os.rename(path, trash)
         except FileNotFoundError:
             return
+        if os.path.islink(trash):  # rmtree refuses links (rightly): the link itself goes, never its target
+            os.unlink(trash)
+            return
         shutil.rmtree(trash, ignore_errors=True)
 
-    def pin(self, slug: str, version: str) -> Pin | None:
+    def pin(self, slug: str, version: str, *, verify: str = "size") -> Pin | None:
+        """Hold the entry in use if this tier has it intact (checked as ``verify`` says); else None."""
         from .eviction import pin_entry
 
-        return pin_entry(self, slug, version)
+        return pin_entry(self, slug, version, verify=verify)
+
+
+def _footprint(manifest: Manifest, block: int = 4096) -> int:
+    """Bytes the manifest's files occupy once written: each file rounded up to a whole block, so a model of
+    thousands of small files is not mistaken for a few kilobytes."""
+    return sum(-(-item.size // block) * block for item in manifest.files)
 
 
 def _allocated(path: Path) -> int:

@@ -1,8 +1,10 @@
 """Verified local copies: promotion between tiers and fetches from a mounted origin (``file://``).
 
-Each file is read once, hashed and written in the same pass; a copy whose MD5 differs from what the source
-entry recorded is an ``IntegrityError`` and is never published. Files are copied in parallel (hashlib
-releases the GIL), which matters for sharded checkpoints.
+Each file is read once, hashed and written in the same pass. A promotion checks the block digests the
+source entry recorded at download (XXH3, see verify.py), or its MD5 for entries written before digests
+existed; a mismatch is an ``IntegrityError`` and is never published. Files are copied in parallel (the
+hashes release the GIL), which matters for sharded checkpoints. A copy keeps a private source private: a
+file no one but its owner may read is written 0600, anything else 0644.
 """
 
 from __future__ import annotations
@@ -11,31 +13,52 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .._safefs import UnsafePath, open_file
 from .base import Journal, Source
 from .checksum import ETagHasher
-from .errors import IntegrityError
+from .errors import IntegrityError, UnsafeKeyError
 from .meta import Checksums, Manifest
 from .progress import Progress
 from .uri import confine, safe_relpath
+from .verify import BlockDigests
 
 _CHUNK = 8 * 1024 * 1024
 
 
+def private_mode(source_mode: int) -> int:
+    """The mode of a copy: 0600 when the source is readable by its owner only, else 0644 (the same rule as
+    converted checkpoints), so caching a private model never publishes it to every user of the node."""
+    return 0o600 if source_mode & 0o044 == 0 else 0o644
+
+
 def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | None] | None, uri: str,
-              name: str, progress: Progress | None = None) -> tuple[str, int | None]:
-    """Copy ``src`` into the preallocated ``dst``; return the checksum of what was copied, in the same form
-    (part size) as ``expected`` so the two compare."""
+              name: str, progress: Progress | None = None, digests: tuple[int, str] | None = None,
+              from_tier: bool = False) -> tuple[str, int | None] | None:
+    """Copy ``src`` into the preallocated ``dst``. With ``digests`` (block size, recorded block digests) the
+    copy is verified against them and ``expected`` is returned as is (same bytes, same checksum); otherwise
+    return the checksum of what was copied, in the same form (part size) as ``expected`` so the two compare.
+    ``from_tier``: the source is a tier entry, opened without following links."""
     part_size = expected[1] if expected else None
-    digest = ETagHasher(part_size)
+    digest = ETagHasher(part_size) if digests is None else None
+    blocks = BlockDigests(digests[0]) if digests is not None else None
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     copied = 0
-    with open(src, "rb", buffering=0) as reader, open(dst, "r+b", buffering=0) as writer:
+    try:
+        src_fd = open_file(src, os.O_RDONLY) if from_tier else os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        dst_fd = open_file(dst, os.O_RDWR)
+    except UnsafePath as exc:
+        raise UnsafeKeyError(exc.path, exc.problem, uri=uri) from None
+    with open(src_fd, "rb", buffering=0) as reader, open(dst_fd, "r+b", buffering=0) as writer:
+        os.fchmod(writer.fileno(), private_mode(os.fstat(reader.fileno()).st_mode))
         while True:
             count = reader.readinto(buffer)
             if not count:
                 break
-            digest.update(view[:count])
+            if digest is not None:
+                digest.update(view[:count])
+            if blocks is not None:
+                blocks.update(view[:count])
             writer.write(view[:count])
             copied += count
             if progress is not None:
@@ -44,6 +67,12 @@ def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | Non
         writer.truncate(copied)
     if copied != size:
         raise IntegrityError(uri, name, f"expected {size} bytes, copied {copied} (did the source change?)")
+    if blocks is not None and digests is not None:
+        if blocks.hexdigest() != digests[1]:
+            raise IntegrityError(uri, name, "its bytes do not match the block digests recorded when the source "
+                                            "entry was written (the source is damaged)")
+        return expected
+    assert digest is not None
     checksum = digest.hexdigest()
     if expected is not None and checksum != expected[0]:
         raise IntegrityError(uri, name, f"checksum {checksum} does not match the recorded {expected[0]}")
@@ -51,31 +80,38 @@ def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | Non
 
 
 def copy_manifest(manifest: Manifest, source_root: Path, dest: Path, *, expected: Checksums,
-                  progress: Progress, by_name: bool = False) -> Checksums:
+                  progress: Progress, by_name: bool = False,
+                  digests: dict[str, tuple[int, str]] | None = None) -> Checksums:
     """Copy every file of ``manifest`` from ``source_root`` (at its locator, or at its name when the source
     is a tier entry) into ``dest``."""
-    def one(name: str, locator: str, size: int) -> tuple[str, tuple[str, int | None]]:
+    digests = digests or {}
+
+    def one(name: str, locator: str, size: int) -> tuple[str, tuple[str, int | None] | None]:
         # The source was validated when it was listed (its own symlink rules apply); only the destination
         # is confined here.
         src = source_root
         if locator:
             src = source_root.joinpath(*safe_relpath(locator, uri=manifest.uri).split("/"))
         return name, copy_file(src, confine(dest, name, uri=manifest.uri), size=size,
-                               expected=expected.get(name), uri=manifest.uri, name=name, progress=progress)
+                               expected=expected.get(name), uri=manifest.uri, name=name, progress=progress,
+                               digests=digests.get(name), from_tier=by_name)
 
     workers = max(1, min(4, len(manifest.files), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="fastload-copy") as pool:
         futures = [pool.submit(one, f.name, f.name if by_name else f.locator, f.size) for f in manifest.files]
-        return dict(future.result() for future in futures)
+        results = (future.result() for future in futures)
+        return {name: checksum for name, checksum in results if checksum is not None}
 
 
 class EntrySource(Source):
     """A lower tier's published entry, as the source of a promotion into a faster tier."""
 
-    def __init__(self, files_dir: Path, expected: Checksums) -> None:
+    def __init__(self, files_dir: Path, expected: Checksums,
+                 digests: dict[str, tuple[int, str]] | None = None) -> None:
         self.files_dir = files_dir
         self.expected = expected
+        self.digests = digests or {}
 
     def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
         return copy_manifest(manifest, self.files_dir, dest, expected=self.expected, progress=progress,
-                             by_name=True)
+                             by_name=True, digests=self.digests)

@@ -20,9 +20,12 @@ from types import TracebackType
 
 import filelock
 
+from .._safefs import UnsafePath, open_file
 from ..plugins import notify
 from .base import Entry, Tier, _host
-from .errors import TierFullError
+from .errors import StorageError, TierFullError, UnsafeKeyError
+from .meta import FILES_DIR
+from .verify import check_blocks, check_sizes
 
 log = logging.getLogger("fastload.storage")
 
@@ -66,8 +69,11 @@ class Pin:
 
 
 def _open_lock(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    """Open (creating) a use-lock file in its checked ``.locks`` directory, never through a link."""
+    try:
+        return open_file(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except UnsafePath as exc:
+        raise UnsafeKeyError(exc.path, exc.problem) from None
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -79,8 +85,10 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def pin_entry(tier: Tier, slug: str, version: str) -> Pin | None:
-    """Mark an entry in use and return its pin, or None when the tier does not hold it (any more)."""
+def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> Pin | None:
+    """Mark an entry in use and return its pin, or None when the tier does not hold it (any more) or held
+    it damaged: ``verify`` (see verify.py) says how hard to look, and a damaged entry is dropped so the
+    caller fetches it again."""
     if tier.lookup(slug, version) is None:
         return None
     lock_path = tier.use_lock_path(slug, version)
@@ -90,13 +98,49 @@ def pin_entry(tier: Tier, slug: str, version: str) -> Pin | None:
         if _same_file(fd, lock_path):
             break
         os.close(fd)
-    entry = tier.lookup(slug, version)
-    if entry is None:
+    try:
+        entry = tier.lookup(slug, version)
+        problem = damage(tier, entry, verify) if entry is not None else None
+    except BaseException:
         os.close(fd)
+        raise
+    if entry is None or problem is not None:
+        os.close(fd)
+        if entry is not None and problem is not None:
+            drop_damaged(tier, entry, problem)
         return None
     with contextlib.suppress(OSError):  # a read-only shared mount still serves
         os.utime(entry.path / "meta.json")  # the LRU clock
     return Pin(entry.data_path, fd=fd, tier=tier.name, key=f"{slug}/{version}", entry=entry)
+
+
+def damage(tier: Tier, entry: Entry, verify: str) -> str | None:
+    """What is wrong with a published entry (None when nothing is): a missing file or one whose size differs
+    from the metadata always; for ``sample``/``full``, blocks that differ from their recorded digests. Links
+    and foreign files under it raise ``UnsafeKeyError`` instead: those are refused, not repaired."""
+    problem = check_sizes(entry.meta.files, tier.file_sizes(entry))
+    if problem is not None or verify == "size":
+        return problem
+    for item in entry.meta.files:
+        problem = check_blocks(entry.path / FILES_DIR / item.name, item, verify)
+        if problem is not None:
+            return problem
+    return None
+
+
+def drop_damaged(tier: Tier, entry: Entry, problem: str) -> None:
+    """Remove a damaged entry so the next fetch replaces it. Processes still mapping its files keep them
+    (unlinking never touches a mapping); the entry directory is checked to be the same one that was found
+    damaged, so a good copy published meanwhile by another process is left alone."""
+    log.warning("tier %s: dropping damaged entry %s/%s of %s: %s; it will be fetched again", tier.name,
+                entry.slug, entry.version, entry.meta.uri, problem)
+    try:
+        found = tier.lookup(entry.slug, entry.version)
+    except StorageError:
+        return
+    if found is not None and found.meta.created == entry.meta.created:
+        tier.discard(entry.path)
+        notify("on_evict", tier=tier.name, key=f"{entry.slug}/{entry.version}", nbytes=entry.size)
 
 
 def in_use(tier: Tier, entry: Entry) -> bool:
@@ -156,6 +200,53 @@ def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]]) -> int:
         finally:
             lock.release()
     return removed
+
+
+def shrink_to_budget(tier: Tier) -> int:
+    """Evict least recently used entries nobody holds until the tier's usage is within its capacity (what
+    ``cache gc`` does); the caller holds the tier lock. Returns how many entries were evicted. Each eviction
+    is measured afresh, so the excess is counted once: three unused 8 MiB entries over a 20 MiB budget lose
+    one, over a 10 MiB budget two."""
+    capacity = tier.capacity()
+    if capacity is None or tier.usage() <= capacity:
+        return 0
+    evicted = 0
+    remove_stale_partials(tier, keep=set())
+    for entry in sorted(tier.entries(), key=lambda e: e.last_used):
+        if tier.usage() <= capacity:
+            break
+        if try_evict(tier, entry):
+            evicted += 1
+    usage = tier.usage()
+    if usage > capacity:
+        log.warning("tier %s stays over budget (%d of %d bytes): the rest is in use; release models or raise "
+                    "FASTLOAD_%s_CAPACITY", tier.name, usage, capacity, tier.name.upper())
+    return evicted
+
+
+def remove_orphan_lock(tier: Tier, lock_path: Path, slug: str, version: str) -> bool:
+    """Delete the use-lock file of an entry that no longer exists, but only while holding it exclusively
+    (without waiting) and after checking again that the entry is still absent: an entry published and
+    pinned since the caller listed the tier keeps its lock. Returns whether the file was removed."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False  # gone already, or not a plain file (the tier's checks report those)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # pinned right now
+        try:
+            present = tier.lookup(slug, version) is not None
+        except StorageError:
+            return False  # not a name fastload writes: leave it for a person to look at
+        if present or not _same_file(fd, lock_path):
+            return False
+        lock_path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def make_room(tier: Tier, need: int, *, keep: set[tuple[str, str]], uri: str | None = None) -> None:

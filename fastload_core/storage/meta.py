@@ -70,6 +70,8 @@ class FileMeta:
     version_id: str | None = None
     checksum: str | None = None  # ETag form (see checksum.py): plain MD5, or MD5-of-part-MD5s "-N"
     part_size: int | None = None  # the part size ``checksum`` was computed with (None: plain MD5)
+    block_size: int | None = None  # the block size ``digests`` were computed with (see verify.py)
+    digests: str | None = None  # XXH3-64 of every block, hex, concatenated: what hits and promotions check
 
 
 @dataclass(frozen=True)
@@ -103,21 +105,31 @@ class EntryMeta:
     def write(self, entry_dir: Path) -> None:
         """Write the sidecar durably; it is written last, so its presence means the files are complete."""
         path = entry_dir / META_NAME
-        with open(path, "w") as handle:
+        path.unlink(missing_ok=True)  # never write through whatever stood there (a planted link)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as handle:
             handle.write(self.to_json())
             handle.flush()
             os.fsync(handle.fileno())
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, checksums: Checksums) -> EntryMeta:
+    def from_manifest(cls, manifest: Manifest, checksums: Checksums, *, digests: dict[str, str] | None = None,
+                      block_size: int | None = None) -> EntryMeta:
         files = []
         for f in manifest.files:
             checksum, part_size = checksums.get(f.name, (None, None))
-            files.append(FileMeta(f.name, f.size, f.etag, f.version_id, checksum, part_size))
+            digest = (digests or {}).get(f.name)
+            files.append(FileMeta(f.name, f.size, f.etag, f.version_id, checksum, part_size,
+                                  block_size if digest is not None else None, digest))
         return cls(uri=manifest.uri, version=manifest.version, single=manifest.single, files=tuple(files))
 
     def checksums(self) -> Checksums:
         return {f.name: (f.checksum, f.part_size) for f in self.files if f.checksum}
+
+    def digests(self) -> dict[str, tuple[int, str]]:
+        """Block size and block digests of every file that has them (entries written before they existed
+        have none)."""
+        return {f.name: (f.block_size, f.digests) for f in self.files if f.digests and f.block_size}
 
     def as_manifest(self) -> Manifest:
         """The manifest a lower tier's entry offers when it is the source of a promotion."""

@@ -12,6 +12,7 @@ from ..config import cache_dir
 from .errors import StorageError
 
 TIER_ORDER = ("shm", "local_disk", "shared_fs")  # fastest first
+VERIFY_MODES = ("size", "sample", "full")  # how hard a cache hit is checked (storage/verify.py)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -104,6 +105,8 @@ class StorageSettings:
     redis_url: str | None = None
     lease_ttl: float = 60.0
     offline: bool = False
+    verify: str = "size"
+    redis_timeout: float = 2.0
 
     @classmethod
     def from_env(cls) -> StorageSettings:
@@ -111,6 +114,10 @@ class StorageSettings:
         default_tier = os.environ.get("FASTLOAD_TIER", "local_disk")
         if default_tier not in TIER_ORDER:
             raise StorageError(f"FASTLOAD_TIER={default_tier!r}: expected one of {', '.join(TIER_ORDER)}")
+        verify = os.environ.get("FASTLOAD_VERIFY", "").strip().lower() or "size"
+        if verify not in VERIFY_MODES:
+            raise StorageError(f"FASTLOAD_VERIFY={verify!r}: expected one of {', '.join(VERIFY_MODES)} (size: "
+                               "every hit's file sizes; sample: also a few blocks per file; full: every block)")
         return cls(
             shm_dir=_default_shm_dir(),
             local_dir=cache_dir() / "storage",
@@ -123,4 +130,6 @@ class StorageSettings:
             redis_url=os.environ.get("FASTLOAD_REDIS_URL") or None,
             lease_ttl=_env_float("FASTLOAD_LEASE_TTL", 60.0),
             offline=os.environ.get("FASTLOAD_OFFLINE", "").strip().lower() in ("1", "true", "yes"),
+            verify=verify,
+            redis_timeout=_env_float("FASTLOAD_REDIS_TIMEOUT", 2.0),
         )

@@ -39,19 +39,38 @@ from .errors import (
     StorageError,
     TierFullError,
 )
-from .eviction import Pin, in_use, make_room, pin_entry, remove_stale_partials, try_evict
+from .eviction import (
+    Pin,
+    drop_damaged,
+    in_use,
+    pin_entry,
+    remove_orphan_lock,
+    remove_stale_partials,
+    shrink_to_budget,
+    try_evict,
+)
 from .lease import RedisLease
 from .local_disk import LocalDiskTier
 from .meta import FILES_DIR, EntryMeta, Manifest
 from .progress import Progress
-from .settings import StorageSettings
+from .settings import VERIFY_MODES, StorageSettings
 from .shared_fs import SharedFsTier
 from .shm import ShmTier
 from .uri import ModelURI, is_uri, parse_uri
+from .verify import BLOCK_SIZE, file_digests
 
 log = logging.getLogger("fastload.storage")
 
 OriginFactory = Callable[[], Origin]
+_DAMAGED_RETRIES = 2
+
+
+class _DamagedSource(Exception):
+    """A promotion found its source entry damaged and dropped it: fetch again from further down."""
+
+    def __init__(self, error: IntegrityError) -> None:
+        self.error = error
+        super().__init__(str(error))
 
 
 class FetchWatch(Protocol):
@@ -105,8 +124,13 @@ class TieredStore:
         lease: RedisLease | None = None,
         offline: bool = False,
         show_progress: bool = True,
+        verify: str = "size",
     ) -> None:
-        """``tiers`` fastest first. ``origins`` maps schemes to origins; None means the registered ones."""
+        """``tiers`` fastest first. ``origins`` maps schemes to origins; None means the registered ones.
+        ``verify`` is how hard a cache hit is checked: ``size``, ``sample`` or ``full`` (see verify.py)."""
+        if verify not in VERIFY_MODES:
+            raise StorageError(f"verify={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
+        self.verify = verify
         if not tiers:
             raise StorageError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
@@ -136,9 +160,10 @@ class TieredStore:
             tiers.append(SharedFsTier(settings.shared_dir, capacity=settings.shared_fs_capacity,
                                       lock_dir=settings.local_dir / ".locks" / "shared_fs"))
         default = settings.default_tier if settings.default_tier in {t.name for t in tiers} else "local_disk"
-        lease = RedisLease(settings.redis_url, ttl=settings.lease_ttl) if settings.redis_url else None
+        lease = RedisLease(settings.redis_url, ttl=settings.lease_ttl,
+                           timeout=settings.redis_timeout) if settings.redis_url else None
         return cls(tiers, default_tier=default, fetch_timeout=settings.fetch_timeout, lease=lease,
-                   offline=settings.offline)
+                   offline=settings.offline, verify=settings.verify)
 
     # --- lookup helpers --------------------------------------------------------------------------
     def _tier(self, name: str) -> Tier:
@@ -178,7 +203,19 @@ class TieredStore:
     def pin(self, uri: str | os.PathLike[str], *, tier: str | None = None,
             revision: str | None = None, watch: FetchWatch | None = None) -> Pin:
         """Like ``fetch``, but the entry stays marked in use (never evicted) until the pin is released.
-        ``watch`` hears where a download from the origin lands and its progress (none on a hit)."""
+        ``watch`` hears where a download from the origin lands and its progress (none on a hit). A damaged
+        entry met on the way (a hit that fails its checks, a promotion source whose bytes do not match their
+        digests) is dropped and the model fetched again from further down."""
+        for attempt in range(_DAMAGED_RETRIES + 1):
+            try:
+                return self._pin(uri, tier=tier, revision=revision, watch=watch)
+            except _DamagedSource as damaged:
+                if attempt == _DAMAGED_RETRIES:
+                    raise damaged.error from None
+        raise AssertionError("unreachable")
+
+    def _pin(self, uri: str | os.PathLike[str], *, tier: str | None, revision: str | None,
+             watch: FetchWatch | None) -> Pin:
         parsed = parse_uri(uri)
         target = self._tier(tier or self.default_tier)
         if parsed.bare and tier is None:
@@ -194,7 +231,7 @@ class TieredStore:
         source_index = len(self.tiers)
         for index in scan:
             candidate = self.tiers[index]
-            pinned = candidate.pin(parsed.slug, manifest.version)
+            pinned = candidate.pin(parsed.slug, manifest.version, verify=self.verify)
             if pinned is not None:
                 notify("on_tier_hit", uri=shown, tier=candidate.name, path=str(pinned.path))
                 if index <= target_index:
@@ -308,7 +345,7 @@ class TieredStore:
             raise FetchTimeoutError(shown, tier.name, time.monotonic() - started,
                                     "another process on this node") from None
         try:
-            existing = tier.pin(slug, version)
+            existing = tier.pin(slug, version, verify=self.verify)
             if existing is not None:  # another process finished it while we waited
                 notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                 return existing
@@ -318,7 +355,7 @@ class TieredStore:
                                      tier=tier.name,
                                      ready=lambda: tier.lookup(slug, version) is not None) as mine:
                     if not mine:
-                        existing = tier.pin(slug, version)
+                        existing = tier.pin(slug, version, verify=self.verify)
                         if existing is not None:
                             notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                             return existing
@@ -335,7 +372,8 @@ class TieredStore:
         if isinstance(source, Pin):
             if source.entry is None:
                 raise StorageError(f"{shown}: promotion source {source.path} is not a tier entry")
-            writer = EntrySource(source.entry.path / FILES_DIR, source.entry.meta.checksums())
+            writer = EntrySource(source.entry.path / FILES_DIR, source.entry.meta.checksums(),
+                                 source.entry.meta.digests())
         else:
             writer = source
         partial = tier.prepare(slug, version, manifest)
@@ -351,8 +389,13 @@ class TieredStore:
                 progress.listeners.append(watch.range_done)
             try:
                 checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
-            except IntegrityError:
+            except IntegrityError as exc:
                 tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
+                if isinstance(source, Pin) and source.entry is not None and source.tier in self._by_name:
+                    # A promotion copies a published entry: bytes that fail its digests mean the source is
+                    # damaged. Drop it, or every later promotion fails the same way; the retry fetches afresh.
+                    drop_damaged(self._by_name[source.tier], source.entry, exc.problem)
+                    raise _DamagedSource(exc) from exc
                 raise
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
@@ -361,7 +404,12 @@ class TieredStore:
                 raise
             finally:
                 progress.close()
-            meta = EntryMeta.from_manifest(manifest, checksums)
+            if isinstance(writer, EntrySource):
+                digests = {name: value for name, (_, value) in writer.digests.items()}  # verified in the copy
+                block_size = next(iter(writer.digests.values()))[0] if writer.digests else BLOCK_SIZE
+            else:
+                digests, block_size = self._digest(partial / FILES_DIR, manifest), BLOCK_SIZE
+            meta = EntryMeta.from_manifest(manifest, checksums, digests=digests, block_size=block_size)
             tier.publish(slug, version, partial, meta)
         except BaseException as exc:
             notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
@@ -371,11 +419,20 @@ class TieredStore:
         log.info("%s: %d bytes in %.2fs (%.1f MiB/s)", what, nbytes, seconds,
                  nbytes / max(seconds, 1e-9) / 2**20)
         notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes, seconds=seconds, error=None)
-        pinned = tier.pin(slug, version)
+        pinned = tier.pin(slug, version)  # sizes only: the bytes were verified a moment ago
         if pinned is None:
             raise StorageError(f"{shown}: entry vanished from tier {tier.name!r} right after publication "
                                "(is something else deleting files there?)", tier=tier.name)
         return pinned
+
+    @staticmethod
+    def _digest(files_dir: Path, manifest: Manifest) -> dict[str, str]:
+        """Block digests of freshly downloaded files, read back while they are still in the page cache, so
+        later hits (FASTLOAD_VERIFY=sample|full) and promotions can check them."""
+        names = [item.name for item in manifest.files]
+        workers = max(1, min(4, len(names), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers, thread_name_prefix="fastload-digest") as pool:
+            return dict(zip(names, pool.map(lambda name: file_digests(files_dir / name), names), strict=True))
 
     # --- maintenance (the ``fastload cache`` commands) --------------------------------------------
     def _selected(self, tier: str | None) -> list[Tier]:
@@ -419,17 +476,9 @@ class TieredStore:
                 for lock_file in (t.root / ".locks").glob("use-*.lock"):
                     slug_version = lock_file.name[len("use-"):-len(".lock")]
                     slug, _, version = slug_version.rpartition("-")
-                    if (slug, version) not in live:
-                        lock_file.unlink(missing_ok=True)
+                    if (slug, version) not in live and remove_orphan_lock(t, lock_file, slug, version):
                         counts["locks"] += 1
-                capacity = t.capacity()
-                if capacity is not None and t.usage() > capacity:
-                    before = {(e.slug, e.version) for e in t.entries()}
-                    try:
-                        make_room(t, t.usage() - capacity, keep=set())
-                    except TierFullError as exc:
-                        log.warning("tier %s stays over budget: %s", t.name, exc)
-                    counts["evicted"] += len(before - {(e.slug, e.version) for e in t.entries()})
+                counts["evicted"] += shrink_to_budget(t)
         return counts
 
 

@@ -1,14 +1,18 @@
-"""Two "nodes" (separate local caches and node ids) sharing one shared_fs tier and a Redis lease."""
+"""Two "nodes" (separate local caches and node ids) sharing one shared_fs tier and a Redis lease; and a Redis
+outage, which only costs the lease, never the fetch."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fastload_core.storage import StorageError, fetch
+from fastload_core.storage import lease as lease_module
 from tests.storage.conftest import BUCKET, leftovers
 from tests.storage.faultproxy import FaultProxy
 from tests.storage.helpers import spawn
@@ -69,3 +73,58 @@ def test_lease_waits_then_sees_the_published_entry(redis_url: str) -> None:
     finally:
         first.close()
         second.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _shared_store_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    monkeypatch.setenv("FASTLOAD_SHARED_DIR", str(tmp_path / "ceph"))
+    monkeypatch.setenv("FASTLOAD_REDIS_URL", redis_url)
+    monkeypatch.setenv("FASTLOAD_REDIS_TIMEOUT", "0.5")
+    monkeypatch.setattr(lease_module, "_warned", set())
+
+
+def _models(tmp_path: Path) -> list[tuple[str, bytes]]:
+    found = []
+    for name in ("a", "b"):
+        path = tmp_path / "models" / f"{name}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = os.urandom(1000)
+        path.write_bytes(data)
+        found.append((f"file://{path}", data))
+    return found
+
+
+def test_a_closed_redis_port_warns_once_and_fetches_without_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _shared_store_env(tmp_path, monkeypatch, f"redis://127.0.0.1:{_closed_port()}/0")
+    for uri, data in _models(tmp_path):
+        assert fetch(uri).read_bytes() == data
+    assert len(list((tmp_path / "ceph").rglob("meta.json"))) == 2  # the shared tier was filled regardless
+    warnings = [r for r in caplog.records if "Redis" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "without the cross-node lease" in warnings[0].getMessage()
+
+
+def test_a_redis_that_never_answers_costs_a_bounded_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as blackhole:  # accepts connections into its backlog, never reads or replies
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(16)
+        _shared_store_env(tmp_path, monkeypatch, f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0")
+        (uri, data), _ = _models(tmp_path)
+        assert fetch(uri).read_bytes() == data
+    assert any("TimeoutError" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_bad_redis_url_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _shared_store_env(tmp_path, monkeypatch, "redis://:secret@127.0.0.1:notaport/0")
+    (uri, _), _ = _models(tmp_path)
+    with pytest.raises(StorageError, match="not a Redis URL") as caught:
+        fetch(uri)
+    assert "secret" not in str(caught.value)
