@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastload.storage")
 
 JOURNAL_NAME = ".journal"
+_PARTIAL = ".partial-"  # <slug>/.partial-<version>-<host>/: a download in progress (or a dead one)
+_TRASH = ".trash-"  # <root>/.trash-<uuid>/: a directory being removed
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}$")
 
 
@@ -203,8 +205,26 @@ class Tier:
     def entry_dir(self, slug: str, version: str) -> Path:
         return self.root / check_segment(slug, "model slug") / check_segment(version, "version")
 
+    # Every name fastload writes under the root is made, and parsed back, in this block: gc, ``cache rm``
+    # and eviction read what the tier wrote through these methods, never by slicing names themselves.
     def partial_dir(self, slug: str, version: str) -> Path:
-        return self.entry_dir(slug, version).parent / f".partial-{version}-{_host()}"
+        return self.entry_dir(slug, version).parent / f"{_PARTIAL}{version}-{_host()}"
+
+    @staticmethod
+    def partial_key(partial: Path) -> tuple[str, str, str]:
+        """``(slug, version, host)`` of a directory ``partial_dir`` named (the host never holds a '-')."""
+        version, _, host = partial.name[len(_PARTIAL):].rpartition("-")
+        return partial.parent.name, version, host
+
+    def trash(self) -> list[Path]:
+        """What ``discard`` renamed out of sight and a crash left behind before it was removed."""
+        return sorted(self.root.glob(f"{_TRASH}*"))
+
+    def use_locks(self) -> Iterator[tuple[str, str, Path]]:
+        """``(slug, version, path)`` of every use-lock file ``use_lock_path`` named, live entry or not."""
+        for path in sorted((self.root / ".locks").glob("use-*.lock")):
+            slug, _, version = path.name[len("use-"):-len(".lock")].rpartition("-")
+            yield slug, version, path
 
     def unsafe(self, exc: UnsafePath) -> UnsafeKeyError:
         """The storage error for a path under this tier that fastload refuses to use."""
@@ -307,7 +327,7 @@ class Tier:
             return
         for slug_dir in self._children(self.root):
             with os.scandir(slug_dir) as scan:
-                names = [entry.name for entry in scan if entry.name.startswith(".partial-")]
+                names = [entry.name for entry in scan if entry.name.startswith(_PARTIAL)]
             for name in names:
                 if os.path.islink(slug_dir / name):
                     log.warning("tier %s: ignoring %s: a link, never followed", self.name, slug_dir / name)
@@ -408,7 +428,7 @@ class Tier:
 
     def discard(self, path: Path) -> None:
         """Remove a directory by renaming it out of sight first, so nobody sees it half deleted."""
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        trash = self.root / f"{_TRASH}{uuid.uuid4().hex}"
         try:
             os.rename(path, trash)
         except FileNotFoundError:

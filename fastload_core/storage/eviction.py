@@ -184,9 +184,7 @@ def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]]) -> int:
     removed = 0
     host = _host()
     for partial in list(tier.partials()):
-        slug = partial.parent.name
-        rest = partial.name[len(".partial-"):]
-        version, _, partial_host = rest.partition("-")
+        slug, version, partial_host = tier.partial_key(partial)
         if partial_host != host or (slug, version) in keep:
             continue
         lock = tier.fetch_lock(slug, version)

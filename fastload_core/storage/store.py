@@ -469,13 +469,11 @@ class TieredStore:
                 continue
             with t.tier_lock():
                 counts["partials"] += remove_stale_partials(t, keep=set())
-                for trash in t.root.glob(".trash-*"):
+                for trash in t.trash():
                     t.discard(trash)
                     counts["trash"] += 1
                 live = {(e.slug, e.version) for e in t.entries()}
-                for lock_file in (t.root / ".locks").glob("use-*.lock"):
-                    slug_version = lock_file.name[len("use-"):-len(".lock")]
-                    slug, _, version = slug_version.rpartition("-")
+                for slug, version, lock_file in t.use_locks():
                     if (slug, version) not in live and remove_orphan_lock(t, lock_file, slug, version):
                         counts["locks"] += 1
                 counts["evicted"] += shrink_to_budget(t)
