@@ -20,7 +20,7 @@ import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -33,7 +33,6 @@ from .meta import FILES_DIR, META_NAME, Checksums, EntryMeta, Manifest
 from .uri import ModelURI, confine, safe_relpath
 
 if TYPE_CHECKING:
-    from .eviction import Pin
     from .progress import Progress
 
 log = logging.getLogger("fastload.storage")
@@ -360,15 +359,16 @@ class Tier:
         return self.checked_dir(".locks", create=True) / f"use-{slug}-{version}.lock"
 
     # --- writing ---------------------------------------------------------------------------------
-    def prepare(self, slug: str, version: str, manifest: Manifest) -> Path:
-        """Make room and create the partial directory with every file preallocated to its final size, all
-        under the tier lock so two processes filling the tier at once cannot both spend the same room."""
-        from .eviction import make_room
-
+    def prepare(self, slug: str, version: str, manifest: Manifest, *,
+                make_room: Callable[[int], None]) -> Path:
+        """Create the partial directory with every file preallocated to its final size, under the tier lock
+        so two processes filling the tier at once cannot both spend the same room. ``make_room(need)`` runs
+        first, under that lock: the store passes eviction there (eviction sits above the tier and imports
+        it, never the reverse), and raises ``TierFullError`` when ``need`` more bytes cannot fit."""
         partial = self.partial_dir(slug, version)
         with self.tier_lock():
             held = _allocated(partial)
-            make_room(self, _footprint(manifest) - held, keep={(slug, version)}, uri=manifest.uri)
+            make_room(_footprint(manifest) - held)
             try:
                 files_dir = self.checked_dir(slug, partial.name, FILES_DIR, create=True)
                 for item in manifest.files:
@@ -437,12 +437,6 @@ class Tier:
             os.unlink(trash)
             return
         shutil.rmtree(trash, ignore_errors=True)
-
-    def pin(self, slug: str, version: str, *, verify: str = "size") -> Pin | None:
-        """Hold the entry in use if this tier has it intact (checked as ``verify`` says); else None."""
-        from .eviction import pin_entry
-
-        return pin_entry(self, slug, version, verify=verify)
 
 
 def _footprint(manifest: Manifest, block: int = 4096) -> int:

@@ -43,6 +43,7 @@ from .eviction import (
     Pin,
     drop_damaged,
     in_use,
+    make_room,
     pin_entry,
     remove_orphan_lock,
     remove_stale_partials,
@@ -231,7 +232,7 @@ class TieredStore:
         source_index = len(self.tiers)
         for index in scan:
             candidate = self.tiers[index]
-            pinned = candidate.pin(parsed.slug, manifest.version, verify=self.verify)
+            pinned = pin_entry(candidate, parsed.slug, manifest.version, verify=self.verify)
             if pinned is not None:
                 notify("on_tier_hit", uri=shown, tier=candidate.name, path=str(pinned.path))
                 if index <= target_index:
@@ -345,7 +346,7 @@ class TieredStore:
             raise FetchTimeoutError(shown, tier.name, time.monotonic() - started,
                                     "another process on this node") from None
         try:
-            existing = tier.pin(slug, version, verify=self.verify)
+            existing = pin_entry(tier, slug, version, verify=self.verify)
             if existing is not None:  # another process finished it while we waited
                 notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                 return existing
@@ -355,7 +356,7 @@ class TieredStore:
                                      tier=tier.name,
                                      ready=lambda: tier.lookup(slug, version) is not None) as mine:
                     if not mine:
-                        existing = tier.pin(slug, version, verify=self.verify)
+                        existing = pin_entry(tier, slug, version, verify=self.verify)
                         if existing is not None:
                             notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                             return existing
@@ -376,7 +377,8 @@ class TieredStore:
                                  source.entry.meta.digests())
         else:
             writer = source
-        partial = tier.prepare(slug, version, manifest)
+        partial = tier.prepare(slug, version, manifest, make_room=lambda need: make_room(
+            tier, need, keep={(slug, version)}, uri=manifest.uri))
         journal = Journal(partial / JOURNAL_NAME)
         nbytes = manifest.total_size
         what = f"{shown} -> {tier.name}"
@@ -419,7 +421,7 @@ class TieredStore:
         log.info("%s: %d bytes in %.2fs (%.1f MiB/s)", what, nbytes, seconds,
                  nbytes / max(seconds, 1e-9) / 2**20)
         notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes, seconds=seconds, error=None)
-        pinned = tier.pin(slug, version)  # sizes only: the bytes were verified a moment ago
+        pinned = pin_entry(tier, slug, version)  # sizes only: the bytes were verified a moment ago
         if pinned is None:
             raise StorageError(f"{shown}: entry vanished from tier {tier.name!r} right after publication "
                                "(is something else deleting files there?)", tier=tier.name)
