@@ -70,6 +70,21 @@ class StateDictMismatchError(FastloadError):
         super().__init__("; ".join(parts))
 
 
+class TorchVersionError(FastloadError):
+    """The installed torch is older than a feature needs; ``feature``, ``installed`` and ``required`` say which."""
+
+    def __init__(self, feature: str, installed: str, required: tuple[int, int], core: tuple[int, int]) -> None:
+        self.feature = feature
+        self.installed = installed
+        self.required = required
+        need = ".".join(map(str, required))
+        super().__init__(
+            f"{feature} needs torch >= {need}, but torch {installed} is installed; upgrade torch "
+            f"(pip install 'torch>={need}'), or go without it (the rest of fastload works from torch "
+            f"{'.'.join(map(str, core))})"
+        )
+
+
 class PluginError(FastloadError):
     """A plugin broke the contract of a hook it implements."""
 

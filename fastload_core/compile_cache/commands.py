@@ -11,6 +11,7 @@ import functools
 import shutil
 from collections.abc import Callable
 
+from .._compat import COMPILE_CACHE_MINIMUM, torch_version
 from .cache import URL_VARIABLE, default_url
 from .keys import triton_version
 from .manage import check_backend
@@ -46,6 +47,9 @@ def _check_toolchain() -> tuple[bool, str]:
     import torch
 
     parts = [f"torch {torch.__version__}"]
+    if torch_version() < COMPILE_CACHE_MINIMUM:
+        need = ".".join(map(str, COMPILE_CACHE_MINIMUM))
+        return False, f"{parts[0]}: the compile cache needs torch >= {need} (torch.compiler.save_cache_artifacts)"
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
