@@ -26,16 +26,17 @@ def publish_file(
     which a private source's bytes are readable by others.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    allowed = mode_like(readable_like)
     temporary, descriptor = _create_unique(target)
     try:
         try:
-            os.fchmod(descriptor, os.fstat(descriptor).st_mode & allowed)
+            # Created 0666: what the kernel left (umask, a default ACL) is what a new file may have.
+            mode = stat.S_IMODE(os.fstat(descriptor).st_mode) & mode_like(readable_like)
+            os.fchmod(descriptor, mode)
         finally:
             os.close(descriptor)
         write(temporary)
-        # A writer may have replaced the file rather than filled it: narrow whatever is there now.
-        os.chmod(temporary, os.stat(temporary).st_mode & allowed, follow_symlinks=False)
+        # Writers may recreate the file with their own mode (safetensors' save_file makes it 0600).
+        os.chmod(temporary, mode, follow_symlinks=False)
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, target)

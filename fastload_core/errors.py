@@ -46,6 +46,16 @@ class UnsupportedFormatError(CheckpointError):
     """No registered loader understands this checkpoint format."""
 
 
+class DeviceError(FastloadError):
+    """The requested device cannot be used here (no CUDA in this torch or on this machine, an index past
+    the visible GPUs, a malformed name); ``device`` names it."""
+
+    def __init__(self, device: object, problem: str) -> None:
+        self.device = str(device)
+        self.problem = problem
+        super().__init__(f"device {self.device!r}: {problem}")
+
+
 class StateDictMismatchError(FastloadError):
     """``load_model(strict=True)`` found missing or unexpected keys, or shapes that do not fit."""
 
