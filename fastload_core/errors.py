@@ -99,6 +99,16 @@ class PluginError(FastloadError):
     """A plugin broke the contract of a hook it implements."""
 
 
+class UnsafeKeyError(FastloadError):
+    """A key or file name would escape where it is stored (``..``, a separator, a link, odd characters);
+    ``key`` names it and ``problem`` says what is wrong. Storage raises ``storage.errors.UnsafeKeyError``
+    and the compile cache ``compile_cache.errors.UnsafeCacheKeyError``, both subclasses: catch this one
+    for either."""
+
+    key: str
+    problem: str
+
+
 def _preview(items: list[str], limit: int = 10) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
