@@ -1,6 +1,8 @@
 """fastload: fast cold starts for PyTorch models in serving frameworks.
 
-The public surface is re-exported here; everything else is private and may change.
+The public surface is what ``__all__`` lists here and in ``storage``, ``compile_cache``, ``errors``,
+``hookspecs`` and ``metrics`` (docs/api.md; tests/test_public_api.py pins it). Every other module is
+private and may change, whatever a package makes reachable for fastload's own use.
 
 Names are imported when first used (PEP 562 ``__getattr__``), not by ``import fastload_core``: a
 serving process pays only for what it calls, so ``import fastload_core`` costs next to nothing on

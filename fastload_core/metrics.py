@@ -107,3 +107,6 @@ def serve(port: int, addr: str = "127.0.0.1") -> None:
 
     _get()
     start_http_server(port, addr=addr)
+
+
+__all__ = ["serve"]  # the hook implementations above are called by the plugin manager, not imported

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
@@ -52,6 +52,10 @@ _COUNTERS = {
 }
 
 
+#: What the cache did for a compile: see ``CompileReport.status``.
+CompileStatus = Literal["hit", "miss", "partial", "none"]
+
+
 @dataclass
 class CompileReport:
     """What one compile cost and what the cache did for it.
@@ -65,7 +69,7 @@ class CompileReport:
 
     key: str
     cache_url: str
-    status: str = "none"
+    status: CompileStatus = "none"
     source: str | None = None
     lookup: str = ""
     stored: bool = False

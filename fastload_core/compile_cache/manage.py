@@ -14,7 +14,7 @@ from .registry import open_backend
 
 
 @dataclass(frozen=True)
-class Entry:
+class CompileEntry:
     """A stored compile entry, described from its header (``problem`` says why it could not be read)."""
 
     url: str
@@ -32,7 +32,7 @@ class Entry:
         return f"{f.get('model', '?')} | torch {f.get('torch', '?')} | {f.get('device', '?')} {device}"
 
 
-def list_entries(url: str | None = None) -> list[Entry]:
+def list_entries(url: str | None = None) -> list[CompileEntry]:
     """Every entry at ``url`` (default: the configured compile cache), with what each was built for."""
     backend = open_backend(url or default_url())
     try:
@@ -50,7 +50,7 @@ def list_entries(url: str | None = None) -> list[Entry]:
                 stored_at = stored_at or header.get("created")
             except CorruptEntryError as exc:
                 problem = exc.problem
-            found.append(Entry(backend.url, stored.key, stored.size, stored_at, fields, problem))
+            found.append(CompileEntry(backend.url, stored.key, stored.size, stored_at, fields, problem))
         return found
     finally:
         backend.close()

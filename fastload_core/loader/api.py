@@ -22,17 +22,17 @@ log = logging.getLogger("fastload")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-Source = str | os.PathLike[str]
+PathOrURI = str | os.PathLike[str]  # a file, a directory, or a model URI (storage's Source is another thing)
 
 
-def read_metadata(source: Source) -> dict[str, str] | None:
+def read_metadata(source: PathOrURI) -> dict[str, str] | None:
     """The ``__metadata__`` of a safetensors file's header (None when it has none)."""
     text = os.fspath(source)
     return read_header(storage.fetch(text) if storage.is_uri(text) else text).metadata
 
 
 def load_file(
-    source: Source,
+    source: PathOrURI,
     device: str | int | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
@@ -47,7 +47,7 @@ def load_file(
 
 
 def load_state_dict(
-    source: Source,
+    source: PathOrURI,
     device: str | int | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,

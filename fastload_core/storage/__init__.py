@@ -14,8 +14,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
-    from .base import Entry, Journal, Origin, Source, Tier
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs ("x as x": reachable, not in __all__)
+    from .base import Entry as Entry
+    from .base import Journal, Origin, Tier
+    from .base import Source as Source
     from .errors import (
         BadURIError,
         FetchTimeoutError,
@@ -29,12 +31,19 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     )
     from .eviction import Pin
     from .local_disk import LocalDiskTier
-    from .meta import EntryMeta, FileMeta, Manifest, RemoteFile
+    from .meta import Checksums, Manifest, RemoteFile
+    from .meta import EntryMeta as EntryMeta
+    from .meta import FileMeta as FileMeta
+    from .progress import Progress
     from .settings import StorageSettings
     from .shared_fs import SharedFsTier
     from .shm import ShmTier
-    from .store import TieredStore, default_store
-    from .uri import ModelURI, is_uri, parse_uri, redact
+    from .store import TieredStore
+    from .store import default_store as default_store
+    from .uri import ModelURI
+    from .uri import is_uri as is_uri
+    from .uri import parse_uri as parse_uri
+    from .uri import redact as redact
 
 # Imported on first use (PEP 562), like fastload_core's own names: deciding that a local path is not a
 # URI must not import the store, its file locks and its clients.
@@ -44,7 +53,8 @@ _LAZY = {
                      "OriginError", "StorageError", "TierFullError", "UnsafeKeyError"), ".errors"),
     "Pin": ".eviction",
     "LocalDiskTier": ".local_disk",
-    **dict.fromkeys(("EntryMeta", "FileMeta", "Manifest", "RemoteFile"), ".meta"),
+    **dict.fromkeys(("Checksums", "EntryMeta", "FileMeta", "Manifest", "RemoteFile"), ".meta"),
+    "Progress": ".progress",
     "StorageSettings": ".settings",
     "SharedFsTier": ".shared_fs",
     "ShmTier": ".shm",
@@ -98,12 +108,13 @@ def prefetch(uris: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
     return default_store().prefetch(uris, tier=tier, revision=revision, background=background)
 
 
+# The public surface (docs/api.md): the verbs, what composes a store, what a URI-scheme plugin's Origin
+# works with, and the errors. The other names above stay importable for fastload's own modules, but are
+# private, as is every submodule.
 __all__ = [
     "BadURIError",
-    "Entry",
-    "EntryMeta",
+    "Checksums",
     "FetchTimeoutError",
-    "FileMeta",
     "IntegrityError",
     "Journal",
     "LocalDiskTier",
@@ -114,22 +125,18 @@ __all__ = [
     "Origin",
     "OriginError",
     "Pin",
+    "Progress",
     "RemoteFile",
     "SharedFsTier",
     "ShmTier",
-    "Source",
     "StorageError",
     "StorageSettings",
     "Tier",
     "TierFullError",
     "TieredStore",
     "UnsafeKeyError",
-    "default_store",
     "fetch",
-    "is_uri",
-    "parse_uri",
     "pin",
     "pin_path",
     "prefetch",
-    "redact",
 ]

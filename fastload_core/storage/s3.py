@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tenacity
 
@@ -105,12 +105,17 @@ def client_error(uri: str, exc: Exception, *, name: str | None = None) -> Storag
     return OriginError(uri, f"S3 request failed: {type(exc).__name__}: {exc}")
 
 
+# How a file is verified: "parts": its ranges are the upload's parts, each hashed by the worker that fetched
+# it; "sequential": hashed in order as its contiguous prefix grows; "none": size only (no usable ETag).
+_HashMode = Literal["parts", "sequential", "none"]
+
+
 @dataclass
 class _Plan:
     item: RemoteFile
     path: Path
     ranges: list[tuple[int, int]]
-    mode: str  # "parts": ranges are upload parts, hashed by workers; "sequential": hashed in order; "none"
+    mode: _HashMode
     part_size: int | None
     fd: int = -1
     part_md5s: dict[int, bytes] = field(default_factory=dict)
@@ -241,7 +246,7 @@ class S3Origin(Origin):
         path = confine(dest, item.name, uri=uri)
         parts = etag_parts(item.etag)
         part_size: int | None = None
-        mode = "none"
+        mode: _HashMode = "none"
         if parts == 0:
             mode = "sequential"
         elif parts:
