@@ -66,6 +66,18 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+def entry_key(slug: str, version: str) -> str:
+    """How an entry is named outside its tier (``cache ls``/``rm``, ``on_evict``, ``Pin.key``)."""
+    return f"{slug}/{version}"
+
+
+def parse_entry_key(key: str) -> tuple[str, str | None]:
+    """``(slug, version)`` of a ``slug/version`` key as ``entry_key`` writes it (or of a bare ``slug``),
+    each part checked before it reaches the filesystem."""
+    slug, _, version = key.partition("/")
+    return check_segment(slug, "model slug"), check_segment(version, "version") if version else None
+
+
 @dataclass(frozen=True)
 class Entry:
     tier: str
@@ -74,6 +86,10 @@ class Entry:
     path: Path
     meta: EntryMeta
     last_used: float
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.slug, self.version)
 
     @property
     def size(self) -> int:

@@ -28,7 +28,7 @@ import filelock
 
 from ..errors import PluginError
 from ..plugins import collect, notify
-from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, tier_for_path
+from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, parse_entry_key, tier_for_path
 from .copy import EntrySource
 from .errors import (
     BadURIError,
@@ -451,9 +451,7 @@ class TieredStore:
         if is_uri(target):
             slug, version = parse_uri(target).slug, None
         else:
-            slug, _, rest = target.partition("/")
-            check_segment(slug, "model slug")
-            version = check_segment(rest, "version") if rest else None
+            slug, version = parse_entry_key(target)
         removed: list[Entry] = []
         busy: list[Entry] = []
         for t in self._selected(tier):
