@@ -127,9 +127,8 @@ def main() -> int:
         source.unlink()
         print(f"checkpoint: {size / MiB:.0f} MiB at {endpoint}; destinations in /dev/shm", flush=True)
 
-        from fastload_core.loader.api import load_state_dict
+        from fastload_core.loader.api import load_state_dict, stream_state_dict
         from fastload_core.storage import fetch
-        from fastload_core.storage.streaming import stream_state_dict
 
         uri = f"s3://{BUCKET}/{KEY}"
         tuned = TransferConfig(max_concurrency=args.concurrency, multipart_chunksize=part)

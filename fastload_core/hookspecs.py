@@ -1,19 +1,26 @@
 """The plugin surface of fastload: every hook a plugin may implement.
 
-Built-in formats, tiers and cache backends register through these same hooks, so a third-party
-plugin is never second-class. Registration hooks receive a ``register`` callback; event hooks
-receive keyword arguments and their return value is ignored.
+Built-in checkpoint formats, URI schemes and compile-cache backends register through these same
+hooks, so a third-party plugin is never second-class. Registration hooks receive a ``register``
+callback; event hooks receive keyword arguments and their return value is ignored. Every event that
+starts something (``before_load``, ``on_fetch_start``) is followed by exactly one event that
+finishes it, on every path, carrying ``error`` (None on success), so metrics and traces balance
+when a load or a fetch fails.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    from .compile_cache.base import CompileCacheBackend
+    from .compile_cache.compiler import CompileReport
+    from .loader.formats import CheckpointFormat
     from .report import LoadReport
+    from .storage.base import Origin
 
 hookspec = pluggy.HookspecMarker("fastload")
 hookimpl = pluggy.HookimplMarker("fastload")
@@ -21,8 +28,8 @@ hookimpl = pluggy.HookimplMarker("fastload")
 
 # --- loading -----------------------------------------------------------------------------------
 @hookspec
-def register_checkpoint_formats(register: Callable[[Any], None]) -> None:
-    """Register ``CheckpointFormat`` objects that turn other checkpoint formats into state dicts."""
+def register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    """Call ``register(fmt)`` with ``CheckpointFormat`` objects that turn other formats into state dicts."""
 
 
 @hookspec
@@ -31,13 +38,13 @@ def before_load(source: str, device: str) -> None:
 
 
 @hookspec
-def after_load(report: LoadReport) -> None:
-    """Called after a checkpoint is loaded, with what it cost."""
+def after_load(report: LoadReport, error: BaseException | None) -> None:
+    """Called once after every ``before_load``, with what it cost; ``error`` is what failed it, or None."""
 
 
 # --- storage -----------------------------------------------------------------------------------
 @hookspec
-def register_storage_schemes(register: Callable[..., None]) -> None:
+def register_storage_schemes(register: Callable[[str, Callable[[], Origin]], None]) -> None:
     """Register URI schemes: ``register(scheme, factory)``; ``factory()`` returns a ``storage.Origin``."""
 
 
@@ -62,8 +69,8 @@ def on_fetch_start(uri: str, tier: str, nbytes: int) -> None:
 
 
 @hookspec
-def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float) -> None:
-    """A fetch into a tier finished and was published."""
+def on_fetch_finish(uri: str, tier: str, nbytes: int, seconds: float, error: BaseException | None) -> None:
+    """Once after every ``on_fetch_start``: published (``error`` None), or failed with ``error``."""
 
 
 @hookspec
@@ -73,5 +80,10 @@ def on_evict(tier: str, key: str, nbytes: int) -> None:
 
 # --- compile cache -----------------------------------------------------------------------------
 @hookspec
-def register_compile_cache_backends(register: Callable[..., None]) -> None:
+def register_compile_cache_backends(register: Callable[[str, Callable[[str], CompileCacheBackend]], None]) -> None:
     """Call ``register(scheme, factory)``; ``factory(url)`` returns that scheme's ``CompileCacheBackend``."""
+
+
+@hookspec
+def after_compile(report: CompileReport) -> None:
+    """A compiled model's first call finished: ``report.status`` says whether the cache hit."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .compile_cache import CompileCache, compile_loaded_model
 from .errors import StateDictMismatchError
-from .loader.api import Source, _device, load_state_dict
+from .loader.api import PathOrURI, _device, load_state_dict
 from .report import LoadReport
 
 log = logging.getLogger("fastload")
@@ -30,7 +30,7 @@ M = TypeVar("M", bound=nn.Module)
 
 def load_model(
     model: type[M] | Callable[[], M] | M,
-    source: Source,
+    source: PathOrURI,
     device: str | int | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
@@ -57,6 +57,7 @@ def load_model(
     happens here, at start-up, and ``report_of(model)`` says whether it hit.
     """
     started = time.perf_counter()
+    _device(device)  # a device this machine lacks fails here, before anything is built or read
     report = report if report is not None else LoadReport(source=str(source), device=str(device))
     if isinstance(model, nn.Module):
         module = model

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,9 +15,17 @@ import torch
 from safetensors.torch import save_file
 
 import fastload_core
+from fastload_core import LoadReport, hookimpl
 from fastload_core.cli import main
-from fastload_core.errors import UnsupportedFormatError
+from fastload_core.compile_cache.directory import DirectoryBackend
+from fastload_core.compile_cache.registry import backend_factories
+from fastload_core.errors import PluginError, UnsupportedFormatError
+from fastload_core.loader.formats import registered_formats
 from fastload_core.plugins import BUILTIN_PLUGINS, get_plugin_manager, plugin_infos, reset_plugin_manager
+from fastload_core.storage import Journal, Manifest, ModelURI, Origin, OriginError, fetch
+from fastload_core.storage.meta import Checksums
+from fastload_core.storage.progress import Progress
+from fastload_core.storage.store import registered_origins
 
 NPZ_PLUGIN = '''
 from pathlib import Path
@@ -115,8 +124,13 @@ def test_fastload_plugins_selects_and_disable_removes(plugin_dir: Path, monkeypa
     monkeypatch.delenv("FASTLOAD_PLUGINS")
     monkeypatch.setenv("FASTLOAD_DISABLE_PLUGINS", "recorder, fastload.torch_pickle")
     reset_plugin_manager()
-    loaded = {name for name, _ in get_plugin_manager().list_name_plugin()}
+    manager = get_plugin_manager()
+    loaded = {name for name, plugin in manager.list_name_plugin() if plugin is not None}
     assert "recorder" not in loaded and "fastload.torch_pickle" not in loaded and "npz-format" in loaded
+    assert manager.is_blocked("recorder") and manager.is_blocked("fastload.torch_pickle")  # pluggy's blocking
+    assert "fl_test_recorder" not in sys.modules  # a disabled plugin is not even imported
+    assert manager.register(object(), name="recorder") is None  # nor can it be registered later
+    assert "recorder" not in {info.name for info in plugin_infos()}
 
 
 def test_a_broken_builtin_is_skipped_too(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -141,3 +155,165 @@ def test_cli_lists_plugins_and_hooks(plugin_dir: Path, capsys: pytest.CaptureFix
     assert "recorder  (recorder)" in out
     assert "after_load" in out and "before_load" in out
     assert "fastload.torch_pickle  (builtin)" in out
+
+
+# --- hooks are called through pluggy, each implementation isolated -------------------------------
+
+class _Timing:
+    """A new-style wrapper around every other after_load implementation."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def after_load(self, report: LoadReport, error: BaseException | None) -> Iterator[None]:
+        self.calls.append("setup")
+        result = yield
+        self.calls.append(f"teardown {result!r}")
+        return result
+
+
+class _OldStyle:
+    def __init__(self) -> None:
+        self.outcomes: list[object] = []
+
+    @hookimpl(hookwrapper=True)
+    def after_load(self, report: LoadReport) -> Iterator[None]:
+        outcome = yield
+        self.outcomes.append(outcome.get_result())
+
+
+class _Plain:
+    def __init__(self, log: list[str], fail: bool = False) -> None:
+        self.log = log
+        self.fail = fail
+
+    @hookimpl
+    def after_load(self, report: LoadReport) -> None:
+        self.log.append("plain")
+        if self.fail:
+            raise RuntimeError("plain hook broke")
+
+
+class _BrokenWrapper:
+    @hookimpl(wrapper=True)
+    def after_load(self, report: LoadReport) -> Iterator[None]:
+        raise RuntimeError("wrapper setup broke")
+        yield  # pragma: no cover
+
+
+class _BrokenTeardown:
+    @hookimpl(wrapper=True)
+    def after_load(self, report: LoadReport) -> Iterator[None]:
+        yield
+        raise RuntimeError("wrapper teardown broke")
+
+
+def test_wrapper_plugins_run_around_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"a": torch.zeros(2)}, path)
+    manager = get_plugin_manager()
+    calls: list[str] = []
+    timing, old_style = _Timing(), _OldStyle()
+    manager.register(_Plain(calls), name="plain")
+    manager.register(timing, name="timing")
+    manager.register(old_style, name="old-style")
+    fastload_core.load_file(path)
+    assert timing.calls == ["setup", "teardown []"]  # the event's (empty) result list, after the others
+    assert calls == ["plain"] and old_style.outcomes == [[]]
+
+
+def test_a_raising_hook_or_wrapper_does_not_stop_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"a": torch.zeros(2)}, path)
+    manager = get_plugin_manager()
+    calls: list[str] = []
+    timing = _Timing()
+    manager.register(_Plain(calls), name="first")
+    manager.register(_Plain(calls, fail=True), name="raiser")
+    manager.register(_BrokenWrapper(), name="broken-setup")
+    manager.register(_BrokenTeardown(), name="broken-teardown")
+    manager.register(timing, name="timing")
+    with caplog.at_level(logging.WARNING, logger="fastload.plugins"):
+        assert torch.equal(fastload_core.load_file(path)["a"], torch.zeros(2))
+    assert calls == ["plain", "plain"]  # the raiser's neighbour still ran
+    assert timing.calls == ["setup", "teardown []"]
+    for name, problem in (("raiser", "plain hook broke"), ("broken-setup", "wrapper setup broke"),
+                          ("broken-teardown", "wrapper teardown broke")):
+        assert f"fastload plugin {name!r} raised in after_load" in caplog.text and problem in caplog.text
+
+
+class _Origin(Origin):
+    scheme = "file"
+
+    def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
+        raise OriginError(str(uri), "served by the replacement plugin", code="Replaced")
+
+    def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+        raise AssertionError("never reached")
+
+
+class _Sloppy:
+    """Registers one good thing per hook and one that breaks each hook's contract."""
+
+    @hookimpl
+    def register_checkpoint_formats(self, register: Any) -> None:
+        register("not a format")
+        register(_NpzFormat())
+
+    @hookimpl
+    def register_storage_schemes(self, register: Any) -> None:
+        register(42, _Origin)
+        register("file")  # a factory is missing
+        register("file", _Origin)  # replaces the built-in file:// (a plugin's claim comes first)
+
+    @hookimpl
+    def register_compile_cache_backends(self, register: Any) -> None:
+        register("mem", "not callable")
+        register("mem2", DirectoryBackend)
+
+
+class _NpzFormat:
+    name = "numpy-npz"
+
+    def matches(self, path: Path) -> bool:
+        return path.suffix == ".npz"
+
+    def read_state_dict(self, path: Path) -> dict[str, torch.Tensor]:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: torch.from_numpy(archive[key].copy()) for key in archive.files}
+
+
+def test_a_registration_that_breaks_the_contract_is_logged_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    get_plugin_manager().register(_Sloppy(), name="sloppy")
+    with caplog.at_level(logging.WARNING, logger="fastload.plugins"):
+        formats = registered_formats()
+        origins = registered_origins()
+        backends = backend_factories()
+    assert [f.name for f in formats] == ["numpy-npz", "torch-pickle"]  # the good one, tried first
+    assert origins["file"] == ("sloppy", _Origin) and origins["s3"][0] == "fastload.storage"
+    assert "mem" not in backends and backends["mem2"] is DirectoryBackend and "redis" in backends
+    warnings = [r.getMessage() for r in caplog.records if "broke the contract" in r.getMessage()]
+    assert len(warnings) == 4 and all("'sloppy'" in w and "PluginError(" in w for w in warnings)
+    assert any("'not a format'" in w for w in warnings) and any("got scheme 42" in w for w in warnings)
+    assert any("missing a required argument: 'factory'" in w for w in warnings)
+    np.savez(tmp_path / "w.npz", w=np.ones(2, dtype=np.float32))
+    assert torch.equal(fastload_core.load_state_dict(tmp_path / "w.npz")["w"], torch.ones(2))
+    with pytest.raises(OriginError, match="replacement plugin"):
+        fetch(f"file://{tmp_path}")
+
+
+class _NotAnOrigin:
+    @hookimpl
+    def register_storage_schemes(self, register: Any) -> None:
+        register("odd", lambda: object())
+
+
+def test_a_factory_that_breaks_the_contract_at_use_is_a_plugin_error() -> None:
+    get_plugin_manager().register(_NotAnOrigin(), name="odd-plugin")
+    with pytest.raises(PluginError, match=r"odd:// registered by plugin 'odd-plugin' built object"):
+        fetch("odd://bucket/model")

@@ -35,10 +35,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
+from .. import plugins
+from .._compat import COMPILE_CACHE_MINIMUM, require_torch
 from .cache import CompileCache
 from .errors import CompileCacheError
 from .keys import derive_key
@@ -61,6 +63,10 @@ _COUNTERS = {
 }
 
 
+#: What the cache did for a compile: see ``CompileReport.status``.
+CompileStatus = Literal["hit", "miss", "partial", "none"]
+
+
 @dataclass
 class CompileReport:
     """What one compile cost and what the cache did for it.
@@ -74,7 +80,7 @@ class CompileReport:
 
     key: str
     cache_url: str
-    status: str = "none"
+    status: CompileStatus = "none"
     source: str | None = None
     lookup: str = ""
     stored: bool = False
@@ -133,6 +139,7 @@ def compile(
     The report is at ``report_of(compiled)`` once the first compile has happened. The cache never makes
     this fail: any cache problem degrades to a normal compile and a logged warning.
     """
+    require_torch("the compile cache (torch.compiler.save_cache_artifacts)", COMPILE_CACHE_MINIMUM)
     cc = cache if isinstance(cache, CompileCache) else CompileCache(cache)
     compile_kwargs = _with_fastload_defaults(torch_compile_kwargs)
     if isinstance(more_example_inputs, (str, bytes)) or not isinstance(more_example_inputs, Sequence):
@@ -306,6 +313,7 @@ class _Primer:
             self._output = output
         self.report = report
         log.info("%s", report.summary())
+        plugins.notify("after_compile", report=report)
         return report
 
 
@@ -321,6 +329,7 @@ class _Primer:
         if keep_output:
             self._output = output
         self.report = report
+        plugins.notify("after_compile", report=report)
         return report
 
 

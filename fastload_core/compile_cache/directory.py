@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .base import CompileCacheBackend, StoredEntry
-from .errors import CacheURLError
+from .errors import CacheURLError, UnsafeCacheKeyError
 
 _SUFFIX = ".flcc"
 _TEMP_SUFFIX = ".tmp"
@@ -41,7 +41,7 @@ class DirectoryBackend(CompileCacheBackend):
 
     def _path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
-            raise ValueError(f"unsafe compile-cache key {key!r}")
+            raise UnsafeCacheKeyError(key, "it is empty, holds a '/' or starts with '.'")
         return self.root / f"{key}{_SUFFIX}"
 
     def get(self, key: str) -> bytes | None:

@@ -7,7 +7,7 @@ serve), which should fail loudly at start-up rather than silently never cache.
 
 from __future__ import annotations
 
-from ..errors import FastloadError
+from ..errors import FastloadError, UnsafeKeyError
 
 
 class CompileCacheError(FastloadError):
@@ -45,3 +45,14 @@ class EntryTooLargeError(CompileCacheError):
             f"{url}: entry of {size} bytes exceeds the inline limit of {limit} bytes; add "
             "?blob=<file:// or s3:// URL> to the cache URL so large entries go to a blob store"
         )
+
+
+class UnsafeCacheKeyError(CompileCacheError, UnsafeKeyError, ValueError):
+    """A compile-cache key that cannot name an entry safely (empty, a path separator, a leading dot).
+    Still a ``ValueError``, as it was before it joined the error tree."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"refusing unsafe compile-cache key {key!r}: {problem}; keys are the digests "
+                         "`fastload cache ls` shows")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from . import blob as blobfmt
 from .cache import default_url, local_root
-from .errors import CorruptEntryError
+from .errors import CacheURLError, CorruptEntryError
 from .registry import open_backend
 
 
 @dataclass(frozen=True)
-class Entry:
+class CompileEntry:
     """A stored compile entry, described from its header (``problem`` says why it could not be read)."""
 
     url: str
@@ -34,7 +34,7 @@ class Entry:
         return f"{f.get('model', '?')} | torch {f.get('torch', '?')} | {f.get('device', '?')} {device}"
 
 
-def list_entries(url: str | None = None) -> list[Entry]:
+def list_entries(url: str | None = None) -> list[CompileEntry]:
     """Every entry at ``url`` (default: the configured compile cache), with what each was built for."""
     backend = open_backend(url or default_url())
     try:
@@ -52,7 +52,7 @@ def list_entries(url: str | None = None) -> list[Entry]:
                 stored_at = stored_at or header.get("created")
             except CorruptEntryError as exc:
                 problem = exc.problem
-            found.append(Entry(backend.url, stored.key, stored.size, stored_at, fields, problem))
+            found.append(CompileEntry(backend.url, stored.key, stored.size, stored_at, fields, problem))
         return found
     finally:
         backend.close()
@@ -68,11 +68,15 @@ def remove_entry(url: str | None, key: str) -> bool:
 
 
 def check_backend(url: str | None = None) -> tuple[bool, str]:
-    """Can this process use the cache at ``url``? A write, read and delete of a probe entry, timed."""
+    """Can this process use the cache at ``url``? A write, read and delete of a probe entry, timed.
+    The message does not repeat the URL: the caller shows it once."""
     try:
         backend = open_backend(url or default_url())
+    except CacheURLError as exc:
+        hint = f" (supported schemes: {', '.join(s + '://' for s in exc.schemes)})" if exc.schemes else ""
+        return False, f"{exc.problem}{hint}"
     except Exception as exc:
-        return False, f"{url}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
     probe = f"doctor-probe-{os.getpid()}"
     payload = os.urandom(64)
     started = time.perf_counter()
@@ -80,12 +84,12 @@ def check_backend(url: str | None = None) -> tuple[bool, str]:
         description = backend.check()
         backend.put(probe, payload, overwrite=True)
         if backend.get(probe) != payload:
-            return False, f"{backend.url}: a probe entry did not read back intact"
+            return False, "a probe entry did not read back intact"
         backend.delete(probe)
         elapsed_ms = 1000 * (time.perf_counter() - started)
-        return True, f"{backend.url}: {description}; round trip {elapsed_ms:.0f} ms"
+        return True, f"{description}; round trip {elapsed_ms:.0f} ms"
     except Exception as exc:
-        return False, f"{backend.url}: {type(exc).__name__}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
     finally:
         backend.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,31 +9,29 @@ from urllib.parse import urlsplit
 
 from ..errors import PluginError
 from ..plugins import collect
-from . import backends
 from .base import BackendFactory, CompileCacheBackend
 from .errors import CacheURLError
 
-log = logging.getLogger("fastload.compile_cache")
+
+def accept_backend(scheme: object, factory: object) -> tuple[str, BackendFactory]:
+    """The contract of ``register_compile_cache_backends``: ``register(scheme, factory)``, where
+    ``factory(url)`` returns a ``CompileCacheBackend``."""
+    if not isinstance(scheme, str) or not scheme:
+        raise PluginError(f"register_compile_cache_backends got scheme {scheme!r}; a scheme is a str such "
+                          "as 'redis'")
+    if not callable(factory):
+        raise PluginError(f"register_compile_cache_backends got factory {factory!r} for {scheme!r}; it must "
+                          "be callable with the cache URL and return a CompileCacheBackend")
+    return scheme.lower(), factory
 
 
 def backend_factories() -> dict[str, BackendFactory]:
-    """Scheme -> factory. A later registration replaces an earlier one, so a plugin can swap a built-in."""
-    try:
-        registered = collect("register_compile_cache_backends")
-    except Exception as exc:
-        # The plugin manager itself failed to build (a broken built-in or entry point). Compiling must
-        # still work, so fall back to the built-in backends rather than take the replica down.
-        log.warning("fastload plugins could not be loaded (%r); using the built-in compile-cache backends",
-                    exc)
-        registered = []
-        backends.register_compile_cache_backends(lambda *args: registered.append(args))
+    """Scheme -> factory. Plugins are called the last registered first and the first claim of a scheme
+    wins, so a third-party plugin can swap a built-in."""
     factories: dict[str, BackendFactory] = {}
-    for args in registered:
-        if len(args) != 2 or not isinstance(args[0], str) or not callable(args[1]):
-            log.warning("ignoring a compile-cache backend registration that is not (scheme, factory): %r",
-                        args)
-            continue
-        factories[args[0].lower()] = args[1]
+    for registration in collect("register_compile_cache_backends", accept_backend):
+        scheme, factory = registration.value
+        factories.setdefault(scheme, factory)
     return factories
 
 

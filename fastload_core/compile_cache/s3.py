@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .base import CompileCacheBackend, StoredEntry, float_param
-from .errors import CacheURLError, CompileCacheError
+from .errors import CacheURLError, CompileCacheError, UnsafeCacheKeyError
 
 _SUFFIX = ".flcc"
 # What S3 answers a conditional put that lost to an existing object (or to a concurrent one).
@@ -48,7 +48,7 @@ class S3Backend(CompileCacheBackend):
 
     def _object(self, key: str) -> str:
         if not key or "/" in key:
-            raise ValueError(f"unsafe compile-cache key {key!r}")
+            raise UnsafeCacheKeyError(key, "it is empty or holds a '/'")
         return f"{self.prefix}/{key}{_SUFFIX}" if self.prefix else f"{key}{_SUFFIX}"
 
     def _get(self, key: str, **extra: str) -> bytes | None:

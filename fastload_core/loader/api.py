@@ -14,7 +14,7 @@ from typing import BinaryIO, ParamSpec, TypeVar
 import torch
 
 from .. import plugins, storage
-from ..errors import CheckpointError, MissingShardError
+from ..errors import CheckpointError, DeviceError, MissingShardError
 from ..report import LoadReport
 from . import cpu, formats
 from .header import MAX_HEADER_BYTES, Header, read_header, read_header_from
@@ -23,17 +23,17 @@ log = logging.getLogger("fastload")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-Source = str | os.PathLike[str]
+PathOrURI = str | os.PathLike[str]  # a file, a directory, or a model URI (storage's Source is another thing)
 
 
-def read_metadata(source: Source) -> dict[str, str] | None:
+def read_metadata(source: PathOrURI) -> dict[str, str] | None:
     """The ``__metadata__`` of a safetensors file's header (None when it has none)."""
     text = os.fspath(source)
     return read_header(storage.fetch(text) if storage.is_uri(text) else text).metadata
 
 
 def load_file(
-    source: Source,
+    source: PathOrURI,
     device: str | int | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
@@ -48,7 +48,7 @@ def load_file(
 
 
 def load_state_dict(
-    source: Source,
+    source: PathOrURI,
     device: str | int | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
@@ -80,19 +80,24 @@ def load_state_dict(
     report.source, report.device = text, str(target)
     started = time.perf_counter()
     plugins.notify("before_load", source=text, device=str(target))
-    private = copy or target.type != "cpu"
-    if storage.is_uri(text) and private:
-        tensors = _stream(text, target, report)
-    else:
-        pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
-        tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
-    if dtype is not None:
-        converted_at = time.perf_counter()
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-        report.add_stage("convert", time.perf_counter() - converted_at)
+    try:  # every before_load is paired with one after_load, carrying the error when there is one
+        private = copy or target.type != "cpu"
+        if storage.is_uri(text) and private:
+            tensors = _stream(text, target, report)
+        else:
+            pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
+            tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
+        if dtype is not None:
+            converted_at = time.perf_counter()
+            tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+            report.add_stage("convert", time.perf_counter() - converted_at)
+    except BaseException as exc:
+        report.seconds = time.perf_counter() - started
+        plugins.notify("after_load", report=report, error=exc)
+        raise
     report.seconds = time.perf_counter() - started
     log.info(report.summary())
-    plugins.notify("after_load", report=report)
+    plugins.notify("after_load", report=report, error=None)
     return tensors
 
 
@@ -130,9 +135,31 @@ def _load_local(
     return tensors
 
 
-def _stream(uri: str, device: torch.device, report: LoadReport) -> dict[str, torch.Tensor]:
-    from ..storage.streaming import stream_state_dict
+def stream_state_dict(uri: str, device: str | torch.device = "cpu", *, tier: str | None = None,
+                      store: storage.TieredStore | None = None,
+                      stats: dict[str, float] | None = None) -> tuple[dict[str, torch.Tensor], storage.Pin]:
+    """Fetch ``uri`` and load every tensor of its safetensors files, overlapping the two on a cold start.
 
+    Returns the state dict and the pin of the cached entry (release it when the model is dropped; the
+    tensors are private copies, so releasing early only lets the entry be evicted). On a cache hit this is
+    a plain load of the cached files. ``stats``, when given, receives monotonic times: ``started``,
+    ``first_tensor``, ``last_tensor``, ``fetch_done`` (the overlap, for benchmarks and tests).
+    """
+    from .streaming import stream_tensors
+
+    target = torch.device(device)
+    tensors, pinned = stream_tensors(uri, target, tier=tier, store=store, stats=stats)
+    if tensors is None:  # a hit: the usual private-copy load of the cached files
+        try:
+            scratch = LoadReport(source=str(pinned.path), device=str(target))
+            tensors = _load_local(pinned.path, target, target.type == "cpu", False, scratch, None)
+        except BaseException:
+            pinned.release()
+            raise
+    return tensors, pinned
+
+
+def _stream(uri: str, device: torch.device, report: LoadReport) -> dict[str, torch.Tensor]:
     stats: dict[str, float] = {}
     tensors, pinned = _timed(report, "stream", stream_state_dict, uri, device, stats=stats)
     pinned.release()  # the tensors are private copies; the published entry may now be evicted
@@ -227,7 +254,21 @@ def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
 
 
 def _device(device: str | int | torch.device) -> torch.device:
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    """The torch device for ``device``, checked before anything is read: asking for CUDA where there is
+    none is a ``DeviceError`` that says why, not torch's error from deep inside a pinned allocation."""
+    try:
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(device, "not a torch device name; use e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            cause = ("this torch is a CPU-only build" if torch.version.cuda is None
+                     else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise DeviceError(target, f"CUDA is not available: {cause}; load to 'cpu', or run where a GPU is")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise DeviceError(target, f"only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+    return target
 
 
 def _strategy(device: torch.device, copy: bool, lazy: bool) -> str:

@@ -13,15 +13,13 @@ import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import filelock
 import torch
-from safetensors.torch import save_file
 
 from .. import config, plugins
 from .._atomic import publish_file
 from .._safefs import UnsafePath, check_path, secure_dir
 from .._staging import staging_dir
-from ..errors import CheckpointError, UnsupportedFormatError
+from ..errors import CheckpointError, PluginError, UnsupportedFormatError
 
 
 @runtime_checkable
@@ -37,13 +35,17 @@ class CheckpointFormat(Protocol):
         ...
 
 
+def accept_format(fmt: object) -> CheckpointFormat:
+    """The contract of ``register_checkpoint_formats``: ``register(fmt)`` with one ``CheckpointFormat``."""
+    if not isinstance(fmt, CheckpointFormat) or not isinstance(fmt.name, str):
+        raise PluginError(f"register_checkpoint_formats got {fmt!r}; register one object with a str "
+                          "`name` and `matches(path)` and `read_state_dict(path)` methods")
+    return fmt
+
+
 def registered_formats() -> list[CheckpointFormat]:
-    formats = []
-    for args in plugins.collect("register_checkpoint_formats"):
-        if len(args) != 1 or not isinstance(args[0], CheckpointFormat):
-            raise CheckpointError("<plugin>", f"register_checkpoint_formats got {args!r}; register one format object")
-        formats.append(args[0])
-    return formats
+    """The formats plugins registered, in the order they are tried (the last registered plugin first)."""
+    return [registration.value for registration in plugins.collect("register_checkpoint_formats", accept_format)]
 
 
 def find_format(path: Path) -> CheckpointFormat | None:
@@ -63,6 +65,8 @@ def converted_path(path: Path) -> Path:
         if check_path(target, want="file") is not None:
             return target
         check_path(folder / (name + ".lock"), want="file")
+        import filelock  # here, not at the top: importing it costs more than loading a warm file
+
         with filelock.FileLock(str(target) + ".lock"):
             if check_path(target, want="file") is None:
                 convert(path, target)
@@ -80,17 +84,25 @@ def convert(source: Path, target: Path) -> dict[str, torch.Tensor]:
             source, f"not a safetensors file and no registered checkpoint format reads it (formats: {names})"
         )
     state = untangle(fmt.read_state_dict(source))
-    write_safetensors(state, target, {"fastload_source": source.name, "fastload_format": fmt.name})
+    metadata = {"fastload_source": source.name, "fastload_format": fmt.name}
+    write_safetensors(state, target, metadata, readable_like=source)
     return state
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename. The writing happens in a
-    locked staging directory beside ``target`` (see ``_staging``): safetensors leaves its own full-size
-    temporary file when killed, and a later write or ``fastload cache gc`` then finds and removes it."""
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str], *, readable_like: Path | None = None
+) -> None:
+    """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename. ``readable_like``: the
+    checkpoint they came from; the copy is readable by whoever can read it, no one else. The writing
+    happens in a locked staging directory beside ``target`` (see ``_staging``): safetensors leaves its own
+    full-size temporary file when killed, and a later write or ``fastload cache gc`` then finds and
+    removes it."""
+    from safetensors.torch import save_file
+
     with staging_dir(target.parent) as staging:
         staged = staging / target.name
-        publish_file(staged, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+        publish_file(staged, lambda temporary: save_file(tensors, temporary, metadata=metadata),
+                     readable_like=readable_like)
         os.replace(staged, target)
 
 

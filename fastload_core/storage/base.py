@@ -20,7 +20,7 @@ import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -33,12 +33,13 @@ from .meta import FILES_DIR, META_NAME, Checksums, EntryMeta, Manifest
 from .uri import ModelURI, confine, safe_relpath
 
 if TYPE_CHECKING:
-    from .eviction import Pin
     from .progress import Progress
 
 log = logging.getLogger("fastload.storage")
 
 JOURNAL_NAME = ".journal"
+_PARTIAL = ".partial-"  # <slug>/.partial-<version>-<host>/: a download in progress (or a dead one)
+_TRASH = ".trash-"  # <root>/.trash-<uuid>/: a directory being removed
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}$")
 
 
@@ -65,6 +66,18 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+def entry_key(slug: str, version: str) -> str:
+    """How an entry is named outside its tier (``cache ls``/``rm``, ``on_evict``, ``Pin.key``)."""
+    return f"{slug}/{version}"
+
+
+def parse_entry_key(key: str) -> tuple[str, str | None]:
+    """``(slug, version)`` of a ``slug/version`` key as ``entry_key`` writes it (or of a bare ``slug``),
+    each part checked before it reaches the filesystem."""
+    slug, _, version = key.partition("/")
+    return check_segment(slug, "model slug"), check_segment(version, "version") if version else None
+
+
 @dataclass(frozen=True)
 class Entry:
     tier: str
@@ -73,6 +86,10 @@ class Entry:
     path: Path
     meta: EntryMeta
     last_used: float
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.slug, self.version)
 
     @property
     def size(self) -> int:
@@ -203,8 +220,26 @@ class Tier:
     def entry_dir(self, slug: str, version: str) -> Path:
         return self.root / check_segment(slug, "model slug") / check_segment(version, "version")
 
+    # Every name fastload writes under the root is made, and parsed back, in this block: gc, ``cache rm``
+    # and eviction read what the tier wrote through these methods, never by slicing names themselves.
     def partial_dir(self, slug: str, version: str) -> Path:
-        return self.entry_dir(slug, version).parent / f".partial-{version}-{_host()}"
+        return self.entry_dir(slug, version).parent / f"{_PARTIAL}{version}-{_host()}"
+
+    @staticmethod
+    def partial_key(partial: Path) -> tuple[str, str, str]:
+        """``(slug, version, host)`` of a directory ``partial_dir`` named (the host never holds a '-')."""
+        version, _, host = partial.name[len(_PARTIAL):].rpartition("-")
+        return partial.parent.name, version, host
+
+    def trash(self) -> list[Path]:
+        """What ``discard`` renamed out of sight and a crash left behind before it was removed."""
+        return sorted(self.root.glob(f"{_TRASH}*"))
+
+    def use_locks(self) -> Iterator[tuple[str, str, Path]]:
+        """``(slug, version, path)`` of every use-lock file ``use_lock_path`` named, live entry or not."""
+        for path in sorted((self.root / ".locks").glob("use-*.lock")):
+            slug, _, version = path.name[len("use-"):-len(".lock")].rpartition("-")
+            yield slug, version, path
 
     def unsafe(self, exc: UnsafePath) -> UnsafeKeyError:
         """The storage error for a path under this tier that fastload refuses to use."""
@@ -307,7 +342,7 @@ class Tier:
             return
         for slug_dir in self._children(self.root):
             with os.scandir(slug_dir) as scan:
-                names = [entry.name for entry in scan if entry.name.startswith(".partial-")]
+                names = [entry.name for entry in scan if entry.name.startswith(_PARTIAL)]
             for name in names:
                 if os.path.islink(slug_dir / name):
                     log.warning("tier %s: ignoring %s: a link, never followed", self.name, slug_dir / name)
@@ -340,15 +375,16 @@ class Tier:
         return self.checked_dir(".locks", create=True) / f"use-{slug}-{version}.lock"
 
     # --- writing ---------------------------------------------------------------------------------
-    def prepare(self, slug: str, version: str, manifest: Manifest) -> Path:
-        """Make room and create the partial directory with every file preallocated to its final size, all
-        under the tier lock so two processes filling the tier at once cannot both spend the same room."""
-        from .eviction import make_room
-
+    def prepare(self, slug: str, version: str, manifest: Manifest, *,
+                make_room: Callable[[int], None]) -> Path:
+        """Create the partial directory with every file preallocated to its final size, under the tier lock
+        so two processes filling the tier at once cannot both spend the same room. ``make_room(need)`` runs
+        first, under that lock: the store passes eviction there (eviction sits above the tier and imports
+        it, never the reverse), and raises ``TierFullError`` when ``need`` more bytes cannot fit."""
         partial = self.partial_dir(slug, version)
         with self.tier_lock():
             held = _allocated(partial)
-            make_room(self, _footprint(manifest) - held, keep={(slug, version)}, uri=manifest.uri)
+            make_room(_footprint(manifest) - held)
             try:
                 files_dir = self.checked_dir(slug, partial.name, FILES_DIR, create=True)
                 for item in manifest.files:
@@ -408,7 +444,7 @@ class Tier:
 
     def discard(self, path: Path) -> None:
         """Remove a directory by renaming it out of sight first, so nobody sees it half deleted."""
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        trash = self.root / f"{_TRASH}{uuid.uuid4().hex}"
         try:
             os.rename(path, trash)
         except FileNotFoundError:
@@ -417,12 +453,6 @@ class Tier:
             os.unlink(trash)
             return
         shutil.rmtree(trash, ignore_errors=True)
-
-    def pin(self, slug: str, version: str, *, verify: str = "size") -> Pin | None:
-        """Hold the entry in use if this tier has it intact (checked as ``verify`` says); else None."""
-        from .eviction import pin_entry
-
-        return pin_entry(self, slug, version, verify=verify)
 
 
 def _footprint(manifest: Manifest, block: int = 4096) -> int:

@@ -3,6 +3,7 @@ act on it without parsing the message; messages say what to do next."""
 
 from __future__ import annotations
 
+from .. import errors
 from ..errors import FastloadError
 
 
@@ -23,7 +24,7 @@ class BadURIError(StorageError):
         super().__init__(f"bad model URI {uri!r}: {problem}", uri=uri)
 
 
-class UnsafeKeyError(StorageError):
+class UnsafeKeyError(StorageError, errors.UnsafeKeyError):
     """A key or file name would escape its tier's root (``..``, absolute, symlink out, odd characters)."""
 
     def __init__(self, key: str, problem: str, *, uri: str | None = None, tier: str | None = None) -> None:

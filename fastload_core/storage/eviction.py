@@ -111,7 +111,7 @@ def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> P
         return None
     with contextlib.suppress(OSError):  # a read-only shared mount still serves
         os.utime(entry.path / "meta.json")  # the LRU clock
-    return Pin(entry.data_path, fd=fd, tier=tier.name, key=f"{slug}/{version}", entry=entry)
+    return Pin(entry.data_path, fd=fd, tier=tier.name, key=entry.key, entry=entry)
 
 
 def damage(tier: Tier, entry: Entry, verify: str) -> str | None:
@@ -140,7 +140,7 @@ def drop_damaged(tier: Tier, entry: Entry, problem: str) -> None:
         return
     if found is not None and found.meta.created == entry.meta.created:
         tier.discard(entry.path)
-        notify("on_evict", tier=tier.name, key=f"{entry.slug}/{entry.version}", nbytes=entry.size)
+        notify("on_evict", tier=tier.name, key=entry.key, nbytes=entry.size)
 
 
 def in_use(tier: Tier, entry: Entry) -> bool:
@@ -174,7 +174,7 @@ def try_evict(tier: Tier, entry: Entry) -> bool:
     finally:
         os.close(fd)
     log.info("evicted %s/%s (%d bytes) from tier %s", entry.slug, entry.version, entry.size, tier.name)
-    notify("on_evict", tier=tier.name, key=f"{entry.slug}/{entry.version}", nbytes=entry.size)
+    notify("on_evict", tier=tier.name, key=entry.key, nbytes=entry.size)
     return True
 
 
@@ -184,9 +184,7 @@ def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]]) -> int:
     removed = 0
     host = _host()
     for partial in list(tier.partials()):
-        slug = partial.parent.name
-        rest = partial.name[len(".partial-"):]
-        version, _, partial_host = rest.partition("-")
+        slug, version, partial_host = tier.partial_key(partial)
         if partial_host != host or (slug, version) in keep:
             continue
         lock = tier.fetch_lock(slug, version)

@@ -1,4 +1,5 @@
-"""Progress: a bar on a terminal, periodic log lines otherwise (servers log, they have no terminal)."""
+"""Progress: a bar on a terminal, periodic log lines otherwise (servers log, they have no terminal); and
+``Watermark``, how far the contiguous landed prefix of one file reaches while its ranges land in any order."""
 
 from __future__ import annotations
 
@@ -56,3 +57,38 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Watermark:
+    """The contiguous prefix of one file that has landed, as byte ranges complete in any order.
+
+    Parallel ranged writes finish out of order; a reader (the S3 origin's sequential hasher, the
+    streaming loader) may only use bytes below ``position``. One type for both, so the bookkeeping
+    lives in one place.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.position = 0
+        self._pending: dict[int, int] = {}
+
+    def complete(self, start: int, end: int) -> None:
+        """Range ``[start, end)`` has landed; advance ``position`` over every range now contiguous."""
+        with self.cond:
+            self._pending[start] = end
+            while self.position in self._pending:
+                self.position = self._pending.pop(self.position)
+            self.cond.notify_all()
+
+    def wait_until(self, target: int, stop: Callable[[], bool], poll: float) -> int:
+        """Block until ``position >= target`` or ``stop()`` is true (checked at least every ``poll``
+        seconds, and at once after ``wake``); return ``position``."""
+        with self.cond:
+            while self.position < target and not stop():
+                self.cond.wait(poll)
+            return self.position
+
+    def wake(self) -> None:
+        """Make waiters check their ``stop`` now (the fetch failed or finished)."""
+        with self.cond:
+            self.cond.notify_all()

@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tenacity
 
@@ -30,7 +30,7 @@ from .base import Journal, Origin
 from .checksum import ETagHasher, combine, etag_parts, normalize_etag
 from .errors import IntegrityError, ObjectChangedError, OriginError, StorageError, UnsafeKeyError
 from .meta import Checksums, Manifest, RemoteFile
-from .progress import Progress
+from .progress import Progress, Watermark
 from .settings import S3Settings
 from .uri import ModelURI, confine, parse_uri, safe_relpath
 
@@ -105,28 +105,9 @@ def client_error(uri: str, exc: Exception, *, name: str | None = None) -> Storag
     return OriginError(uri, f"S3 request failed: {type(exc).__name__}: {exc}")
 
 
-class _Tracker:
-    """Which ranges of one file have landed, and how far the contiguous prefix reaches."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.watermark = 0
-        self._pending: dict[int, int] = {}
-
-    def complete(self, start: int, end: int) -> None:
-        with self.cond:
-            self._pending[start] = end
-            while self.watermark in self._pending:
-                self.watermark = self._pending.pop(self.watermark)
-            self.cond.notify_all()
-
-    def wait_beyond(self, position: int, abort: threading.Event) -> int:
-        with self.cond:
-            while self.watermark <= position and not abort.is_set():
-                self.cond.wait(0.2)
-            if abort.is_set():
-                raise _Aborted
-            return self.watermark
+# How a file is verified: "parts": its ranges are the upload's parts, each hashed by the worker that fetched
+# it; "sequential": hashed in order as its contiguous prefix grows; "none": size only (no usable ETag).
+_HashMode = Literal["parts", "sequential", "none"]
 
 
 @dataclass
@@ -134,11 +115,11 @@ class _Plan:
     item: RemoteFile
     path: Path
     ranges: list[tuple[int, int]]
-    mode: str  # "parts": ranges are upload parts, hashed by workers; "sequential": hashed in order; "none"
+    mode: _HashMode
     part_size: int | None
     fd: int = -1
     part_md5s: dict[int, bytes] = field(default_factory=dict)
-    tracker: _Tracker = field(default_factory=_Tracker)
+    tracker: Watermark = field(default_factory=Watermark)
     unverifiable: bool = False  # SSE-KMS / SSE-C: the ETag is not an MD5
 
 
@@ -265,7 +246,7 @@ class S3Origin(Origin):
         path = confine(dest, item.name, uri=uri)
         parts = etag_parts(item.etag)
         part_size: int | None = None
-        mode = "none"
+        mode: _HashMode = "none"
         if parts == 0:
             mode = "sequential"
         elif parts:
@@ -375,7 +356,9 @@ class S3Origin(Origin):
         position = 0
         size = plan.item.size
         while position < size:
-            limit = plan.tracker.wait_beyond(position, abort)
+            limit = plan.tracker.wait_until(position + 1, abort.is_set, 0.2)
+            if abort.is_set():
+                raise _Aborted
             while position < limit:
                 data = os.pread(plan.fd, min(8 * _CHUNK, limit - position), position)
                 if not data:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,8 +26,9 @@ from typing import Protocol
 
 import filelock
 
+from ..errors import PluginError
 from ..plugins import collect, notify
-from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, tier_for_path
+from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, parse_entry_key, tier_for_path
 from .copy import EntrySource
 from .errors import (
     BadURIError,
@@ -41,6 +43,7 @@ from .eviction import (
     Pin,
     drop_damaged,
     in_use,
+    make_room,
     pin_entry,
     remove_orphan_lock,
     remove_stale_partials,
@@ -79,15 +82,27 @@ class FetchWatch(Protocol):
     def range_done(self, name: str, start: int, end: int) -> None: ...
 
 
-def registered_origins() -> dict[str, OriginFactory]:
-    """Schemes registered through the ``register_storage_schemes`` hook (built-ins first, so a plugin may
-    replace one): ``register(scheme, factory)`` where ``factory()`` returns an ``Origin``."""
-    found: dict[str, OriginFactory] = {}
-    for args in collect("register_storage_schemes"):
-        if len(args) != 2 or not isinstance(args[0], str) or not callable(args[1]):
-            log.warning("ignoring a storage scheme registration that is not (scheme, factory): %r", args)
-            continue
-        found[args[0].lower()] = args[1]
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*$")
+
+
+def accept_scheme(scheme: object, factory: object) -> tuple[str, OriginFactory]:
+    """The contract of ``register_storage_schemes``: ``register(scheme, factory)``, ``factory()`` an ``Origin``."""
+    if not isinstance(scheme, str) or not _SCHEME.match(scheme.lower()):
+        raise PluginError(f"register_storage_schemes got scheme {scheme!r}; a scheme is a str such as 's3'")
+    if not callable(factory):
+        raise PluginError(f"register_storage_schemes got factory {factory!r} for {scheme!r}; it must be "
+                          "callable with no arguments and return a storage Origin")
+    return scheme.lower(), factory
+
+
+def registered_origins() -> dict[str, tuple[str, OriginFactory]]:
+    """Scheme -> (plugin, factory), through the ``register_storage_schemes`` hook. Plugins are called the
+    last registered first and the first claim of a scheme wins, so a third-party plugin may replace a
+    built-in scheme."""
+    found: dict[str, tuple[str, OriginFactory]] = {}
+    for registration in collect("register_storage_schemes", accept_scheme):
+        scheme, factory = registration.value
+        found.setdefault(scheme, (registration.plugin, factory))
     return found
 
 
@@ -170,7 +185,12 @@ class TieredStore:
                     raise BadURIError(uri or f"{scheme}://", f"no storage backend for scheme {scheme!r} "
                                                              f"(registered: {known}); install the plugin that "
                                                              "provides it")
-                self._origins[scheme] = factories[scheme]()
+                plugin, factory = factories[scheme]
+                origin = factory()
+                if not isinstance(origin, Origin):
+                    raise PluginError(f"the storage scheme {scheme}:// registered by plugin {plugin!r} built "
+                                      f"{type(origin).__name__}, not a fastload_core.storage.Origin")
+                self._origins[scheme] = origin
             return self._origins[scheme]
 
     # --- public API ------------------------------------------------------------------------------
@@ -202,6 +222,8 @@ class TieredStore:
         if parsed.bare and tier is None:
             if not os.path.exists(parsed.path):
                 raise OriginError(parsed.path, "no such file or directory", code="NotFound")
+            if os.path.isdir(parsed.path) and not any(files for _, _, files in os.walk(parsed.path)):
+                raise OriginError(parsed.path, "directory is empty", code="NotFound")  # as file:// says
             return Pin(Path(parsed.path))
         origin = self.origin(parsed.scheme, uri=str(parsed))
         manifest = self._resolve(parsed, origin, revision)
@@ -212,7 +234,7 @@ class TieredStore:
         source_index = len(self.tiers)
         for index in scan:
             candidate = self.tiers[index]
-            pinned = candidate.pin(parsed.slug, manifest.version, verify=self.verify)
+            pinned = pin_entry(candidate, parsed.slug, manifest.version, verify=self.verify)
             if pinned is not None:
                 notify("on_tier_hit", uri=shown, tier=candidate.name, path=str(pinned.path))
                 if index <= target_index:
@@ -326,7 +348,7 @@ class TieredStore:
             raise FetchTimeoutError(shown, tier.name, time.monotonic() - started,
                                     "another process on this node") from None
         try:
-            existing = tier.pin(slug, version, verify=self.verify)
+            existing = pin_entry(tier, slug, version, verify=self.verify)
             if existing is not None:  # another process finished it while we waited
                 notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                 return existing
@@ -336,7 +358,7 @@ class TieredStore:
                                      tier=tier.name,
                                      ready=lambda: tier.lookup(slug, version) is not None) as mine:
                     if not mine:
-                        existing = tier.pin(slug, version, verify=self.verify)
+                        existing = pin_entry(tier, slug, version, verify=self.verify)
                         if existing is not None:
                             notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                             return existing
@@ -357,44 +379,50 @@ class TieredStore:
                                  source.entry.meta.digests())
         else:
             writer = source
-        partial = tier.prepare(slug, version, manifest)
+        partial = tier.prepare(slug, version, manifest, make_room=lambda need: make_room(
+            tier, need, keep={(slug, version)}, uri=manifest.uri))
         journal = Journal(partial / JOURNAL_NAME)
         nbytes = manifest.total_size
-        notify("on_fetch_start", uri=shown, tier=tier.name, nbytes=nbytes)
         what = f"{shown} -> {tier.name}"
-        progress = Progress(what, nbytes, enabled=self.show_progress)
-        if watch is not None:
-            watch.started(tier.name, partial / FILES_DIR, manifest)
-            progress.listeners.append(watch.range_done)
+        notify("on_fetch_start", uri=shown, tier=tier.name, nbytes=nbytes)
         started = time.monotonic()
-        try:
-            checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
-        except IntegrityError as exc:
-            tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
-            if isinstance(source, Pin) and source.entry is not None and source.tier in self._by_name:
-                # A promotion copies a published entry: bytes that fail its digests mean the source is
-                # damaged. Drop it, or every later promotion fails the same way; the retry fetches afresh.
-                drop_damaged(self._by_name[source.tier], source.entry, exc.problem)
-                raise _DamagedSource(exc) from exc
+        try:  # every start is paired with one finish, carrying the error when there is one
+            progress = Progress(what, nbytes, enabled=self.show_progress)
+            if watch is not None:
+                watch.started(tier.name, partial / FILES_DIR, manifest)
+                progress.listeners.append(watch.range_done)
+            try:
+                checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
+            except IntegrityError as exc:
+                tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
+                if isinstance(source, Pin) and source.entry is not None and source.tier in self._by_name:
+                    # A promotion copies a published entry: bytes that fail its digests mean the source is
+                    # damaged. Drop it, or every later promotion fails the same way; the retry fetches afresh.
+                    drop_damaged(self._by_name[source.tier], source.entry, exc.problem)
+                    raise _DamagedSource(exc) from exc
+                raise
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    tier.discard(partial)
+                    raise TierFullError(tier.name, nbytes, 0, uri=shown) from exc
+                raise
+            finally:
+                progress.close()
+            # A promotion keeps the digests it verified in the copy; anything without them is digested now.
+            digests = dict(writer.digests) if isinstance(writer, EntrySource) else {}
+            missing = [item.name for item in manifest.files if item.name not in digests]
+            digests.update(self._digest(partial / FILES_DIR, missing))
+            meta = EntryMeta.from_manifest(manifest, checksums, digests=digests)
+            tier.publish(slug, version, partial, meta)
+        except BaseException as exc:
+            notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
+                   seconds=time.monotonic() - started, error=exc)
             raise
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                tier.discard(partial)
-                raise TierFullError(tier.name, nbytes, 0, uri=shown) from exc
-            raise
-        finally:
-            progress.close()
-        # A promotion keeps the digests it verified in the copy; anything without them is digested now.
-        digests = dict(writer.digests) if isinstance(writer, EntrySource) else {}
-        missing = [item.name for item in manifest.files if item.name not in digests]
-        digests.update(self._digest(partial / FILES_DIR, missing))
-        meta = EntryMeta.from_manifest(manifest, checksums, digests=digests)
-        tier.publish(slug, version, partial, meta)
         seconds = time.monotonic() - started
         log.info("%s: %d bytes in %.2fs (%.1f MiB/s)", what, nbytes, seconds,
                  nbytes / max(seconds, 1e-9) / 2**20)
-        notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes, seconds=seconds)
-        pinned = tier.pin(slug, version)  # sizes only: the bytes were verified a moment ago
+        notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes, seconds=seconds, error=None)
+        pinned = pin_entry(tier, slug, version)  # sizes only: the bytes were verified a moment ago
         if pinned is None:
             raise StorageError(f"{shown}: entry vanished from tier {tier.name!r} right after publication "
                                "(is something else deleting files there?)", tier=tier.name)
@@ -424,9 +452,7 @@ class TieredStore:
         if is_uri(target):
             slug, version = parse_uri(target).slug, None
         else:
-            slug, _, rest = target.partition("/")
-            check_segment(slug, "model slug")
-            version = check_segment(rest, "version") if rest else None
+            slug, version = parse_entry_key(target)
         removed: list[Entry] = []
         busy: list[Entry] = []
         for t in self._selected(tier):
@@ -446,13 +472,11 @@ class TieredStore:
                 continue
             with t.tier_lock():
                 counts["partials"] += remove_stale_partials(t, keep=set())
-                for trash in t.root.glob(".trash-*"):
+                for trash in t.trash():
                     t.discard(trash)
                     counts["trash"] += 1
                 live = {(e.slug, e.version) for e in t.entries()}
-                for lock_file in (t.root / ".locks").glob("use-*.lock"):
-                    slug_version = lock_file.name[len("use-"):-len(".lock")]
-                    slug, _, version = slug_version.rpartition("-")
+                for slug, version, lock_file in t.use_locks():
                     if (slug, version) not in live and remove_orphan_lock(t, lock_file, slug, version):
                         counts["locks"] += 1
                 counts["evicted"] += shrink_to_budget(t)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from fastload_core import errors
 from fastload_core.compile_cache.directory import DirectoryBackend
+from fastload_core.compile_cache.errors import UnsafeCacheKeyError
 
 
 def test_without_hard_links_it_still_keeps_the_first_entry(
@@ -32,8 +34,11 @@ def test_without_hard_links_it_still_keeps_the_first_entry(
 def test_keys_cannot_name_paths(tmp_path: Path) -> None:
     backend = DirectoryBackend((tmp_path / "d").as_uri())
     for bad in ("../x", ".hidden", "a/b", ""):
-        with pytest.raises(ValueError, match="unsafe compile-cache key"):
+        with pytest.raises(UnsafeCacheKeyError, match="unsafe compile-cache key") as caught:
             backend.get(bad)
+        # one error tree: the same base as storage's unsafe keys, and still the ValueError it was
+        assert isinstance(caught.value, errors.UnsafeKeyError) and isinstance(caught.value, ValueError)
+        assert caught.value.key == bad
 
 
 # --- issue 11.9: temp files of killed stores are found and removed by age and lock ---------------------
@@ -116,3 +121,13 @@ def test_cache_gc_command_collects_compile_temp_files(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, cwd=_ROOT, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("fastload: error: ") and "gopher://x" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_an_unsafe_key_on_the_command_line_is_one_error_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "fastload_core", "cache", "rm", "--compile", "../escape",
+                             "--compile-cache", (tmp_path / "d").as_uri()], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fastload: error: refusing unsafe compile-cache key '../escape': it is empty, holds a '/' or starts "
+        "with '.'; keys are the digests `fastload cache ls` shows"]

@@ -40,8 +40,10 @@ class Recorder:
         self.events.append(("start", {"uri": uri, "tier": tier, "nbytes": nbytes}))
 
     @hookimpl
-    def on_fetch_finish(self, uri: str, tier: str, nbytes: int, seconds: float) -> None:
-        self.events.append(("finish", {"uri": uri, "tier": tier, "nbytes": nbytes, "seconds": seconds}))
+    def on_fetch_finish(self, uri: str, tier: str, nbytes: int, seconds: float,
+                        error: BaseException | None) -> None:
+        self.events.append(("finish", {"uri": uri, "tier": tier, "nbytes": nbytes, "seconds": seconds,
+                                       "error": error}))
 
     @hookimpl
     def on_evict(self, tier: str, key: str, nbytes: int) -> None:

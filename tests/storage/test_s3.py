@@ -143,3 +143,23 @@ def test_missing_object_and_bucket_say_so(s3: Any, proxy: FaultProxy) -> None:
         fetch(f"s3://{BUCKET}/nothing/here.bin")
     with pytest.raises(OriginError, match="bucket does not exist"):
         fetch("s3://no-such-bucket/x.bin")
+
+
+def test_failed_downloads_finish_their_fetch_events(s3: Any, proxy: FaultProxy) -> None:
+    from prometheus_client import REGISTRY
+
+    from tests.storage.helpers import record_events
+
+    recorder = record_events()
+    put(s3, "doomed/w.bin", os.urandom(MiB))
+    proxy.faults = ["corrupt"]
+    with pytest.raises(IntegrityError):
+        fetch(f"s3://{BUCKET}/doomed/w.bin")
+    put(s3, "gone/w.bin", os.urandom(MiB))
+    proxy.before_ranged_get = lambda count: s3.delete_object(Bucket=BUCKET, Key="gone/w.bin")
+    with pytest.raises(OriginError):
+        fetch(f"s3://{BUCKET}/gone/w.bin")
+    starts, finishes = recorder.names("start"), recorder.names("finish")
+    assert len(starts) == len(finishes) == 2
+    assert isinstance(finishes[0]["error"], IntegrityError) and isinstance(finishes[1]["error"], OriginError)
+    assert REGISTRY.get_sample_value("fastload_fetches_in_progress", {"tier": "local_disk"}) == 0

@@ -1,63 +1,88 @@
-"""Streaming load from S3: tensors come out while the download is still running, identical to a plain load."""
+"""The byte side of streaming: a watched fetch reports each file's landed prefix while it downloads."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import random
+import threading
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
-from fastload_core.storage import fetch
 from fastload_core.storage.errors import IntegrityError
-from fastload_core.storage.streaming import stream_state_dict
+from fastload_core.storage.progress import Watermark
+from fastload_core.storage.streaming import watch_fetch
 from tests.storage.conftest import BUCKET
 from tests.storage.faultproxy import FaultProxy
 
-pytestmark = pytest.mark.s3
+MiB = 1024 * 1024
 
 
-def checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    tensors = {f"layers.{i}.weight": torch.randn(256, 512) for i in range(8)}
-    tensors["bias16"] = torch.randn(1001).to(torch.float16)
-    tensors["ids"] = torch.arange(7, dtype=torch.int64)
-    tensors["empty"] = torch.empty(0, 3)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return tensors
+def test_a_watermark_advances_only_over_contiguous_ranges() -> None:
+    ranges = [(start, start + 10) for start in range(0, 1000, 10)]
+    random.Random(0).shuffle(ranges)
+    mark = Watermark()
+    landed: set[int] = set()
+    for start, end in ranges:
+        mark.complete(start, end)
+        landed.add(start)
+        expected = 0
+        while expected in landed:
+            expected += 10
+        assert mark.position == expected
+    assert mark.position == 1000
 
 
-def test_streaming_overlaps_the_download_and_matches_a_plain_load(s3: Any, proxy: FaultProxy,
-                                                                   tmp_path: Path) -> None:
-    expected = checkpoint(tmp_path / "model.safetensors")
-    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "stream/model.safetensors")
-    s3.put_object(Bucket=BUCKET, Key="stream/config.json", Body=b"{}")
-    proxy.delay = 0.02
+def test_a_waiter_wakes_when_its_bytes_land_or_when_told_to_stop() -> None:
+    mark = Watermark()
+    stop = threading.Event()
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(mark.wait_until(20, stop.is_set, 10.0)))
+    waiter.start()
+    mark.complete(10, 20)  # not contiguous yet
+    mark.complete(0, 10)
+    waiter.join(5)
+    assert got == [20]
+    waiter = threading.Thread(target=lambda: got.append(mark.wait_until(30, stop.is_set, 10.0)))
+    waiter.start()
+    stop.set()
+    mark.wake()
+    waiter.join(5)
+    assert got == [20, 20] and not waiter.is_alive()
+
+
+@pytest.mark.s3
+def test_a_watched_fetch_reports_the_landed_prefix_as_it_downloads(s3: Any, proxy: FaultProxy) -> None:
+    data = os.urandom(2 * MiB)
+    s3.put_object(Bucket=BUCKET, Key="watched/a.bin", Body=data)
+    s3.put_object(Bucket=BUCKET, Key="watched/b.txt", Body=b"skip me")
+    proxy.delay = 0.01
     stats: dict[str, float] = {}
-    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/stream/", stats=stats)
-    with pinned as path:
-        assert set(tensors) == set(expected)
-        for name, tensor in expected.items():
-            assert torch.equal(tensors[name], tensor), name
-        published = load_file(str(path / "model.safetensors"))
-        assert all(torch.equal(published[n], t) for n, t in expected.items())
-    assert stats["first_tensor"] < stats["fetch_done"]  # loading began before the download ended
-    assert proxy.get_body_bytes == os.path.getsize(tmp_path / "model.safetensors") + 2
+    watch, future = watch_fetch(f"s3://{BUCKET}/watched/", wanted=lambda name: name.endswith(".bin"),
+                                stats=stats)
+    watch.started_event.wait(30)
+    try:
+        assert watch.manifest is not None and set(watch.fds) == {"a.bin"}
+        watch.wait_for("a.bin", MiB)
+        assert os.pread(watch.fds["a.bin"], MiB, 0) == data[:MiB]  # readable before the fetch is done
+        watch.wait_for("a.bin", len(data))
+        with future.result(30) as path:
+            assert (path / "a.bin").read_bytes() == data
+        assert "fetch_done" in stats and watch.marks["a.bin"].position == len(data)
+    finally:
+        watch.close()
 
-    proxy.reset_counters()
-    again, pinned = stream_state_dict(f"s3://{BUCKET}/stream/")  # now a cache hit
-    pinned.release()
-    assert proxy.get_body_bytes == 0 and all(torch.equal(again[n], t) for n, t in expected.items())
 
-
-def test_streaming_hands_out_nothing_when_verification_fails(s3: Any, proxy: FaultProxy, tmp_path: Path) -> None:
-    checkpoint(tmp_path / "model.safetensors")
-    s3.put_object(Bucket=BUCKET, Key="bad/model.safetensors", Body=(tmp_path / "model.safetensors").read_bytes())
-    proxy.faults = ["ok"] * 3 + ["corrupt"]
-    with pytest.raises(IntegrityError):
-        stream_state_dict(f"s3://{BUCKET}/bad/model.safetensors")
-    proxy.faults = []
-    assert fetch(f"s3://{BUCKET}/bad/model.safetensors").read_bytes() == \
-        (tmp_path / "model.safetensors").read_bytes()
+@pytest.mark.s3
+def test_a_failed_watched_fetch_raises_to_the_waiter(s3: Any, proxy: FaultProxy) -> None:
+    s3.put_object(Bucket=BUCKET, Key="spoilt/a.bin", Body=os.urandom(2 * MiB))
+    proxy.faults = ["ok"] * 7 + ["corrupt"]
+    watch, future = watch_fetch(f"s3://{BUCKET}/spoilt/a.bin")
+    watch.started_event.wait(30)
+    try:
+        with pytest.raises(IntegrityError):
+            watch.wait_for("a.bin", 2 * MiB + 1)  # beyond the end: only the fetch's outcome ends the wait
+        with pytest.raises(IntegrityError):
+            future.result(30)
+    finally:
+        watch.close()

@@ -1,0 +1,68 @@
+"""Streaming load from S3: tensors come out while the download is still running, identical to a plain load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastload_core.loader.api import stream_state_dict
+from fastload_core.storage import fetch
+from fastload_core.storage.errors import IntegrityError
+from tests.storage import conftest as storage_fixtures
+from tests.storage.conftest import BUCKET
+from tests.storage.faultproxy import FaultProxy
+
+# The storage tests' S3 fixtures: the fault proxy, and small parts so a small checkpoint takes many GETs.
+proxy = storage_fixtures.proxy
+_small_s3_parts = storage_fixtures._small_s3_parts
+
+pytestmark = pytest.mark.s3
+
+
+def checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(256, 512) for i in range(8)}
+    tensors["bias16"] = torch.randn(1001).to(torch.float16)
+    tensors["ids"] = torch.arange(7, dtype=torch.int64)
+    tensors["empty"] = torch.empty(0, 3)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return tensors
+
+
+def test_streaming_overlaps_the_download_and_matches_a_plain_load(s3: Any, proxy: FaultProxy,
+                                                                   tmp_path: Path) -> None:
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "stream/model.safetensors")
+    s3.put_object(Bucket=BUCKET, Key="stream/config.json", Body=b"{}")
+    proxy.delay = 0.02
+    stats: dict[str, float] = {}
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/stream/", stats=stats)
+    with pinned as path:
+        assert set(tensors) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(tensors[name], tensor), name
+        published = load_file(str(path / "model.safetensors"))
+        assert all(torch.equal(published[n], t) for n, t in expected.items())
+    assert stats["first_tensor"] < stats["fetch_done"]  # loading began before the download ended
+    assert proxy.get_body_bytes == os.path.getsize(tmp_path / "model.safetensors") + 2
+
+    proxy.reset_counters()
+    again, pinned = stream_state_dict(f"s3://{BUCKET}/stream/")  # now a cache hit
+    pinned.release()
+    assert proxy.get_body_bytes == 0 and all(torch.equal(again[n], t) for n, t in expected.items())
+
+
+def test_streaming_hands_out_nothing_when_verification_fails(s3: Any, proxy: FaultProxy, tmp_path: Path) -> None:
+    checkpoint(tmp_path / "model.safetensors")
+    s3.put_object(Bucket=BUCKET, Key="bad/model.safetensors", Body=(tmp_path / "model.safetensors").read_bytes())
+    proxy.faults = ["ok"] * 3 + ["corrupt"]
+    with pytest.raises(IntegrityError):
+        stream_state_dict(f"s3://{BUCKET}/bad/model.safetensors")
+    proxy.faults = []
+    assert fetch(f"s3://{BUCKET}/bad/model.safetensors").read_bytes() == \
+        (tmp_path / "model.safetensors").read_bytes()
