@@ -97,11 +97,20 @@ def set_default_compile_cache(url: str | None) -> None:
 
     It sets the ``FASTLOAD_COMPILE_CACHE`` environment variable, so processes this one starts (inductor's
     compile workers, a framework's worker processes) inherit the same default. Raises ``CacheURLError``
-    for a URL no compile-cache backend serves, at configuration time rather than at the first compile.
+    for a URL no compile-cache backend serves (see ``check_compile_cache_url``).
     """
     if url is None:
         os.environ.pop(URL_VARIABLE, None)
         return
+    os.environ[URL_VARIABLE] = check_compile_cache_url(url)
+
+
+def check_compile_cache_url(url: str) -> str:
+    """``url`` if a compile-cache backend serves its scheme, else ``CacheURLError`` naming the schemes on
+    offer. Adapters call it where their configuration is read, so a typo fails the deployment at start
+    rather than degrading every replica to a cold compile. Connects to nothing."""
+    if not isinstance(url, str):
+        raise TypeError(f"a compile-cache URL is a string such as 'redis://cache:6379/0', not {type(url).__name__}")
     scheme = urlsplit(url).scheme.lower()
     offered = compile_cache_schemes()
     if not scheme:
@@ -109,7 +118,7 @@ def set_default_compile_cache(url: str | None) -> None:
                             offered)
     if scheme not in offered:
         raise CacheURLError(url, f"no compile-cache backend serves {scheme}://", offered)
-    os.environ[URL_VARIABLE] = url
+    return url
 
 
 def _warm_one(uri: Source, tier: str | None, revision: str | None) -> Path:
@@ -150,6 +159,7 @@ def _problem(exc: BaseException) -> str:
 
 __all__ = [
     "WeightsUnavailableError",
+    "check_compile_cache_url",
     "device_for_worker",
     "hold_weights",
     "set_default_compile_cache",

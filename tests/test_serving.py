@@ -230,3 +230,14 @@ def test_a_compile_cache_url_no_backend_serves_is_refused_at_once(url: str, matc
         set_default_compile_cache(url)
     assert "redis://" in str(raised.value)  # says what is on offer
     assert default_url() != url
+
+
+def test_a_compile_cache_url_must_be_a_string() -> None:
+    with pytest.raises(TypeError, match="redis://cache:6379/0"):
+        set_default_compile_cache(6379)  # type: ignore[arg-type]
+
+
+def test_checking_a_url_connects_to_nothing() -> None:
+    from fastload_core.serving import check_compile_cache_url
+
+    assert check_compile_cache_url("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"  # nothing listens there
