@@ -39,9 +39,9 @@ class WeightsUnavailableError(FastloadError):
         self.uri = uri
         self.problem = problem
         super().__init__(
-            f"cannot fetch the weights at {uri}: {problem}. Check that the URI names an existing object or "
-            "prefix (and the revision, if one is given) and that this process can reach its origin (for "
-            "s3://: AWS_ENDPOINT_URL and the AWS credentials); the service cannot start without them"
+            f"cannot fetch the weights at {uri}: {problem}. The service cannot start without them: check that "
+            "the URI (and revision, if given) names an existing object or prefix and that this process can "
+            "reach its origin (for s3://, AWS_ENDPOINT_URL and the AWS credentials)"
         )
 
 
