@@ -12,8 +12,8 @@ the demo model of examples/bentoml (``--width 4096 --layers 32``: 2 GiB of float
 
 The order of {empty, stock, fastload} rotates every round (cold always right before its warm).
 Recorded per run: first correct response (a prediction equal to the reference computed here), all
-workers initialized, bytes the origin sent (SeaweedFS's ``wchar`` in /proc: its socket writes), and
-the workers' summed PSS. Medians over rounds; targets are on the time above the empty service's.
+workers initialized, bytes the origin sent (SeaweedFS's own counter of bytes its S3 gateway sent for
+the bucket), and the workers' summed PSS. Medians over rounds; targets are on the time above the empty service's.
 
 Usage: python benchmarks/bench_bentoml.py [--width 4096 --layers 32] [--rounds 3]
        [--markdown docs/benchmarks.md] [--json bench-out/bentoml.json] [--note TEXT]
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.services._process import free_port  # noqa: E402
 from tests.services.bento import BentoServe  # noqa: E402
 from tests.services.seaweed import BUCKET, SeaweedServer  # noqa: E402
 
@@ -57,11 +59,22 @@ def load_demo_model() -> ModuleType:
     return module
 
 
-def wchar(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no wchar in /proc/{pid}/io")
+class CountingSeaweed(SeaweedServer):
+    """``weed mini`` with its Prometheus port open: its S3 gateway counts the bytes it sends per bucket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.metrics_port = free_port()
+        command = self._command
+        self._command = lambda port: [*command(port), f"-metricsPort={self.metrics_port}"]
+
+    def sent_bytes(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_bucket_traffic_sent_bytes_total") and f'bucket="{BUCKET}"' in line:
+                return int(float(line.split()[-1]))
+        return 0
 
 
 def workers_pss(server: BentoServe) -> int:
@@ -83,7 +96,7 @@ def workers_pss(server: BentoServe) -> int:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path, weed: SeaweedServer, expected: list[float],
+    def __init__(self, args: argparse.Namespace, work: Path, weed: CountingSeaweed, expected: list[float],
                  x: list[float]) -> None:
         self.args = args
         self.work = work
@@ -123,8 +136,7 @@ class Bench:
         self.runs += 1
         server = BentoServe(target, cwd=cwd, home=self.work / "bentoml-home",
                             log=self.work / "logs" / f"{self.runs:02d}-{scenario}.log", env=self.env)
-        assert self.weed._process is not None
-        sent_before = wchar(self.weed._process.pid)
+        sent_before = self.weed.sent_bytes()
         server.start()
         try:
             if scenario == "empty":
@@ -135,7 +147,7 @@ class Bench:
                                           timeout=self.args.timeout)
             ready = server.wait_until(lambda: server.initialized() >= self.args.workers, timeout=self.args.timeout)
             pss = workers_pss(server)
-            sent = wchar(self.weed._process.pid) - sent_before
+            sent = self.weed.sent_bytes() - sent_before
         finally:
             server.stop()
         result = {"first": first, "all_ready": ready, "origin_bytes": sent, "pss": pss}
@@ -200,8 +212,8 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
                  f"(target: 1× instead of one download per worker).")
     lines += [
         "",
-        "What the figures leave out: origin bytes are SeaweedFS's socket writes (`wchar`), so they include "
-        "HTTP headers and listings (a few KiB); PSS is measured once all workers are up; SeaweedFS, the "
+        "What the figures leave out: origin bytes are SeaweedFS's `s3_bucket_traffic_sent_bytes_total` for the "
+        "bucket (object bytes; listings are not counted); PSS is measured once all workers are up; SeaweedFS, the "
         "workers and this script share the machine's cores, so a remote S3 endpoint would change the "
         "cold figures (not the warm ones).",
         END,
@@ -226,7 +238,7 @@ def main() -> int:
     print(machine_line, flush=True)
     demo = load_demo_model()
     work = Path(tempfile.mkdtemp(prefix="fastload-bench-bentoml-"))
-    weed = SeaweedServer(work / "weed")
+    weed = CountingSeaweed(work / "weed")
     weed.start(timeout=60)
     bench: Bench | None = None
     try:

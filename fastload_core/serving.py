@@ -22,6 +22,7 @@ from .compile_cache.errors import CacheURLError
 from .compile_cache.registry import schemes as compile_cache_schemes
 from .errors import FastloadError
 from .storage import Pin, redact
+from .storage.base import tier_for_path
 
 log = logging.getLogger("fastload.serving")
 
@@ -89,6 +90,14 @@ def warm(uris: Source | Iterable[Source], *, tier: str | None = "shm",
     """
     items = [uris] if isinstance(uris, (str, os.PathLike)) else list(uris)
     return [_warm_one(item, tier, revision) for item in items]
+
+
+def version_of(path: Source) -> str | None:
+    """The version digest of the tier entry that holds ``path`` (a path ``warm`` or ``hold_weights`` handed
+    out), None for a path outside every tier. Passed as ``revision=`` it selects exactly that version with
+    no request to the origin: how an adapter makes every worker serve the version warmed for the node."""
+    found = tier_for_path(storage.default_store().tiers, Path(path))
+    return found[2] if found else None
 
 
 def set_default_compile_cache(url: str | None) -> None:
@@ -163,5 +172,6 @@ __all__ = [
     "device_for_worker",
     "hold_weights",
     "set_default_compile_cache",
+    "version_of",
     "warm",
 ]

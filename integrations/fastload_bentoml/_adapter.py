@@ -10,6 +10,7 @@ the worker's ``__is_ready__``. Everything else is the core's.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import os
@@ -77,13 +78,35 @@ class Weights:
         return self.hold().path
 
     def hold(self) -> Pin:
-        """The pin this process holds on the weights (taken on first use, kept until the process ends)."""
+        """The pin this process holds on the weights (taken on first use, kept until the process ends).
+
+        Without an explicit ``revision``, a worker takes the version the deployment hook warmed (passed
+        down in an environment variable): every worker serves the same version even if the origin
+        changes meanwhile, and none of them asks the origin again. Should that version have left every
+        tier (a worker restarted much later), it falls back to the origin's current one, with a warning.
+        """
         key = (self.uri, self.revision)
         with _held_lock:
             pinned = _held.get(key)
             if pinned is None or not pinned.held:
-                pinned = _held[key] = _bentoml_error(serving.hold_weights, self.uri, revision=self.revision)
+                pinned = _held[key] = self._pin()
             return pinned
+
+    def _pin(self) -> Pin:
+        warmed = os.environ.get(self.version_variable) if self.revision is None else None
+        if warmed:
+            try:
+                return serving.hold_weights(self.uri, revision=warmed)
+            except serving.WeightsUnavailableError as exc:
+                log.warning("%s: the version warmed for this deployment (%s) is no longer cached (%s); using "
+                            "the origin's current version", exc.uri, warmed, exc.problem)
+        return _bentoml_error(serving.hold_weights, self.uri, revision=self.revision)
+
+    @property
+    def version_variable(self) -> str:
+        """The environment variable through which the deployment hook tells workers what it warmed."""
+        digest = hashlib.sha256(f"{self.uri}\0{self.revision or ''}".encode()).hexdigest()[:16]
+        return f"FASTLOAD_BENTOML_WARMED_{digest.upper()}"
 
     def __repr__(self) -> str:
         revision = f", revision={self.revision!r}" if self.revision is not None else ""
@@ -199,7 +222,10 @@ def _prefetch_hook(cls: type, tier: str) -> Callable[[], None]:
         """Warm the service's weights on this node before BentoML starts its workers."""
         _share_metrics_with_workers()
         for weights in weights_of(cls):
-            _bentoml_error(serving.warm, weights.uri, tier=tier, revision=weights.revision)
+            (path,) = _bentoml_error(serving.warm, weights.uri, tier=tier, revision=weights.revision)
+            version = serving.version_of(path)
+            if version is not None:  # BentoML starts its workers with this process's environment
+                os.environ[weights.version_variable] = version
 
     fastload_prefetch.__qualname__ = f"{cls.__qualname__}.{_HOOK}"
     return fastload_prefetch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import fastload_core
 from fastload_core.compile_cache import default_url
 from fastload_core.compile_cache.errors import CacheURLError
 from fastload_core.storage import default_store, tier_of
+from tests.services.s3 import BUCKET
 
 # BentoML 1.4.40's own deprecations, raised when bentoml.Service and its IO models are first built.
 BENTOML_WARNINGS = [
@@ -217,6 +219,39 @@ def test_the_deployment_hook_warms_every_weights_into_shm(tmp_path: Path, shm_ro
     assert sorted(info.entry.slug.split("-")[1] for info in default_store().ls(tier="shm")) == ["m1", "m2"]
     assert in_use() == []  # the serve process holds nothing; workers pin
     assert Service().b.is_relative_to(shm_root)
+
+
+def test_workers_serve_the_version_the_hook_warmed_without_asking_the_origin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shm_root: Path
+) -> None:
+    source = make_model(tmp_path / "origin" / "m1")
+
+    @fastload_bentoml.accelerate
+    class Service:
+        weights = fastload_bentoml.Weights(source.as_uri())
+
+    (hook,) = deployment_hooks(Service)
+    hook()
+    variable = Service.weights.version_variable
+    monkeypatch.setenv(variable, os.environ.pop(variable))  # what the workers inherit; undone after the test
+    shutil.rmtree(source)  # the origin is gone: a worker that asked it would fail
+    assert Service().weights.is_relative_to(shm_root)
+
+
+@pytest.mark.s3
+def test_a_warmed_version_no_tier_holds_any_more_falls_back_to_the_current_one(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_model(tmp_path / "origin" / "m1")
+    s3.upload_file(str(source / "model.safetensors"), BUCKET, "m1/model.safetensors")
+
+    class Service:
+        weights = fastload_bentoml.Weights(f"s3://{BUCKET}/m1/model.safetensors")
+
+    # A digest no tier holds goes to S3 as a VersionId, which S3 refuses.
+    monkeypatch.setenv(Service.weights.version_variable, "0123456789abcdef0123")
+    assert Service().weights.name == "model.safetensors"
+    assert "is no longer cached" in caplog.text
 
 
 def test_bentoml_runs_the_hook_before_workers(tmp_path: Path, shm_root: Path) -> None:
