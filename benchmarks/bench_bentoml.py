@@ -95,6 +95,22 @@ def workers_pss(server: BentoServe) -> int:
     return total
 
 
+def fetch_seconds(server: BentoServe) -> dict[str, float]:
+    """Seconds fastload spent filling each tier in this run (from the service's /metrics): the download
+    into local disk and the promotion into /dev/shm, both in the deployment hook."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = server.get("metrics")
+    found: dict[str, float] = {}
+    if status != 200:
+        return found
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fastload_fetch_seconds_sum":
+                found[f"fetch_{sample.labels.get('tier', '')}"] = sample.value
+    return found
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path, weed: CountingSeaweed, expected: list[float],
                  x: list[float]) -> None:
@@ -148,9 +164,10 @@ class Bench:
             ready = server.wait_until(lambda: server.initialized() >= self.args.workers, timeout=self.args.timeout)
             pss = workers_pss(server)
             sent = self.weed.sent_bytes() - sent_before
+            stages = fetch_seconds(server) if scenario.startswith("fastload") else {}
         finally:
             server.stop()
-        result = {"first": first, "all_ready": ready, "origin_bytes": sent, "pss": pss}
+        result = {"first": first, "all_ready": ready, "origin_bytes": sent, "pss": pss, **stages}
         print(f"{scenario:<14} first correct response {first:6.2f} s, all workers {ready:6.2f} s, "
               f"origin {sent / GiB:5.2f} GiB, workers' PSS {pss / GiB:5.2f} GiB", flush=True)
         return result
@@ -198,6 +215,12 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
         origin = median(scenario, "origin_bytes") / model_bytes
         lines.append(f"| {scenario} | {first:.2f} | {first - empty:.2f} | {median(scenario, 'all_ready'):.2f} | "
                      f"{origin:.2f} | {median(scenario, 'pss') / GiB:.2f} |")
+    stages = [key for key in ("fetch_local_disk", "fetch_shm") if all(key in r for r in results["fastload-cold"])]
+    if stages:
+        shown = ", ".join(f"{key[len('fetch_'):]} {median('fastload-cold', key):.2f} s" for key in stages)
+        lines += ["", f"Inside fastload's cold start, the deployment hook's fills (medians): {shown} "
+                      "(download from the origin into local disk, MD5-verified and fsynced; then the verified copy "
+                      "into /dev/shm)."]
     lines.append("")
     for kind, target in (("cold", 3.0), ("warm", 5.0)):
         stock = median(f"stock-{kind}", "first") - empty
