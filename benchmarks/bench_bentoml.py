@@ -236,7 +236,7 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
     lines += [
         "",
         "What the figures leave out: origin bytes are SeaweedFS's `s3_bucket_traffic_sent_bytes_total` for the "
-        "bucket (object bytes; listings are not counted); PSS is measured once all workers are up; SeaweedFS, the "
+        "bucket (object bytes plus a few KiB of listings); PSS is measured once all workers are up; SeaweedFS, the "
         "workers and this script share the machine's cores, so a remote S3 endpoint would change the "
         "cold figures (not the warm ones).",
         END,
@@ -293,11 +293,12 @@ def main() -> int:
                 for scenario in unit:
                     results[scenario].append(bench.run(scenario))
         load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        if args.json:  # first, so the figures survive whatever happens to the report
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"model_bytes": model_bytes, "machine": machine_line,
+                                                   "load_end": load_end, "results": results}, indent=1))
         text = report(results, args, model_bytes, machine_line, load_end)
         print(text)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"model_bytes": model_bytes, "results": results}, indent=1))
         if args.markdown:
             path = Path(args.markdown)
             current = path.read_text()
