@@ -350,3 +350,18 @@ def test_worker_device_follows_the_worker_index(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(bentoml.server_context, "worker_index", index)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert str(fastload_bentoml.worker_device()) == expected
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_a_worker_loads_onto_its_own_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bentoml.server_context, "worker_index", 2)
+    device = fastload_bentoml.worker_device()
+    assert device == torch.device("cuda", 1 % torch.cuda.device_count())
+    source = make_model(tmp_path / "origin" / "m1")
+
+    class Service:
+        weights = fastload_bentoml.Weights(source.as_uri())
+
+    loaded = fastload_core.load_file(Service().weights / "model.safetensors", device=device)
+    assert loaded["weight"].device == device
+    assert torch.equal(loaded["weight"].cpu(), torch.arange(16.0).reshape(4, 4))
