@@ -2,7 +2,8 @@
 
 One run, one SeaweedFS server on loopback (``tests/services/seaweed.py``; moto would flatter any cache),
 the demo model of examples/bentoml (``--width 4096 --layers 32``: 2 GiB of float32) put there twice: as
-``model.safetensors`` (fastload) and ``model.pt`` (stock). Every round serves, with 2 workers each:
+``model.safetensors`` under one prefix (fastload) and ``model.pt`` under another (stock). Every round
+serves, with 2 workers each:
 
   * **empty**: the same service with no model (framework start-up and imports: no loader's to win);
   * **stock cold / warm**: each worker downloads ``model.pt`` with tuned boto3 and
@@ -46,7 +47,8 @@ from tests.services.seaweed import BUCKET, SeaweedServer  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "bentoml"
 SERVICES = REPO / "benchmarks" / "bentoml"
-PREFIX = "bench-bentoml"
+PREFIX = "bench-bentoml"  # model.safetensors, what fastload fetches (the whole prefix)
+STOCK_PREFIX = "bench-bentoml-stock"  # model.pt, what the stock service downloads
 START, END = "<!-- bentoml:start -->", "<!-- bentoml:end -->"
 GiB = 2**30
 
@@ -123,7 +125,7 @@ class Bench:
         self.env = {
             "AWS_ENDPOINT_URL_S3": weed.endpoint_url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
             "AWS_DEFAULT_REGION": "us-east-1", "DEMO_WORKERS": str(args.workers),
-            "DEMO_WEIGHTS": f"s3://{BUCKET}/{PREFIX}/", "BENCH_BUCKET": BUCKET, "BENCH_PREFIX": PREFIX,
+            "DEMO_WEIGHTS": f"s3://{BUCKET}/{PREFIX}/", "BENCH_BUCKET": BUCKET, "BENCH_PREFIX": STOCK_PREFIX,
             "BENCH_WIDTH": str(args.width), "BENCH_LAYERS": str(args.layers), "STOCK_DIR": str(work / "stock"),
             "FASTLOAD_SHM_DIR": str(self.shm), "FASTLOAD_CACHE_DIR": str(work / "fastload-cache"),
             "PYTHONPATH": os.pathsep.join([str(EXAMPLE), str(REPO)]),
@@ -270,7 +272,8 @@ def main() -> int:
         started = time.monotonic()
         put = subprocess.run(
             [sys.executable, str(EXAMPLE / "put_model.py"), f"s3://{BUCKET}/{PREFIX}/", "--width", str(args.width),
-             "--layers", str(args.layers), "--pickle", "--endpoint-url", weed.endpoint_url],
+             "--layers", str(args.layers), "--pickle-to", f"s3://{BUCKET}/{STOCK_PREFIX}/",
+             "--endpoint-url", weed.endpoint_url],
             capture_output=True, text=True, env=env, check=False,
         )
         if put.returncode != 0:

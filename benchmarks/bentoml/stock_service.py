@@ -18,7 +18,7 @@ from boto3.s3.transfer import TransferConfig
 from demo_model import PICKLE_NAME, DemoMLP
 
 BUCKET = os.environ.get("BENCH_BUCKET", "models")
-PREFIX = os.environ.get("BENCH_PREFIX", "bench-bentoml")
+PREFIX = os.environ.get("BENCH_PREFIX", "bench-bentoml-stock")
 
 
 @bentoml.service(workers=int(os.environ.get("DEMO_WORKERS", "2")), traffic={"timeout": 300})

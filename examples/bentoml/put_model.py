@@ -3,10 +3,11 @@
     python put_model.py s3://models/demo-mlp/              # boto3's usual settings (AWS_ENDPOINT_URL, keys)
     python put_model.py s3://models/demo-mlp/ --endpoint-url http://127.0.0.1:9000 --create-bucket
     python put_model.py /tmp/demo-mlp/                      # a local path: serve with DEMO_WEIGHTS=/tmp/demo-mlp/
-    python put_model.py s3://models/bench/ --width 4096 --layers 32 --pickle   # 2 GiB, plus model.pt
+    python put_model.py s3://models/big/ --width 4096 --layers 32 --pickle-to s3://models/big-stock/   # 2 GiB
 
-Prints the model's size in bytes. ``--pickle`` also writes ``model.pt`` (``torch.save`` of the state
-dict), the file a stock service ``torch.load``s.
+Prints the model's size in bytes. ``--pickle-to`` also writes the same weights as ``model.pt``
+(``torch.save`` of the state dict, the file a stock service ``torch.load``s) to a second place; not
+beside the safetensors file, since fastload fetches everything under a prefix.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import torch
 from demo_model import PICKLE_NAME, WEIGHTS_NAME, make
@@ -28,43 +29,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="layer width (default 64)")
     parser.add_argument("--layers", type=int, default=4, help="number of layers (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    parser.add_argument("--pickle", action="store_true", help=f"also write {PICKLE_NAME} for a stock service")
+    parser.add_argument("--pickle-to", metavar="TARGET",
+                        help=f"also write the weights as {PICKLE_NAME} (for a stock service) to this target")
     parser.add_argument("--endpoint-url", help="S3 endpoint (default: boto3's, e.g. AWS_ENDPOINT_URL_S3)")
     parser.add_argument("--create-bucket", action="store_true", help="create the bucket if it is missing")
     args = parser.parse_args(argv)
     if args.width < 1 or args.layers < 1:
         parser.error("--width and --layers must be at least 1")
-    target = urlsplit(args.target)
-    if target.scheme not in ("", "s3", "file"):
-        parser.error(f"target {args.target!r}: expected s3://bucket/prefix/ or a local directory")
-    if target.scheme == "s3" and not target.netloc:
-        parser.error(f"target {args.target!r}: an s3:// target needs a bucket, as in s3://models/demo-mlp/")
+    targets = [_target(parser, args.target)]
+    if args.pickle_to:
+        targets.append(_target(parser, args.pickle_to))
     with tempfile.TemporaryDirectory() as scratch:
-        names, nbytes = _write(Path(scratch), args.width, args.layers, args.seed, args.pickle)
-        if target.scheme == "s3":
-            error = _upload(Path(scratch), names, target.netloc, target.path.strip("/"), args)
-            if error:
-                print(f"put_model: {error}", file=sys.stderr)
-                return 1
-        else:
-            destination = Path(target.path if target.scheme == "file" else args.target)
-            destination.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                (Path(scratch) / name).replace(destination / name)
-                (destination / name).chmod(0o644)
+        nbytes = _write(Path(scratch), args.width, args.layers, args.seed, bool(args.pickle_to))
+        for (target, text), files in zip(targets, ([WEIGHTS_NAME], [PICKLE_NAME]), strict=False):
+            if target.scheme == "s3":
+                error = _upload(Path(scratch), files, target.netloc, target.path.strip("/"), args)
+                if error:
+                    print(f"put_model: {error}", file=sys.stderr)
+                    return 1
+            else:
+                destination = Path(target.path if target.scheme == "file" else text)
+                destination.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    (Path(scratch) / name).replace(destination / name)
+                    (destination / name).chmod(0o644)
     print(nbytes)
     return 0
 
 
-def _write(scratch: Path, width: int, layers: int, seed: int, pickle: bool) -> tuple[list[str], int]:
+def _target(parser: argparse.ArgumentParser, text: str) -> tuple[SplitResult, str]:
+    target = urlsplit(text)
+    if target.scheme not in ("", "s3", "file"):
+        parser.error(f"target {text!r}: expected s3://bucket/prefix/ or a local directory")
+    if target.scheme == "s3" and not target.netloc:
+        parser.error(f"target {text!r}: an s3:// target needs a bucket, as in s3://models/demo-mlp/")
+    return target, text
+
+
+def _write(scratch: Path, width: int, layers: int, seed: int, pickle: bool) -> int:
     model = make(width, layers, seed)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, scratch / WEIGHTS_NAME, metadata={"width": str(width), "layers": str(layers)})
-    names = [WEIGHTS_NAME]
     if pickle:
         torch.save(state, scratch / PICKLE_NAME)
-        names.append(PICKLE_NAME)
-    return names, sum(t.numel() * t.element_size() for t in state.values())
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def _upload(scratch: Path, names: list[str], bucket: str, prefix: str, args: argparse.Namespace) -> str:

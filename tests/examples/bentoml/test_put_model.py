@@ -21,14 +21,16 @@ def put_model(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
                           timeout=120, check=False, env={**os.environ, **(env or {})})
 
 
-def test_a_local_directory_gets_the_model_and_its_pickle(tmp_path: Path) -> None:
-    result = put_model(str(tmp_path / "m1"), "--width", "16", "--layers", "2", "--seed", "3", "--pickle")
+def test_a_local_directory_gets_the_model_and_another_its_pickle(tmp_path: Path) -> None:
+    result = put_model(str(tmp_path / "m1"), "--width", "16", "--layers", "2", "--seed", "3",
+                       "--pickle-to", (tmp_path / "stock").as_uri())
     assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "m1").iterdir()] == [demo.WEIGHTS_NAME]  # a fastload prefix: nothing else
     reference = demo.make(16, 2, seed=3).state_dict()
     assert int(result.stdout) == sum(t.numel() * t.element_size() for t in reference.values())
     assert fastload_core.read_metadata(tmp_path / "m1" / demo.WEIGHTS_NAME) == {"width": "16", "layers": "2"}
     loaded = fastload_core.load_file(tmp_path / "m1" / demo.WEIGHTS_NAME)
-    pickled = torch.load(tmp_path / "m1" / demo.PICKLE_NAME, weights_only=True)
+    pickled = torch.load(tmp_path / "stock" / demo.PICKLE_NAME, weights_only=True)
     for name, tensor in reference.items():
         assert torch.equal(loaded[name], tensor) and torch.equal(pickled[name], tensor)
 
@@ -36,6 +38,7 @@ def test_a_local_directory_gets_the_model_and_its_pickle(tmp_path: Path) -> None
 @pytest.mark.parametrize(("args", "message"), [
     (["gopher://host/m1/"], "expected s3://bucket/prefix/ or a local directory"),
     (["s3:///m1/"], "an s3:// target needs a bucket"),
+    (["{tmp}/m1", "--pickle-to", "gopher://x/"], "expected s3://bucket/prefix/ or a local directory"),
     (["{tmp}/m1", "--width", "0"], "--width and --layers must be at least 1"),
     (["{tmp}/m1", "--layers", "many"], "invalid int value"),
 ])
