@@ -23,7 +23,7 @@ PUBLIC: dict[str, list[str]] = {
         "BadURIError", "Checksums", "FetchTimeoutError", "IntegrityError", "Journal", "LocalDiskTier", "Manifest",
         "ModelURI", "NotCachedError", "ObjectChangedError", "Origin", "OriginError", "Pin", "Progress",
         "RemoteFile", "SharedFsTier", "ShmTier", "StorageError", "StorageSettings", "Tier", "TierFullError",
-        "TieredStore", "UnsafeKeyError", "fetch", "pin", "pin_path", "prefetch",
+        "TieredStore", "UnsafeKeyError", "fetch", "pin", "pin_path", "prefetch", "tier_of",
     ],
     "fastload_core.compile_cache": [
         "CacheURLError", "CompileCache", "CompileCacheBackend", "CompileCacheError", "CompileEntry",

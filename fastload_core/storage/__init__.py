@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -100,6 +101,24 @@ def pin_path(path: str | os.PathLike[str]) -> Pin:
     return default_store().pin_path(path)
 
 
+def tier_of(path: str | os.PathLike[str]) -> str:
+    """Name of the tier whose entry holds ``path`` (as ``fetch`` handed it out), "" for a path outside every
+    tier: what a load report says about where its bytes came from. A process that never fetched has not
+    imported the store and holds no tier path of its own: its plain local loads stay as cheap as they are."""
+    if f"{__name__}.store" not in sys.modules:
+        return ""
+    from .base import tier_for_path
+    from .errors import StorageError
+    from .store import default_store
+
+    try:
+        store = default_store()
+    except StorageError:  # a bad FASTLOAD_* setting must not break loading a plain local file
+        return ""
+    found = tier_for_path(store.tiers, Path(path))
+    return found[0].name if found else ""
+
+
 def prefetch(uris: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, tier: str | None = None,
              revision: str | None = None, background: bool = False) -> list[Path] | Future[list[Path]]:
     """Warm models ahead of need; ``background=True`` returns a ``Future`` immediately."""
@@ -139,4 +158,5 @@ __all__ = [
     "pin",
     "pin_path",
     "prefetch",
+    "tier_of",
 ]
