@@ -11,7 +11,7 @@ from .compile_cache.errors import CompileCacheError
 from .errors import FastloadError
 from .hookspecs import hookimpl
 from .loader.api import load_file, load_state_dict, read_metadata
-from .model import load_model
+from .model import load_model, load_model_async
 from .report import LoadReport
 from .storage import TieredStore, fetch, pin, pin_path, prefetch
 from .storage.errors import StorageError
@@ -30,6 +30,7 @@ __all__ = [
     "hookimpl",
     "load_file",
     "load_model",
+    "load_model_async",
     "load_state_dict",
     "pin",
     "pin_path",
