@@ -16,15 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.`
 
-from examples.ray_serve.models import WIDTH, Adapter, Embedder
 
+def weights(module: Any) -> bytes:
+    from safetensors.torch import save
 
-def weights(module: torch.nn.Module) -> bytes:
     return save({name: tensor.contiguous() for name, tensor in module.state_dict().items()})
 
 
@@ -40,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapters < 0:
         parser.error("--adapters cannot be negative")
 
-    import boto3
+    import boto3  # imported after the arguments are checked: a usage error should not wait for torch
+    import torch
     from botocore.exceptions import BotoCoreError, ClientError
+
+    from examples.ray_serve.models import WIDTH, Adapter, Embedder
 
     client = boto3.client("s3", endpoint_url=args.endpoint_url)
     try:

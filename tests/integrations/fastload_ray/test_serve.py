@@ -86,6 +86,13 @@ def mapped_in(app: str) -> dict[str, str]:
     return maps
 
 
+def ray_env(replica: str, variable: str) -> str | None:
+    import ray
+
+    actor = ray.get_actor(replica, namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.environ.get(variable)))
+
+
 def close(actual: list[float], wanted: list[float]) -> bool:
     return torch.allclose(torch.tensor(actual), torch.tensor(wanted), atol=1e-5)
 
@@ -146,6 +153,11 @@ def test_two_replicas_fetch_once_serve_and_swap_revisions_in_place(
         v1 = expected(reference(s3, "embedder/model.safetensors", Embedder(), first["revision"]))
         assert close(handle.embed.remote(TEXT).result()["embedding"], v1)
         assert close(post(f"{ray_cluster['http']}/embed")["embedding"], v1)
+
+        budgets = {name: ray_env(name, "FASTLOAD_SHM_CAPACITY") for name in started}
+        stats = os.statvfs("/dev/shm")
+        room = stats.f_bavail * stats.f_frsize + size - 80 * 2**20  # free + the tier's entry - Ray's store
+        assert all(budget is not None and 0 < int(budget) <= room + 2**26 for budget in budgets.values())
 
         maps = mapped_in("embed")
         shared = [line.split()[-1] for line in next(iter(maps.values())).splitlines() if str(shm_root) in line]
