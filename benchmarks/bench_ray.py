@@ -2,7 +2,7 @@
 
 Measures, in one run, on one local Ray cluster, against one SeaweedFS S3 endpoint on loopback:
   * seconds from ``serve.run`` to the first correct HTTP response, 2 replicas of a model of --size:
-      - empty: the same deployment with no model (replica processes, imports, Serve's own start-up);
+      - empty: the same deployment with no model (replica processes, torch's import, Serve's own start-up);
       - stock: in ``__init__``, a tuned boto3 ``download_file`` of a ``torch.save`` file, ``Model()``,
         ``torch.load(weights_only=True, mmap=True)``, ``load_state_dict``;
       - fastload: ``@fastload_ray.accelerate(Model)`` on the same weights as safetensors;
@@ -93,6 +93,9 @@ def build_deployments(layers: int, env: dict[str, str], small_width: int) -> dic
 
     @serve.deployment(num_replicas=2, ray_actor_options=options)
     class Empty:
+        def __init__(self) -> None:
+            self.ready = torch.zeros(1)  # the same process as the others (torch imported), without a model
+
         async def __call__(self, request: Any) -> dict[str, Any]:
             return {"answer": None}
 
@@ -218,7 +221,8 @@ def main() -> int:
         for index in range(args.adapters):
             torch.manual_seed(10_000 + index)
             adapter = Small(small_width)
-            small_expected[f"m{index}"] = float(adapter(torch.ones(1, small_width))[0, 0])
+            with torch.inference_mode():
+                small_expected[f"m{index}"] = float(adapter(torch.ones(1, small_width))[0, 0])
             save_file(adapter.state_dict(), str(work / "small.safetensors"))
             client.upload_file(str(work / "small.safetensors"), BUCKET, f"small/m{index}/model.safetensors")
         print(f"uploaded: {layers} x {WIDTH}x{WIDTH} fp32 = {size / 2**30:.2f} GiB (safetensors and torch.save), "
