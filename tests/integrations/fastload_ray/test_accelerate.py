@@ -280,3 +280,12 @@ def test_shm_budget_leaves_room_for_the_object_store(shm_root: Path) -> None:
     assert shm_budget(shm_root, reserved=total * 2, configured=0.5) == 0
     half = parse_size("50%")
     assert isinstance(half, float) and shm_budget(shm_root, reserved=0, configured=half) <= total // 2
+
+
+def test_load_options_reach_load_model(tmp_path: Path) -> None:
+    uri = write_weights(tmp_path / "m", seed=5)
+    replica = fastload_ray.accelerate(Hooked, uri=uri, dtype=torch.float16, copy=True)(type("Half", (), {}))()
+    run(replica.reconfigure(None, rank=0))
+    assert replica.model.linear.weight.dtype == torch.float16
+    assert replica._fastload_weights.pin is None  # private copies: the tier entry is not held
+    torch.testing.assert_close(replica.model(X.half()), expected(uri).half(), rtol=1e-2, atol=1e-2)
