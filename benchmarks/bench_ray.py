@@ -204,12 +204,16 @@ def main() -> int:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     lines: list[str] = []
     try:
-        client = boto3.client("s3")
+        from botocore.config import Config
+
+        # SeaweedFS sometimes stalls a request for a minute on a busy machine (volume growth): retry it.
+        client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8},
+                                                  read_timeout=120))
         tuned = TransferConfig(max_concurrency=16, multipart_chunksize=16 * MiB, multipart_threshold=16 * MiB)
         torch.manual_seed(0)
         model = Big(layers)
         expected = answer(model, WIDTH)
-        from safetensors.torch import save_file
+        from safetensors.torch import save, save_file
 
         save_file(model.state_dict(), str(work / "model.safetensors"))
         torch.save(model.state_dict(), work / "model.pt")
@@ -223,8 +227,8 @@ def main() -> int:
             adapter = Small(small_width)
             with torch.inference_mode():
                 small_expected[f"m{index}"] = float(adapter(torch.ones(1, small_width))[0, 0])
-            save_file(adapter.state_dict(), str(work / "small.safetensors"))
-            client.upload_file(str(work / "small.safetensors"), BUCKET, f"small/m{index}/model.safetensors")
+            body = save({name: t.contiguous() for name, t in adapter.state_dict().items()})
+            client.put_object(Bucket=BUCKET, Key=f"small/m{index}/model.safetensors", Body=body)
         print(f"uploaded: {layers} x {WIDTH}x{WIDTH} fp32 = {size / 2**30:.2f} GiB (safetensors and torch.save), "
               f"{args.adapters} x {adapter_size / 1e6:.1f} MB; load average at start {load_at_start}", flush=True)
 
