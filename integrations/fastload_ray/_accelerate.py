@@ -25,7 +25,7 @@ from torch import nn
 
 from fastload_core.errors import FastloadError
 from fastload_core.model import load_model
-from fastload_core.serving import device_for_worker, hold_weights, warm
+from fastload_core.serving import check_compile_cache_url, device_for_worker, hold_weights, version_of, warm
 from fastload_core.storage import Pin, redact
 
 from ._memory import collect_if_unreferenced, reserve_object_store
@@ -101,6 +101,8 @@ def accelerate(
     if unknown:
         raise TypeError(f"fastload_ray.accelerate: unknown load option(s) {', '.join(unknown)}; "
                         f"fastload_core.load_model takes {', '.join(_LOAD_OPTIONS)}")
+    if isinstance(load_options.get("compile_cache"), str):
+        check_compile_cache_url(load_options["compile_cache"])  # a typo fails here, not as a cold compile later
     spec = _Spec(model, None if uri is None else os.fspath(uri), attr, device, prefetch, dict(load_options))
 
     def decorate(cls: C) -> C:
@@ -223,9 +225,12 @@ class _ReplicaWeights:
         device = torch.device(spec.device) if spec.device is not None else replica_device()
         if spec.prefetch == "shm":
             _reserve_object_store_once()
+        revision = target.revision
         if spec.prefetch is not None:
-            warm(target.uri, tier=spec.prefetch, revision=target.revision)
-        pin = hold_weights(target.uri, revision=target.revision)
+            (warmed,) = warm(target.uri, tier=spec.prefetch, revision=target.revision)
+            # exactly the version just warmed, without asking the origin again
+            revision = version_of(warmed) or revision
+        pin = hold_weights(target.uri, revision=revision)
         try:
             model = load_model(spec.model, pin.path, device, **spec.load_options)
         except BaseException:

@@ -79,6 +79,7 @@ def expected(uri: str) -> torch.Tensor:
         ((Hooked,), {"uri": 3}, TypeError, "uri must be a string"),
         ((Hooked,), {"device": "gpu:0"}, RuntimeError, "gpu"),
         ((Hooked,), {"dtpye": torch.float16}, TypeError, "unknown load option.*dtpye.*takes dtype"),
+        ((Hooked,), {"compile_cache": "reddis://cache:6379/0"}, FastloadError, "no compile-cache backend serves"),
     ],
 )
 def test_bad_decorator_arguments_fail_at_import(args: tuple[Any, ...], kwargs: dict[str, Any],
