@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .compile_cache.errors import CompileCacheError
     from .hookspecs import hookimpl
     from .loader.api import load_file, load_state_dict, read_metadata
-    from .model import load_model
+    from .model import load_model, load_model_async
     from .report import LoadReport
     from .storage import TieredStore, fetch, pin, pin_path, prefetch
     from .storage.errors import StorageError
@@ -40,6 +40,7 @@ _LAZY = {
     "load_state_dict": ".loader.api",
     "read_metadata": ".loader.api",
     "load_model": ".model",
+    "load_model_async": ".model",
     "LoadReport": ".report",
     "TieredStore": ".storage",
     "fetch": ".storage",
@@ -63,6 +64,7 @@ __all__ = [
     "hookimpl",
     "load_file",
     "load_model",
+    "load_model_async",
     "load_state_dict",
     "pin",
     "pin_path",

@@ -9,6 +9,7 @@ again so ``.to()`` and optimizers see one parameter, as in the original module.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -80,6 +81,34 @@ def load_model(
         report.add_stage("compile", time.perf_counter() - compiled_at)
     report.seconds = time.perf_counter() - started
     return module  # type: ignore[return-value]  # a factory's result was checked above
+
+
+async def load_model_async(
+    model: type[M] | Callable[[], M] | M,
+    source: PathOrURI,
+    device: str | int | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    lazy: bool = False,
+    copy: bool = False,
+    report: LoadReport | None = None,
+    compile: bool | Mapping[str, Any] = False,
+    compile_cache: str | CompileCache | None = None,
+    example_inputs: Any = None,
+) -> M:
+    """``load_model`` for code running on an event loop (a Ray Serve replica, an ASGI app): the fetch and
+    the load run in a worker thread, so the loop keeps serving other requests meanwhile. The arguments,
+    the result and the errors are ``load_model``'s.
+
+    Reading weights is file I/O and copies that release the GIL, so the loop stays responsive; a
+    ``compile=True`` load holds the GIL for longer stretches (Python-level tracing), which slows the loop
+    but does not stop it.
+    """
+    return await asyncio.to_thread(
+        load_model, model, source, device, dtype=dtype, strict=strict, lazy=lazy, copy=copy, report=report,
+        compile=compile, compile_cache=compile_cache, example_inputs=example_inputs,
+    )
 
 
 # Initialisers that modules call from reset_parameters. On meta tensors they do nothing useful, and

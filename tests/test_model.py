@@ -178,3 +178,53 @@ def test_load_model_compiles_through_the_cache(trained: tuple[TinyLM, Path], tmp
     assert compiled is not None and compiled.status == "miss" and compiled.stored
     assert "compile" in report.stages
     assert [entry.key for entry in list_entries(url)] == [compiled.key]
+
+
+def test_load_model_async_loads_off_the_event_loop(trained: tuple[TinyLM, Path]) -> None:
+    """The load runs in a worker thread: the loop keeps running other coroutines while it works, and the
+    result equals ``load_model``'s."""
+    import asyncio
+    import threading
+
+    reference, path = trained
+    loop_thread: list[int] = []
+    build_threads: list[int] = []
+
+    def build() -> TinyLM:
+        build_threads.append(threading.get_ident())
+        return TinyLM()
+
+    async def main() -> TinyLM:
+        loop_thread.append(threading.get_ident())
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        report = LoadReport(source=str(path), device="cpu")
+        model = await fastload_core.load_model_async(build, path, "cpu", report=report)
+        assert report.tensors > 0
+        ticker.cancel()
+        assert ticks > 0  # the loop kept turning during the load
+        return model
+
+    model = asyncio.run(main())
+    assert build_threads and build_threads[0] != loop_thread[0]
+    torch.testing.assert_close(model(TOKENS), reference(TOKENS), rtol=0, atol=0)
+
+
+def test_load_model_async_raises_load_model_errors(trained: tuple[TinyLM, Path], tmp_path: Path) -> None:
+    import asyncio
+
+    _, path = trained
+    class Wider(TinyLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+
+    with pytest.raises(StateDictMismatchError, match=r"missing keys.*extra\.weight"):
+        asyncio.run(fastload_core.load_model_async(Wider, path))

@@ -16,8 +16,8 @@ from fastload_core import hookspecs
 PUBLIC: dict[str, list[str]] = {
     "fastload_core": [
         "CompileCache", "CompileCacheError", "CompileReport", "FastloadError", "LoadReport", "StorageError",
-        "TieredStore", "compile", "errors", "fetch", "hookimpl", "load_file", "load_model", "load_state_dict",
-        "pin", "pin_path", "prefetch", "read_metadata", "report_of",
+        "TieredStore", "compile", "errors", "fetch", "hookimpl", "load_file", "load_model", "load_model_async",
+        "load_state_dict", "pin", "pin_path", "prefetch", "read_metadata", "report_of",
     ],
     "fastload_core.storage": [
         "BadURIError", "Checksums", "FetchTimeoutError", "IntegrityError", "Journal", "LocalDiskTier", "Manifest",
