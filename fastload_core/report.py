@@ -17,6 +17,7 @@ class LoadReport:
     nbytes: int = 0
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over files
     seconds: float = 0.0  # wall time of the whole load
+    tier: str = ""  # the storage tier the bytes came from ("shm", "local_disk", ...); "" outside every tier
 
     @property
     def gbps(self) -> float:
@@ -30,5 +31,6 @@ class LoadReport:
         return (
             f"fastload: loaded {self.source} ({self.tensors} tensors in {self.files} file(s), "
             f"{self.nbytes / 1e9:.2f} GB) to {self.device} in {self.seconds:.3f}s, "
-            f"{self.gbps:.2f} GB/s via {self.strategy} [{stages}]"
+            f"{self.gbps:.2f} GB/s via {self.strategy}{f' from tier {self.tier}' if self.tier else ''} "
+            f"[{stages}]"
         )

@@ -85,6 +85,7 @@ def load_state_dict(
     else:
         pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
         tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
+        report.tier = (pinned.tier or "") if pinned else storage.tier_of(text)
     if dtype is not None:
         converted_at = time.perf_counter()
         tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
@@ -121,6 +122,7 @@ def _stream(uri: str, device: torch.device, report: LoadReport) -> dict[str, tor
     stats: dict[str, float] = {}
     tensors, pinned = _timed(report, "stream", stream_state_dict, uri, device, stats=stats)
     pinned.release()  # the tensors are private copies; the published entry may now be evicted
+    report.tier = pinned.tier or ""
     report.files += 1
     report.tensors += len(tensors)
     report.nbytes += sum(t.numel() * t.element_size() for t in tensors.values())

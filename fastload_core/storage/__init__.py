@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
-from .base import Entry, Journal, Origin, Source, Tier
+from .base import Entry, Journal, Origin, Source, Tier, tier_for_path
 from .errors import (
     BadURIError,
     FetchTimeoutError,
@@ -50,6 +50,17 @@ def pin(uri: str | os.PathLike[str], *, tier: str | None = None, revision: str |
 def pin_path(path: str | os.PathLike[str]) -> Pin:
     """Hold a path returned by ``fetch`` in use (a no-op pin for paths outside every tier)."""
     return default_store().pin_path(path)
+
+
+def tier_of(path: str | os.PathLike[str]) -> str:
+    """Name of the tier whose entry holds ``path`` (as ``fetch`` handed it out), "" for a path outside every
+    tier: what a load report says about where its bytes came from."""
+    try:
+        store = default_store()
+    except StorageError:  # a bad FASTLOAD_* setting must not break loading a plain local file
+        return ""
+    found = tier_for_path(store.tiers, Path(path))
+    return found[0].name if found else ""
 
 
 def prefetch(uris: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, tier: str | None = None,
@@ -92,4 +103,5 @@ __all__ = [
     "pin_path",
     "prefetch",
     "redact",
+    "tier_of",
 ]

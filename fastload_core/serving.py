@@ -1,0 +1,157 @@
+"""What every serving adapter does, once: pick a worker's device, hold its weights, warm a node, set the
+compile-cache default.
+
+The adapters (``fastload_bentoml``, ``fastload_ray``, ``fastload_torchserve``) translate their framework's
+life cycle into these calls and own nothing else, so a fix here reaches all three. Nothing in this module
+imports a serving framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+
+from . import storage
+from .compile_cache.cache import URL_VARIABLE
+from .compile_cache.errors import CacheURLError
+from .compile_cache.registry import schemes as compile_cache_schemes
+from .errors import FastloadError
+from .storage import Pin, redact
+
+log = logging.getLogger("fastload.serving")
+
+Source = str | os.PathLike[str]
+
+
+class WeightsUnavailableError(FastloadError):
+    """A worker's (or a node's) weights could not be fetched: nothing can be served without them.
+
+    ``uri`` names the weights (credentials redacted) and ``problem`` what went wrong; the underlying
+    ``StorageError`` (or ``OSError``) is the ``__cause__``.
+    """
+
+    def __init__(self, uri: str, problem: str) -> None:
+        self.uri = uri
+        self.problem = problem
+        super().__init__(
+            f"cannot fetch the weights at {uri}: {problem}. Check that the URI names an existing object or "
+            "prefix (and the revision, if one is given) and that this process can reach its origin (for "
+            "s3://: AWS_ENDPOINT_URL and the AWS credentials); the service cannot start without them"
+        )
+
+
+def device_for_worker(index: int, *, first: int = 1, gpu_count: int | None = None) -> torch.device:
+    """The device worker ``index`` should load onto: ``cuda:(index - first) % n`` over the ``n`` GPUs
+    visible to it, else ``cpu``.
+
+    Frameworks that start several workers with the same ``CUDA_VISIBLE_DEVICES`` (BentoML numbers its
+    workers from 1) would otherwise put every worker on ``cuda:0``. ``gpu_count`` overrides
+    ``torch.cuda.device_count()`` (tests fake 0, 1 or 2 GPUs with it).
+    """
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"worker index must be an int, not {type(index).__name__}")
+    if index < first:
+        raise ValueError(f"worker index {index} is below the first index {first}; workers are numbered from "
+                         f"{first}")
+    count = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if count < 0:
+        raise ValueError(f"gpu_count={count}: a number of GPUs cannot be negative")
+    if count == 0:
+        return torch.device("cpu")
+    return torch.device("cuda", (index - first) % count)
+
+
+def hold_weights(uri: Source, *, revision: str | None = None, tier: str | None = None) -> Pin:
+    """Fetch ``uri`` (from the fastest tier that holds it, or into ``tier``) and pin it: the entry is never
+    evicted while the returned ``Pin`` lives. A worker keeps the pin for its whole life, because the
+    weights it maps are read from that entry until the process ends.
+
+    Raises ``WeightsUnavailableError`` naming the URI when the weights cannot be had.
+    """
+    try:
+        return storage.pin(uri, tier=tier, revision=revision)
+    except (FastloadError, OSError) as exc:
+        raise WeightsUnavailableError(redact(os.fspath(uri)), _problem(exc)) from exc
+
+
+def warm(uris: Source | Iterable[Source], *, tier: str | None = "shm",
+         revision: str | None = None) -> list[Path]:
+    """Prefetch models into ``tier`` once per node, before workers start (``tier=None``: the default tier).
+
+    A model the tier cannot hold at all (a container's 64 MiB /dev/shm, or a node without the tier) is
+    left in the tier below with one warning that says how to make room; the workers then read it from
+    there. Returns the local paths. Raises ``WeightsUnavailableError`` naming the URI on failure.
+    """
+    items = [uris] if isinstance(uris, (str, os.PathLike)) else list(uris)
+    return [_warm_one(item, tier, revision) for item in items]
+
+
+def set_default_compile_cache(url: str | None) -> None:
+    """Make ``url`` the compile cache that ``fastload_core.compile`` and ``load_model(compile=True)`` use
+    in this process when no ``compile_cache`` is passed (``None``: back to the default directory).
+
+    It sets the ``FASTLOAD_COMPILE_CACHE`` environment variable, so processes this one starts (inductor's
+    compile workers, a framework's worker processes) inherit the same default. Raises ``CacheURLError``
+    for a URL no compile-cache backend serves, at configuration time rather than at the first compile.
+    """
+    if url is None:
+        os.environ.pop(URL_VARIABLE, None)
+        return
+    scheme = urlsplit(url).scheme.lower()
+    offered = compile_cache_schemes()
+    if not scheme:
+        raise CacheURLError(url, "has no scheme; use e.g. redis://cache:6379/0 or file:///var/cache/compile",
+                            offered)
+    if scheme not in offered:
+        raise CacheURLError(url, f"no compile-cache backend serves {scheme}://", offered)
+    os.environ[URL_VARIABLE] = url
+
+
+def _warm_one(uri: Source, tier: str | None, revision: str | None) -> Path:
+    shown = redact(os.fspath(uri))
+    store = storage.default_store()
+    names = [t.name for t in store.tiers]
+    if tier is not None and tier not in names:
+        log.warning("%s: this node has no %r tier (it has %s); workers will read the weights from %s. Set "
+                    "FASTLOAD_SHM_DIR (or FASTLOAD_SHARED_DIR) to enable it", shown, tier, ", ".join(names),
+                    store.default_tier)
+        tier = None
+    held = hold_weights(uri, revision=revision)  # the fastest tier holding it, or a fetch into the default
+    path = held.path
+    try:
+        if tier is None or held.tier is None or names.index(held.tier) <= names.index(tier):
+            return path
+        target = store.tiers[names.index(tier)]
+        size = held.entry.size if held.entry is not None else 0
+        capacity = target.capacity()
+        if capacity is not None and size > capacity:
+            log.warning(
+                "%s: %d bytes do not fit the %s tier (%d bytes at %s); workers will read the weights from %s "
+                "instead. Give it room: FASTLOAD_%s_CAPACITY, or for /dev/shm in a container "
+                "`docker run --shm-size=<size>` (Docker's default is 64 MiB)",
+                shown, size, tier, capacity, target.root, held.tier, tier.upper())
+            return path
+        version = held.entry.version if held.entry is not None else revision
+        with hold_weights(uri, revision=version, tier=tier) as promoted:
+            return promoted
+    finally:
+        held.release()
+
+
+def _problem(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.rstrip(".")
+
+
+__all__ = [
+    "WeightsUnavailableError",
+    "device_for_worker",
+    "hold_weights",
+    "set_default_compile_cache",
+    "warm",
+]
