@@ -108,8 +108,8 @@ class FastloadHandler(BaseHandler):
             raise
         self.load_report = report
         compiled = report_of(self.model)
-        logger.info("fastload: model %r ready on %s in %.2fs (%s%s)", name, self.device,
-                    time.monotonic() - started, report.strategy,
+        logger.info("fastload: model %r ready on %s in %.2fs (%s%s%s)", name, self.device,
+                    time.monotonic() - started, report.strategy, f" from tier {report.tier}" if report.tier else "",
                     f", compile cache {compiled.status}" if compiled is not None else "")
         self.mapping = load_label_mapping(os.path.join(model_dir, "index_to_name.json"))
         self.initialized = True

@@ -5,6 +5,7 @@ configuration fails the registration quickly with fastload's one-line message in
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,7 +90,9 @@ def test_two_workers_fetch_once_share_shm_and_answer_like_the_reference(
     shm_file = str(shm[0].entry.path / "files" / "model.safetensors")
     for pid in pids:  # each worker maps the one /dev/shm copy
         assert shm_file in Path(f"/proc/{pid}/maps").read_text()
-    assert server.model_log().count("fastload: model 'tiny' ready on cpu") == 2
+    ready = re.findall(r"fastload: model 'tiny' ready on cpu in [0-9.]+s \(cpu-mmap from tier shm\)",
+                       server.model_log())
+    assert len(ready) == 2
 
     status, answer = server.unregister("tiny")
     assert status == 200, answer
