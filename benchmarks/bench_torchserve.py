@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -239,7 +240,8 @@ def main() -> None:
                 ready = [line.split("MODEL_LOG - ", 1)[-1] for line in server.model_log()[seen:].splitlines()
                          if "fastload: model" in line or "-> local_disk" in line or "-> shm" in line]
                 print(f"round {round_index + 1} {method:<14} {seconds:7.2f} s", *ready, sep="\n    ", flush=True)
-        origin_note = server.model_log().count(f"s3://{BUCKET}/big/ -> local_disk")
+        downloaded = re.compile(rf"s3://{BUCKET}/big/ -> local_disk: \d+ bytes in ")  # not the progress lines
+        origin_note = len(downloaded.findall(server.model_log()))
         report = render(times, builds, size, layers, args, load_at_start, origin_note)
         print(report)
         if args.out:

@@ -101,11 +101,21 @@ def test_two_workers_fetch_once_share_shm_and_answer_like_the_reference(
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("fastload_section", "line"),
+    [
+        ("url: s3://models/tiny/", "fastload: model 'typo' cannot start: model-config.yaml handler.fastload.url: "
+         "unknown setting; the settings are uri, revision, prefetch, compile_cache"),
+        ("uri: s3://models/absent/", "fastload: model 'typo' cannot start: cannot fetch the weights at "
+         "s3://models/absent/: "),
+    ],
+    ids=["unknown-key", "missing-weights"],
+)
 def test_a_bad_config_fails_the_registration_with_one_clear_line(
-    server: TorchServe, tmp_path: Path
+    server: TorchServe, tmp_path: Path, fastload_section: str, line: str
 ) -> None:
     config = tmp_path / "model-config.yaml"
-    config.write_text("minWorkers: 1\nstartupTimeout: 60\nhandler:\n  fastload:\n    url: s3://models/tiny/\n")
+    config.write_text(f"minWorkers: 1\nstartupTimeout: 60\nhandler:\n  fastload:\n    {fastload_section}\n")
     build_archive("typo", server.model_store, model_file=EXAMPLE / "model.py", handler=EXAMPLE / "handler.py",
                   config_file=config)
     started = time.monotonic()
@@ -113,8 +123,6 @@ def test_a_bad_config_fails_the_registration_with_one_clear_line(
     assert status == 500 and "Failed to start workers" in answer["message"]
     assert time.monotonic() - started < 60  # within startupTimeout
     log = server.model_log()
-    line = ("fastload: model 'typo' cannot start: model-config.yaml handler.fastload.url: unknown setting; the "
-            "settings are uri, revision, prefetch, compile_cache")
     attempts = log.count("Backend worker process died.")
     assert attempts >= 1 and log.count(line) == attempts  # one line per failed worker start
     assert server.stop() == 0

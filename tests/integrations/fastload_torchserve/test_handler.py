@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,20 @@ def test_a_fetch_slower_than_startup_timeout_fails_with_fastloads_message(
         proxy.close()
 
 
+@pytest.mark.gpu
+def test_a_gpu_worker_loads_onto_its_device(
+    make_context: MakeContext, model_dir: Path, example_weights: Path
+) -> None:
+    """MockContext passes gpu_id 0 where CUDA exists; the weights go through the pinned pipeline to cuda:0."""
+    (model_dir / "model.safetensors").write_bytes((example_weights / "model.safetensors").read_bytes())
+    handler = FastloadHandler()
+    handler.initialize(make_context(serialized="model.safetensors"))
+    assert handler.device == torch.device("cuda", 0)
+    assert handler.load_report is not None and handler.load_report.strategy == "cuda-pipeline"
+    assert all(p.device == torch.device("cuda", 0) for p in handler.model.parameters())
+    assert torch.allclose(_outputs(handler), reference_outputs(example_weights, INPUTS), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("gpu_id", "gpu_count", "expected"),
     [
@@ -240,9 +255,9 @@ def test_within_returns_raises_or_times_out() -> None:
     assert within(5, lambda: 42) == 42
     with pytest.raises(KeyError):
         within(5, lambda: {}["missing"])
-    event_never_set = __import__("threading").Event()
+    never_set = threading.Event()
     with pytest.raises(TimeoutError):
-        within(0.1, lambda: event_never_set.wait(10))
+        within(0.1, lambda: never_set.wait(10))
 
 
 def test_pt2_compiles_through_the_compile_cache(
