@@ -22,6 +22,7 @@ from .compile_cache.errors import CacheURLError
 from .compile_cache.registry import schemes as compile_cache_schemes
 from .errors import FastloadError
 from .storage import Pin, redact
+from .storage.base import tier_for_path
 
 log = logging.getLogger("fastload.serving")
 
@@ -39,9 +40,9 @@ class WeightsUnavailableError(FastloadError):
         self.uri = uri
         self.problem = problem
         super().__init__(
-            f"cannot fetch the weights at {uri}: {problem}. Check that the URI names an existing object or "
-            "prefix (and the revision, if one is given) and that this process can reach its origin (for "
-            "s3://: AWS_ENDPOINT_URL and the AWS credentials); the service cannot start without them"
+            f"cannot fetch the weights at {uri}: {problem}. The service cannot start without them: check that "
+            "the URI (and revision, if given) names an existing object or prefix and that this process can "
+            "reach its origin (for s3://, AWS_ENDPOINT_URL and the AWS credentials)"
         )
 
 
@@ -91,17 +92,34 @@ def warm(uris: Source | Iterable[Source], *, tier: str | None = "shm",
     return [_warm_one(item, tier, revision) for item in items]
 
 
+def version_of(path: Source) -> str | None:
+    """The version digest of the tier entry that holds ``path`` (a path ``warm`` or ``hold_weights`` handed
+    out), None for a path outside every tier. Passed as ``revision=`` it selects exactly that version with
+    no request to the origin: how an adapter makes every worker serve the version warmed for the node."""
+    found = tier_for_path(storage.default_store().tiers, Path(path))
+    return found[2] if found else None
+
+
 def set_default_compile_cache(url: str | None) -> None:
     """Make ``url`` the compile cache that ``fastload_core.compile`` and ``load_model(compile=True)`` use
     in this process when no ``compile_cache`` is passed (``None``: back to the default directory).
 
     It sets the ``FASTLOAD_COMPILE_CACHE`` environment variable, so processes this one starts (inductor's
     compile workers, a framework's worker processes) inherit the same default. Raises ``CacheURLError``
-    for a URL no compile-cache backend serves, at configuration time rather than at the first compile.
+    for a URL no compile-cache backend serves (see ``check_compile_cache_url``).
     """
     if url is None:
         os.environ.pop(URL_VARIABLE, None)
         return
+    os.environ[URL_VARIABLE] = check_compile_cache_url(url)
+
+
+def check_compile_cache_url(url: str) -> str:
+    """``url`` if a compile-cache backend serves its scheme, else ``CacheURLError`` naming the schemes on
+    offer. Adapters call it where their configuration is read, so a typo fails the deployment at start
+    rather than degrading every replica to a cold compile. Connects to nothing."""
+    if not isinstance(url, str):
+        raise TypeError(f"a compile-cache URL is a string such as 'redis://cache:6379/0', not {type(url).__name__}")
     scheme = urlsplit(url).scheme.lower()
     offered = compile_cache_schemes()
     if not scheme:
@@ -109,7 +127,7 @@ def set_default_compile_cache(url: str | None) -> None:
                             offered)
     if scheme not in offered:
         raise CacheURLError(url, f"no compile-cache backend serves {scheme}://", offered)
-    os.environ[URL_VARIABLE] = url
+    return url
 
 
 def _warm_one(uri: Source, tier: str | None, revision: str | None) -> Path:
@@ -150,8 +168,10 @@ def _problem(exc: BaseException) -> str:
 
 __all__ = [
     "WeightsUnavailableError",
+    "check_compile_cache_url",
     "device_for_worker",
     "hold_weights",
     "set_default_compile_cache",
+    "version_of",
     "warm",
 ]

@@ -230,3 +230,29 @@ def test_a_compile_cache_url_no_backend_serves_is_refused_at_once(url: str, matc
         set_default_compile_cache(url)
     assert "redis://" in str(raised.value)  # says what is on offer
     assert default_url() != url
+
+
+def test_a_compile_cache_url_must_be_a_string() -> None:
+    with pytest.raises(TypeError, match="redis://cache:6379/0"):
+        set_default_compile_cache(6379)  # type: ignore[arg-type]
+
+
+def test_checking_a_url_connects_to_nothing() -> None:
+    from fastload_core.serving import check_compile_cache_url
+
+    assert check_compile_cache_url("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"  # nothing listens there
+
+
+def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Path) -> None:
+    from fastload_core.serving import version_of
+
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    (path,) = warm(source.as_uri())
+    version = version_of(path)
+    assert version == default_store().ls(tier="shm")[0].entry.version
+    assert version_of(source) is None  # outside every tier
+    import shutil
+
+    shutil.rmtree(source)  # gone from the origin: only the tiers can answer now
+    with hold_weights(source.as_uri(), revision=version) as held:
+        assert held == path

@@ -4,7 +4,9 @@ Built in rather than opt-in because every serving framework we target already sc
 ``prometheus_client`` registry (BentoML, Ray Serve) or can (TorchServe), so the metrics show up with no
 wiring; without the ``metrics`` extra the hooks do nothing, and ``FASTLOAD_DISABLE_PLUGINS=fastload.metrics``
 turns them off. Labels are tier names only: URIs would explode cardinality and leak bucket names.
-A process without an exporter can call ``serve(port)``.
+A process without an exporter can call ``serve(port)``. Under a multi-process server (BentoML workers,
+``PROMETHEUS_MULTIPROC_DIR`` set) counters and histograms are summed over the processes by the collector,
+and the in-progress gauge is a sum over live processes, so the exported figures add up to the node's.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _get() -> dict[str, Any] | None:
                 "bytes": Counter("fastload_fetch_bytes", "Bytes fetched into a tier", ["tier"]),
                 "seconds": Histogram("fastload_fetch_seconds", "Duration of fetches into a tier", ["tier"],
                                      buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)),
-                "active": Gauge("fastload_fetches_in_progress", "Fetches running now", ["tier"]),
+                "active": Gauge("fastload_fetches_in_progress", "Fetches running now", ["tier"],
+                                multiprocess_mode="livesum"),
                 "evictions": Counter("fastload_evictions", "Entries evicted from a tier", ["tier"]),
                 "evicted_bytes": Counter("fastload_evicted_bytes", "Bytes evicted from a tier", ["tier"]),
             }
