@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastload_core.compile_cache.errors import CacheURLError
 from fastload_core.errors import FastloadError
+from fastload_core.serving import check_compile_cache_url
 from fastload_core.storage.settings import TIER_ORDER
 
 DEFAULT_STARTUP_TIMEOUT = 120.0  # TorchServe's own default for startupTimeout, in seconds
@@ -62,11 +64,17 @@ class HandlerConfig:
         if prefetch is not None and prefetch not in TIER_ORDER:
             raise HandlerConfigError("handler.fastload.prefetch",
                                      f"{prefetch!r} is not a tier; use one of {', '.join(TIER_ORDER)}")
+        compile_cache = _text(section, "compile_cache")
+        if compile_cache is not None:  # a typo fails here, not after the download or as a cold compile
+            try:
+                check_compile_cache_url(compile_cache)
+            except CacheURLError as exc:
+                raise HandlerConfigError("handler.fastload.compile_cache", str(exc)) from None
         return cls(
             uri=_text(section, "uri"),
             revision=_text(section, "revision"),
             prefetch=prefetch,
-            compile_cache=_text(section, "compile_cache"),
+            compile_cache=compile_cache,
             compile=compile_arguments(config.get("pt2")),
             startup_timeout=_startup_timeout(config.get("startupTimeout", DEFAULT_STARTUP_TIMEOUT)),
         )

@@ -35,6 +35,7 @@ from fastload_core.serving import (
     device_for_worker,
     hold_weights,
     set_default_compile_cache,
+    version_of,
     warm,
 )
 from fastload_core.storage import Pin, redact
@@ -148,9 +149,12 @@ class FastloadHandler(BaseHandler):
         budget = deadline - time.monotonic()
 
         def fetch() -> Pin:
-            if tier is not None:  # promote into the tier once per node; a tier too small only warns
-                warm(uri, tier=tier, revision=revision)
-            return hold_weights(uri, revision=revision)
+            if tier is None:
+                return hold_weights(uri, revision=revision)
+            # Promote into the tier once per node (a tier too small only warns), then hold exactly the version
+            # warmed: found in the tiers by its digest, with no second request to the origin.
+            warmed = warm(uri, tier=tier, revision=revision)[0]
+            return hold_weights(uri, revision=version_of(warmed) or revision)
 
         try:
             self._pin = within(budget, fetch)

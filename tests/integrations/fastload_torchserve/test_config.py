@@ -41,6 +41,10 @@ def test_no_section_means_weights_from_the_archive(yaml_config: dict[str, Any] |
         ({"pt2": {"compile": {"enable": "yes"}}}, "pt2.compile.enable", "true or false"),
         ({"pt2": {"export": {"aot_compile": True}}}, "pt2.export", "stock handler"),
         ({"pt2": 3}, "pt2", "backend name or a mapping"),
+        ({"handler": {"fastload": {"compile_cache": "memcached://x"}}}, "handler.fastload.compile_cache",
+         "no compile-cache backend serves memcached://"),
+        ({"handler": {"fastload": {"compile_cache": "cache:6379"}}}, "handler.fastload.compile_cache",
+         "redis://"),
     ],
 )
 def test_mistakes_name_the_key(yaml_config: dict[str, Any], key: str, says: str) -> None:

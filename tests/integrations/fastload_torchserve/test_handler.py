@@ -15,7 +15,7 @@ import torch
 from fastload_torchserve import ArchiveError, FastloadHandler, HandlerConfigError, worker_device
 from fastload_torchserve.handler import within
 
-from fastload_core.errors import CheckpointError, FastloadError
+from fastload_core.errors import CheckpointError
 from fastload_core.serving import WeightsUnavailableError
 from fastload_core.storage import TieredStore
 from tests.integrations.fastload_torchserve.conftest import MakeContext, reference_outputs
@@ -120,6 +120,33 @@ def _maps(path: Path, tensor: torch.Tensor) -> bool:
     return False
 
 
+def test_a_worker_holds_the_version_it_warmed(
+    make_context: MakeContext, example_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The origin changes between warming the node and holding the weights: the worker still serves the
+    version it warmed (and never mixes the two), with no second fetch."""
+    import fastload_torchserve.handler as handler_module
+    from safetensors.torch import load_file, save_file
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "model.safetensors").write_bytes((example_weights / "model.safetensors").read_bytes())
+    real_warm = handler_module.warm
+
+    def warm_then_publish_a_new_version(*args: Any, **kwargs: Any) -> Any:
+        warmed = real_warm(*args, **kwargs)
+        changed = {name: tensor + 1 for name, tensor in load_file(origin / "model.safetensors").items()}
+        save_file(changed, origin / "model.safetensors")
+        return warmed
+
+    monkeypatch.setattr(handler_module, "warm", warm_then_publish_a_new_version)
+    handler = FastloadHandler()
+    handler.initialize(make_context({"handler": {"fastload": {"uri": origin.as_uri() + "/", "prefetch": "shm"}}}))
+    assert torch.equal(_outputs(handler), reference_outputs(example_weights, INPUTS))
+    assert len(_shm_entries()) == 1  # the new version was not fetched
+    handler.release()
+
+
 @pytest.mark.s3
 def test_weights_by_s3_uri(make_context: MakeContext, example_weights: Path, s3: Any) -> None:
     s3.upload_file(str(example_weights / "model.safetensors"), BUCKET, "tiny/model.safetensors")
@@ -153,8 +180,8 @@ def test_a_uri_wins_over_the_archive_with_a_warning(
          "file:///nonexistent/model/"),
         ({"handler": {"fastload": {"uri": "s3://user:secret@bucket/m/"}}}, None, WeightsUnavailableError,
          "credentials"),
-        ({"handler": {"fastload": {"compile_cache": "memcached://x"}}}, "model.safetensors", FastloadError,
-         "memcached"),
+        ({"handler": {"fastload": {"compile_cache": "memcached://x"}}}, "model.safetensors", HandlerConfigError,
+         "handler.fastload.compile_cache"),
     ],
 )
 def test_bad_config_fails_the_load_with_one_clear_line(
