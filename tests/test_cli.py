@@ -122,6 +122,9 @@ def test_a_compile_cache_that_is_down_is_one_line(workspace: Path) -> None:
     assert doctor.returncode == 1 and "Traceback" not in doctor.stdout + doctor.stderr
     [line] = [line for line in doctor.stdout.splitlines() if line.startswith("FAIL")]
     assert line.count(down) == 1 and "ConnectionError" in line
+    on_a_file = _fastload("doctor", "--cache", (workspace / "a-file").as_uri())  # a path that is not a directory
+    assert on_a_file.returncode == 1 and "Traceback" not in on_a_file.stdout + on_a_file.stderr
+    assert [line for line in on_a_file.stdout.splitlines() if line.startswith("FAIL compile cache file://")]
 
 
 def test_s3_that_is_down_is_one_line(workspace: Path) -> None:
