@@ -73,6 +73,13 @@ def test_lazy_names_are_the_real_objects() -> None:
         assert all(getattr(module, name) is not None for name in module.__all__), package
 
 
+def test_subpackages_are_reachable_as_attributes() -> None:
+    """As they were when the package imported them eagerly: ``import fastload_core`` then ``.storage.fetch``."""
+    code = "import fastload_core as f; print(f.storage.fetch.__module__, f.compile_cache.compile.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split() == ["fastload_core.storage", "fastload_core.compile_cache.compiler"]
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'load_everything'"):
         fastload_core.load_everything  # noqa: B018
