@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import struct
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from fastload_core.errors import CheckpointError, HeaderError, TruncatedFileError, UnsupportedDtypeError
+from fastload_core.loader import header as header_module
 from fastload_core.loader.header import MAX_HEADER_BYTES, parse_header, read_header
 
 from .helpers import write_raw
@@ -138,3 +140,30 @@ def test_arbitrary_bytes_never_crash_the_reader(tmp_path_factory: pytest.TempPat
     path.write_bytes(blob)
     with contextlib.suppress(CheckpointError):
         read_header(path)
+
+
+def test_parsing_pauses_the_garbage_collector_and_restores_it(tmp_path: Path) -> None:
+    """A big header's allocation burst must not trigger the first full collection of a fresh process
+    inside the load; and the collector's state is the caller's again afterwards, also on errors."""
+    states: list[bool] = []
+    original_loads = header_module.json.loads
+
+    def spying_loads(text: str) -> object:
+        states.append(gc.isenabled())
+        return original_loads(text)
+
+    raw = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(header_module.json, "loads", spying_loads)
+        assert gc.isenabled()
+        parse_header(tmp_path / "m.safetensors", raw, 8 + len(raw) + 4)
+        assert gc.isenabled() and states == [False]
+        with pytest.raises(HeaderError):
+            parse_header(tmp_path / "m.safetensors", b"[1]", 100)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            parse_header(tmp_path / "m.safetensors", raw, 8 + len(raw) + 4)
+            assert not gc.isenabled()  # a caller that had it off keeps it off
+        finally:
+            gc.enable()
