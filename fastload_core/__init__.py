@@ -75,7 +75,14 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+# Subpackages an eager __init__ used to import; ``fastload_core.storage.fetch`` after a bare
+# ``import fastload_core`` keeps working.
+_SUBMODULES = frozenset({"compile_cache", "config", "hookspecs", "loader", "model", "plugins", "report", "storage"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ def _fail(message: str, verbose: bool) -> int:
 def _describe_os_error(exc: OSError) -> str:
     where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
     reason = exc.strerror or _first_line(exc)
+    if isinstance(exc, FileExistsError) and exc.filename is not None and not os.path.isdir(exc.filename):
+        reason = "exists and is not a directory"  # makedirs on a file says only "File exists"
     return f"{where}: {reason}" if where else reason
 
 

@@ -98,7 +98,7 @@ def _ls_compile(url: str | None) -> None:
 
     url = url or default_url()
     entries = _compile_cache_call(url, "list", list_entries, url)
-    print(f"compile cache  {url}  {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+    print(f"compile cache  {redact(url)}  {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
           f"{_size(sum(e.size for e in entries))}")
     for compiled in sorted(entries, key=lambda e: -(e.stored_at or 0)):
         stored = time.strftime("%Y-%m-%d %H:%M", time.localtime(compiled.stored_at)) if compiled.stored_at else "?"

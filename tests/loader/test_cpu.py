@@ -42,3 +42,33 @@ def test_tiny_and_empty_mappings() -> None:
     small.fill_(1)
     cpu.populate_pages(small)
     assert cpu.resident_fraction(small) == 1.0
+
+
+def _mapped_kib(base: torch.Tensor) -> int:
+    """Rss of the mapping holding ``base``, from /proc/self/smaps: the pages this process has mapped."""
+    address = base.data_ptr()
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for index, line in enumerate(lines):
+        start, _, rest = line.partition("-")
+        if rest and " " in rest and all(c in "0123456789abcdef" for c in start):
+            end = int(rest.split()[0], 16)
+            if int(start, 16) <= address < end:
+                return next(int(entry.split()[1]) for entry in lines[index + 1:] if entry.startswith("Rss:"))
+    raise AssertionError("mapping not found in /proc/self/smaps")
+
+
+def test_map_file_maps_every_page_up_front(tmp_path: Path) -> None:
+    """populate=True: the kernel maps the whole file before the loader returns (one madvise on Linux),
+    so the first pass over the weights takes no page faults; the bytes are the file's."""
+    path = tmp_path / "blob.bin"
+    data = os.urandom(4 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lazy, eager = cpu.map_file(fd, populate=False), cpu.map_file(fd, populate=True)
+        assert _mapped_kib(lazy) == 0 and _mapped_kib(eager) == 4 << 10
+        assert bytes(eager.numpy()) == data
+        eager[0] = eager[0] ^ 0xFF  # copy-on-write: the file itself never changes
+        assert path.read_bytes() == data
+    finally:
+        os.close(fd)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 
 import fastload_core
 from fastload_core.errors import CheckpointError, HeaderError, TruncatedFileError, UnsupportedDtypeError
+from fastload_core.loader import header as header_module
 from fastload_core.loader.header import MAX_HEADER_BYTES, parse_header, read_header
 
 from .helpers import write_raw
@@ -209,3 +212,30 @@ def test_any_nesting_depth_parses_or_is_a_checkpoint_error(depth: int, opener: s
     raw = ('{"t": ' + opener * depth + ("0" if opener == '{"k": ' else "") + closer * depth + "}").encode()
     with contextlib.suppress(CheckpointError):
         parse_header("deep.safetensors", raw, 8 + len(raw))
+
+
+def test_parsing_pauses_the_garbage_collector_and_restores_it(tmp_path: Path) -> None:
+    """A big header's allocation burst must not trigger the first full collection of a fresh process
+    inside the load; and the collector's state is the caller's again afterwards, also on errors."""
+    states: list[bool] = []
+    original_loads = header_module.json.loads
+
+    def spying_loads(text: str, **kwargs: Any) -> object:
+        states.append(gc.isenabled())
+        return original_loads(text, **kwargs)
+
+    raw = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(header_module.json, "loads", spying_loads)
+        assert gc.isenabled()
+        parse_header(tmp_path / "m.safetensors", raw, 8 + len(raw) + 4)
+        assert gc.isenabled() and states == [False]
+        with pytest.raises(HeaderError):
+            parse_header(tmp_path / "m.safetensors", b"[1]", 100)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            parse_header(tmp_path / "m.safetensors", raw, 8 + len(raw) + 4)
+            assert not gc.isenabled()  # a caller that had it off keeps it off
+        finally:
+            gc.enable()
