@@ -48,7 +48,7 @@ class Target:
         if self.why is not None:
             return self.why
         if result is None:
-            return f"no `{self.scenario}` run (needs CUDA: benchmarks/gpu_check.sh)"
+            return f"no `{self.scenario}` scenario in this run (it needs CUDA; benchmarks/gpu_check.sh runs it)"
         return "a method failed"
 
 
