@@ -18,13 +18,14 @@ def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
         assert file_resident_fraction(fd) == 1.0 and file_resident_fraction(fd, sample=False) == 1.0
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         assert file_resident_fraction(fd, sample=False) <= 0.01
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: exactly what is read comes back
         os.pread(fd, 400 * PAGE, 0)  # about a tenth back in: a full count sees it, asking faults nothing
         back = file_resident_fraction(fd, sample=False)
-        assert 0.09 <= back <= 0.3  # (readahead may add some pages)
+        assert 0.09 <= back <= 0.12
         with mapped(fd, 4096 * PAGE) as address:
             assert resident_fraction_at(address, 400 * PAGE, None) == 1.0
             assert resident_fraction_at(address + 1, PAGE) == 0.0  # unaligned: nothing known
-        assert file_resident_fraction(fd, sample=False) == back  # mapping and asking read nothing
+        assert abs(file_resident_fraction(fd, sample=False) - back) < 0.01  # mapping and asking read nothing
     finally:
         os.close(fd)
 
