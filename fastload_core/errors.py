@@ -46,6 +46,16 @@ class UnsupportedFormatError(CheckpointError):
     """No registered loader understands this checkpoint format."""
 
 
+class DeviceError(FastloadError):
+    """The requested device cannot be used here (no CUDA in this torch or on this machine, an index past
+    the visible GPUs, a malformed name); ``device`` names it."""
+
+    def __init__(self, device: object, problem: str) -> None:
+        self.device = str(device)
+        self.problem = problem
+        super().__init__(f"device {self.device!r}: {problem}")
+
+
 class StateDictMismatchError(FastloadError):
     """``load_model(strict=True)`` found missing or unexpected keys, or shapes that do not fit."""
 
@@ -68,6 +78,21 @@ class StateDictMismatchError(FastloadError):
             parts.append(f"shape mismatches: {_preview(shown)}")
         parts.append("pass strict=False to load the keys that match")
         super().__init__("; ".join(parts))
+
+
+class TorchVersionError(FastloadError):
+    """The installed torch is older than a feature needs; ``feature``, ``installed`` and ``required`` say which."""
+
+    def __init__(self, feature: str, installed: str, required: tuple[int, int], core: tuple[int, int]) -> None:
+        self.feature = feature
+        self.installed = installed
+        self.required = required
+        need = ".".join(map(str, required))
+        super().__init__(
+            f"{feature} needs torch >= {need}, but torch {installed} is installed; upgrade torch "
+            f"(pip install 'torch>={need}'), or go without it (the rest of fastload works from torch "
+            f"{'.'.join(map(str, core))})"
+        )
 
 
 class PluginError(FastloadError):

@@ -57,6 +57,7 @@ def load_model(
     happens here, at start-up, and ``report_of(model)`` says whether it hit.
     """
     started = time.perf_counter()
+    _device(device)  # a device this machine lacks fails here, before anything is built or read
     report = report if report is not None else LoadReport(source=str(source), device=str(device))
     if isinstance(model, nn.Module):
         module = model

@@ -12,7 +12,7 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 
 import fastload_core
-from fastload_core.errors import StateDictMismatchError
+from fastload_core.errors import DeviceError, StateDictMismatchError
 from fastload_core.report import LoadReport
 
 
@@ -178,3 +178,19 @@ def test_load_model_compiles_through_the_cache(trained: tuple[TinyLM, Path], tmp
     assert compiled is not None and compiled.status == "miss" and compiled.stored
     assert "compile" in report.stages
     assert [entry.key for entry in list_entries(url)] == [compiled.key]
+
+
+def test_a_device_this_machine_lacks_is_a_fastload_error(tmp_path: Path) -> None:
+    """Not torch's bare RuntimeError from a pinned allocation: a DeviceError, before anything is read."""
+    save_file(nn.Linear(2, 2).state_dict(), tmp_path / "m.safetensors")
+    beyond = f"cuda:{torch.cuda.device_count() + 7}"  # past the visible GPUs, on any machine
+    with pytest.raises(DeviceError, match="CUDA"):
+        fastload_core.load_model(nn.Linear(2, 2), tmp_path / "m.safetensors", beyond)
+    with pytest.raises(DeviceError, match="not a torch device"):
+        fastload_core.load_file(tmp_path / "m.safetensors", "gpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available") as raised:
+            fastload_core.load_model(nn.Linear(2, 2), tmp_path / "m.safetensors", "cuda:0")
+        assert isinstance(raised.value, fastload_core.FastloadError) and raised.value.device == "cuda:0"
+        with pytest.raises(DeviceError):
+            fastload_core.load_file(tmp_path / "m.safetensors", 0)

@@ -199,13 +199,11 @@ def ensure_checkpoint(
     a torn checkpoint that a later run would reuse; fsync also leaves the pages clean, which the cold
     scenario needs to evict them.
     """
-    config = TransformerConfig.for_size(size_bytes, dtype)
-    stem = f"synthetic-{size_bytes / GIB:.4g}GiB-{dtype}-s{seed}"
-    checkpoint = Checkpoint(config, directory / f"{stem}.safetensors", directory / f"{stem}.pt")
-    spec = {"config": asdict(config), "seed": seed, "nbytes": config.nbytes}
-    spec_path = _spec_path(checkpoint.safetensors)
-    if spec_path.exists() and json.loads(spec_path.read_text()) == spec and _files_present(checkpoint, pickle):
+    checkpoint, spec = _planned(directory, size_bytes, dtype, seed)
+    if existing_checkpoint(directory, size_bytes, dtype, seed, pickle=pickle) is not None:
         return checkpoint
+    config = checkpoint.config
+    spec_path = _spec_path(checkpoint.safetensors)
     directory.mkdir(parents=True, exist_ok=True)
     state = synthetic_state_dict(config, seed)
     metadata = {"fastload.bench.config": json.dumps(asdict(config))}
@@ -215,6 +213,25 @@ def ensure_checkpoint(
         publish_file(checkpoint.pickle, lambda path: torch.save(state, path))
     spec_path.write_text(json.dumps(spec))
     return checkpoint
+
+
+def existing_checkpoint(
+    directory: Path, size_bytes: int, dtype: str = "bf16", seed: int = 0, *, pickle: bool = True
+) -> Checkpoint | None:
+    """The checkpoint ``ensure_checkpoint`` would reuse (with its pickle unless ``pickle=False``), or
+    None when it would write one."""
+    checkpoint, spec = _planned(directory, size_bytes, dtype, seed)
+    spec_path = _spec_path(checkpoint.safetensors)
+    if spec_path.exists() and json.loads(spec_path.read_text()) == spec and _files_present(checkpoint, pickle):
+        return checkpoint
+    return None
+
+
+def _planned(directory: Path, size_bytes: int, dtype: str, seed: int) -> tuple[Checkpoint, dict[str, object]]:
+    config = TransformerConfig.for_size(size_bytes, dtype)
+    stem = f"synthetic-{size_bytes / GIB:.4g}GiB-{dtype}-s{seed}"
+    checkpoint = Checkpoint(config, directory / f"{stem}.safetensors", directory / f"{stem}.pt")
+    return checkpoint, {"config": asdict(config), "seed": seed, "nbytes": config.nbytes}
 
 
 def config_from_file(path: str | os.PathLike[str]) -> TransformerConfig:
@@ -253,5 +270,6 @@ __all__ = [
     "config_from_file",
     "describe",
     "ensure_checkpoint",
+    "existing_checkpoint",
     "synthetic_state_dict",
 ]

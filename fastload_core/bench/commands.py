@@ -78,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastload bench: {exc}", file=sys.stderr)
         return 2
     print(outcome.markdown)
+    missing = sorted({s.method.label for r in outcome.results.values() for s in r.summaries.values()
+                      if s.median is None and "No module named" in (s.error or "")})
+    if missing:
+        print(f"\n{' and '.join(missing)}: n/a because not installed. They come with the bench extra: "
+              "`bash scripts/setup.sh bench` in a clone of fastload, or `pip install 'fastload[bench]'`.")
     if args.markdown is not None:
         update_markdown(args.markdown, outcome.markdown)
     if args.json is not None:

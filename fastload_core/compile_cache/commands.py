@@ -11,6 +11,8 @@ import functools
 import shutil
 from collections.abc import Callable
 
+from .._compat import COMPILE_CACHE_MINIMUM, torch_version
+from ..storage.uri import redact
 from .cache import URL_VARIABLE, default_url
 from .keys import triton_version
 from .manage import check_backend
@@ -30,7 +32,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_doctor(args: argparse.Namespace) -> int:
     urls = args.cache or [default_url()]
     checks: list[tuple[str, Callable[[], tuple[bool, str]]]] = [
-        (f"compile cache {url}", functools.partial(check_backend, url)) for url in urls
+        (f"compile cache {redact(url)}", functools.partial(check_backend, url)) for url in urls
     ]
     checks.append(("toolchain", _check_toolchain))
     failed = 0
@@ -46,6 +48,9 @@ def _check_toolchain() -> tuple[bool, str]:
     import torch
 
     parts = [f"torch {torch.__version__}"]
+    if torch_version() < COMPILE_CACHE_MINIMUM:
+        need = ".".join(map(str, COMPILE_CACHE_MINIMUM))
+        return False, f"{parts[0]}: the compile cache needs torch >= {need} (torch.compiler.save_cache_artifacts)"
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 
+from .._compat import COMPILE_CACHE_MINIMUM, require_torch
 from .cache import CompileCache
 from .keys import derive_key
 
@@ -115,6 +116,7 @@ def compile(
     The report is at ``report_of(compiled)`` once the first compile has happened. The cache never makes
     this fail: any cache problem degrades to a normal compile and a logged warning.
     """
+    require_torch("the compile cache (torch.compiler.save_cache_artifacts)", COMPILE_CACHE_MINIMUM)
     cc = cache if isinstance(cache, CompileCache) else CompileCache(cache)
     compile_kwargs = _with_fastload_defaults(torch_compile_kwargs)
     compiled: Any = torch.compile(model_or_fn, **compile_kwargs)

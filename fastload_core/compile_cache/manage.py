@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from . import blob as blobfmt
 from .cache import default_url
-from .errors import CorruptEntryError
+from .errors import CacheURLError, CorruptEntryError
 from .registry import open_backend
 
 
@@ -66,11 +66,15 @@ def remove_entry(url: str | None, key: str) -> bool:
 
 
 def check_backend(url: str | None = None) -> tuple[bool, str]:
-    """Can this process use the cache at ``url``? A write, read and delete of a probe entry, timed."""
+    """Can this process use the cache at ``url``? A write, read and delete of a probe entry, timed.
+    The message does not repeat the URL: the caller shows it once."""
     try:
         backend = open_backend(url or default_url())
+    except CacheURLError as exc:
+        hint = f" (supported schemes: {', '.join(s + '://' for s in exc.schemes)})" if exc.schemes else ""
+        return False, f"{exc.problem}{hint}"
     except Exception as exc:
-        return False, f"{url}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
     probe = f"doctor-probe-{os.getpid()}"
     payload = os.urandom(64)
     started = time.perf_counter()
@@ -78,11 +82,11 @@ def check_backend(url: str | None = None) -> tuple[bool, str]:
         description = backend.check()
         backend.put(probe, payload, overwrite=True)
         if backend.get(probe) != payload:
-            return False, f"{backend.url}: a probe entry did not read back intact"
+            return False, "a probe entry did not read back intact"
         backend.delete(probe)
         elapsed_ms = 1000 * (time.perf_counter() - started)
-        return True, f"{backend.url}: {description}; round trip {elapsed_ms:.0f} ms"
+        return True, f"{description}; round trip {elapsed_ms:.0f} ms"
     except Exception as exc:
-        return False, f"{backend.url}: {type(exc).__name__}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
     finally:
         backend.close()

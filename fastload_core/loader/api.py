@@ -14,7 +14,7 @@ from typing import BinaryIO, ParamSpec, TypeVar
 import torch
 
 from .. import plugins, storage
-from ..errors import CheckpointError, MissingShardError
+from ..errors import CheckpointError, DeviceError, MissingShardError
 from ..report import LoadReport
 from . import cpu, formats
 from .header import MAX_HEADER_BYTES, Header, read_header, read_header_from
@@ -225,7 +225,21 @@ def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
 
 
 def _device(device: str | int | torch.device) -> torch.device:
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    """The torch device for ``device``, checked before anything is read: asking for CUDA where there is
+    none is a ``DeviceError`` that says why, not torch's error from deep inside a pinned allocation."""
+    try:
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(device, "not a torch device name; use e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            cause = ("this torch is a CPU-only build" if torch.version.cuda is None
+                     else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise DeviceError(target, f"CUDA is not available: {cause}; load to 'cpu', or run where a GPU is")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise DeviceError(target, f"only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+    return target
 
 
 def _strategy(device: torch.device, copy: bool, lazy: bool) -> str:

@@ -12,9 +12,7 @@ import hashlib
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import filelock
 import torch
-from safetensors.torch import save_file
 
 from .. import config, plugins
 from .._atomic import publish_file
@@ -54,6 +52,8 @@ def converted_path(path: Path) -> Path:
     target = config.cache_dir() / "converted" / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.safetensors"
     if target.exists():
         return target
+    import filelock  # here, not at the top: importing it costs more than loading a warm file
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(target) + ".lock"):
         if not target.exists():
@@ -70,13 +70,20 @@ def convert(source: Path, target: Path) -> dict[str, torch.Tensor]:
             source, f"not a safetensors file and no registered checkpoint format reads it (formats: {names})"
         )
     state = untangle(fmt.read_state_dict(source))
-    write_safetensors(state, target, {"fastload_source": source.name, "fastload_format": fmt.name})
+    metadata = {"fastload_source": source.name, "fastload_format": fmt.name}
+    write_safetensors(state, target, metadata, readable_like=source)
     return state
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename."""
-    publish_file(target, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str], *, readable_like: Path | None = None
+) -> None:
+    """Write ``tensors`` to ``target`` atomically: unique temp file, fsync, rename. ``readable_like``:
+    the checkpoint they came from; the copy is readable by whoever can read it, no one else."""
+    from safetensors.torch import save_file
+
+    publish_file(target, lambda temporary: save_file(tensors, temporary, metadata=metadata),
+                 readable_like=readable_like)
 
 
 def untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

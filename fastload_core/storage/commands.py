@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from ..errors import FastloadError
 from .settings import TIER_ORDER
 from .store import default_store
+from .uri import redact
+
+_T = TypeVar("_T")
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,25 +23,29 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     fetch.set_defaults(func=_fetch)
 
     warm = subparsers.add_parser("warm", help="prefetch models ahead of a deployment")
-    warm.add_argument("uris", nargs="+", metavar="URI")
-    warm.add_argument("--tier", choices=TIER_ORDER)
+    warm.add_argument("uris", nargs="+", metavar="URI", help="models to fetch, as for `fastload fetch`")
+    warm.add_argument("--tier", choices=TIER_ORDER, help="tier to place them in (default: FASTLOAD_TIER)")
     warm.set_defaults(func=_warm)
 
     cache = subparsers.add_parser("cache", help="inspect and clean the tiered cache")
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     ls = actions.add_parser("ls", help="list cached models per tier, and compile-cache entries")
-    ls.add_argument("--tier", choices=TIER_ORDER)
+    ls.add_argument("--tier", choices=TIER_ORDER, help="list only this tier (and not the compile cache)")
     ls.add_argument("--compile-cache", metavar="URL", help="compile cache to list (default: FASTLOAD_COMPILE_CACHE)")
     ls.set_defaults(func=_ls)
-    rm = actions.add_parser("rm", help="remove a model (every version) or one slug/version key")
+    rm = actions.add_parser(
+        "rm", help="remove a model (every version) or one slug/version key",
+        description="Exit status 0 when something was removed; 1 when nothing matched, or when an entry "
+        "was kept because a running process uses it.",
+    )
     rm.add_argument("target", help="a model URI, a key as `cache ls` prints it (slug or slug/version), "
                                    "or with --compile a compile-cache key")
-    rm.add_argument("--tier", choices=TIER_ORDER)
+    rm.add_argument("--tier", choices=TIER_ORDER, help="remove only from this tier (default: every tier)")
     rm.add_argument("--compile", action="store_true", help="TARGET is a compile-cache key")
     rm.add_argument("--compile-cache", metavar="URL", help="compile cache to remove from")
     rm.set_defaults(func=_rm)
     gc = actions.add_parser("gc", help="drop dead partial downloads and evict down to each tier's budget")
-    gc.add_argument("--tier", choices=TIER_ORDER)
+    gc.add_argument("--tier", choices=TIER_ORDER, help="clean only this tier (default: every tier)")
     gc.set_defaults(func=_gc)
 
 
@@ -84,7 +94,7 @@ def _ls_compile(url: str | None) -> None:
     from ..compile_cache import default_url, list_entries
 
     url = url or default_url()
-    entries = list_entries(url)
+    entries = _compile_cache_call(url, "list", list_entries, url)
     print(f"compile cache  {url}  {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
           f"{_size(sum(e.size for e in entries))}")
     for compiled in sorted(entries, key=lambda e: -(e.stored_at or 0)):
@@ -94,9 +104,10 @@ def _ls_compile(url: str | None) -> None:
 
 def _rm(args: argparse.Namespace) -> int:
     if args.compile:
-        from ..compile_cache import remove_entry
+        from ..compile_cache import default_url, remove_entry
 
-        found = remove_entry(args.compile_cache, args.target)
+        url = args.compile_cache or default_url()
+        found = _compile_cache_call(url, "remove from", remove_entry, url, args.target)
         print(f"removed compile entry {args.target}" if found else f"no compile entry {args.target}")
         return 0 if found else 1
     removed, busy = default_store().rm(args.target, tier=args.tier)
@@ -106,7 +117,26 @@ def _rm(args: argparse.Namespace) -> int:
         print(f"kept {entry.tier}:{entry.slug}/{entry.version}: in use by a running process")
     if not removed and not busy:
         print(f"nothing cached matches {args.target}")
-    return 1 if busy else 0
+    return 0 if removed and not busy else 1
+
+
+def _compile_cache_call(url: str, action: str, function: Callable[..., _T], *args: Any) -> _T:
+    """A compile-cache backend that is down raises its client's own errors (redis, botocore); on the
+    command line that is one line naming the cache, not the client's traceback."""
+    from ..compile_cache import CompileCacheError
+
+    try:
+        return function(*args)
+    except FastloadError:
+        raise
+    except Exception as exc:
+        raise CompileCacheError(f"cannot {action} the compile cache {redact(url)}: {type(exc).__name__}: "
+                                f"{_first_line(exc)}; `fastload doctor --cache URL` checks it") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else "no message"
 
 
 def _gc(args: argparse.Namespace) -> int:

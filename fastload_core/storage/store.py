@@ -165,6 +165,8 @@ class TieredStore:
         if parsed.bare and tier is None:
             if not os.path.exists(parsed.path):
                 raise OriginError(parsed.path, "no such file or directory", code="NotFound")
+            if os.path.isdir(parsed.path) and not any(files for _, _, files in os.walk(parsed.path)):
+                raise OriginError(parsed.path, "directory is empty", code="NotFound")  # as file:// says
             return Pin(Path(parsed.path))
         origin = self.origin(parsed.scheme, uri=str(parsed))
         manifest = self._resolve(parsed, origin, revision)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fastload_core.bench.results import Run, ScenarioResult, Summary
 from fastload_core.bench.scenarios import SCENARIOS
-from fastload_core.bench.targets import verdicts
+from fastload_core.bench.targets import VERDICT_MIN_BYTES, verdicts
 
 
 def _result(scenario: str, medians: dict[str, float], nbytes: int = 4 << 30) -> ScenarioResult:
@@ -44,3 +46,22 @@ def test_gpu_verdicts_follow_the_issue_targets() -> None:
     assert all(v.passed is None for t, v in missing.items() if t.startswith("GPU"))
     cold_share = missing["GPU cold: `load_file` ≥ 90% of the O_DIRECT read limit"]
     assert "no `gpu-cold` scenario in this run" in cold_share.measured
+
+
+@pytest.mark.parametrize(("nbytes", "judged"), [(VERDICT_MIN_BYTES, True), (VERDICT_MIN_BYTES // 50, False)])
+def test_verdicts_are_judged_only_at_a_meaningful_size(nbytes: int, judged: bool) -> None:
+    """Below 1 GiB process start and per-call costs decide the ratios: no bold PASS/FAIL there."""
+    scenario = SCENARIOS["warm"]
+    seconds = {"cpu/safetensors": 1.0, "cpu/fastload": 1.5, "cpu/torch.load": 3.0}  # 1.5× and 2×: both fail
+    summaries = {
+        method.id: Summary(method, [Run("warm", method.id, 0, seconds=seconds[method.id], bytes=nbytes)], nbytes)
+        for method in scenario.methods if method.id in seconds
+    }
+    found = {v.target: v for v in verdicts({"warm": ScenarioResult(scenario, summaries, "/dev/shm")})}
+    ratio = found["warm `load_file` ≤ 1.1× the time of `safetensors.torch.load_file`"]
+    faster = found["warm `load_file` ≥ 8× faster than `torch.load`"]
+    assert ratio.measured.startswith("1.50×") and faster.measured.startswith("2.0× faster")
+    if judged:
+        assert ratio.passed is False and faster.passed is False
+    else:
+        assert ratio.passed is None and faster.passed is None and "not judged" in ratio.measured
