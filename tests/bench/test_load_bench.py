@@ -147,3 +147,36 @@ def test_gpu_check_script_rejects_unknown_arguments() -> None:
                           text=True, timeout=60, check=False)
     assert done.returncode == 64
     assert "unknown argument '--fast'" in done.stderr and "--dry-run" in done.stderr
+
+
+def test_sigterm_reports_the_runs_that_finished(tmp_path: Path) -> None:
+    """gpu_check.sh bounds each step with ``timeout``: a benchmark stopped by SIGTERM still prints and
+    writes what finished (and exits 143), so a lease that runs short keeps its figures."""
+    import signal
+    import time
+
+    raw, doc = tmp_path / "raw.json", tmp_path / "doc.md"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_load.py"), "--size-gb", str(SIZE_GB), "--rounds", "50",
+        "--scenarios", "warm,cold", "--methods", "fastload", "--dir", str(tmp_path / "disk"),
+        "--warm-dir", str(tmp_path / "warm"), "--json", str(raw), "--markdown", str(doc),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait for two finished runs of the first scenario
+        line = process.stderr.readline()
+        seen.append(line)
+        if sum("warm round" in s for s in seen) >= 2 or not line:
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    runs = json.loads(raw.read_text())["runs"]
+    assert runs and {r["scenario"] for r in runs} == {"warm"}  # the cold scenario never started
+    finished = [r for r in runs if r["error"] is None]
+    assert len(finished) >= 2 and all(r["seconds"] > 0 for r in finished)
+    assert "cut short by SIGTERM in round" in out and "Not run (the run was cut short): cold" in out
+    assert "stopped by SIGTERM" in err and not doc.exists()  # a partial run is no record for the docs
+    assert not list((tmp_path / "warm").iterdir())  # the warm copy is still cleaned up
