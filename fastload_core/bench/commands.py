@@ -83,11 +83,15 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"\n{' and '.join(missing)}: n/a because not installed. They come with the bench extra: "
               "`bash scripts/setup.sh bench` in a clone of fastload, or `pip install 'fastload[bench]'`.")
-    if args.markdown is not None:
+    if args.markdown is not None and not outcome.cut_short:  # a partial run is not a record for the docs
         update_markdown(args.markdown, outcome.markdown)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(outcome.raw, indent=1))
+    if outcome.cut_short:
+        print("fastload bench: stopped by SIGTERM; the report above holds the runs that finished"
+              + (f" ({args.markdown} left as it was)" if args.markdown is not None else ""), file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended it
     return 0
 
 

@@ -64,6 +64,7 @@ class ScenarioResult:
     summaries: dict[str, Summary]
     location: str
     notes: list[str] = field(default_factory=list)
+    cut_short: bool = False  # SIGTERM stopped it before every round ran
 
     def median(self, method_id: str) -> float | None:
         summary = self.summaries.get(method_id)

@@ -26,13 +26,16 @@ Why each rule:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +99,36 @@ def run_scenario(
     runs: dict[str, list[Run]] = {m.id: [] for m in methods}
     failed: set[str] = set()
     shuffler = random.Random(f"{scenario.name}-{bench.rounds}")  # reproducible orders
+    cut_short: str | None = None
+    try:
+        _run_rounds(bench, scenario, checkpoint, eviction, progress, methods, runs, failed, shuffler)
+    except Stopped as stop:
+        cut_short = (f"cut short by SIGTERM in round {stop.round} of {bench.rounds} (a time budget ran out): "
+                     "the medians are of the runs that finished")
+        progress(f"  {scenario.name}: {cut_short}")
+    expected = checkpoint.nbytes
+    summaries = {m.id: Summary(m, runs[m.id], expected) for m in methods}
+    outcome = ScenarioResult(scenario, summaries, str(checkpoint.safetensors.parent))
+    _check_consistency(outcome, checkpoint)
+    if cut_short is not None:
+        outcome.notes.append(cut_short)
+        outcome.cut_short = True
+    return outcome
+
+
+def _run_rounds(
+    bench: BenchConfig,
+    scenario: Scenario,
+    checkpoint: Checkpoint,
+    eviction: EvictionLog,
+    progress: Callable[[str], None],
+    methods: list[Method],
+    runs: dict[str, list[Run]],
+    failed: set[str],
+    shuffler: random.Random,
+) -> None:
     for round_index in range(bench.rounds):
+        _round[0] = round_index + 1
         for method in shuffler.sample(methods, len(methods)):
             run = Run(scenario.name, method.id, round_index)
             if method.id in failed:  # the same import or API error again: say it once, save the time
@@ -127,11 +159,36 @@ def run_scenario(
             runs[method.id].append(run)
             shown = f"{run.seconds:.3f}s" if run.seconds is not None else f"n/a ({run.error})"
             progress(f"  {scenario.name} round {round_index + 1}/{bench.rounds} {method.id}: {shown}")
-    expected = checkpoint.nbytes
-    summaries = {m.id: Summary(m, runs[m.id], expected) for m in methods}
-    outcome = ScenarioResult(scenario, summaries, str(checkpoint.safetensors.parent))
-    _check_consistency(outcome, checkpoint)
-    return outcome
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (``timeout`` ending a step whose budget ran out): finish with the runs done."""
+
+    def __init__(self, round_number: int) -> None:
+        super().__init__(f"stopped in round {round_number}")
+        self.round = round_number
+
+
+_round = [0]  # the round in progress, for the SIGTERM handler's message
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn the first SIGTERM into ``Stopped`` (the run in progress is killed by ``subprocess.run``),
+    and ignore later ones while the report of what finished is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped(_round[0])
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_consistency(result: ScenarioResult, checkpoint: Checkpoint) -> None:
@@ -155,6 +212,7 @@ class BenchOutcome:
     results: dict[str, ScenarioResult]
     markdown: str
     raw: dict[str, Any]
+    cut_short: bool = False  # SIGTERM stopped it: the report holds what finished
 
 
 def run_bench(
@@ -180,23 +238,28 @@ def run_bench(
     warm: Checkpoint | None = None
     results: dict[str, ScenarioResult] = {}
     eviction = EvictionLog()
+    stopped_between = False
     try:
-        for name in bench.scenarios:
-            scenario = SCENARIOS[name]
-            if scenario.needs_cuda and bench.device != "cpu" and not torch.cuda.is_available():
-                extra_notes.append(f"Scenario `{name}` skipped: torch.cuda.is_available() is False on this machine.")
-                progress(f"{name}: skipped (no CUDA)")
-                continue
-            if scenario.cold:
-                checkpoint = disk
-            else:
-                if warm is None:
-                    warm, note = _warm_copy(disk, bench)
-                    if note:
-                        extra_notes.append(note)
-                checkpoint = warm
-            progress(f"{name}: {len(selected_methods(scenario, bench.methods))} methods × {bench.rounds} rounds")
-            results[name] = run_scenario(bench, scenario, checkpoint, eviction, progress)
+        with _stop_on_sigterm():
+            for name in _scenarios_until_stopped(bench.scenarios, results, extra_notes):
+                scenario = SCENARIOS[name]
+                if scenario.needs_cuda and bench.device != "cpu" and not torch.cuda.is_available():
+                    extra_notes.append(f"Scenario `{name}` skipped: torch.cuda.is_available() is False here.")
+                    progress(f"{name}: skipped (no CUDA)")
+                    continue
+                if scenario.cold:
+                    checkpoint = disk
+                else:
+                    if warm is None:
+                        warm, note = _warm_copy(disk, bench)
+                        if note:
+                            extra_notes.append(note)
+                    checkpoint = warm
+                progress(f"{name}: {len(selected_methods(scenario, bench.methods))} methods × {bench.rounds} rounds")
+                results[name] = run_scenario(bench, scenario, checkpoint, eviction, progress)
+    except Stopped:  # between runs (evicting, copying the warm file): what finished is still reported
+        extra_notes.append("Cut short by SIGTERM between runs (a time budget ran out).")
+        stopped_between = True
     finally:
         if warm is not None and warm.safetensors.parent != disk.safetensors.parent and not bench.keep_warm:
             warm.remove()
@@ -215,7 +278,17 @@ def run_bench(
         "runs": [asdict(run) for r in results.values() for s in r.summaries.values() for run in s.runs],
         "verdicts": [asdict(v) for v in verdicts(results, dry_run)],
     }
-    return BenchOutcome(results, markdown, raw)
+    cut_short = stopped_between or any(result.cut_short for result in results.values())
+    return BenchOutcome(results, markdown, raw, cut_short)
+
+
+def _scenarios_until_stopped(names: Sequence[str], results: dict[str, ScenarioResult],
+                             notes: list[str]) -> Iterator[str]:
+    for index, name in enumerate(names):
+        if any(result.cut_short for result in results.values()):
+            notes.append(f"Not run (the run was cut short): {', '.join(names[index:])}.")
+            return
+        yield name
 
 
 def _warm_copy(disk: Checkpoint, bench: BenchConfig) -> tuple[Checkpoint, str | None]:

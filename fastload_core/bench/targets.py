@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .checkpoints import GIB
 from .results import ScenarioResult
 from .scenarios import SCENARIOS
 
@@ -48,7 +49,7 @@ class Target:
         if self.why is not None:
             return self.why
         if result is None:
-            return f"no `{self.scenario}` run (needs CUDA: benchmarks/gpu_check.sh)"
+            return f"no `{self.scenario}` scenario in this run (it needs CUDA; benchmarks/gpu_check.sh runs it)"
         return "a method failed"
 
 
@@ -194,10 +195,11 @@ VERDICT_MIN_BYTES = 1 << 30  # below this, process start and per-call costs, not
 def verdicts(results: Mapping[str, ScenarioResult], dry_run: bool = False,
              targets: Sequence[Target] = TARGETS) -> list[Verdict]:
     """Every target judged on ``results`` (GPU targets n/a in a ``dry_run`` on the CPU). Below
-    ``VERDICT_MIN_BYTES`` a run checks that things work, not speed: its figures are shown, not judged."""
-    judged = [target.judge(results, dry_run) for target in targets]
+    ``VERDICT_MIN_BYTES`` the figures are shown but not judged: a small run checks that things work,
+    not speed."""
+    out = [target.judge(results, dry_run) for target in targets]
     size = max((s.bytes for r in results.values() for s in r.summaries.values()), default=0)
     if 0 < size < VERDICT_MIN_BYTES:
-        why = f"not judged: the targets are for checkpoints of {VERDICT_MIN_BYTES >> 30} GiB and more"
-        judged = [v if v.passed is None else Verdict(v.target, f"{v.measured} ({why})", None) for v in judged]
-    return judged
+        why = f"not judged: the targets are for checkpoints of {VERDICT_MIN_BYTES / GIB:g} GiB and more"
+        out = [v if v.passed is None else Verdict(v.target, f"{v.measured} ({why})", None) for v in out]
+    return out

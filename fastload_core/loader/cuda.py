@@ -14,6 +14,7 @@ then ``cudaHostRegister``; no allocator lock, fewer pages to pin).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
@@ -36,6 +37,8 @@ from .pipeline import (
     read_chunk,
     run_pipeline,
 )
+
+log = logging.getLogger("fastload")
 
 COPY_STREAMS = 4
 PINNED_MODES = ("alloc", "register")
@@ -93,8 +96,10 @@ def _pin_by_registration(nbytes: int) -> torch.Tensor:
     tensor = torch.frombuffer(buffer, dtype=torch.uint8)
     tensor[::mmap.PAGESIZE] = 0  # fault the pages in here, in the reader thread, not inside the driver
     error = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-    if int(error) != 0:
-        raise RuntimeError(f"cudaHostRegister of a {nbytes}-byte staging buffer failed: {error}")
+    if int(error) != 0:  # e.g. a locked-memory limit: pin the usual way instead of failing the load
+        log.warning("fastload: cudaHostRegister of a %d-byte staging buffer failed (%s); using cudaHostAlloc",
+                    nbytes, error)
+        return _pin_by_allocation(nbytes)
     with _lock:
         _registered.append((tensor.data_ptr(), buffer))
     return tensor
