@@ -23,7 +23,7 @@ from fastload_core._compat import CORE_MINIMUM
 ROOT = Path(__file__).resolve().parents[1]
 # Versions a BentoML or Ray service of 2024 might hold, each inside fastload's ranges.
 INSTALLED = {"safetensors": "0.4.5", "numpy": "1.26.4", "pluggy": "1.5.0", "platformdirs": "4.2.2",
-             "filelock": "3.13.1", "tqdm": "4.66.4"}
+             "filelock": "3.13.1", "tqdm": "4.66.4", "xxhash": "3.4.1"}
 
 
 def _project() -> dict[str, object]:

@@ -92,20 +92,36 @@ class TransformerConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: single-head causal attention and a GELU MLP, with biases."""
+    """Pre-norm decoder block: causal attention and a GELU MLP, with biases.
 
-    def __init__(self, config: TransformerConfig) -> None:
+    The one transformer block of the project: the synthetic checkpoints stack it (single-head, bf16,
+    sized by ``TransformerConfig``), and the compile-cache tests and ``benchmarks/bench_compile.py``
+    compile it alone (multi-head, float32, a few dozen features), so that what is measured and what
+    is tested is the same code. ``heads=1`` keeps the single-head form the checkpoints were written
+    with: same parameter names and shapes, same forward.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, *, heads: int = 1, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        h, i, dtype = config.hidden, config.intermediate, config.torch_dtype
-        self.attn_norm = nn.LayerNorm(h, dtype=dtype)
-        self.q, self.k, self.v, self.o = (nn.Linear(h, h, dtype=dtype) for _ in range(4))
-        self.mlp_norm = nn.LayerNorm(h, dtype=dtype)
-        self.up = nn.Linear(h, i, dtype=dtype)
-        self.down = nn.Linear(i, h, dtype=dtype)
+        if heads < 1 or hidden % heads:
+            raise ValueError(f"hidden size {hidden} does not split into {heads} heads")
+        self.heads = heads
+        self.attn_norm = nn.LayerNorm(hidden, dtype=dtype)
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden, dtype=dtype) for _ in range(4))
+        self.mlp_norm = nn.LayerNorm(hidden, dtype=dtype)
+        self.up = nn.Linear(hidden, intermediate, dtype=dtype)
+        self.down = nn.Linear(intermediate, hidden, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.attn_norm(x)
-        attended = nn.functional.scaled_dot_product_attention(self.q(y), self.k(y), self.v(y), is_causal=True)
+        q, k, v = self.q(y), self.k(y), self.v(y)
+        if self.heads == 1:
+            attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # (batch, tokens, hidden) -> (batch, heads, tokens, hidden / heads) and back
+            b, t, d = x.shape
+            q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+            attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attended = attended.transpose(1, 2).reshape(b, t, d)
         x = x + self.o(attended)
         return x + self.down(nn.functional.gelu(self.up(self.mlp_norm(x))))
 
@@ -123,7 +139,9 @@ class SyntheticTransformer(nn.Module):
         dtype = config.torch_dtype
         self.config = config
         self.embed = nn.Embedding(config.vocab, config.hidden, dtype=dtype)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(
+            Block(config.hidden, config.intermediate, dtype=dtype) for _ in range(config.layers)
+        )
         self.norm = nn.LayerNorm(config.hidden, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden, config.vocab, bias=False, dtype=dtype)
         scale = torch.arange(config.hidden, dtype=torch.float32) / config.hidden
@@ -264,6 +282,7 @@ def describe(config: TransformerConfig) -> str:
 
 
 __all__ = [
+    "Block",
     "Checkpoint",
     "SyntheticTransformer",
     "TransformerConfig",

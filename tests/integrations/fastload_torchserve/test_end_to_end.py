@@ -87,7 +87,8 @@ def test_two_workers_fetch_once_share_shm_and_answer_like_the_reference(
     status, answer = server.register("tiny.mar", workers=2)
     assert status == 200, (answer, server.model_log()[-5000:])
     workers = server.describe("tiny")[0]["workers"]
-    assert len(workers) == 2 and all(worker["status"] == "READY" for worker in workers)
+    assert len(workers) == 2 and all(worker["status"] == "READY" for worker in workers), (
+        workers, server.model_log()[-5000:])
     pids = [int(worker["pid"]) for worker in workers]
 
     inputs = torch.linspace(-3.0, 3.0, 8 * 16).reshape(8, 16)
