@@ -1,6 +1,6 @@
 """BentoML benchmark: seconds from ``bentoml serve`` to the first correct response, stock against fastload.
 
-One run, one SeaweedFS server on loopback (``tests/services/seaweed.py``; moto would flatter any cache),
+One run, one SeaweedFS server on loopback (``fastload_devservices/seaweed.py``; moto would flatter any cache),
 the demo model of examples/bentoml (``--width 4096 --layers 32``: 2 GiB of float32) put there twice: as
 ``model.safetensors`` under one prefix (fastload) and ``model.pt`` under another (stock). Every round
 serves, with 2 workers each:
@@ -41,9 +41,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.services._process import free_port  # noqa: E402
-from tests.services.bento import BentoServe  # noqa: E402
-from tests.services.seaweed import BUCKET, SeaweedServer  # noqa: E402
+from fastload_devservices._process import free_port  # noqa: E402
+from fastload_devservices.bento import BentoServe  # noqa: E402
+from fastload_devservices.seaweed import BUCKET, SeaweedServer  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "bentoml"
 SERVICES = REPO / "benchmarks" / "bentoml"

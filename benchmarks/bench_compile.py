@@ -43,9 +43,9 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.services._process import ServerProcess  # noqa: E402
-from tests.services.redis import RedisServer  # noqa: E402
-from tests.services.s3 import S3Server  # noqa: E402
+from fastload_devservices._process import ServerProcess  # noqa: E402
+from fastload_devservices.redis import RedisServer  # noqa: E402
+from fastload_devservices.s3 import S3Server  # noqa: E402
 
 S = TypeVar("S", bound=ServerProcess)
 MODELS = ("block", "mlp")

@@ -188,7 +188,7 @@ def main() -> int:
         from ray import serve
 
     from benchmarks.bench_bentoml import CountingSeaweed  # SeaweedFS with its bytes-sent counter
-    from tests.services._process import free_port
+    from fastload_devservices._process import free_port
 
     work = Path(tempfile.mkdtemp(prefix="fl-bench-ray-", dir="/tmp"))
     shm = Path("/dev/shm") / f"fl-bench-ray-{os.getpid()}"

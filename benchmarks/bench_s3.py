@@ -102,7 +102,7 @@ def main() -> int:
     if args.endpoint:
         endpoint = args.endpoint
     else:
-        from tests.services.s3 import S3Server
+        from fastload_devservices.s3 import S3Server
 
         server = S3Server()
         server.start()

@@ -40,8 +40,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from fastload_core import load_file  # noqa: E402
-from tests.services.seaweed import BUCKET, SeaweedServer  # noqa: E402
-from tests.services.torchserve import TorchServe, build_archive  # noqa: E402
+from fastload_devservices.seaweed import BUCKET, SeaweedServer  # noqa: E402
+from fastload_devservices.torchserve import TorchServe, build_archive  # noqa: E402
 
 WIDTH = 4096
 INPUT = [((i % 97) - 48) / 48 for i in range(WIDTH)]  # a fixed request body; no randomness to disagree on

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastload_core.cli import build_parser, main
-from tests.services.s3 import BUCKET
+from fastload_devservices.s3 import BUCKET
 
 
 def test_convert_writes_an_equal_safetensors_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

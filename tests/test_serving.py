@@ -24,7 +24,7 @@ from fastload_core.serving import (
     warm,
 )
 from fastload_core.storage import StorageError, default_store
-from tests.services.s3 import BUCKET
+from fastload_devservices.s3 import BUCKET
 
 
 def make_model(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:

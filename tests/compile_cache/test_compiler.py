@@ -23,7 +23,7 @@ from fastload_core.compile_cache.compiler import _with_fastload_defaults
 from fastload_core.compile_cache.errors import CacheURLError
 from fastload_core.compile_cache.keys import key_from_fields
 from fastload_core.compile_cache.registry import open_backend
-from tests.services.redis import RedisServer
+from fastload_devservices.redis import RedisServer
 
 from .conftest import run_child
 

@@ -16,7 +16,7 @@ from fastload_core.compile_cache import CompileCache
 from fastload_core.compile_cache.errors import EntryTooLargeError
 from fastload_core.compile_cache.keys import key_from_fields
 from fastload_core.compile_cache.registry import open_backend
-from tests.services.redis import RedisServer
+from fastload_devservices.redis import RedisServer
 
 pytestmark = pytest.mark.redis
 

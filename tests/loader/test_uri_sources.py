@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import fastload_core
 from fastload_core.report import LoadReport
 from fastload_core.storage import default_store
-from tests.services.s3 import BUCKET
+from fastload_devservices.s3 import BUCKET
 
 
 def upload_model(s3: Any, tmp_path: Path, key: str) -> dict[str, torch.Tensor]:

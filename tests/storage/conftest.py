@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.services.s3 import BUCKET
+from fastload_devservices.s3 import BUCKET
 from tests.storage.faultproxy import FaultProxy
 
 __all__ = ["BUCKET", "leftovers"]

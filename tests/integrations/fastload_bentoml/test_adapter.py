@@ -21,7 +21,7 @@ import fastload_core
 from fastload_core.compile_cache import default_url
 from fastload_core.compile_cache.errors import CacheURLError
 from fastload_core.storage import default_store, tier_of
-from tests.services.s3 import BUCKET
+from fastload_devservices.s3 import BUCKET
 
 # BentoML 1.4.40's own deprecations, raised when bentoml.Service and its IO models are first built.
 BENTOML_WARNINGS = [

@@ -30,7 +30,7 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     107 bytes), and Serve's HTTP proxy on a free loopback port. Yields the HTTP base URL under "http"."""
     import ray
 
-    from tests.services._process import free_port
+    from fastload_devservices._process import free_port
 
     saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.5x turns token auth on for new local clusters

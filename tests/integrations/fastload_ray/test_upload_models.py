@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from fastload_devservices._process import free_port
 from tests.integrations.fastload_ray.conftest import REPO
-from tests.services._process import free_port
 
 SCRIPT = REPO / "examples" / "ray_serve" / "upload_models.py"
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from fastload_core.storage import TieredStore
+from fastload_devservices.s3 import BUCKET
+from fastload_devservices.torchserve import TorchServe, build_archive
 from tests.integrations.fastload_torchserve.conftest import EXAMPLE, reference_outputs
-from tests.services.s3 import BUCKET
-from tests.services.torchserve import TorchServe, build_archive
 from tests.storage.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]

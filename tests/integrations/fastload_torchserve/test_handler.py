@@ -18,8 +18,8 @@ from fastload_torchserve.handler import within
 from fastload_core.errors import CheckpointError
 from fastload_core.serving import WeightsUnavailableError
 from fastload_core.storage import TieredStore
+from fastload_devservices.s3 import BUCKET
 from tests.integrations.fastload_torchserve.conftest import MakeContext, reference_outputs
-from tests.services.s3 import BUCKET
 from tests.storage.faultproxy import FaultProxy
 
 INPUTS = torch.linspace(-2.0, 2.0, 3 * 16).reshape(3, 16)
@@ -216,7 +216,7 @@ def test_the_model_file_must_define_one_module_class(
 def test_an_unreachable_endpoint_fails_fast(
     make_context: MakeContext, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.services._process import free_port
+    from fastload_devservices._process import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("FASTLOAD_S3_MAX_ATTEMPTS", "2")
