@@ -17,7 +17,7 @@ from .. import plugins, storage
 from ..errors import CheckpointError, DeviceError, MissingShardError
 from ..report import LoadReport
 from . import cpu, formats
-from .header import MAX_HEADER_BYTES, Header, read_header, read_header_from
+from .header import MAX_HEADER_BYTES, Header, gc_paused, read_header, read_header_from
 
 log = logging.getLogger("fastload")
 
@@ -86,7 +86,11 @@ def load_state_dict(
             tensors = _stream(text, target, report)
         else:
             pinned = _timed(report, "fetch", storage.pin, text) if storage.is_uri(text) else None
-            tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
+            # A load allocates hundreds of views and dict entries, all live: in a fresh process that burst
+            # is what triggers the first full collection over what `import torch` left (~80 ms on 2 cores,
+            # docs/benchmarks.md), so the collector waits until the load is done.
+            with gc_paused():
+                tensors = _load_local(pinned.path if pinned else Path(text), target, copy, lazy, report, pinned)
             report.tier = (pinned.tier or "") if pinned else storage.tier_of(text)
         if dtype is not None:
             converted_at = time.perf_counter()

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -114,10 +116,18 @@ def parse_header(path: str | os.PathLike[str], raw: bytes, file_size: int) -> He
     first full collection over the ~170k objects ``import torch`` left (about 0.1 s on 2 cores),
     inside the load. The collection still happens, at the process's next burst of allocations.
     """
+    with gc_paused():
+        return _parse_header(path, raw, file_size)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a burst of acyclic allocations, then give the caller back
+    the state it had (a caller that had it off keeps it off)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _parse_header(path, raw, file_size)
+        yield
     finally:
         if enabled:
             gc.enable()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -193,3 +194,30 @@ def test_empty_checkpoint(tmp_path: Path) -> None:
     path = write_raw(tmp_path / "e.safetensors", {"__metadata__": {"a": "b"}})
     assert fastload_core.load_file(path) == {}
     assert fastload_core.load_file(path, copy=True) == {}
+
+
+def test_a_local_load_runs_with_the_collector_paused_and_gives_it_back(tmp_path: Path) -> None:
+    """A full collection in the middle of a load is pure cost (everything it allocates stays live): the
+    collector is off while the files are mapped and their views made, and on again afterwards, also
+    when the load fails."""
+    import gc
+
+    from fastload_core.loader import api
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(4)}, str(path))
+    seen: list[bool] = []
+    original = api._load_one
+
+    def spying_load_one(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "_load_one", spying_load_one)
+        assert gc.isenabled()
+        assert torch.equal(fastload_core.load_file(path)["w"], torch.ones(4))
+        assert seen == [False] and gc.isenabled()
+        with pytest.raises(CheckpointError):
+            fastload_core.load_file(tmp_path / "missing.safetensors")
+        assert gc.isenabled()
