@@ -50,7 +50,12 @@ def mode_like(source: str | os.PathLike[str] | None) -> int:
     (None: no source, 0666 before the umask, as for any new file)."""
     if source is None:
         return 0o666
-    return stat.S_IRUSR | stat.S_IWUSR | (os.stat(source).st_mode & _READ_BITS)
+    return readable_like_mode(os.stat(source).st_mode)
+
+
+def readable_like_mode(source_mode: int) -> int:
+    """``mode_like`` for a source already open (its ``st_mode``): a 0600 source gives 0600, 0644 gives 0644."""
+    return stat.S_IRUSR | stat.S_IWUSR | (source_mode & _READ_BITS)
 
 
 def _create_unique(target: Path) -> tuple[Path, int]:

@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .._atomic import readable_like_mode
 from .._safefs import UnsafePath, open_file
 from .base import Journal, Source
 from .checksum import ETagHasher
@@ -23,13 +24,6 @@ from .uri import confine, safe_relpath
 from .verify import BlockDigests
 
 _CHUNK = 8 * 1024 * 1024
-
-
-def private_mode(source_mode: int) -> int:
-    """The mode of a copy: the owner reads and writes; group and others read only where they can read the
-    source (a 0600 file stays 0600, an ordinary 0644 one is 0644). The same rule as converted checkpoints
-    (``_atomic.mode_like`` on the env branch), so caching a private model never publishes it to every user."""
-    return 0o600 | (source_mode & 0o044)
 
 
 def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | None] | None, uri: str,
@@ -51,7 +45,7 @@ def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | Non
     except UnsafePath as exc:
         raise UnsafeKeyError(exc.path, exc.problem, uri=uri) from None
     with open(src_fd, "rb", buffering=0) as reader, open(dst_fd, "r+b", buffering=0) as writer:
-        os.fchmod(writer.fileno(), private_mode(os.fstat(reader.fileno()).st_mode))
+        os.fchmod(writer.fileno(), readable_like_mode(os.fstat(reader.fileno()).st_mode))
         while True:
             count = reader.readinto(buffer)
             if not count:
