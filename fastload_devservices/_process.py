@@ -38,6 +38,11 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{self._command(self.port)[0]} did not answer on port {self.port} in {timeout}s")
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (the S3 benchmark reads its CPU time from /proc)."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.kill()

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from fastload_core.loader.api import stream_state_dict
 from fastload_core.storage import fetch
 from fastload_core.storage.errors import IntegrityError
+from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
 from tests.storage.conftest import BUCKET
-from tests.storage.faultproxy import FaultProxy
 
 # The storage tests' S3 fixtures: the fault proxy, and small parts so a small checkpoint takes many GETs.
 proxy = storage_fixtures.proxy

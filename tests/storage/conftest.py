@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
-from tests.storage.faultproxy import FaultProxy
 
 __all__ = ["BUCKET", "leftovers"]
 

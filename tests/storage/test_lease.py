@@ -13,8 +13,8 @@ import pytest
 
 from fastload_core.storage import StorageError, fetch
 from fastload_core.storage import lease as lease_module
+from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
-from tests.storage.faultproxy import FaultProxy
 from tests.storage.helpers import spawn
 from tests.storage.test_store import FETCH_CODE
 

@@ -14,8 +14,8 @@ from boto3.s3.transfer import TransferConfig
 from fastload_core.storage import fetch
 from fastload_core.storage.errors import IntegrityError, ObjectChangedError, OriginError, UnsafeKeyError
 from fastload_core.storage.meta import EntryMeta
+from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
-from tests.storage.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.s3
 

@@ -30,8 +30,8 @@ from fastload_core.storage.errors import BadURIError, NotCachedError, UnsafeKeyE
 from fastload_core.storage.meta import Checksums
 from fastload_core.storage.progress import Progress
 from fastload_core.storage.uri import ModelURI
+from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
-from tests.storage.faultproxy import FaultProxy
 from tests.storage.helpers import record_events, spawn
 
 MiB = 1024 * 1024

@@ -12,8 +12,8 @@ import pytest
 from fastload_core.storage.errors import IntegrityError
 from fastload_core.storage.progress import Watermark
 from fastload_core.storage.streaming import watch_fetch
+from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET
-from tests.storage.faultproxy import FaultProxy
 
 MiB = 1024 * 1024
 

@@ -20,9 +20,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastload_devservices.bento import BentoServe, bentoml_command
+from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
 from tests.integrations.fastload_bentoml.test_adapter import BENTOML_WARNINGS
-from tests.storage.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, *BENTOML_WARNINGS]
 

@@ -24,9 +24,9 @@ from safetensors.torch import load
 from examples.ray_serve import deployment
 from examples.ray_serve.models import Adapter, Embedder, tokenize
 from fastload_core.storage import parse_uri
+from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET, S3Server
 from tests.integrations.fastload_ray.conftest import REPO, replica_env
-from tests.storage.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fastload_core.storage import TieredStore
+from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
 from fastload_devservices.torchserve import TorchServe, build_archive
 from tests.integrations.fastload_torchserve.conftest import EXAMPLE, reference_outputs
-from tests.storage.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 

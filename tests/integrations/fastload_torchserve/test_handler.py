@@ -18,9 +18,9 @@ from fastload_torchserve.handler import within
 from fastload_core.errors import CheckpointError
 from fastload_core.serving import WeightsUnavailableError
 from fastload_core.storage import TieredStore
+from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
 from tests.integrations.fastload_torchserve.conftest import MakeContext, reference_outputs
-from tests.storage.faultproxy import FaultProxy
 
 INPUTS = torch.linspace(-2.0, 2.0, 3 * 16).reshape(3, 16)
 
