@@ -8,6 +8,7 @@ module that should be imported on first use creeping back into the import of the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,16 @@ def test_subpackages_are_reachable_as_attributes() -> None:
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'load_everything'"):
         fastload_core.load_everything  # noqa: B018
+
+
+def test_a_fetch_does_not_import_torch(tmp_path: Path) -> None:
+    """Fetching bytes (``fastload fetch``, a prefetch hook) builds the plugin manager, which imports every
+    built-in plugin: none of them may pull in torch, seconds of a cold start spent on nothing."""
+    (tmp_path / "m.bin").write_bytes(b"x" * 10)
+    code = ("import sys, fastload_core\n"
+            f"fastload_core.fetch({(tmp_path / 'm.bin').as_uri()!r})\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                          env={**os.environ, "FASTLOAD_CACHE_DIR": str(tmp_path / "cache"),
+                               "FASTLOAD_SHM_DIR": str(tmp_path / "shm")})
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr

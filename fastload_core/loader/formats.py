@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .. import config, plugins
 from .._atomic import publish_file
 from .._safefs import UnsafePath, check_path, secure_dir
 from .._staging import staging_dir
 from ..errors import CheckpointError, PluginError, UnsupportedFormatError
+
+if TYPE_CHECKING:  # imported where used: the plugin manager imports this module in processes that only fetch
+    import torch
 
 
 @runtime_checkable
@@ -108,6 +109,8 @@ def write_safetensors(
 
 def untangle(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors stores no aliasing: give each shared or strided tensor its own contiguous bytes."""
+    import torch
+
     seen: set[tuple[int, int]] = set()
     result = {}
     for name, tensor in state_dict.items():

@@ -11,12 +11,14 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from ..hookspecs import hookimpl
 from .formats import CheckpointFormat
+
+if TYPE_CHECKING:
+    import torch
 
 _SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -29,6 +31,9 @@ class TorchPickleFormat:
         return path.suffix in _SUFFIXES
 
     def read_state_dict(self, path: Path) -> dict[str, torch.Tensor]:
+        import torch  # here, not above: every process that builds the plugin manager imports this module, and
+        # a plain `fastload.fetch` from S3 has no use for torch (2-5 s to import on a busy 2-core machine)
+
         try:
             with warnings.catch_warnings():
                 # Old checkpoints use other pickle protocols; torch warns but reads them fine.
@@ -71,6 +76,8 @@ def _is_zip(path: Path) -> bool:
 
 
 def _find_state_dict(path: Path, loaded: object) -> dict[str, torch.Tensor]:
+    import torch
+
     if isinstance(loaded, dict):
         if loaded and all(isinstance(value, torch.Tensor) for value in loaded.values()):
             return loaded
