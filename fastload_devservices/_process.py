@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 def free_port() -> int:
@@ -17,15 +17,17 @@ def free_port() -> int:
 class ServerProcess:
     """A server that tests can stop and start again on the same port (to simulate an outage)."""
 
-    def __init__(self, command: Callable[[int], Sequence[str]], ready: Callable[[int], bool]) -> None:
+    def __init__(self, command: Callable[[int], Sequence[str]], ready: Callable[[int], bool], *,
+                 env: Mapping[str, str] | None = None) -> None:
         self._command = command
+        self._env = dict(env) if env is not None else None
         self._ready = ready
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         self._process = subprocess.Popen(
-            list(self._command(self.port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            list(self._command(self.port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self._env
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -70,7 +70,10 @@ class SeaweedServer(ServerProcess):
                 f"-admin.port={ports['admin']}", f"-bucket={BUCKET}",
             ]
 
-        super().__init__(command, _answers_s3)
+        # weed turns authentication on when it sees AWS credentials in its environment (then the anonymous
+        # readiness probe gets 403 and no other key is accepted): the server gets none.
+        env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        super().__init__(command, _answers_s3, env=env)
         self.port = _free_port_pair()
 
     @property
