@@ -1,22 +1,33 @@
-"""S3 cold-fetch benchmark against moto's S3 server on loopback (or any endpoint: --endpoint).
+"""S3 cold start, side by side: every way of getting a model from S3 into memory, each in a fresh process.
 
-Measures, in one run and against the same endpoint:
-  * the endpoint's ceiling: many parallel raw ranged GETs whose bodies are discarded;
-  * boto3 ``download_file`` with defaults, and with a tuned ``TransferConfig``;
-  * fastload ``fetch`` (cold cache), and Run:ai Model Streamer's S3 reader where it works;
-  * cold S3 -> state dict: streaming (``stream_state_dict``) vs fetch-then-load;
-  * N processes starting at once: bytes served by the origin (counted by a proxy) and wall time.
+For each server (SeaweedFS, a real and fast S3 implementation, and moto, which stays the fault-injection
+origin of the tests but is bounded by one Python process), one object of random bytes is uploaded in
+``--part-size`` parts, and every round runs, in a shuffled order and each in a new process:
 
-moto is not S3: its throughput is bounded by one Python process, so compare ratios, not MB/s.
-Usage: python benchmarks/bench_s3.py [--size 2GiB] [--rounds 3] [--processes 4] [--out bench-out/s3.md]
+  * ceiling:   ``--concurrency`` threads of plain ranged GETs (one per part) read into memory;
+  * boto3:     ``download_file`` tuned to ``--concurrency`` x ``--part-size``, into /dev/shm;
+  * runai:     Run:ai Model Streamer's ``SafetensorsStreamer`` from S3 into CPU tensors (when installed);
+  * fetch shm: ``fastload_core.fetch(uri, tier="shm")``, cold, verified, the cache dir on local disk;
+  * fetch disk: ``fetch(uri, tier="local_disk")``, cold, beside the disk's own write speed with fsync;
+  * stream:    ``load_file("s3://...", copy=True)``, cold: tensors copied out as their bytes land.
+
+Each row reports the median of the operation's seconds (measured in the child, after its imports), the
+median wall time of the whole process (imports included: what a user waits for), the child's CPU seconds
+per GB over the operation (getrusage), and the server's CPU seconds per GB over the same run (its
+process's utime + stime from /proc): on a small machine the server competes for the same cores.
+
+Usage: python benchmarks/bench_s3.py [--servers seaweed,moto] [--size 2GiB] [--rounds 3] [--quick]
+       [--out bench-out/s3.md] [--json bench-out/s3.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import struct
@@ -24,23 +35,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastload_core.storage.settings import parse_size  # noqa: E402
 
-BUCKET = "bench"
 KEY = "model/model.safetensors"
 MiB = 1024 * 1024
+GB = 1e9
+
+# name -> label, in the order of the report
+METHODS = {
+    "ceiling": "ceiling: {c} threads of ranged GETs into memory",
+    "boto3": "boto3 download_file ({c} x {p}) into /dev/shm",
+    "runai": "Run:ai Model Streamer (S3 -> CPU tensors)",
+    "fetch_shm": 'fastload fetch(tier="shm"), cold, verified',
+    "fetch_disk": 'fastload fetch(tier="local_disk"), cold, verified',
+    "disk_write": "local disk write + fsync (no network)",
+    "stream": 'fastload load_file("s3://...", copy=True), cold (streaming)',
+}
 
 
 def make_checkpoint(path: Path, size: int) -> None:
-    """A safetensors file of ``size`` bytes of random int32 tensors, 64 MiB each (random data: no
+    """A safetensors file of about ``size`` bytes of random int32 tensors, 64 MiB each (random data: no
     compression or dedup anywhere can flatter a number)."""
-    tensor_bytes = 64 * MiB
+    tensor_bytes = min(64 * MiB, max(size // 4, MiB))
     count = max(1, size // tensor_bytes)
     header = {f"layers.{i}.weight": {"dtype": "I32", "shape": [tensor_bytes // 4],
                                      "data_offsets": [i * tensor_bytes, (i + 1) * tensor_bytes]}
@@ -53,189 +77,270 @@ def make_checkpoint(path: Path, size: int) -> None:
             handle.write(os.urandom(tensor_bytes))
 
 
-def timed(label: str, results: list[tuple[str, float, int]], nbytes: int):  # type: ignore[no-untyped-def]
-    class Timer:
-        def __enter__(self) -> Timer:
-            self.start = time.monotonic()
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            seconds = time.monotonic() - self.start
-            results.append((label, seconds, nbytes))
-            print(f"{label:<48} {seconds:7.2f} s  {nbytes / seconds / MiB:8.1f} MiB/s", flush=True)
-
-    return Timer()
-
-
-def ceiling(client, size: int, part: int, workers: int) -> None:  # type: ignore[no-untyped-def]
-    def get(start: int) -> int:
-        byte_range = f"bytes={start}-{min(start + part, size) - 1}"
-        body = client.get_object(Bucket=BUCKET, Key=KEY, Range=byte_range)["Body"]
-        total = 0
-        while chunk := body.read(MiB):
-            total += len(chunk)
-        return total
-
-    with ThreadPoolExecutor(workers) as pool:
-        assert sum(pool.map(get, range(0, size, part))) == size
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", default="2GiB")
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--part-size", default="16MiB")
-    parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting moto")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each in a shuffled order; medians reported")
-    parser.add_argument("--out", default=str(REPO / "bench-out" / "s3.md"))
-    args = parser.parse_args()
-    size = int(parse_size(args.size) or 0)
-    part = int(parse_size(args.part_size) or 0)
-    work = Path(tempfile.mkdtemp(prefix="fastload-bench-", dir="/dev/shm"))
-    server = None
-    os.environ.update(AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
-                      AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
-                      AWS_DEFAULT_REGION=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                      FASTLOAD_S3_CONCURRENCY=str(args.concurrency), FASTLOAD_S3_PART_SIZE=args.part_size,
-                      FASTLOAD_SHM_DIR=str(work / "shm"))
-    if args.endpoint:
-        endpoint = args.endpoint
-    else:
-        from fastload_devservices.s3 import S3Server
-
-        server = S3Server()
-        server.start()
-        endpoint = server.endpoint_url
-    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    results: list[tuple[str, float, int]] = []
-    notes: list[str] = []
-    try:
+# --- the child: one method, one fresh process ------------------------------------------------------------
+def _child(method: str) -> None:
+    env = os.environ
+    bucket, size, part = env["BENCH_BUCKET"], int(env["BENCH_SIZE"]), int(env["BENCH_PART"])
+    concurrency, work = int(env["BENCH_CONCURRENCY"]), Path(env["BENCH_WORK"])
+    uri = f"s3://{bucket}/{KEY}"
+    action: Callable[[], Any]
+    if method in ("ceiling", "boto3"):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        client = boto3.client("s3", config=Config(max_pool_connections=args.concurrency + 8))
-        client.create_bucket(Bucket=BUCKET)
-        source = work / "source.safetensors"
-        make_checkpoint(source, size)
-        size = source.stat().st_size
-        # Uploaded in parts of --part-size so every contender makes the same number of requests: moto reads
-        # the whole object for each ranged GET, which would otherwise penalise smaller ranges (not S3's way).
-        client.upload_file(str(source), BUCKET, KEY,
-                           Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
-        source.unlink()
-        print(f"checkpoint: {size / MiB:.0f} MiB at {endpoint}; destinations in /dev/shm", flush=True)
+        client = boto3.client("s3", config=Config(max_pool_connections=concurrency + 4))
+        if method == "ceiling":
+            def action() -> None:
+                def get(start: int) -> int:
+                    body = client.get_object(Bucket=bucket, Key=KEY,
+                                             Range=f"bytes={start}-{min(start + part, size) - 1}")["Body"]
+                    return len(body.read())
 
-        from fastload_core.loader.api import load_state_dict, stream_state_dict
-        from fastload_core.storage import fetch
+                with ThreadPoolExecutor(concurrency) as pool:
+                    assert sum(pool.map(get, range(0, size, part))) == size
+        else:
+            tuned = TransferConfig(max_concurrency=concurrency, multipart_chunksize=part, multipart_threshold=part)
 
-        uri = f"s3://{BUCKET}/{KEY}"
-        tuned = TransferConfig(max_concurrency=args.concurrency, multipart_chunksize=part)
+            def action() -> None:
+                client.download_file(bucket, KEY, str(work / "download.bin"), Config=tuned)
+    elif method == "runai":
+        from runai_model_streamer import SafetensorsStreamer
 
-        def boto3_download(config: TransferConfig | None) -> None:
-            client.download_file(BUCKET, KEY, str(work / "download.bin"), **({"Config": config} if config else {}))
-            (work / "download.bin").unlink()
+        env.setdefault("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL_S3"])
+        env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
+        env.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
-        def in_empty_cache(action):  # type: ignore[no-untyped-def]
-            def run() -> None:  # every fastload row starts from an empty cache: a cold replica
-                os.environ["FASTLOAD_CACHE_DIR"] = str(work / "cache")
-                try:
-                    action()
-                finally:
-                    shutil.rmtree(work / "cache", ignore_errors=True)
-            return run
-
-        def streaming() -> None:
-            stats: dict[str, float] = {}
-            state, pinned = stream_state_dict(uri, stats=stats)
-            pinned.release()
-            stream_overlap.append((stats["first_tensor"] - stats["started"], stats["fetch_done"] - stats["started"]))
-            del state
-
-        def runai() -> None:
-            from runai_model_streamer import SafetensorsStreamer
-
-            os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
-            os.environ.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
-            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        def action() -> None:
             with SafetensorsStreamer() as streamer:
                 streamer.stream_file(uri)
                 got = sum(t.numel() * t.element_size() for _, t in streamer.get_tensors())
             assert got > 0, "Run:ai returned no tensors"
+    elif method in ("fetch_shm", "fetch_disk"):
+        from fastload_core import fetch
 
-        stream_overlap: list[tuple[float, float]] = []
-        methods = {
-            f"ceiling: {args.concurrency} parallel raw GETs, discard":
-                lambda: ceiling(client, size, part, args.concurrency),
-            "boto3 download_file (defaults)": lambda: boto3_download(None),
-            f"boto3 download_file (TransferConfig {args.concurrency}x{args.part_size})": lambda: boto3_download(tuned),
-            "fastload fetch (cold, verified, published)": in_empty_cache(lambda: fetch(uri)),
-            "Run:ai Model Streamer (S3 -> CPU tensors)": runai,
-            "cold: fetch, then load (copy into private memory)":
-                in_empty_cache(lambda: load_state_dict(fetch(uri), "cpu", copy=True)),
-            "cold: streaming load (stream_state_dict)": in_empty_cache(streaming),
-        }
-        timings: dict[str, list[float]] = {name: [] for name in methods}
-        failed: set[str] = set()
+        tier = "shm" if method == "fetch_shm" else "local_disk"
+
+        def action() -> None:
+            assert fetch(uri, tier=tier).stat().st_size == size
+    elif method == "disk_write":
+        def action() -> None:  # what the disk under the cache dir takes, fsync included
+            block = os.urandom(part)
+            fd = os.open(work / "cache" / "write-test", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for offset in range(0, size, part):
+                    os.pwrite(fd, block[:min(part, size - offset)], offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    elif method == "stream":
+        from fastload_core import load_file
+
+        def action() -> None:
+            tensors = load_file(uri, copy=True)
+            assert sum(t.numel() * t.element_size() for t in tensors.values()) > 0
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    action()
+    seconds, after = time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print("BENCH " + json.dumps({"seconds": seconds, "cpu": cpu}), flush=True)
+
+
+# --- the parent ------------------------------------------------------------------------------------------
+def _process_cpu(pid: int) -> float:
+    """utime + stime of ``pid`` and its waited-for children, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_child(method: str, env: dict[str, str], server_pid: int | None) -> dict[str, float]:
+    server_before = _process_cpu(server_pid) if server_pid else 0.0
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, __file__, "--child", method], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out, err = process.communicate()
+    wall = time.monotonic() - started
+    server_cpu = _process_cpu(server_pid) - server_before if server_pid else float("nan")
+    lines = [line for line in out.splitlines() if line.startswith("BENCH ")]
+    if process.returncode or not lines:
+        raise RuntimeError(f"exit {process.returncode}: {(err or out).strip()[-400:]}")
+    result: dict[str, float] = json.loads(lines[-1][6:])
+    result.update(wall=wall, server_cpu=server_cpu)
+    return result
+
+
+def _clear(work: Path) -> None:
+    for name in ("cache", "shm"):
+        shutil.rmtree(work / name, ignore_errors=True)
+        (work / name).mkdir(parents=True)
+    (work / "download.bin").unlink(missing_ok=True)
+
+
+def _start(server_name: str) -> Any:
+    if server_name == "seaweed":
+        from fastload_devservices.seaweed import SeaweedServer
+
+        server: Any = SeaweedServer()
+    elif server_name == "moto":
+        from fastload_devservices.s3 import S3Server
+
+        server = S3Server()
+    else:
+        raise SystemExit(f"unknown server {server_name!r}: seaweed or moto")
+    server.start(timeout=90)  # a busy 2-core machine can take a while
+    return server
+
+
+def bench_server(server_name: str, args: argparse.Namespace, size: int, part: int, disk: Path) -> dict[str, Any]:
+    """All methods against one server; returns {method: [results]} plus notes."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    server = _start(server_name)
+    shm_work = Path(tempfile.mkdtemp(prefix="fastload-bench-s3-", dir="/dev/shm"))
+    disk_work = Path(tempfile.mkdtemp(prefix="fastload-bench-s3-", dir=disk))
+    bucket = "bench"
+    notes: list[str] = []
+    try:
+        env = dict(os.environ, AWS_ENDPOINT_URL_S3=server.endpoint_url, PYTHONPATH=str(REPO),
+                   BENCH_BUCKET=bucket, BENCH_PART=str(part), BENCH_CONCURRENCY=str(args.concurrency),
+                   BENCH_WORK=str(shm_work), FASTLOAD_CACHE_DIR=str(disk_work / "cache"),
+                   FASTLOAD_SHM_DIR=str(shm_work / "shm"), FASTLOAD_S3_CONCURRENCY=str(args.concurrency),
+                   FASTLOAD_S3_PART_SIZE=str(part))
+        client = boto3.client("s3", endpoint_url=server.endpoint_url)
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=bucket)
+        source = shm_work / "source.safetensors"
+        make_checkpoint(source, size)
+        size = source.stat().st_size
+        env["BENCH_SIZE"] = str(size)
+        # Uploaded in parts of --part-size: S3's multipart ETag then lets fastload hash each part in the thread
+        # that fetched it, and every contender makes the same number of requests.
+        client.upload_file(str(source), bucket, KEY,
+                           Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
+        source.unlink()
+        print(f"{server_name}: {size / MiB:.0f} MiB at {server.endpoint_url}", flush=True)
+        methods = [m for m in args.methods.split(",") if m]
+        results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+        failed: dict[str, str] = {}
         shuffler = random.Random(args.rounds)
         for round_index in range(args.rounds):  # a seeded shuffle per round: no row always follows another
-            for name in shuffler.sample(list(methods), len(methods)):
-                if name in failed:
+            for method in shuffler.sample(methods, len(methods)):
+                if method in failed:
                     continue
-                started = time.monotonic()
+                _clear(shm_work)
+                _clear(disk_work)
+                run_env = dict(env, BENCH_WORK=str(disk_work if method == "disk_write" else shm_work))
                 try:
-                    methods[name]()
-                except Exception as exc:  # a third-party reader may not work against this endpoint
-                    failed.add(name)
-                    notes.append(f"{name} failed: {exc!r}"[:300])
+                    result = _run_child(method, run_env, getattr(server, "pid", None))
+                except RuntimeError as exc:  # e.g. a third-party reader that is not installed
+                    failed[method] = str(exc)
+                    notes.append(f"{method} failed: {str(exc)[-300:]}")
+                    print(f"  {method}: FAILED {str(exc)[-300:]}", flush=True)
                     continue
-                timings[name].append(time.monotonic() - started)
-                print(f"round {round_index + 1}: {name:<56} {timings[name][-1]:7.2f} s", flush=True)
-        for name, seconds in timings.items():
-            if seconds:
-                results.append((f"{name} [{len(seconds)}/{args.rounds}]", statistics.median(seconds), size))
-        first, done = statistics.median(o[0] for o in stream_overlap), statistics.median(o[1] for o in stream_overlap)
-        notes.append(f"streaming (median): first tensor {first:.2f}s after start, fetch done at {done:.2f}s")
-
-        # N processes at once, through a counting proxy
-        from tests.storage.faultproxy import FaultProxy
-
-        proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1]))
-        go = work / "go"
-        env = dict(os.environ, AWS_ENDPOINT_URL_S3=proxy.endpoint_url, PYTHONPATH=str(REPO), GO=str(go),
-                   FASTLOAD_CACHE_DIR=str(work / "cache-n"), URI=f"s3://{BUCKET}/{KEY}")
-        code = ("import os, time\nfrom pathlib import Path\n"
-                "while not Path(os.environ['GO']).exists(): time.sleep(0.005)\n"
-                "from fastload_core.storage import fetch\nprint(fetch(os.environ['URI']))")
-        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-                 for _ in range(args.processes)]
-        time.sleep(3)
-        with timed(f"{args.processes} processes at once (via the counting proxy)", results, size):
-            go.touch()
-            outs = [p.communicate()[0].strip() for p in procs]
-        proxy.close()
-        assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1
-        notes.append(f"{args.processes} processes: origin served {proxy.get_body_bytes} bytes = "
-                     f"{proxy.get_body_bytes / size:.2f}x the model")
-        print(notes[-1], flush=True)
+                results[method].append(result)
+                print(f"  round {round_index + 1}: {method:<11} {result['seconds']:7.2f} s "
+                      f"(process {result['wall']:.2f} s, cpu {result['cpu']:.2f} s, server cpu "
+                      f"{result['server_cpu']:.2f} s)", flush=True)
+        if args.processes:
+            notes.append(_n_processes(args.processes, server, env, bucket, size, disk_work))
+        return {"server": server_name, "size": size, "results": results, "notes": notes}
     finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(shm_work, ignore_errors=True)
+        shutil.rmtree(disk_work, ignore_errors=True)
 
-    ceiling_rate = size / results[0][1]
-    lines = ["| run [rounds] | median s | MiB/s | % of ceiling |", "|---|---:|---:|---:|"]
-    for label, seconds, nbytes in results:
-        lines.append(f"| {label} | {seconds:.2f} | {nbytes / seconds / MiB:.1f} | "
-                     f"{100 * nbytes / seconds / ceiling_rate:.0f}% |")
-    text = "\n".join([f"Checkpoint {size / MiB:.0f} MiB, endpoint {'moto on loopback' if server else endpoint}, "
-                      f"concurrency {args.concurrency}, part {args.part_size}.", "", *lines, "",
-                      *[f"- {n}" for n in notes]])
+
+def _n_processes(count: int, server: Any, env: dict[str, str], bucket: str, size: int, work: Path) -> str:
+    """``count`` processes fetch at once through a counting proxy: the origin should serve the model once."""
+    from fastload_devservices.faultproxy import FaultProxy
+
+    _clear(work)
+    proxy = FaultProxy(server.port)
+    go = work / "go"
+    child_env = dict(env, AWS_ENDPOINT_URL_S3=proxy.endpoint_url, GO=str(go), URI=f"s3://{bucket}/{KEY}")
+    code = ("import os, time\nfrom pathlib import Path\n"
+            "while not Path(os.environ['GO']).exists(): time.sleep(0.005)\n"
+            "from fastload_core import fetch\nprint(fetch(os.environ['URI']))")
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=child_env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(count)]
+        time.sleep(2)
+        started = time.monotonic()
+        go.touch()
+        outs = [p.communicate()[0].strip() for p in procs]
+        seconds = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1, outs
+    return (f"{count} processes fetching at once (through a Python counting proxy, so slower): {seconds:.2f} s; "
+            f"the origin served {proxy.get_body_bytes / size:.2f}x the model")
+
+
+def _median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows) if rows else float("nan")
+
+
+def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    for run in runs:
+        size, results = run["size"], run["results"]
+        gb = size / GB
+        ceiling = _median(results.get("ceiling", []), "seconds")
+        boto = _median(results.get("boto3", []), "seconds")
+        fetch = _median(results.get("fetch_shm", []), "seconds")
+        lines += [f"**{run['server']}**, object {size / MiB:.0f} MiB in {args.part_size} parts, concurrency "
+                  f"{args.concurrency}, {args.rounds} rounds (medians):", "",
+                  "| method [runs] | s | GB/s | × ceiling | × boto3 | × fetch shm | process s | client CPU s/GB "
+                  "| server CPU s/GB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for method, rows in results.items():
+            if not rows:
+                continue
+            seconds = _median(rows, "seconds")
+            label = METHODS[method].format(c=args.concurrency, p=args.part_size)
+            lines.append(f"| {label} [{len(rows)}] | {seconds:.2f} | {gb / seconds:.2f} | {ceiling / seconds:.2f} | "
+                         f"{boto / seconds:.2f} | {fetch / seconds:.2f} | {_median(rows, 'wall'):.2f} | "
+                         f"{_median(rows, 'cpu') / gb:.2f} | {_median(rows, 'server_cpu') / gb:.2f} |")
+        lines += ["", *[f"- {note}" for note in run["notes"]], ""]
+    lines.append("× columns: the other method's seconds over this one's (above 1 = faster than it).")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--servers", default="seaweed,moto")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--size", default="2GiB")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--part-size", default="16MiB")
+    parser.add_argument("--processes", type=int, default=4, help="also N processes at once (0: skip)")
+    parser.add_argument("--disk", default=None, help="a directory on the local disk (default: the temp dir)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run for tests: 32 MiB, 1 round, 4 MiB parts")
+    parser.add_argument("--out", default=str(REPO / "bench-out" / "s3.md"))
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child)
+        return 0
+    if args.quick:
+        args.size, args.rounds, args.part_size, args.processes = "32MiB", 1, "4MiB", 0
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    size, part = int(parse_size(args.size) or 0), int(parse_size(args.part_size) or 0)
+    disk = Path(args.disk or tempfile.gettempdir())
+    runs = [bench_server(name, args, size, part, disk) for name in args.servers.split(",") if name]
+    text = report(runs, args)
+    print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
     return 0
 
 
