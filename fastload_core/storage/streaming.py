@@ -31,6 +31,7 @@ class RangeWatch:
         self.manifest: Manifest | None = None
         self.fds: dict[str, int] = {}
         self.marks: dict[str, Watermark] = {}
+        self.sizes: dict[str, int] = {}
         self.failed: BaseException | None = None
         self.finished = False
 
@@ -41,6 +42,7 @@ class RangeWatch:
             if self.wanted(item.name):
                 self.fds[item.name] = os.open(files_dir.joinpath(*item.name.split("/")), os.O_RDONLY)
                 self.marks[item.name] = Watermark()
+                self.sizes[item.name] = item.size
         self.manifest = manifest
         self.started_event.set()
 
@@ -56,13 +58,18 @@ class RangeWatch:
             mark.wake()
         self.started_event.set()
 
-    def wait_for(self, name: str, position: int) -> None:
-        """Block until the first ``position`` bytes of ``name`` have landed; raise what failed the fetch."""
+    def wait_for(self, name: str, position: int) -> int:
+        """Block until the first ``position`` bytes of ``name`` have landed; return how many have (at least
+        ``position``: a reader takes everything that is there, not only what it asked for). Raise what
+        failed the fetch."""
         mark = self.marks[name]
         reached = mark.wait_until(position, lambda: self.failed is not None or self.finished, 0.5)
-        if reached < position and self.failed is not None:
+        if reached >= position:
+            return reached
+        if self.failed is not None:
             raise self.failed
-        # else landed, or complete: the ranges of a resumed download are not reported again
+        # The fetch finished: every byte is there (the ranges of a resumed download are not reported again).
+        return max(position, self.sizes[name])
 
     def close(self) -> None:
         for fd in self.fds.values():

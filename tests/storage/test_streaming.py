@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import random
 import threading
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fastload_core.storage.errors import IntegrityError
+from fastload_core.storage.meta import Manifest, RemoteFile
 from fastload_core.storage.progress import Watermark
-from fastload_core.storage.streaming import watch_fetch
+from fastload_core.storage.streaming import RangeWatch, watch_fetch
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET
 
@@ -63,7 +66,7 @@ def test_a_watched_fetch_reports_the_landed_prefix_as_it_downloads(s3: Any, prox
     watch.started_event.wait(30)
     try:
         assert watch.manifest is not None and set(watch.fds) == {"a.bin"}
-        watch.wait_for("a.bin", MiB)
+        assert watch.wait_for("a.bin", MiB) >= MiB
         assert os.pread(watch.fds["a.bin"], MiB, 0) == data[:MiB]  # readable before the fetch is done
         watch.wait_for("a.bin", len(data))
         with future.result(30) as path:
@@ -84,5 +87,22 @@ def test_a_failed_watched_fetch_raises_to_the_waiter(s3: Any, proxy: FaultProxy)
             watch.wait_for("a.bin", 2 * MiB + 1)  # beyond the end: only the fetch's outcome ends the wait
         with pytest.raises(IntegrityError):
             future.result(30)
+    finally:
+        watch.close()
+
+
+def test_a_waiter_gets_everything_that_landed_and_the_whole_file_once_the_fetch_is_done(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"\0" * 100)
+    manifest = Manifest("s3://b/a.bin", (RemoteFile("a.bin", 100, "a.bin", None),), single=True)
+    watch = RangeWatch()
+    watch.started("shm", tmp_path, manifest)
+    try:
+        watch.range_done("a.bin", 0, 40)
+        watch.range_done("a.bin", 40, 70)
+        assert watch.wait_for("a.bin", 10) == 70  # all that is there, not only what was asked for
+        done: Future[Any] = Future()
+        done.set_result(None)
+        watch.finish(done)  # a resumed download: the ranges it had before are never reported
+        assert watch.wait_for("a.bin", 71) == 100
     finally:
         watch.close()
