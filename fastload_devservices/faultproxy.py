@@ -31,6 +31,7 @@ class FaultProxy:
         self.delay = 0.0  # seconds to sleep before answering each ranged GET (to make downloads slow)
         self.ranged_gets = 0
         self.get_body_bytes = 0
+        self.connections = 0  # TCP connections accepted: clients that reuse theirs keep this low
         self.applied: list[str] = []
         self._lock = threading.Lock()
         proxy = self
@@ -40,6 +41,11 @@ class FaultProxy:
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:  # once per TCP connection, however many requests it carries
+                with proxy._lock:
+                    proxy.connections += 1
+                super().setup()
 
             def do_GET(self) -> None:
                 proxy._handle(self)
@@ -64,6 +70,7 @@ class FaultProxy:
         with self._lock:
             self.ranged_gets = 0
             self.get_body_bytes = 0
+            self.connections = 0
             self.applied.clear()
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:

@@ -103,16 +103,19 @@ def resident_fraction(base: torch.Tensor, windows: int = 64, window_pages: int =
     return resident_fraction_at(base.data_ptr(), base.numel(), windows, window_pages)
 
 
-def allocate_private(nbytes: int) -> torch.Tensor:
+def allocate_private(nbytes: int, *, huge_pages: bool = True) -> torch.Tensor:
     """An anonymous buffer backed by transparent huge pages where the kernel allows them.
 
     First touch of 4 KiB pages runs at ~1 GB/s on small machines; 2 MiB pages at ~6 GB/s, so a
-    private copy of the weights costs little more than the read itself.
+    private copy of the weights costs little more than the read itself. Not everywhere: on the 2-core
+    Firecracker VM (2026-11-27), whose host backs guest memory lazily, first touch of a huge-page GiB cost
+    2.4 s of system time against 0.7 s in 4 KiB pages (recently freed, already backed); ``huge_pages=False``
+    is for a caller that copies on the same cores as other CPU-bound work (the streaming load).
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=torch.uint8)
 

@@ -64,8 +64,8 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     """Copy one file's tensor bytes into one private buffer as its landed prefix grows, and yield each
     tensor as soon as the copy has passed its end.
 
-    The buffer is the local loader's (``cpu.allocate_private``: huge pages, page-aligned with the file) and
-    the tensors are views of it, as a local ``copy=True`` load gives them: one allocation per file instead
+    The buffer is the local loader's (``cpu.allocate_private``, page-aligned with the file) and the tensors
+    are views of it, as a local ``copy=True`` load gives them: one allocation per file instead
     of one zero-filled ``bytearray`` per tensor, and each copy takes everything that has landed (one
     ``preadv`` per step, while the bytes are fresh in the page cache) instead of waiting tensor by tensor.
     """
@@ -75,7 +75,10 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     header = parse_header(name, os.pread(fd, header_len, 8), size)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies
-    base = cpu.allocate_private(end - start)
+    # 4 KiB pages: this copy runs in one thread beside a CPU-bound download (MD5, the server on small
+    # machines). With huge pages it fell 3 s behind a 1 GiB download on the 2-core VM, where their first
+    # touch costs 3x the system time (cpu.allocate_private says why).
+    base = cpu.allocate_private(end - start, huge_pages=False)
     view = base.numpy().data if end > start else memoryview(b"")
     entries = sorted(header.tensors, key=lambda e: e.end)
     copied, emitted = start, 0

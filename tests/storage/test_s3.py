@@ -50,6 +50,36 @@ def test_single_object_is_fetched_once_and_byte_identical(s3: Any, proxy: FaultP
     assert meta.files[0].checksum == hashlib.md5(data).hexdigest() == meta.files[0].etag
 
 
+def test_bodies_go_straight_from_the_socket_and_connections_are_reused(s3: Any, proxy: FaultProxy,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transfer loop receives into its own buffer from http.client's stream (no botocore/urllib3
+    copies); if botocore's layering changes it must fall back loudly in this test, not silently in
+    production. Each fully read body hands its connection back to the pool: 13 GETs on 4 threads."""
+    from fastload_core.storage import s3 as s3_module
+
+    streams: list[object] = []
+    real = s3_module._socket_stream
+    monkeypatch.setattr(s3_module, "_socket_stream", lambda body: streams.append(real(body)) or streams[-1])
+    data = os.urandom(3 * MiB + 17)
+    put(s3, "direct/weights.bin", data)
+    proxy.reset_counters()
+    assert fetch(f"s3://{BUCKET}/direct/weights.bin").read_bytes() == data
+    assert len(streams) == 13 and all(stream is not None for stream in streams)
+    assert proxy.connections <= 4 + 1  # the download threads' connections, and the HEAD's
+
+
+def test_the_fallback_read_path_gives_the_same_bytes(s3: Any, proxy: FaultProxy,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastload_core.storage import s3 as s3_module
+
+    monkeypatch.setattr(s3_module, "_socket_stream", lambda body: None)  # another HTTP stack under botocore
+    data = os.urandom(2 * MiB + 5)
+    put(s3, "fallback/weights.bin", data)
+    proxy.faults = ["short", "reset"]
+    assert fetch(f"s3://{BUCKET}/fallback/weights.bin").read_bytes() == data
+    assert proxy.applied == ["short", "reset"]
+
+
 def test_prefix_with_sharded_checkpoint_keeps_relative_names(s3: Any, proxy: FaultProxy,
                                                               tmp_path: Path) -> None:
     shards = {f"model-0000{i}-of-00002.safetensors": os.urandom(11 * MiB + i) for i in (1, 2)}
