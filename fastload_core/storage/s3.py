@@ -59,10 +59,11 @@ def _socket_stream(body: Any) -> Any | None:
 
     Its ``readinto`` receives straight from the socket into our buffer. urllib3's own ``readinto`` reads a
     new ``bytes`` object and copies it (and botocore's ``read`` another), so going through them costs two
-    allocations and two copies per chunk; on a 2-core machine that shared with the server is a third of the
-    client's CPU. The length checks they add are kept by ``http.client`` itself: a body that ends early
-    reads 0 bytes (``_ShortRead``), a broken chunked body raises ``IncompleteRead``. Anything unexpected in
-    the layering (another HTTP stack, a decoder in the way) falls back to ``body.read``.
+    allocations and two copies per chunk: small next to MD5 (docs/benchmarks.md, "S3 speed"), but work
+    that buys nothing, on cores a small machine shares with the server. The length checks they add are
+    kept by ``http.client`` itself: a body that ends early reads 0 bytes (``_ShortRead``), a broken chunked
+    body raises ``IncompleteRead``. Anything unexpected in the layering (another HTTP stack, a decoder in
+    the way) falls back to ``body.read``.
     """
     raw = getattr(body, "_raw_stream", None)
     stream = getattr(raw, "_fp", None)
