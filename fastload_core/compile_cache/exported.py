@@ -5,8 +5,8 @@ and inductor (issue 13), which no restored entry can skip. An AOTInductor packag
 + ``aoti_compile_and_package``) is a shared library plus a small archive, run by torch's C++ runner
 (``torch._C._aoti.AOTIModelPackageLoader``), which needs neither: measured on the 2-core CPU machine,
 a small MLP's package loaded and ran its first call in 0.02 s in a fresh process, against seconds for
-``torch.compile()``'s imports alone. This module therefore imports nothing from ``torch._dynamo``,
-``torch._inductor`` or ``torch.export`` on a hit; only a miss (which exports and compiles) does.
+``torch.compile()``'s imports alone. This module therefore imports nothing from ``torch._dynamo`` or
+``torch._inductor`` on a hit; only a miss (which exports and compiles) does.
 
 What keeps it correct:
 
