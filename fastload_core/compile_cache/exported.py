@@ -160,11 +160,15 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_runner(path: Path, model: torch.nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
     """Load a package with the C++ runner and give it the live model's weights; ExportUnsupported if not."""
+    weights = weights_of(model)
+    # The runner's device is the model's (cuda:1 stays cuda:1); -1 is the default device of its type.
+    device = next((t.device for t in weights.values()), torch.device("cpu"))
+    index = device.index if device.index is not None else -1
     try:
-        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        # (path, model name, run_single_threaded, num_runners, device_index)
+        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
     except Exception as exc:
         raise ExportUnsupported(f"the AOTInductor runner could not load the package: {exc!r}") from None
-    weights = weights_of(model)
     needed = list(runner.get_constant_fqns())
     missing = [name for name in needed if name not in weights]
     if missing:

@@ -213,13 +213,16 @@ def test_reasons_the_package_path_is_not_taken(monkeypatch: pytest.MonkeyPatch) 
     assert "grad mode" in (unsupported_reason({}, True, False) or "")
 
 
-def test_grad_mode_falls_back_with_one_warning_and_a_note(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_path_it_cannot_take_falls_back_with_one_warning_and_a_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model = nn.Linear(4, 4)
-    served = compile_cache.compile(model, cache=(tmp_path / "s").as_uri(), example_inputs=torch.randn(2, 4),
-                                   export=True, backend="eager")
+    with torch.no_grad():
+        served = compile_cache.compile(model, cache=(tmp_path / "s").as_uri(), example_inputs=torch.randn(2, 4),
+                                       export=True, backend="eager")
     report = compile_cache.report_of(served)
-    assert report is not None and report.served_by == "torch.compile"
-    assert any("export=True not used" in note for note in report.notes)
+    assert report is not None and report.served_by == "torch.compile" and report.status == "none"
+    assert report.notes[0].startswith("export=True not used: backend 'eager' is not inductor")
     assert len(_warnings(caplog)) == 1
 
 
