@@ -13,10 +13,12 @@ What keeps it correct:
 - The key is the torch.compile path's key (torch build, device, compile options, model code and
   layout, the example's shapes/dtypes/strides, grad mode) plus ``serve=aoti-package``, so the two
   paths never read each other's entries.
-- Weights stay out of the package (``aot_inductor.package_constants_in_so=False``) and are handed to
-  the runner from the live model (``load_constants(..., user_managed=True)``: no copy), because the key
-  describes the parameters' layout, not their values: two replicas of one architecture with different
-  weights share an entry, and each computes with its own weights.
+- Weights are not in the package: the model is exported with its parameters and buffers as inputs
+  (``torch.func.functional_call``), and every call passes the live model's tensors, because the key
+  describes their layout, not their values: two replicas of one architecture with different weights
+  share an entry, and each computes with its own. (Keeping them as graph constants and swapping them
+  in with ``load_constants`` is not enough: AOTInductor folds expressions of constants, e.g. a bias
+  plus a buffer, into the library at build time, and those kept the building replica's values.)
 - The package has no guards of its own, so every call is checked against the example's signature
   (structure, each tensor's shape, dtype, device and strides, plain values) and the grad mode (the
   runner records no autograd graph). Anything else goes to an ordinary ``fastload_core.compile`` of the
@@ -34,7 +36,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,19 +122,19 @@ class PackagedModel(torch.nn.Module):
     """A model served by an AOTInductor package for its example's signature, by torch.compile otherwise.
 
     ``_orig_mod`` is the user's model (as on torch.compile's wrapper), so ``state_dict()`` and
-    attributes work as before. Its parameters are the package's weights (held, not copied): change
-    them in place (``load_state_dict``) and the package computes with the new values; replacing a
-    parameter object is not seen by the package.
+    attributes work as before. Its parameters and buffers are passed to the package on every call:
+    change them in place (``load_state_dict``) and the package computes with the new values; a
+    parameter object replaced afterwards (``load_state_dict(assign=True)``) is not seen.
     """
 
     def __init__(self, model: torch.nn.Module, runner: Any, signature: Signature,
-                 weights: dict[str, torch.Tensor], fallback: Callable[[], Callable[..., Any]]) -> None:
+                 fallback: Callable[[], Callable[..., Any]]) -> None:
         super().__init__()
         self._orig_mod = model
         self._runner = runner
         self._signature = signature
         self._out_spec = pytree.treespec_loads(runner.get_call_spec()[1])
-        self._weights = weights  # the runner holds raw pointers to these: keep them alive
+        self._weights = list(weights_of(model).values())
         self._make_fallback = fallback
         self._fallback: Callable[..., Any] | None = None
         self._fallback_lock = threading.Lock()
@@ -139,7 +143,7 @@ class PackagedModel(torch.nn.Module):
         tensors = None if torch.is_grad_enabled() else self._signature.matches(args, kwargs)
         if tensors is None:
             return self._compiled()(*args, **kwargs)
-        return pytree.tree_unflatten(self._runner.boxed_run(tensors), self._out_spec)
+        return pytree.tree_unflatten(self._runner.boxed_run([*self._weights, *tensors]), self._out_spec)
 
     def _compiled(self) -> Callable[..., Any]:
         with self._fallback_lock:
@@ -152,35 +156,38 @@ class PackagedModel(torch.nn.Module):
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer under each name it has (tied weights appear under all their names)."""
-    named = {name: tensor.detach() for name, tensor in model.named_parameters(remove_duplicate=False)}
-    named.update((name, tensor.detach()) for name, tensor in model.named_buffers(remove_duplicate=False))
+    """The model's parameters and buffers in a fixed order: the package's leading inputs.
+
+    The order is ``named_parameters()`` then ``named_buffers()`` (tied tensors once), which the key's
+    layout digest pins, so the replica that built the package and one that loads it agree.
+    """
+    named = {name: tensor.detach() for name, tensor in model.named_parameters()}
+    named.update((name, tensor.detach()) for name, tensor in model.named_buffers())
     return named
 
 
-def load_runner(path: Path, model: torch.nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Load a package with the C++ runner and give it the live model's weights; ExportUnsupported if not."""
-    weights = weights_of(model)
-    # The runner's device is the model's (cuda:1 stays cuda:1); -1 is the default device of its type.
-    device = next((t.device for t in weights.values()), torch.device("cpu"))
-    index = device.index if device.index is not None else -1
+class _WeightsAsInputs(torch.nn.Module):
+    """What gets exported: the model with its weights as the first argument instead of as attributes."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+        self.wrapped = [model]  # in a list, not a submodule: its tensors must not become graph constants
+
+    def forward(self, weights: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        tensors = dict(zip(self.names, weights, strict=True))
+        return torch.func.functional_call(self.wrapped[0], tensors, args, kwargs)
+
+
+def load_runner(path: Path, model: torch.nn.Module) -> Any:
+    """Load a package with the C++ runner on the model's device; ExportUnsupported if it cannot."""
+    device = next((t.device for t in weights_of(model).values()), torch.device("cpu"))
+    index = device.index if device.index is not None else -1  # cuda:1 stays cuda:1; -1: the default
     try:
         # (path, model name, run_single_threaded, num_runners, device_index)
-        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
     except Exception as exc:
         raise ExportUnsupported(f"the AOTInductor runner could not load the package: {exc!r}") from None
-    needed = list(runner.get_constant_fqns())
-    missing = [name for name in needed if name not in weights]
-    if missing:
-        raise ExportUnsupported(f"the package needs constants the model does not have as parameters or "
-                                f"buffers: {', '.join(missing[:5])}")
-    constants = {name: weights[name] for name in needed}
-    try:
-        # (use_inactive, check_full_update, user_managed, allow_h2d_copy): in place, no copy, all of them.
-        runner.load_constants(constants, False, True, True, False)
-    except Exception as exc:
-        raise ExportUnsupported(f"the runner refused the model's weights: {exc!r}") from None
-    return runner, constants
 
 
 def build_package(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any],
@@ -192,7 +199,10 @@ def build_package(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping
     """
     mark = time.perf_counter()
     try:
-        exported = torch.export.export(model, tuple(args), dict(kwargs))
+        with _torch_internal_deprecations():
+            weights = weights_of(model)
+            exported = torch.export.export(_WeightsAsInputs(model, list(weights)),
+                                           (list(weights.values()), *args), dict(kwargs))
     except Exception as exc:
         raise ExportUnsupported(f"torch.export could not export the model: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -208,16 +218,27 @@ def build_package(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping
         raise ExportUnsupported(f"could not make a build directory next to {dest}: {exc!r}") from None
     mark = time.perf_counter()
     try:
-        with _inductor_cache_dir(build):
-            configs = {**options, "aot_inductor.package_constants_in_so": False}
+        with _inductor_cache_dir(build), _torch_internal_deprecations():
             built = aoti_compile_and_package(exported, package_path=str(build / PACKAGE),
-                                             inductor_configs=configs)
+                                             inductor_configs=dict(options))
         os.replace(built, dest / PACKAGE)
     except Exception as exc:
         raise ExportUnsupported(f"AOTInductor could not compile the exported model: {exc!r}") from None
     finally:
         shutil.rmtree(build, ignore_errors=True)
         stages["aoti_compile"] = time.perf_counter() - mark
+
+
+@contextmanager
+def _torch_internal_deprecations() -> Iterator[None]:
+    """Silence torch's own pytree deprecation, raised from inside the AOTInductor build (torch 2.13).
+
+    It is torch calling its own deprecated API, nothing the user can act on; where warnings are errors
+    (``-W error``, pytest's ``filterwarnings = error``) it would fail the build.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+        yield
 
 
 def compile_packaged(model: torch.nn.Module, cache: CompileCache, compile_kwargs: Mapping[str, Any],
@@ -251,7 +272,7 @@ def compile_packaged(model: torch.nn.Module, cache: CompileCache, compile_kwargs
     if lookup.status in ("restored", "local") and package.is_file():
         mark = time.perf_counter()
         try:
-            runner, weights = load_runner(package, model)
+            runner = load_runner(package, model)
         except ExportUnsupported as exc:
             message = f"compile cache {cache.url}: restored package {key.digest} is unusable: {exc}; rebuilding"
             log.warning("%s", message)
@@ -265,7 +286,7 @@ def compile_packaged(model: torch.nn.Module, cache: CompileCache, compile_kwargs
     else:
         build_package(model, args, kwargs, compile_kwargs.get("options") or {}, workdir, stages)
         mark = time.perf_counter()
-        runner, weights = load_runner(package, model)
+        runner = load_runner(package, model)
         stages["load_package"] = time.perf_counter() - mark
         report.status = "miss"
         if lookup.status == "unavailable":
@@ -277,7 +298,7 @@ def compile_packaged(model: torch.nn.Module, cache: CompileCache, compile_kwargs
             stages["pack"], stages["store"] = saved.pack_s, saved.store_s
             if saved.message:
                 report.notes.append(saved.message)
-    served = PackagedModel(model, runner, Signature(args, kwargs), weights, fallback)
+    served = PackagedModel(model, runner, Signature(args, kwargs), fallback)
     mark = time.perf_counter()
     served(*args, **kwargs)
     stages["first_call"] = time.perf_counter() - mark
