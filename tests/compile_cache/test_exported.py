@@ -125,7 +125,7 @@ def test_calls_outside_the_exported_signature_go_to_torch_compile(
         torch.testing.assert_close(served(wide + 1), model(wide + 1))
         assert len([m for m in _warnings(caplog) if "outside the exported signature" in m]) == 1  # once
     with torch.enable_grad():  # the runner records no graph: grad mode goes to torch.compile too
-        grad_out = served(x)
+        grad_out = served(torch.randn(3, 8))  # an ordinary tensor, as a request in grad mode would be
     assert grad_out.requires_grad
 
 
@@ -136,8 +136,8 @@ def test_an_unusable_package_is_rebuilt_and_replaced(
     """A well-formed entry whose package the runner refuses: one warning, a rebuild, the entry replaced."""
     store = (tmp_path / "store").as_uri()
     model = Tiny().eval()
-    x = torch.randn(3, 8)
     with torch.inference_mode():
+        x = torch.randn(3, 8)
         first = compile_cache.compile(model, cache=store, example_inputs=(x,), export=True)
     report = compile_cache.report_of(first)
     assert report is not None and report.stored
