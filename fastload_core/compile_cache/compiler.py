@@ -34,24 +34,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import torch
 
 from .. import plugins
 from .._compat import COMPILE_CACHE_MINIMUM, require_torch
-from .cache import CompileCache
+from .cache import CompileCache, inductor_cache_dir
 from .errors import CompileCacheError
 from .keys import derive_key
 
 log = logging.getLogger("fastload.compile_cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# The cache-directory variables are process-wide, so first calls that swap them take turns. Dynamo
-# serialises compiles anyway; this only keeps two threads from pointing inductor at each other's keys.
-_env_lock = threading.RLock()
 
 _COUNTERS = {
     "fxgraph_cache_hit": ("inductor", "fxgraph_cache_hit"),
@@ -300,7 +295,7 @@ class _Primer:
         report = CompileReport(key=key.digest, cache_url=self.cache.url, fields=key.fields,
                                workdir=str(workdir), notes=[self.note] if self.note else [])
         stages["key"] = time.perf_counter() - mark
-        with _inductor_cache_dir(workdir):
+        with inductor_cache_dir(workdir):
             lookup = self.cache.restore(key, workdir)
             report.lookup = lookup.status
             report.entry_bytes = lookup.entry_bytes
@@ -379,24 +374,6 @@ class _Primer:
         self.report = report
         plugins.notify("after_compile", report=report)
         return report
-
-
-@contextmanager
-def _inductor_cache_dir(path: Path) -> Iterator[None]:
-    """Point inductor (and Triton) at ``path`` for the duration, then put the previous values back."""
-    names = {"TORCHINDUCTOR_CACHE_DIR": str(path), "TRITON_CACHE_DIR": str(path / "triton")}
-    with _env_lock:
-        previous = {name: os.environ.get(name) for name in names}
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ.update(names)
-        try:
-            yield
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 @contextmanager

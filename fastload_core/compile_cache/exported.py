@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 
+from .cache import inductor_cache_dir
 from .keys import derive_key
 
 if TYPE_CHECKING:
@@ -209,8 +210,6 @@ def build_package(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping
     stages["export"] = time.perf_counter() - mark
     from torch._inductor import aoti_compile_and_package
 
-    from .compiler import _inductor_cache_dir
-
     try:
         dest.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=".restore-aoti-", dir=dest.parent))  # gc'd like a restore's
@@ -218,7 +217,7 @@ def build_package(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping
         raise ExportUnsupported(f"could not make a build directory next to {dest}: {exc!r}") from None
     mark = time.perf_counter()
     try:
-        with _inductor_cache_dir(build), _torch_internal_deprecations():
+        with inductor_cache_dir(build), _torch_internal_deprecations():
             built = aoti_compile_and_package(exported, package_path=str(build / PACKAGE),
                                              inductor_configs=dict(options))
         os.replace(built, dest / PACKAGE)
