@@ -70,7 +70,9 @@ class CompileReport:
     compiled), ``partial`` (an entry was restored but inductor still compiled some graphs: the entry
     does not cover this process's configuration) or ``none`` (nothing was compiled at all, e.g. a
     function dynamo skips). ``source`` is where artifacts came from: the cache URL, ``local`` (this
-    node's directory from an earlier replica) or None.
+    node's directory from an earlier replica) or None. ``served_by`` is the path that serves the
+    model: ``torch.compile``, or ``aoti-package`` (``export=True``: an AOTInductor package run by
+    torch's C++ runner, no dynamo); when ``export=True`` could not be used, ``notes`` say why.
     """
 
     key: str
