@@ -4,7 +4,7 @@ Every measurement is a fresh Python process with empty fastload, inductor and te
 "warm" start has nothing local to lean on: whatever it skips, it skipped because of the cache.
 
     python benchmarks/bench_compile.py [--rounds 3] [--models block,mlp] [--backends file,redis,s3]
-                                       [--device cpu|cuda] [--json out.json]
+                                       [--paths compile,export] [--device cpu|cuda] [--json out.json]
 
 Each process goes through the stages of a replica start and times them: ``import torch``,
 ``import fastload_core``, building the model and loading its weights (``load_model`` from a
@@ -13,6 +13,11 @@ example_inputs=...)`` to the first output, which the compile report splits into 
 (dynamo's imports), key, fetch, unpack, mega-cache load and the first call. The baseline is plain
 ``torch.compile`` + first call of the same model, in fresh processes of the same run. Targets: warm
 ready <= 0.15 x plain, for each model and backend.
+
+``--paths``: ``compile`` is ``fastload_core.compile`` as it is by default (the inductor cache directory
+and mega-cache, restored before torch.compile's first call); ``export`` passes ``export=True`` (an
+AOTInductor package, loaded by torch's C++ runner without importing dynamo). Each row names the path
+that served its warm replica (``served_by``, from the report).
 
 Models: ``block`` is the project's transformer block (``fastload_core.bench.checkpoints.Block``: 64
 features, 4 heads, 256-wide MLP; input 2x16x64), ``mlp`` a small MLP (64 -> 256 -> GELU -> 64; input
@@ -72,7 +77,7 @@ def example_shape(model: str) -> tuple[int, ...]:
     return (2, 16, 64) if model == "block" else (8, 64)
 
 
-def child(cache_url: str | None, model_name: str, weights: str, device: str) -> None:
+def child(cache_url: str | None, model_name: str, weights: str, device: str, export: bool = False) -> None:
     """One replica start: imports, model and weights, then compile + first call; timings as JSON."""
     t0 = time.perf_counter()
     import torch
@@ -96,7 +101,7 @@ def child(cache_url: str | None, model_name: str, weights: str, device: str) -> 
                 torch.cuda.synchronize()
             result["ready_s"] = time.perf_counter() - started
         else:
-            compiled = fastload_core.compile(model, cache=cache_url, example_inputs=(x,))
+            compiled = fastload_core.compile(model, cache=cache_url, example_inputs=(x,), export=export)
             output = compiled(x)  # the first output a request gets
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -106,7 +111,9 @@ def child(cache_url: str | None, model_name: str, weights: str, device: str) -> 
             stages.update({f"compile.{name}": seconds for name, seconds in report.stages.items()})
             result.update(status=report.status, lookup=report.lookup, store=report.store,
                           entry_bytes=report.entry_bytes, restored_files=report.restored_files,
-                          counters=report.torch_counters, served_by=_served_by(report))
+                          counters=report.torch_counters, served_by=_served_by(report),
+                          notes=report.notes)
+        result["compiler_imported"] = sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules)
     result["stages"] = stages
     result["output"] = output.float().cpu().flatten().tolist()
     result["since_start_s"] = time.perf_counter() - t0
@@ -115,20 +122,22 @@ def child(cache_url: str | None, model_name: str, weights: str, device: str) -> 
 
 def _served_by(report: Any) -> str:
     """Which path produced the warm replica's kernels (the report names it; see docs/compile_cache.md)."""
-    if report.status == "hit":
-        return f"{report.source}: inductor FX-graph/AOTAutograd cache entries + built kernels (torch.compile path)"
-    return report.status
+    if report.status != "hit":
+        return f"{report.status} ({report.served_by})"
+    if report.served_by == "aoti-package":
+        return "AOTInductor package from the cache, C++ runner (no dynamo)"
+    return "inductor FX-graph/AOTAutograd entries + built kernels from the cache (torch.compile)"
 
 
-def run_replica(cache_url: str | None, env: dict[str, str], model: str, weights: Path, device: str
-                ) -> dict[str, Any]:
+def run_replica(cache_url: str | None, env: dict[str, str], model: str, weights: Path, device: str,
+                export: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as home:
         child_env = {k: v for k, v in env.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
         child_env.update(FASTLOAD_CACHE_DIR=f"{home}/fastload", TMPDIR=f"{home}/tmp", PYTHONPATH=str(ROOT))
         os.makedirs(f"{home}/tmp")
         started = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--child", cache_url or "-", "--models", model,
-                               "--weights", str(weights), "--device", device],
+                               "--weights", str(weights), "--device", device, *(["--export"] if export else [])],
                               env=child_env, capture_output=True, text=True, timeout=900)
         wall = time.perf_counter() - started
         if done.returncode != 0:
@@ -202,18 +211,20 @@ def max_difference(a: list[float], b: list[float]) -> float:
 
 
 def bench_backend(name: str, url_template: str, env: dict[str, str], rounds: int, model: str, weights: Path,
-                  device: str) -> dict[str, Any]:
+                  device: str, export: bool = False) -> dict[str, Any]:
     """Each round gets its own empty namespace (``{i}`` in the template), so its cold start is cold."""
     cold, warm, verdicts = [], [], []
     for index in range(rounds):
         round_url = url_template.format(i=f"{model}{index}")
-        cold.append(run_replica(round_url, env, model, weights, device))
-        warm.append(run_replica(round_url, env, model, weights, device))
+        cold.append(run_replica(round_url, env, model, weights, device, export))
+        warm.append(run_replica(round_url, env, model, weights, device, export))
         verdicts.append(verdict(cold[-1], warm[-1]))
         c, w = cold[-1], warm[-1]
         print(f"  {model}/{name} round {index + 1}: cold {c['ready_s']:.2f}s ({c['status']}), "
               f"warm {w['ready_s']:.2f}s ({w['status']}): {verdicts[-1]}", file=sys.stderr)
-    return {"backend": name, "model": model, "url": url_template, "cold": cold, "warm": warm, "verdicts": verdicts}
+    served = sorted({w.get("served_by", "") for w in warm})
+    return {"backend": name, "model": model, "url": url_template, "cold": cold, "warm": warm, "verdicts": verdicts,
+            "served_by": served}
 
 
 def main() -> int:
@@ -222,13 +233,16 @@ def main() -> int:
     parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)} (default: all on cpu, "
                                          "block on cuda, which keeps benchmarks/gpu_check.sh short)")
     parser.add_argument("--backends", default="file,redis,s3")
+    parser.add_argument("--paths", default="compile,export",
+                        help="compile (torch.compile entry), export (export=True: AOTInductor package), or both")
+    parser.add_argument("--export", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for benchmarks/gpu_check.sh")
     parser.add_argument("--json", type=Path, help="also write raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(None if args.child == "-" else args.child, args.models, args.weights, args.device)
+        child(None if args.child == "-" else args.child, args.models, args.weights, args.device, args.export)
         return 0
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -236,6 +250,9 @@ def main() -> int:
     for model in models:
         if model not in MODELS:
             parser.error(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    paths = args.paths.split(",")
+    if not paths or any(path not in ("compile", "export") for path in paths):
+        parser.error("--paths takes compile, export or compile,export")
 
     env = dict(os.environ)
     results: list[dict[str, Any]] = []
@@ -247,24 +264,26 @@ def main() -> int:
             print(f"{model}: baseline, plain torch.compile", file=sys.stderr)
             plain[model] = [run_replica(None, env, model, weights, args.device) for _ in range(args.rounds)]
             for name in args.backends.split(","):
-                print(f"{model}: backend {name}", file=sys.stderr)
-                run = functools.partial(bench_backend, name, rounds=args.rounds, model=model, weights=weights,
-                                        device=args.device)
-                try:
-                    if name == "file":
-                        with tempfile.TemporaryDirectory(prefix="fl-bench-store-") as store:
-                            results.append(run(Path(store).as_uri() + "/round{i}", env))
-                    elif name == "redis":
-                        with running(RedisServer()) as redis:
-                            results.append(run(redis.url + "?prefix=round{i}:", env))
-                    elif name == "s3":
-                        s3_env: dict[str, str] = {}
-                        with s3_service(s3_env) as url:
-                            results.append(run(url + "/round{i}", {**env, **s3_env}))
-                    else:
-                        skipped.append(f"{name}: unknown backend")
-                except (RuntimeError, ImportError, OSError) as exc:
-                    skipped.append(f"{model}/{name}: {exc}")
+                for path in paths:
+                    label = name if path == "compile" else f"{name}, export"
+                    print(f"{model}: backend {label}", file=sys.stderr)
+                    run = functools.partial(bench_backend, label, rounds=args.rounds, model=model, weights=weights,
+                                            device=args.device, export=path == "export")
+                    try:
+                        if name == "file":
+                            with tempfile.TemporaryDirectory(prefix="fl-bench-store-") as store:
+                                results.append(run(Path(store).as_uri() + "/round{i}", env))
+                        elif name == "redis":
+                            with running(RedisServer()) as redis:
+                                results.append(run(redis.url + "?prefix=round{i}:", env))
+                        elif name == "s3":
+                            s3_env: dict[str, str] = {}
+                            with s3_service(s3_env) as url:
+                                results.append(run(url + "/round{i}", {**env, **s3_env}))
+                        else:
+                            skipped.append(f"{name}: unknown backend")
+                    except (RuntimeError, ImportError, OSError) as exc:
+                        skipped.append(f"{model}/{label}: {exc}")
     print(table(plain, results))
     print()
     print(stage_table(plain, results))
@@ -283,8 +302,9 @@ def table(plain: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]])
     """Medians. "ready" is the compile() call to the first output; the targets are warm / plain."""
     lines = [
         "| model | backend | plain torch.compile ready (s) | fastload cold ready (s) | warm ready (s) | "
-        "**warm / plain** | warm / cold | warm process wall (s) | plain process wall (s) | entry | outcome |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "**warm / plain** | warm / cold | warm process wall (s) | plain process wall (s) | entry | outcome | "
+        "warm served by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         model, cold, warm = result["model"], result["cold"], result["warm"]
@@ -295,14 +315,15 @@ def table(plain: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]])
             f"**{warm_ready / plain_ready:.3f}**", f"{warm_ready / cold_ready:.3f}",
             f"{_med(r['process_s'] for r in warm):.2f}", f"{_med(r['process_s'] for r in plain[model]):.2f}",
             f"{_med(r['entry_bytes'] for r in cold) / 1024:.0f} KiB",
-            "; ".join(sorted(set(result["verdicts"]))),
+            "; ".join(sorted(set(result["verdicts"]))), "; ".join(result["served_by"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 _STAGES = ("import_torch", "import_fastload", "model_and_weights", "compile.torch_compile", "compile.key",
-           "compile.fetch", "compile.unpack", "compile.load_mega", "compile.first_call")
+           "compile.fetch", "compile.unpack", "compile.load_mega", "compile.export", "compile.aoti_compile",
+           "compile.load_package", "compile.first_call")
 
 
 def stage_table(plain: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:

@@ -13,6 +13,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,9 @@ URL_VARIABLE = "FASTLOAD_COMPILE_CACHE"
 _MARKER = ".fastload-entry"
 
 _warned_lock = threading.Lock()
+# The cache-directory variables are process-wide, so first calls that swap them take turns. Dynamo
+# serialises compiles anyway; this only keeps two threads from pointing inductor at each other's keys.
+_env_lock = threading.RLock()
 _warned_unavailable: set[str] = set()
 
 
@@ -160,6 +165,24 @@ class CompileCache:
         else:
             log.debug("%s", message)
         return message
+
+
+@contextmanager
+def inductor_cache_dir(path: Path) -> Iterator[None]:
+    """Point inductor (and Triton) at ``path`` for the duration, then put the previous values back."""
+    names = {"TORCHINDUCTOR_CACHE_DIR": str(path), "TRITON_CACHE_DIR": str(path / "triton")}
+    with _env_lock:
+        previous = {name: os.environ.get(name) for name in names}
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ.update(names)
+        try:
+            yield
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _mark(dest: Path, key: CompileKey) -> None:

@@ -34,24 +34,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import torch
 
 from .. import plugins
 from .._compat import COMPILE_CACHE_MINIMUM, require_torch
-from .cache import CompileCache
+from .cache import CompileCache, inductor_cache_dir
 from .errors import CompileCacheError
 from .keys import derive_key
 
 log = logging.getLogger("fastload.compile_cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# The cache-directory variables are process-wide, so first calls that swap them take turns. Dynamo
-# serialises compiles anyway; this only keeps two threads from pointing inductor at each other's keys.
-_env_lock = threading.RLock()
 
 _COUNTERS = {
     "fxgraph_cache_hit": ("inductor", "fxgraph_cache_hit"),
@@ -75,7 +70,9 @@ class CompileReport:
     compiled), ``partial`` (an entry was restored but inductor still compiled some graphs: the entry
     does not cover this process's configuration) or ``none`` (nothing was compiled at all, e.g. a
     function dynamo skips). ``source`` is where artifacts came from: the cache URL, ``local`` (this
-    node's directory from an earlier replica) or None.
+    node's directory from an earlier replica) or None. ``served_by`` is the path that serves the
+    model: ``torch.compile``, or ``aoti-package`` (``export=True``: an AOTInductor package run by
+    torch's C++ runner, no dynamo); when ``export=True`` could not be used, ``notes`` say why.
     """
 
     key: str
@@ -94,6 +91,7 @@ class CompileReport:
     notes: list[str] = field(default_factory=list)
     fields: Mapping[str, str] = field(default_factory=dict, repr=False)
     workdir: str = ""
+    served_by: str = "torch.compile"
 
     @property
     def hit(self) -> bool:
@@ -108,7 +106,7 @@ class CompileReport:
             what = f"lookup {self.lookup}"
         stored = f"; stored {self.entry_bytes / 1e6:.2f} MB" if self.stored else (
             f"; store {self.store}" if self.store else "")
-        return f"compile cache {self.status} [{self.key}] {what}{stored}; {stages}"
+        return f"compile cache {self.status} [{self.key}] {what}{stored}; served by {self.served_by}; {stages}"
 
 
 def compile(
@@ -118,6 +116,7 @@ def compile(
     example_inputs: Any = None,
     more_example_inputs: Sequence[Any] = (),
     extra: str = "",
+    export: bool = False,
     **torch_compile_kwargs: Any,
 ) -> F:
     """``torch.compile`` whose first compile is restored from, or stored to, a shared compile cache.
@@ -136,6 +135,13 @@ def compile(
     the other way to serve many shapes. ``extra`` is folded into the key, for anything else the
     artifacts depend on.
 
+    ``export=True`` (an nn.Module with ``example_inputs``, called under ``torch.inference_mode()`` or
+    ``torch.no_grad()``) serves the example's signature from an AOTInductor package instead: built with
+    ``torch.export`` on a miss, stored in the same cache, and loaded on a hit by torch's C++ runner
+    without importing dynamo or inductor, which is most of a warm start through torch.compile. Other
+    calls, and models the package path cannot take, go through torch.compile as without it; the
+    report's ``served_by`` says which path served and its notes say why (see docs/compile_cache.md).
+
     The report is at ``report_of(compiled)`` once the first compile has happened. The cache never makes
     this fail: any cache problem degrades to a normal compile and a logged warning.
     """
@@ -145,11 +151,17 @@ def compile(
     if isinstance(more_example_inputs, (str, bytes)) or not isinstance(more_example_inputs, Sequence):
         raise CompileCacheError("more_example_inputs is a sequence of example inputs (one per call), e.g. "
                                 f"[(batch_of_8,), (batch_of_32,)], not {type(more_example_inputs).__name__}")
+    export_note = ""
+    if export:
+        served, export_note = _compile_exported(model_or_fn, cc, compile_kwargs, example_inputs,
+                                                more_example_inputs, extra, torch_compile_kwargs)
+        if served is not None:
+            return cast(F, served)
     mark = time.perf_counter()
     compiled: Any = torch.compile(model_or_fn, **compile_kwargs)  # imports dynamo the first time
     compile_call_s = time.perf_counter() - mark
     more = [_split_inputs(inputs) for inputs in more_example_inputs]
-    primer = _Primer(model_or_fn, cc, compile_kwargs, extra, more, compile_call_s)
+    primer = _Primer(model_or_fn, cc, compile_kwargs, extra, more, compile_call_s, export_note)
     if example_inputs is not None:
         args, kwargs = _split_inputs(example_inputs)
         report = primer.prime(compiled, args, kwargs)
@@ -187,6 +199,38 @@ def compile(
     return cast(F, priming_call)
 
 
+def _compile_exported(model: Any, cache: CompileCache, compile_kwargs: dict[str, Any], example_inputs: Any,
+                      more_example_inputs: Sequence[Any], extra: str, torch_compile_kwargs: dict[str, Any],
+                      ) -> tuple[Any, str]:
+    """The package path (``exported.py``): the served model and its report, or None and why not."""
+    from . import exported
+
+    options = dict(compile_kwargs.get("options") or {})
+    reason = ("export=True needs an nn.Module" if not isinstance(model, torch.nn.Module) else
+              exported.unsupported_reason(compile_kwargs, example_inputs is not None, bool(more_example_inputs)))
+    if reason is None:
+        args, kwargs = _in_current_mode(*_split_inputs(example_inputs))
+        # Freezing spelled out: the key would otherwise ask inductor's config, importing dynamo.
+        export_kwargs = {**compile_kwargs, "options": {**options, "freezing": False}}
+
+        def fallback() -> Any:
+            return _compile(model, cache=cache, extra=extra, **torch_compile_kwargs)
+
+        try:
+            served, report = exported.compile_packaged(model, cache, export_kwargs, args, kwargs, extra,
+                                                       fallback, CompileReport)
+        except exported.ExportUnsupported as exc:
+            reason = str(exc)
+        else:
+            _attach(served, report)
+            log.info("%s", report.summary())
+            plugins.notify("after_compile", report=report)
+            return served, ""
+    note = f"export=True not used: {reason}; served by torch.compile"
+    log.warning("compile cache: %s", note)
+    return None, note
+
+
 def compile_loaded_model(
     model: torch.nn.Module,
     *,
@@ -222,13 +266,14 @@ class _Primer:
 
     def __init__(self, model: Callable[..., Any], cache: CompileCache, compile_kwargs: dict[str, Any],
                  extra: str, more: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = (),
-                 compile_call_s: float = 0.0) -> None:
+                 compile_call_s: float = 0.0, note: str = "") -> None:
         self.model = model
         self.cache = cache
         self.compile_kwargs = compile_kwargs
         self.extra = extra
         self.more = list(more)
         self.compile_call_s = compile_call_s
+        self.note = note
         self.lock = threading.RLock()
         self.report: CompileReport | None = None
         self._output: Any = None
@@ -250,9 +295,9 @@ class _Primer:
             return self._uncached(call, args, kwargs, keep_output, f"could not derive a cache key: {exc!r}")
         workdir = self.cache.workdir(key)
         report = CompileReport(key=key.digest, cache_url=self.cache.url, fields=key.fields,
-                               workdir=str(workdir))
+                               workdir=str(workdir), notes=[self.note] if self.note else [])
         stages["key"] = time.perf_counter() - mark
-        with _inductor_cache_dir(workdir):
+        with inductor_cache_dir(workdir):
             lookup = self.cache.restore(key, workdir)
             report.lookup = lookup.status
             report.entry_bytes = lookup.entry_bytes
@@ -331,24 +376,6 @@ class _Primer:
         self.report = report
         plugins.notify("after_compile", report=report)
         return report
-
-
-@contextmanager
-def _inductor_cache_dir(path: Path) -> Iterator[None]:
-    """Point inductor (and Triton) at ``path`` for the duration, then put the previous values back."""
-    names = {"TORCHINDUCTOR_CACHE_DIR": str(path), "TRITON_CACHE_DIR": str(path / "triton")}
-    with _env_lock:
-        previous = {name: os.environ.get(name) for name in names}
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ.update(names)
-        try:
-            yield
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 @contextmanager

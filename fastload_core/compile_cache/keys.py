@@ -65,9 +65,12 @@ def derive_key(
     compile_kwargs: Mapping[str, Any],
     extra: str = "",
     more_inputs: Sequence[tuple[tuple[Any, ...], Mapping[str, Any]]] = (),
+    serve: str = "",
 ) -> CompileKey:
     """The key for compiling ``model`` with ``compile_kwargs`` and first calling it with these inputs
-    (then with each of ``more_inputs``: the graphs those calls compile are part of the same entry)."""
+    (then with each of ``more_inputs``: the graphs those calls compile are part of the same entry).
+    ``serve`` names a path other than torch.compile's (``aoti-package``), whose entries hold other
+    artifacts; left empty, the key is what it was before that path existed."""
     device = _device_of(model, args, kwargs)
     fields: dict[str, str] = {
         "format": str(FORMAT_VERSION),
@@ -81,6 +84,8 @@ def derive_key(
         "grad_mode": f"grad={torch.is_grad_enabled()},inference={torch.is_inference_mode_enabled()}",
         "extra": extra,
     }
+    if serve:
+        fields["serve"] = serve
     if _freezing(compile_kwargs) and isinstance(model, torch.nn.Module):
         # Freezing folds weights into the generated code as constants, so the values matter too.
         fields["weights"] = weights_digest(model)

@@ -1,14 +1,16 @@
 """A fresh replica: compile a small transformer block through the compile cache and report as JSON.
 
 Run by the tests as ``python -m tests.compile_cache.child CACHE_URL OUT.json [--lazy] [--device cuda]
-[--deterministic] [--more-shape]``. The block is the project's one transformer block
+[--deterministic] [--more-shape] [--export]``. The block is the project's one transformer block
 (``fastload_core.bench.checkpoints.Block``), at 32 features, 2 heads and a 64-wide MLP so that a cold
 CPU compile stays in seconds.
 
 ``--deterministic`` compiles with inductor's deterministic mode (no timing-based choice among
-reduction configurations); ``--more-shape`` also primes a second batch size through
-``more_example_inputs`` and then serves it. ``eager`` in the output is the uncompiled model's result on
-the same inputs, so a test can tell "restored kernels compute the same function" from "bit-identical".
+reduction configurations); ``--export`` serves from an AOTInductor package (``compiler_imported``
+lists which of dynamo and inductor the process had imported after two calls); ``--more-shape`` also
+primes a second batch size through ``more_example_inputs`` and then serves it. ``eager`` in the
+output is the uncompiled model's result on the same inputs, so a test can tell "restored kernels
+compute the same function" from "bit-identical".
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> None:
     compile_kwargs: dict[str, object] = {}
     if "--deterministic" in options:
         compile_kwargs["options"] = {"deterministic": True}
+    if "--export" in options:
+        compile_kwargs["export"] = True
     warnings = _Collect()
     logging.getLogger("fastload").addHandler(warnings)
     torch.manual_seed(0)
@@ -57,6 +61,7 @@ def main() -> None:
                                              more_example_inputs=more, **compile_kwargs)
             first = compiled(x)
         second = compiled(x + 1)
+        compiler_imported = sorted({name for name in sys.modules if name in ("torch._dynamo", "torch._inductor")})
         from torch._dynamo.utils import counters
 
         frames_before = int(counters["frames"]["ok"])
@@ -83,6 +88,8 @@ def main() -> None:
         "eager": [t.flatten().tolist() for t in eager],
         "recompiled_for_more": recompiled_for_more,
         "workdir": report.workdir,
+        "served_by": report.served_by,
+        "compiler_imported": compiler_imported,
     }
     with open(out, "w") as file:
         json.dump(result, file)
