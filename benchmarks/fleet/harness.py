@@ -31,6 +31,7 @@ Usage: python benchmarks/fleet/harness.py [--nodes 3] [--replicas 2] [--size 1Gi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -226,13 +227,14 @@ def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
     groups: list[int] = []
     for node in range(fleet.nodes):
         env = fleet.node_env(node, ports[node])
-        group = 0
+        group = 0  # the node's process group: its first replica's pid
         for index in range(fleet.replicas):
             process = subprocess.Popen(
                 [sys.executable, str(HERE / "replica.py"), method, "--width", str(fleet.width), "--layers",
                  str(fleet.layers), "--uri", f"s3://models/{SAFETENSORS_PREFIX}", "--key", PICKLE_KEY,
                  "--scratch", str(fleet.work / f"node{node}" / "scratch")],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=group)
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=functools.partial(os.setpgid, 0, group))  # Popen(process_group=) needs 3.11
             group = group or process.pid
             processes.append(process)
             replicas.append(Replica(node, index))

@@ -243,6 +243,7 @@ class Outcome:
     shared_read: float
     shared_written: float
     peer_bytes: float
+    received: float  # bytes that arrived at nodes, from any source
     redis_ops: float
     saturated: dict[str, float]
 
@@ -285,7 +286,7 @@ def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params
     published = Event()  # the shared mount holds the model
     holders: list[int] = []  # peers holding the model, in the order they got it
     uploads = [0] * nodes
-    counters = {"redis": 0.0, "shared_written": 0.0, "peer": 0.0}
+    counters = {"redis": 0.0, "shared_written": 0.0}
     lease = {"held": False}
 
     def cpu(n: int, seconds: float) -> Step:
@@ -330,7 +331,6 @@ def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params
                     yield flow(size, [(net_out[source], 1.0), (net_in[n], 1.0),
                                       (cpus[n], p.copy_cpu_per_gib / GiB)])
                     uploads[source] -= 1
-                    counters["peer"] += size
                     counters["redis"] += 1  # the lookup that found the peer
                     break
                 counters["redis"] += 1
@@ -363,8 +363,10 @@ def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params
         for _ in range(replicas):
             sim.start(replica(n))
     sim.run()
+    peer_bytes = sum(link.carried for link in net_out)
+    received = sum(link.carried for link in net_in)
     return Outcome(strategy, nodes, replicas, size, sorted(ready), origin.carried, shared.carried,
-                   counters["shared_written"], counters["peer"], counters["redis"], sim.saturated)
+                   counters["shared_written"], peer_bytes, received, counters["redis"], sim.saturated)
 
 
 # --- calibration against the harness --------------------------------------------------------------------
