@@ -215,7 +215,7 @@ def flow(amount: float, links: Sequence[tuple[Link, float]], cap: float | None =
 class Params:
     """Links in bytes/s (None: unlimited), CPU in cores and CPU-seconds, times in seconds."""
 
-    origin_bw: float | None = 10e9
+    origin_bw: float | None = 2.5e9  # the cluster's way to the object store (20 Gbit/s), not S3's own limit
     per_connection_bw: float | None = 90 * MB  # one S3 GET stream
     connections: int = 16  # parallel ranged GETs per download (boto3 and fastload alike)
     node_net_bw: float | None = 3.1e9  # 25 Gbit/s each way
@@ -457,14 +457,14 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
         figure, axes = plt.subplots(figsize=(7, 4))
         for run in measured:
             times = sorted(r["ready"] for r in run["timeline"])
-            label = f"{run['method']} (measured)"
-            axes.step([0, *times], range(len(times) + 1), where="post", label=label)
-            predicted = predict(run, params)
-            axes.step([0, *predicted.ready], range(len(predicted.ready) + 1), where="post", linestyle="--",
-                      label=f"{MEASURED_STRATEGY[run['method']]} (model)")
+            line = axes.step([0, *times], range(len(times) + 1), where="post", label=f"{run['method']} (measured)")
+            if run["method"] in MEASURED_STRATEGY:
+                predicted = predict(run, params)
+                axes.step([0, *predicted.ready], range(len(predicted.ready) + 1), where="post", linestyle="--",
+                          color=line[0].get_color(), label=f"{run['method']} (model)")
         axes.set_xlabel("seconds since launch")
         axes.set_ylabel("replicas ready")
-        axes.set_title(f"{shape(measured[0])}: replicas ready over time")
+        axes.set_title(f"measured here, {shape(measured[0])}: replicas ready over time")
         axes.legend()
         figure.tight_layout()
         path = out / "fleet-ready-measured.png"
@@ -511,13 +511,21 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
     return written
 
 
-def table(outcomes: list[Outcome]) -> str:
+def capacity(kind: str, params: Params) -> str:
+    rate = {"origin": params.origin_bw, "shared mount": params.shared_bw, "node network": params.node_net_bw,
+            "peer uplink": params.node_net_bw}.get(kind)
+    if kind == "cpu":
+        return f"{params.cores_per_node:g} cores"
+    return "unlimited" if rate is None else f"{rate / 1e9:g} GB/s"
+
+
+def table(outcomes: list[Outcome], params: Params) -> str:
     lines = ["| nodes | model | strategy | all ready s | first ready s | origin bytes (x) | shared read (x) | "
-             "peer bytes (x) | Redis ops | first bottleneck (s full) |",
+             "peer bytes (x) | Redis ops | bottleneck (capacity, seconds full) |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for o in outcomes:
         neck = o.bottleneck()
-        full = f"{neck} ({o.saturated.get(neck, 0):.0f} s)" if neck != "none" else "none"
+        full = f"{neck} ({capacity(neck, params)}, {o.saturated[neck]:.0f} s)" if neck != "none" else "none"
         lines.append(f"| {o.nodes} | {o.size / GiB:.0f} GiB | {o.strategy} | {o.all_ready:.1f} | {o.first_ready:.1f} | "
                      f"{o.origin_bytes / o.size:.1f} | {o.shared_read / o.size:.1f} | {o.peer_bytes / o.size:.1f} | "
                      f"{o.redis_ops:.0f} | {full} |")
@@ -531,8 +539,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated shapes (NxM@SIZEGiB) to fit on; the rest are held out")
     parser.add_argument("--replicas", type=int, default=5, help="replicas per node in the projection")
     parser.add_argument("--sizes", default="1,16", help="model sizes (GiB) for the projection")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a projection parameter (see Params), e.g. --set shared_bw=10e9 --set peer_slots=4")
     parser.add_argument("--out", default="bench-out/fleet-sim", help="folder for the PNGs and the report")
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in Params.__dataclass_fields__ or not value:
+            names = ", ".join(Params.__dataclass_fields__)
+            parser.error(f"--set {item!r}: expected NAME=VALUE with NAME one of {names}")
+        overrides[name] = None if value.lower() == "none" else type(getattr(Params(), name) or 0.0)(float(value))
+    everything = [r for path in args.results for r in json.loads(Path(path).read_text())["results"]]
     runs = load_runs(args.results)
     limited = [r for r in runs if r["limits"]["origin"] is not None]
     chosen = set(args.calibrate.split(","))
@@ -549,17 +567,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:<11} {row['shape']:<16} {row['method']:<8} measured {row['measured_all_ready']:6.1f} s "
               f"model {row['predicted_all_ready']:6.1f} s ({row['error']:+.0%}); origin {row['measured_origin']:.2f}x "
               f"vs {row['predicted_origin']:.2f}x; Redis {row['measured_redis']} vs {row['predicted_redis']:.0f}")
-    production = replace(Params(), **fitted)
+    production = replace(Params(), **{**fitted, **overrides})
     sizes = [int(float(s) * GiB) for s in args.sizes.split(",")]
     outcomes = project(production, sizes, [10, 100, 1000], args.replicas)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = plots(out, outcomes, [r for r in fit_on if shape(r) == sorted(chosen)[0]][:2], params)
+    first = fit_on[0]
+    shown = [r for r in everything if shape(r) == shape(first) and r["limits"] == first["limits"]]
+    figures = plots(out, outcomes, shown, params)
     (out / "simulation.json").write_text(json.dumps({
         "fitted": fitted, "checks": rows, "production": production.__dict__,
         "projection": [{**o.__dict__, "all_ready": o.all_ready, "bottleneck": o.bottleneck()} for o in outcomes],
     }, indent=1, default=str))
-    print(table(outcomes))
+    report = table(outcomes, production)
+    (out / "projection.md").write_text(report + "\n")
+    print(report)
     print("figures:", ", ".join(str(f) for f in figures))
     return 0
 
