@@ -157,7 +157,6 @@ def write_model(fleet: Fleet) -> None:
     with torch.inference_mode():
         fleet.expected = model(torch.tensor(example_input(fleet.width))).tolist()
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    fleet.size = sum(t.numel() * t.element_size() for t in state.values())
     client = boto3.client("s3", endpoint_url=fleet.seaweed.endpoint_url, aws_access_key_id="fleet",
                           aws_secret_access_key="fleet", region_name="us-east-1")
     tuned = TransferConfig(max_concurrency=8, multipart_chunksize=16 * MiB, multipart_threshold=16 * MiB)
@@ -166,6 +165,7 @@ def write_model(fleet: Fleet) -> None:
     save_file(state, str(staging / "model.safetensors"), metadata={"width": str(fleet.width),
                                                                     "layers": str(fleet.layers)})
     torch.save(state, staging / "model.pt")
+    fleet.size = (staging / "model.safetensors").stat().st_size  # what fastload fetches, header included
     del model, state
     client.upload_file(str(staging / "model.safetensors"), "models", f"{SAFETENSORS_PREFIX}model.safetensors",
                        Config=tuned)
@@ -220,7 +220,7 @@ def check(answer: list[float], expected: list[float], where: str) -> None:
 
 
 def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
-                   timeout: float) -> tuple[list[Replica], list[str]]:
+                   timeout: float) -> list[Replica]:
     """Launch every plain replica (one process group per node), wait until all print READY."""
     replicas: list[Replica] = []
     processes: list[subprocess.Popen[str]] = []
@@ -272,7 +272,7 @@ def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-    return replicas, errors
+    return replicas
 
 
 def start_bentoml(fleet: Fleet, ports: list[int], launched: float, timeout: float) -> list[Replica]:
@@ -340,7 +340,7 @@ def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
         if method == "bentoml":
             replicas = start_bentoml(fleet, proxy.ports, launched, timeout)
         else:
-            replicas, _ = start_replicas(fleet, method, proxy.ports, launched, timeout)
+            replicas = start_replicas(fleet, method, proxy.ports, launched, timeout)
     finally:
         proxy.stop()
     stats = redis_call(fleet.redis, "INFO", "commandstats")

@@ -137,7 +137,7 @@ def test_quick_fleet(tmp_path: Path) -> None:
     fastload = results["fastload"]
     assert fastload["shared_written"] == size  # one node wrote the shared mount, under the lease
     assert fastload["shared_read"] == 2 * size  # every node copied it from there, once
-    assert fastload["redis_commands"].get("set", 0) >= 2  # both nodes asked for the lease
+    assert fastload["redis_commands"].get("set", 0) >= 1  # the lease (a later node may find the mount filled)
     assert results["stock"]["shared_read"] == 0 and results["stock"]["redis_ops"] == 0
     assert (out.with_suffix(".md")).read_text().count("| stock |") == 1
 
