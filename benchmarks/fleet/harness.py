@@ -93,6 +93,10 @@ class Fleet:
     expected: list[float] = field(default_factory=list)
     seaweed: Any = None
     redis: Any = None
+    replica_cpu: float = 0.0  # CPU-seconds the last run's replicas used (plain replicas only)
+
+    def service_pids(self) -> list[int]:
+        return [server._process.pid for server in (self.seaweed, self.redis) if server._process is not None]
 
     def node_dirs(self, node: int) -> tuple[Path, Path]:
         return self.shm_root / f"node{node}", self.work / f"node{node}" / "cache"
@@ -264,6 +268,7 @@ def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
         for replica in replicas:
             check(post(f"http://127.0.0.1:{replica.port}/"), fleet.expected, f"{method} node {replica.node}")
     finally:
+        fleet.replica_cpu = cpu_seconds([process.pid for process in processes])
         for group in groups:
             os.killpg(group, signal.SIGTERM)
         for process in processes:
@@ -326,6 +331,27 @@ def start_bentoml(fleet: Fleet, ports: list[int], launched: float, timeout: floa
     return replicas
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU-seconds the live processes ``pids`` have used so far (0 for one that is gone)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def host_busy() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (everything but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / _TICK
+
+
 def shared_written(fleet: Fleet) -> int:
     return sum(path.stat().st_size for path in fleet.shared_dir.rglob("*") if path.is_file()
                and "files" in path.parts)
@@ -335,12 +361,19 @@ def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
     fleet.reset()
     proxy = Proxy(fleet)
     sent_before = fleet.seaweed.sent_bytes()
+    fleet.replica_cpu = 0.0
+    services = [*fleet.service_pids(), proxy.process.pid]
+    services_before, busy_before = cpu_seconds(services), host_busy()
     launched = time.time()
     try:
         if method == "bentoml":
             replicas = start_bentoml(fleet, proxy.ports, launched, timeout)
         else:
             replicas = start_replicas(fleet, method, proxy.ports, launched, timeout)
+        # The machine is shared: what the rest of it used meanwhile is CPU the fleet did not get.
+        window = time.time() - launched
+        fleet_cpu = fleet.replica_cpu + cpu_seconds(services) - services_before
+        others = max(0.0, host_busy() - busy_before - fleet_cpu)
     finally:
         proxy.stop()
     stats = redis_call(fleet.redis, "INFO", "commandstats")
@@ -360,6 +393,8 @@ def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
         "shared_read": links["shared"], "shared_written": shared_written(fleet),
         "node_net": [links[f"node{n}"] for n in range(fleet.nodes)],
         "redis_commands": commands, "redis_ops": sum(commands.values()),
+        "fleet_cpu": fleet_cpu if method != "bentoml" else None, "others_cpu": others if method != "bentoml" else None,
+        "cores_available": (os.cpu_count() or 1) - others / window if method != "bentoml" else None,
     }
 
 

@@ -375,10 +375,12 @@ FITTED = ("import_cpu", "stock_load_cpu_per_gib", "download_cpu_per_gib", "copy_
 
 
 def harness_params(run: dict[str, Any], base: Params, host_cores: float = 2.0) -> Params:
-    """The model of one harness run: its stated limits, 2 cores for the whole fleet."""
+    """The model of one harness run: its stated limits, and for the whole fleet the cores it actually got
+    (the harness measures what the rest of the shared machine used meanwhile), else ``host_cores``."""
     limits = run["limits"]
+    cores = run.get("cores_available") or host_cores
     return replace(base, origin_bw=limits["origin"], node_net_bw=limits["node_net"], shared_bw=limits["shared"],
-                   per_connection_bw=limits["per_connection"], host_cores=host_cores)
+                   per_connection_bw=limits["per_connection"], host_cores=min(max(cores, 0.25), host_cores))
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -476,12 +478,12 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
     chosen = [o for o in outcomes if o.size == size]
     fleet = sorted({o.nodes for o in chosen})
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for strategy in STRATEGIES:
+    for strategy, style in zip(STRATEGIES, ("-o", "-s", "--^", ":v"), strict=True):
         rows = [o for o in chosen if o.strategy == strategy]
         if not rows:
             continue
-        left.plot(fleet, [o.origin_bytes / size for o in rows], marker="o", label=strategy)
-        right.plot(fleet, [o.all_ready for o in rows], marker="o", label=strategy)
+        left.plot(fleet, [o.origin_bytes / size for o in rows], style, label=strategy)
+        right.plot(fleet, [o.all_ready for o in rows], style, label=strategy)
     for axes, label in ((left, "origin bytes (x model)"), (right, "seconds until all replicas ready")):
         axes.set_xscale("log")
         axes.set_yscale("log")
@@ -569,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
               f"vs {row['predicted_origin']:.2f}x; Redis {row['measured_redis']} vs {row['predicted_redis']:.0f}")
     production = replace(Params(), **{**fitted, **overrides})
     sizes = [int(float(s) * GiB) for s in args.sizes.split(",")]
-    outcomes = project(production, sizes, [10, 100, 1000], args.replicas)
+    outcomes = project(production, sizes, [3, 10, 30, 100, 300, 1000], args.replicas)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     first = fit_on[0]
@@ -579,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "fitted": fitted, "checks": rows, "production": production.__dict__,
         "projection": [{**o.__dict__, "all_ready": o.all_ready, "bottleneck": o.bottleneck()} for o in outcomes],
     }, indent=1, default=str))
-    report = table(outcomes, production)
+    report = table([o for o in outcomes if o.nodes in (10, 100, 1000)], production)
     (out / "projection.md").write_text(report + "\n")
     print(report)
     print("figures:", ", ".join(str(f) for f in figures))
