@@ -459,8 +459,9 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
         figure, axes = plt.subplots(figsize=(7, 4))
         for run in measured:
             times = sorted(r["ready"] for r in run["timeline"])
-            line = axes.step([0, *times], range(len(times) + 1), where="post", label=f"{run['method']} (measured)")
-            if run["method"] in MEASURED_STRATEGY:
+            line = axes.step([0, *times], range(len(times) + 1), where="post",
+                             label=f"{run['method']} (measured{', ' + run['label'] if 'label' in run else ''})")
+            if run["method"] in MEASURED_STRATEGY and run.get("cores_available"):
                 predicted = predict(run, params)
                 axes.step([0, *predicted.ready], range(len(predicted.ready) + 1), where="post", linestyle="--",
                           color=line[0].get_color(), label=f"{run['method']} (model)")
@@ -503,7 +504,7 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
     axes.set_xscale("symlog")
     axes.set_xlabel("seconds since launch")
     axes.set_ylabel("replicas ready")
-    axes.set_title(f"simulated {max(fleet)} nodes: replicas ready over time")
+    axes.set_title(f"simulated {max(fleet)} nodes, {size / GiB:.0f} GiB model: replicas ready over time")
     axes.legend()
     figure.tight_layout()
     path = out / "fleet-ready-simulated.png"
@@ -543,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,16", help="model sizes (GiB) for the projection")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a projection parameter (see Params), e.g. --set shared_bw=10e9 --set peer_slots=4")
+    parser.add_argument("--show", action="append", default=[], metavar="FILE[:LABEL]",
+                        help="harness JSON whose runs the measured plot shows (default: the largest calibration "
+                             "shape's runs); the model is drawn beside runs that recorded the cores they got")
     parser.add_argument("--out", default="bench-out/fleet-sim", help="folder for the PNGs and the report")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -574,8 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = project(production, sizes, [3, 10, 30, 100, 300, 1000], args.replicas)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    first = fit_on[0]
-    shown = [r for r in everything if shape(r) == shape(first) and r["limits"] == first["limits"]]
+    if args.show:
+        shown = []
+        for item in args.show:
+            path, _, label = item.partition(":")
+            for run in json.loads(Path(path).read_text())["results"]:
+                shown.append({**run, "label": label} if label else run)
+    else:
+        first = max(fit_on, key=lambda r: (r["nodes"] * r["replicas"], r["size"]))
+        shown = [r for r in everything if shape(r) == shape(first) and r["limits"] == first["limits"]]
     figures = plots(out, outcomes, shown, params)
     (out / "simulation.json").write_text(json.dumps({
         "fitted": fitted, "checks": rows, "production": production.__dict__,
