@@ -590,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = plots(out, outcomes, shown, params)
     (out / "simulation.json").write_text(json.dumps({
         "fitted": fitted, "checks": rows, "production": production.__dict__,
-        "projection": [{**o.__dict__, "all_ready": o.all_ready, "bottleneck": o.bottleneck()} for o in outcomes],
+        "projection": [{**{k: v for k, v in o.__dict__.items() if k != "ready"}, "first_ready": o.first_ready,
+                        "median_ready": statistics.median(o.ready), "all_ready": o.all_ready,
+                        "bottleneck": o.bottleneck()} for o in outcomes],
     }, indent=1, default=str))
     report = table([o for o in outcomes if o.nodes in (10, 100, 1000)], production)
     (out / "projection.md").write_text(report + "\n")
