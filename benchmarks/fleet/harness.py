@@ -131,7 +131,7 @@ class Fleet:
             "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy_port}", "AWS_ACCESS_KEY_ID": "fleet",
             "AWS_SECRET_ACCESS_KEY": "fleet", "AWS_DEFAULT_REGION": "us-east-1",
             "FASTLOAD_SHM_DIR": str(shm), "FASTLOAD_CACHE_DIR": str(cache), "FASTLOAD_SHARED_DIR": str(self.shared_dir),
-            "FASTLOAD_REDIS_URL": self.redis.url, "FASTLOAD_TIER": "shm", "FASTLOAD_PROGRESS": "0",
+            "FASTLOAD_REDIS_URL": self.redis.url, "FASTLOAD_TIER": "shm",
             "FLEET_SHARED_BUCKETS": ",".join(links),
             "PYTHONPATH": os.pathsep.join([str(HERE / "site"), str(REPO)]),
             "OMP_NUM_THREADS": "1",  # 2 cores for the whole fleet: torch's thread pools would only fight
@@ -301,9 +301,9 @@ def start_bentoml(fleet: Fleet, ports: list[int], launched: float, timeout: floa
             for node, server in enumerate(servers):
                 if server.exited() is not None:
                     raise SystemExit(f"bentoml serve on node {node} exited:\n{server.output()[-3000:]}")
-                count = server.initialized()
                 waiting = [r for r in replicas if r.node == node and r.ready is None]
-                for replica in waiting[:max(0, count - (fleet.replicas - len(waiting)))]:
+                newly = server.initialized() - (fleet.replicas - len(waiting))  # log lines not yet counted
+                for replica in waiting[:max(0, newly)]:
                     replica.ready = now - launched
             time.sleep(0.05)
         for node, server in enumerate(servers):
