@@ -539,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="harness JSON files")
     parser.add_argument("--calibrate", default="3x2@1.00GiB",
-                        help="comma-separated shapes (NxM@SIZEGiB) to fit on; the rest are held out")
+                        help="comma-separated shapes (NxM@SIZEGiB) to fit on; the rest are held out (only runs "
+                             "with link limits count: the model is stated for link-bound fleets)")
     parser.add_argument("--replicas", type=int, default=5, help="replicas per node in the projection")
     parser.add_argument("--sizes", default="1,16", help="model sizes (GiB) for the projection")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
