@@ -10,7 +10,9 @@ body broke mid-stream from the byte it reached.
 Every GET is pinned to the identity seen when the model was resolved (``If-Match`` on the ETag, plus the
 VersionId where there is one), so an overwrite during the download fails the fetch (``ObjectChangedError``)
 instead of mixing versions. Each file is verified against its ETag before the store publishes it: for a
-multipart upload the ranges follow the upload's parts, so each worker hashes its own part.
+multipart upload the ranges follow the upload's parts, so each worker hashes its own part. The same worker
+computes the range's block digests (verify.py) as its bytes arrive and records them in the journal, so the
+entry gets its digests without reading the files back.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .meta import Checksums, Manifest, RemoteFile
 from .progress import Progress, Watermark
 from .settings import S3Settings
 from .uri import ModelURI, confine, parse_uri, safe_relpath
+from .verify import BLOCK_SIZE, BlockDigests
 
 log = logging.getLogger("fastload.storage.s3")
 
@@ -40,6 +43,31 @@ _CHUNK = 1024 * 1024
 # Beyond this an upload's parts are too coarse to be download ranges; such files hash sequentially.
 _MAX_ALIGNED_PART = 256 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_MIN_BLOCK = 64 * 1024
+
+
+def block_size_for(step: int) -> int:
+    """The digest block size for ranges of ``step`` bytes: the largest power of two up to ``BLOCK_SIZE``
+    that divides it, so every range starts on a block boundary and its digests join into the file's. An odd
+    step (nothing from 64 KiB up divides it) makes each range one block."""
+    block = min(step & -step, BLOCK_SIZE)
+    return block if block >= _MIN_BLOCK else step
+
+
+class _RangeHasher(ETagHasher):
+    """What ``_get_into`` feeds a range's bytes to as they arrive: the range's MD5 (one part of a multipart
+    ETag) when ``md5``, and always its block digests. One pass over bytes still in the CPU cache, in the
+    thread that downloaded them; both hashes release the GIL on large buffers."""
+
+    def __init__(self, *, md5: bool, block_size: int) -> None:
+        super().__init__(None)
+        self.md5 = md5
+        self.blocks = BlockDigests(block_size)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self.md5:
+            super().update(data)
+        self.blocks.update(data)
 
 
 class _ShortRead(Exception):
@@ -117,6 +145,7 @@ class _Plan:
     ranges: list[tuple[int, int]]
     mode: _HashMode
     part_size: int | None
+    block_size: int = BLOCK_SIZE
     fd: int = -1
     part_md5s: dict[int, bytes] = field(default_factory=dict)
     tracker: Watermark = field(default_factory=Watermark)
@@ -258,7 +287,7 @@ class S3Origin(Origin):
                 log.debug("%s: cannot recover the part layout of %s; verifying size only", uri, item.name)
         step = part_size if mode == "parts" and part_size else self.settings.part_size
         ranges = [(start, min(start + step, item.size)) for start in range(0, item.size, step)]
-        return _Plan(item, path, ranges, mode, part_size)
+        return _Plan(item, path, ranges, mode, part_size, block_size_for(step))
 
     def _first_part_size(self, client: Any, bucket: str, item: RemoteFile) -> int | None:
         extra: dict[str, Any] = {"VersionId": item.version_id} if item.version_id else {}
@@ -272,7 +301,7 @@ class S3Origin(Origin):
     def _fetch_range(self, client: Any, bucket: str, plan: _Plan, index: int, start: int, end: int, uri: str,
                      journal: Journal, progress: Progress, abort: threading.Event) -> None:
         item = plan.item
-        hasher = ETagHasher(None) if plan.mode == "parts" else None
+        hasher = _RangeHasher(md5=plan.mode == "parts", block_size=plan.block_size)
         position = start
         extra: dict[str, Any] = {}
         if item.etag:
@@ -300,11 +329,11 @@ class S3Origin(Origin):
         except Exception as exc:
             raise client_error(uri, exc, name=item.name) from exc
         md5 = None
-        if hasher is not None:
+        if hasher.md5:
             digest = bytes.fromhex(hasher.hexdigest())
             plan.part_md5s[index] = digest
             md5 = digest.hex()
-        journal.record(item.name, start, end, md5)
+        journal.record(item.name, start, end, md5, (plan.block_size, hasher.blocks.hexdigest()))
         plan.tracker.complete(start, end)
         progress.range_done(item.name, start, end)
 

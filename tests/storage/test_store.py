@@ -25,6 +25,7 @@ from fastload_core.storage import (
     fetch,
     pin,
     prefetch,
+    writethrough,
 )
 from fastload_core.storage.errors import BadURIError, NotCachedError, UnsafeKeyError
 from fastload_core.storage.meta import Checksums
@@ -84,6 +85,7 @@ def test_lru_eviction_keeps_pinned_entries_and_falls_through(
         uris[name] = f"file://{model}"
     fetch(uris["m1"], tier="shm")
     fetch(uris["m2"], tier="shm")
+    writethrough.wait()  # a write-through keeps its source in use until its copy on disk is published
     time.sleep(0.01)
     fetch(uris["m1"], tier="shm")  # m1 is now more recently used than m2
     path3 = fetch(uris["m3"], tier="shm")
@@ -211,6 +213,7 @@ def test_explicit_composition(tmp_path: Path) -> None:
     model, data = make_model(tmp_path, "m", 1000)
     path = store.fetch(f"file://{model}")
     assert path.is_relative_to(tmp_path / "shm") and (path / "model.safetensors").read_bytes() == data
+    writethrough.wait()
     assert [i.entry.tier for i in store.ls()] == ["shm", "local_disk"]
 
 
