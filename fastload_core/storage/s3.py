@@ -78,6 +78,28 @@ class _Aborted(Exception):
     pass
 
 
+class NotS3Error(Exception):
+    """The endpoint answered like a web server, not like S3 (an HTML page, a redirect S3 never sends)."""
+
+
+def _check_s3_reply(response_dict: dict[str, Any], **_: Any) -> None:
+    """Refuse a reply no S3 server sends, before botocore parses it: an nginx 301 for a bucket URL sent
+    botocore's region redirector into endless recursion, and an HTML page served with 200 would be stored
+    as the model. S3's own redirects (PermanentRedirect, TemporaryRedirect) always name the bucket's region;
+    an HTML reply is S3's only when it carries S3's headers (an object uploaded as text/html; moto's HEAD
+    errors), which AWS, MinIO, Ceph RGW, SeaweedFS and moto all send (x-amz-request-id, x-amzn-requestid)."""
+    headers = response_dict.get("headers", {})
+    status = int(response_dict.get("status_code", 0))
+    content_type = str(headers.get("content-type", "")).lower()
+    s3ish = any(str(name).lower().startswith(("x-amz", "x-goog")) for name in headers)
+    if content_type.startswith("text/html") and not s3ish:
+        raise NotS3Error(f"it answered HTTP {status} with an HTML page")
+    if 300 <= status < 400 and status != 304 and "x-amz-bucket-region" not in headers:
+        location = headers.get("location")
+        raise NotS3Error(f"it answered HTTP {status} redirecting to {location!r}" if location else
+                         f"it answered HTTP {status}, a redirect without a bucket region")
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, _ShortRead):
         return True
@@ -106,6 +128,9 @@ def client_error(uri: str, exc: Exception, *, name: str | None = None) -> Storag
     """Turn a botocore failure into a storage error with advice; botocore's messages carry no secrets."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+    if isinstance(exc, NotS3Error):
+        return OriginError(uri, f"not an S3 endpoint: {exc}; check AWS_ENDPOINT_URL_S3 (the S3 API's URL, not "
+                                "a web page or a bucket's website URL)", code="NotS3")
     if isinstance(exc, NoCredentialsError):
         return OriginError(uri, "no AWS credentials found; configure them the standard way "
                                 "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, "
@@ -178,6 +203,7 @@ class S3Origin(Origin):
                         tcp_keepalive=True,
                     ),
                 )
+                self._client.meta.events.register("before-parse.s3", _check_s3_reply)
             return self._client
 
     # --- resolve ---------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from fastload_core.storage import (
     writethrough,
 )
 from fastload_core.storage.errors import BadURIError, NotCachedError, UnsafeKeyError
-from fastload_core.storage.meta import Checksums
+from fastload_core.storage.meta import Checksums, EntryMeta
 from fastload_core.storage.progress import Progress
 from fastload_core.storage.uri import ModelURI
+from fastload_core.storage.verify import file_digests
 from tests.storage.conftest import BUCKET, leftovers
 from tests.storage.faultproxy import FaultProxy
 from tests.storage.helpers import record_events, spawn
@@ -283,6 +284,8 @@ def test_sigkill_mid_download_leaves_nothing_torn_and_the_retry_resumes(s3: Any,
     assert path.read_bytes() == data
     assert proxy.get_body_bytes < len(data)  # resumed: the parts already on disk were not fetched again
     assert leftovers(local_dir()) == []
+    (item,) = EntryMeta.read(path.parent.parent).files  # digests of the killed run's parts came from its journal
+    assert item.block_size and item.digests == file_digests(path, item.block_size)
 
 
 class BrokenScheme:
