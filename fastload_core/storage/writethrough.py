@@ -7,7 +7,8 @@ leaves each tier complete or absent. A failure is logged and reported through ``
 store pairs every start with a finish), never raised into the fetch that already returned. A process does
 not exit with a write-through pending: the wait is hooked into threading's own exit hook (the one
 ``concurrent.futures`` uses) and registered after it, so it runs first, while thread pools still accept
-work, and says what it is waiting for.
+work, and says what it is waiting for. A forked child forgets its parent's jobs (their threads are not
+in it); the parent still waits for them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures.thread  # noqa: F401  (imported first: our exit hook must run before its own)
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +92,16 @@ def _at_exit() -> None:
     log.info("waiting for %d write-through(s) to finish before exit: %s", len(jobs),
              "; ".join(f"{job.uri} -> {', '.join(job.tiers)}" for job in jobs))
     wait()
+
+
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's threads: it must not wait for their jobs at exit."""
+    global _lock
+    _lock = threading.Lock()
+    _pending.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _hook_exit() -> None:

@@ -253,3 +253,16 @@ def test_digests_join_from_journal_ranges(tmp_path: Path) -> None:
     assert reread.file_digests("w", len(data)) == (65536, file_digests(tmp_path / "w", 65536))
     assert reread.file_digests("w", len(data) + 1) is None  # does not cover the file
     assert reread.file_digests("other", 10) is None
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_write_through(tmp_path: Path) -> None:
+    from fastload_core.storage.writethrough import pending, start
+
+    release = threading.Event()
+    job = start("file:///m", ("local_disk",), lambda job: release.wait(30) and None)
+    pid = os.fork()
+    if pid == 0:  # the child: no pending jobs to wait for at exit
+        os._exit(0 if not pending() else 1)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    assert os.waitstatus_to_exitcode(status) == 0 and job.wait(30)
