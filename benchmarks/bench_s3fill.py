@@ -5,7 +5,7 @@ directories, fetching one random object uploaded in 16 MiB parts. "before" runs 
 ``--before`` (e.g. ``git archive main``); "after" runs this checkout. For each it reports the seconds until
 ``fetch`` returned (the path is usable) and until the process exited (after: write-through to the slower
 tiers done), plus the child's CPU seconds per GB. "fetch call alone" excludes building the plugin manager,
-whose built-in loader plugins import torch (about 2.5 s here; the same for both trees). Medians over
+whose built-in loader plugins import torch (seconds on a busy machine; the same for both trees). Medians over
 ``--rounds``; rounds interleave the methods so drift in machine load hits them alike.
 
 Usage: python benchmarks/bench_s3fill.py --before /tmp/fastload-main [--size 1GiB] [--rounds 3]

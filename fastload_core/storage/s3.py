@@ -313,7 +313,8 @@ class S3Origin(Origin):
                 log.debug("%s: cannot recover the part layout of %s; verifying size only", uri, item.name)
         step = part_size if mode == "parts" and part_size else self.settings.part_size
         ranges = [(start, min(start + step, item.size)) for start in range(0, item.size, step)]
-        return _Plan(item, path, ranges, mode, part_size, block_size_for(step))
+        block = block_size_for(step) if len(ranges) > 1 else BLOCK_SIZE  # one range: any block size joins
+        return _Plan(item, path, ranges, mode, part_size, block)
 
     def _first_part_size(self, client: Any, bucket: str, item: RemoteFile) -> int | None:
         extra: dict[str, Any] = {"VersionId": item.version_id} if item.version_id else {}

@@ -266,3 +266,13 @@ def test_a_forked_child_does_not_wait_for_its_parents_write_through(tmp_path: Pa
     _, status = os.waitpid(pid, 0)
     release.set()
     assert os.waitstatus_to_exitcode(status) == 0 and job.wait(30)
+
+
+def test_digest_blocks_follow_the_download_ranges() -> None:
+    from fastload_core.storage.s3 import block_size_for
+    from fastload_core.storage.verify import BLOCK_SIZE
+
+    assert block_size_for(16 * MiB) == BLOCK_SIZE  # ranges of whole blocks
+    assert block_size_for(5 * MiB) == MiB  # S3's minimum part size: 1 MiB blocks start every range
+    assert block_size_for(256 * 1024) == 256 * 1024
+    assert block_size_for(5 * MiB + 1) == 5 * MiB + 1  # nothing sensible divides it: a block per range
