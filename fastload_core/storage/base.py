@@ -167,7 +167,7 @@ class Journal:
             end, (block, digests) = by_start[position]
             if block_size is None:
                 block_size = block
-            if block != block_size or position % block:
+            if block != block_size or block <= 0 or position % block or end <= position:
                 return None
             parts.append(digests)
             position = end

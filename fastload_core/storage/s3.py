@@ -57,7 +57,7 @@ def block_size_for(step: int) -> int:
 class _RangeHasher(ETagHasher):
     """What ``_get_into`` feeds a range's bytes to as they arrive: the range's MD5 (one part of a multipart
     ETag) when ``md5``, and always its block digests. One pass over bytes still in the CPU cache, in the
-    thread that downloaded them; both hashes release the GIL on large buffers."""
+    thread that downloaded them (MD5 releases the GIL on large buffers; XXH3 costs about 0.2 s per GiB)."""
 
     def __init__(self, *, md5: bool, block_size: int) -> None:
         super().__init__(None)

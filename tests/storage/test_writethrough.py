@@ -253,6 +253,8 @@ def test_digests_join_from_journal_ranges(tmp_path: Path) -> None:
     assert reread.file_digests("w", len(data)) == (65536, file_digests(tmp_path / "w", 65536))
     assert reread.file_digests("w", len(data) + 1) is None  # does not cover the file
     assert reread.file_digests("other", 10) is None
+    journal.record("empty-range", 0, 0, None, (65536, ""))  # a garbled line must not loop forever
+    assert Journal(tmp_path / ".journal").file_digests("empty-range", 10) is None
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_write_through(tmp_path: Path) -> None:
