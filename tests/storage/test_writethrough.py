@@ -91,9 +91,16 @@ def test_a_failed_write_through_is_reported_and_leaves_no_entry(
     def broken_publish(*args: Any, **kwargs: Any) -> Path:
         raise OSError(5, "Input/output error")
 
+    from prometheus_client import REGISTRY
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("fastload_fetch_failures_total", {"tier": "local_disk"}) or 0.0
+
+    before = failures()
     monkeypatch.setattr(LocalDiskTier, "publish", broken_publish)
     path = fetch(f"file://{model}", tier="shm")  # the fetch itself succeeds
     (job,) = writethrough.wait(timeout=30)
+    assert failures() == before + 1
     assert path.read_bytes() == data and list(job.errors) == ["local_disk"] and job.published == []
     assert published(local_dir()) == []
     finish = [e for e in recorder.names("finish") if e["tier"] == "local_disk"]
