@@ -28,6 +28,9 @@ def _isolated_fastload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     monkeypatch.setenv("FASTLOAD_SHM_DIR", str(shm))
     reset_plugin_manager()
     yield shm
+    from fastload_core.storage import writethrough
+
+    writethrough.wait(timeout=60)  # a test's background copies end with it, not in the next test's dirs
     reset_plugin_manager()
     shutil.rmtree(shm, ignore_errors=True)
 

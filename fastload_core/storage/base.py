@@ -103,14 +103,17 @@ class Entry:
 
 
 class Journal:
-    """Which byte ranges of a partial download are complete (and their MD5s), so a download interrupted by a
-    crash or SIGKILL resumes from the parts it had instead of starting over. Lines are appended only after
-    a part's bytes are written, and the final checksum verification catches anything a crash garbled."""
+    """Which byte ranges of a partial download are complete (their MD5s, and the block digests of each range
+    when the origin computed them as the bytes arrived), so a download interrupted by a crash or SIGKILL
+    resumes from the parts it had instead of starting over, and its entry still gets block digests without
+    reading the files back. Lines are appended only after a part's bytes are written, and the final checksum
+    verification catches anything a crash garbled."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         self.done: dict[tuple[str, int, int], str | None] = {}
+        self.digests: dict[tuple[str, int, int], tuple[int, str]] = {}
         try:
             fd = open_file(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -122,26 +125,55 @@ class Journal:
                 text = handle.read()
         for line in text.splitlines(keepends=True):
             fields = line.rstrip("\n").split("\t")
-            if not line.endswith("\n") or len(fields) != 4:
+            if not line.endswith("\n") or len(fields) not in (4, 6):
                 continue  # a torn last line from a killed writer
-            name, start, end, md5 = fields
+            name, start, end, md5 = fields[:4]
             try:
-                self.done[(name, int(start), int(end))] = None if md5 == "-" else md5
+                key = (name, int(start), int(end))
+                self.done[key] = None if md5 == "-" else md5
+                if len(fields) == 6:
+                    self.digests[key] = (int(fields[4]), fields[5])
             except ValueError:
                 continue
 
-    def record(self, name: str, start: int, end: int, md5: str | None) -> None:
+    def record(self, name: str, start: int, end: int, md5: str | None,
+               digests: tuple[int, str] | None = None) -> None:
+        """``digests``: block size and the block digests of ``[start, end)`` (``start`` a multiple of it)."""
         with self._lock:
             self.done[(name, start, end)] = md5
+            extra = ""
+            if digests is not None:
+                self.digests[(name, start, end)] = digests
+                extra = f"\t{digests[0]}\t{digests[1]}"
             try:
                 fd = open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             except UnsafePath as exc:
                 raise UnsafeKeyError(exc.path, exc.problem) from None
             with os.fdopen(fd, "a") as handle:
-                handle.write(f"{name}\t{start}\t{end}\t{md5 or '-'}\n")
+                handle.write(f"{name}\t{start}\t{end}\t{md5 or '-'}{extra}\n")
 
     def has(self, name: str, start: int, end: int) -> bool:
         return (name, start, end) in self.done
+
+    def file_digests(self, name: str, size: int) -> tuple[int, str] | None:
+        """The block digests of the whole file ``name``, joined from its recorded ranges; None unless they
+        cover it from byte 0 to ``size`` in ranges that start on block boundaries of one block size."""
+        with self._lock:
+            by_start = {start: (end, found) for (item, start, end), found in self.digests.items() if item == name}
+        position, block_size, parts = 0, None, []
+        while position < size:
+            if position not in by_start:
+                return None
+            end, (block, digests) = by_start[position]
+            if block_size is None:
+                block_size = block
+            if block != block_size or block <= 0 or position % block or end <= position:
+                return None
+            parts.append(digests)
+            position = end
+        if position != size or (size and block_size is None):
+            return None
+        return (block_size or 0, "".join(parts)) if size else None
 
 
 class Source(ABC):
@@ -171,6 +203,7 @@ class Tier:
 
     name: ClassVar[str] = "tier"
     shared: ClassVar[bool] = False  # seen by other nodes: fetch locks stay node-local, a lease spans nodes
+    durable: ClassVar[bool] = True  # survives a reboot: worth an fsync before publication (tmpfs is not)
 
     def __init__(
         self, root: str | os.PathLike[str], *, capacity: int | float | None = None,
@@ -411,20 +444,23 @@ class Tier:
         return partial
 
     def publish(self, slug: str, version: str, partial: Path, meta: EntryMeta) -> Path:
-        """fsync every file, write the sidecar last, and rename the directory into place. Losing a race to
-        another node publishing the same version is fine: its copy is identical, ours is discarded."""
+        """fsync every file (on a durable tier), write the sidecar last, and rename the directory into place.
+        Losing a race to another node publishing the same version is fine: its copy is identical, ours is
+        discarded. On tmpfs an fsync buys nothing (a reboot empties it anyway), so it is skipped there."""
         try:
-            for dirpath, _dirnames, filenames in os.walk(partial / FILES_DIR):
-                for name in filenames:
-                    fd = open_file(os.path.join(dirpath, name), os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                fsync_dir(Path(dirpath))
+            if self.durable:
+                for dirpath, _dirnames, filenames in os.walk(partial / FILES_DIR):
+                    for name in filenames:
+                        fd = open_file(os.path.join(dirpath, name), os.O_RDONLY)
+                        try:
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
+                    fsync_dir(Path(dirpath))
             (partial / JOURNAL_NAME).unlink(missing_ok=True)
-            meta.write(partial)
-            fsync_dir(partial)
+            meta.write(partial, fsync=self.durable)
+            if self.durable:
+                fsync_dir(partial)
             target = self.entry_dir(slug, version)
             check_path(target, want="dir")  # a planted link in the entry's place is refused, not replaced
         except UnsafePath as exc:
@@ -439,7 +475,8 @@ class Tier:
                 os.rename(partial, target)
             else:
                 self.discard(partial)
-        fsync_dir(target.parent)
+        if self.durable:
+            fsync_dir(target.parent)
         return target
 
     def discard(self, path: Path) -> None:

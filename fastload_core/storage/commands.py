@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import FastloadError
+from . import writethrough
 from .settings import TIER_ORDER
 from .store import default_store
 from .uri import redact
@@ -53,7 +55,18 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    print(default_store().fetch(args.uri, tier=args.tier, revision=args.revision))
+    """Print the path (stdout) as soon as the asked tier has it; then wait for the write-through into the
+    slower tiers and report both times on stderr, so ``path=$(fastload fetch ...)`` keeps working."""
+    started = time.monotonic()
+    print(default_store().fetch(args.uri, tier=args.tier, revision=args.revision), flush=True)
+    published = time.monotonic() - started
+    report = f"published at {published:.2f}s"
+    for job in writethrough.wait():
+        done = (job.finished or time.monotonic()) - started
+        report += f"; write-through to {', '.join(job.published) or 'no tier'} done at {done:.2f}s"
+        for tier, error in job.errors.items():
+            report += f" ({tier} failed: {error})"
+    print(report, file=sys.stderr)
     return 0
 
 

@@ -102,15 +102,17 @@ class EntryMeta:
     def read(cls, entry_dir: Path) -> EntryMeta:
         return cls.from_json((entry_dir / META_NAME).read_text())
 
-    def write(self, entry_dir: Path) -> None:
-        """Write the sidecar durably; it is written last, so its presence means the files are complete."""
+    def write(self, entry_dir: Path, *, fsync: bool = True) -> None:
+        """Write the sidecar (durably, with ``fsync``); it is written last, so its presence means the files
+        are complete."""
         path = entry_dir / META_NAME
         path.unlink(missing_ok=True)  # never write through whatever stood there (a planted link)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "w") as handle:
             handle.write(self.to_json())
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, checksums: Checksums, *,

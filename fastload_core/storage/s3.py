@@ -10,7 +10,9 @@ body broke mid-stream from the byte it reached.
 Every GET is pinned to the identity seen when the model was resolved (``If-Match`` on the ETag, plus the
 VersionId where there is one), so an overwrite during the download fails the fetch (``ObjectChangedError``)
 instead of mixing versions. Each file is verified against its ETag before the store publishes it: for a
-multipart upload the ranges follow the upload's parts, so each worker hashes its own part.
+multipart upload the ranges follow the upload's parts, so each worker hashes its own part. The same worker
+computes the range's block digests (verify.py) as its bytes arrive and records them in the journal, so the
+entry gets its digests without reading the files back.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .meta import Checksums, Manifest, RemoteFile
 from .progress import Progress, Watermark
 from .settings import S3Settings
 from .uri import ModelURI, confine, parse_uri, safe_relpath
+from .verify import BLOCK_SIZE, BlockDigests
 
 log = logging.getLogger("fastload.storage.s3")
 
@@ -41,6 +44,31 @@ _CHUNK = 1024 * 1024
 # Beyond this an upload's parts are too coarse to be download ranges; such files hash sequentially.
 _MAX_ALIGNED_PART = 256 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_MIN_BLOCK = 64 * 1024
+
+
+def block_size_for(step: int) -> int:
+    """The digest block size for ranges of ``step`` bytes: the largest power of two up to ``BLOCK_SIZE``
+    that divides it, so every range starts on a block boundary and its digests join into the file's. An odd
+    step (nothing from 64 KiB up divides it) makes each range one block."""
+    block = min(step & -step, BLOCK_SIZE)
+    return block if block >= _MIN_BLOCK else step
+
+
+class _RangeHasher(ETagHasher):
+    """What ``_get_into`` feeds a range's bytes to as they arrive: the range's MD5 (one part of a multipart
+    ETag) when ``md5``, and always its block digests. One pass over bytes still in the CPU cache, in the
+    thread that downloaded them (MD5 releases the GIL on large buffers; XXH3 costs about 0.2 s per GiB)."""
+
+    def __init__(self, *, md5: bool, block_size: int) -> None:
+        super().__init__(None)
+        self.md5 = md5
+        self.blocks = BlockDigests(block_size)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self.md5:
+            super().update(data)
+        self.blocks.update(data)
 
 
 _local = threading.local()
@@ -94,6 +122,28 @@ class _Aborted(Exception):
     pass
 
 
+class NotS3Error(Exception):
+    """The endpoint answered like a web server, not like S3 (an HTML page, a redirect S3 never sends)."""
+
+
+def _check_s3_reply(response_dict: dict[str, Any], **_: Any) -> None:
+    """Refuse a reply no S3 server sends, before botocore parses it: an nginx 301 for a bucket URL sent
+    botocore's region redirector into endless recursion, and an HTML page served with 200 would be stored
+    as the model. S3's own redirects (PermanentRedirect, TemporaryRedirect) always name the bucket's region;
+    an HTML reply is S3's only when it carries S3's headers (an object uploaded as text/html; moto's HEAD
+    errors), which AWS, MinIO, Ceph RGW, SeaweedFS and moto all send (x-amz-request-id, x-amzn-requestid)."""
+    headers = response_dict.get("headers", {})
+    status = int(response_dict.get("status_code", 0))
+    content_type = str(headers.get("content-type", "")).lower()
+    s3ish = any(str(name).lower().startswith(("x-amz", "x-goog")) for name in headers)
+    if content_type.startswith("text/html") and not s3ish:
+        raise NotS3Error(f"it answered HTTP {status} with an HTML page")
+    if 300 <= status < 400 and status != 304 and "x-amz-bucket-region" not in headers:
+        location = headers.get("location")
+        raise NotS3Error(f"it answered HTTP {status} redirecting to {location!r}" if location else
+                         f"it answered HTTP {status}, a redirect without a bucket region")
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (_ShortRead, http.client.HTTPException)):  # IncompleteRead: a chunked body cut short
         return True
@@ -122,6 +172,9 @@ def client_error(uri: str, exc: Exception, *, name: str | None = None) -> Storag
     """Turn a botocore failure into a storage error with advice; botocore's messages carry no secrets."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+    if isinstance(exc, NotS3Error):
+        return OriginError(uri, f"not an S3 endpoint: {exc}; check AWS_ENDPOINT_URL_S3 (the S3 API's URL, not "
+                                "a web page or a bucket's website URL)", code="NotS3")
     if isinstance(exc, NoCredentialsError):
         return OriginError(uri, "no AWS credentials found; configure them the standard way "
                                 "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, "
@@ -161,6 +214,7 @@ class _Plan:
     ranges: list[tuple[int, int]]
     mode: _HashMode
     part_size: int | None
+    block_size: int = BLOCK_SIZE
     fd: int = -1
     part_md5s: dict[int, bytes] = field(default_factory=dict)
     tracker: Watermark = field(default_factory=Watermark)
@@ -193,6 +247,7 @@ class S3Origin(Origin):
                         tcp_keepalive=True,
                     ),
                 )
+                self._client.meta.events.register("before-parse.s3", _check_s3_reply)
             return self._client
 
     # --- resolve ---------------------------------------------------------------------------------
@@ -302,7 +357,8 @@ class S3Origin(Origin):
                 log.debug("%s: cannot recover the part layout of %s; verifying size only", uri, item.name)
         step = part_size if mode == "parts" and part_size else self.settings.part_size
         ranges = [(start, min(start + step, item.size)) for start in range(0, item.size, step)]
-        return _Plan(item, path, ranges, mode, part_size)
+        block = block_size_for(step) if len(ranges) > 1 else BLOCK_SIZE  # one range: any block size joins
+        return _Plan(item, path, ranges, mode, part_size, block)
 
     def _first_part_size(self, client: Any, bucket: str, item: RemoteFile) -> int | None:
         extra: dict[str, Any] = {"VersionId": item.version_id} if item.version_id else {}
@@ -316,7 +372,7 @@ class S3Origin(Origin):
     def _fetch_range(self, client: Any, bucket: str, plan: _Plan, index: int, start: int, end: int, uri: str,
                      journal: Journal, progress: Progress, abort: threading.Event) -> None:
         item = plan.item
-        hasher = ETagHasher(None) if plan.mode == "parts" else None
+        hasher = _RangeHasher(md5=plan.mode == "parts", block_size=plan.block_size)
         position = start
         extra: dict[str, Any] = {}
         if item.etag:
@@ -344,11 +400,11 @@ class S3Origin(Origin):
         except Exception as exc:
             raise client_error(uri, exc, name=item.name) from exc
         md5 = None
-        if hasher is not None:
+        if hasher.md5:
             digest = bytes.fromhex(hasher.hexdigest())
             plan.part_md5s[index] = digest
             md5 = digest.hex()
-        journal.record(item.name, start, end, md5)
+        journal.record(item.name, start, end, md5, (plan.block_size, hasher.blocks.hexdigest()))
         plan.tracker.complete(start, end)
         progress.range_done(item.name, start, end)
 

@@ -3,11 +3,12 @@ promoting on the way up, once per node.
 
 The chain is explicit: a list of tiers, fastest first, plus the origins registered for URI schemes. A
 ``fetch`` looks for the model's current version (the origin's identity for every file) in the tiers; on a
-miss it fills each tier between the nearest holder (or the origin) and the target, slowest first, each
-from the one below. Filling one tier is always the same five steps: per-entry lock (single flight on the
-node; plus a Redis lease for a shared tier), check again, reserve room and preallocate, write and verify,
-fsync and rename. A tier that cannot make room is skipped with a warning and the model is served from
-the next tier down.
+miss it fills the target tier straight from the nearest holder (or the origin), so a cold fetch into RAM
+never waits for a disk; the tiers in between are then written through from the published copy on a
+thread of their own (writethrough.py). Filling one tier is always the same five steps: per-entry lock
+(single flight on the node; plus a Redis lease for a shared tier), check again, reserve room and
+preallocate, write and verify, fsync (durable tiers) and rename. A tier that cannot make room is skipped
+with a warning and the model is served from the next tier down.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +30,7 @@ import filelock
 
 from ..errors import PluginError
 from ..plugins import collect, notify
+from . import writethrough
 from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, parse_entry_key, tier_for_path
 from .copy import EntrySource
 from .errors import (
@@ -309,35 +312,40 @@ class TieredStore:
     # --- filling ---------------------------------------------------------------------------------
     def _fill_up(self, parsed: ModelURI, manifest: Manifest, origin: Origin, source: Pin | None,
                  source_index: int, target_index: int, watch: FetchWatch | None = None) -> Pin:
-        current = source
+        """Land the model in the target tier straight from its source (the origin, or the nearest tier
+        holding it); the tiers in between are written through from that copy, off the critical path. A
+        tier that cannot make room is skipped with a warning and the next one down takes its place."""
+        filled: Pin | None = None
         last_error: TierFullError | None = None
         try:
-            for index in range(source_index - 1, target_index - 1, -1):
+            for index in range(target_index, source_index):
                 tier = self.tiers[index]
                 try:
-                    filled = self._fill(tier, parsed, manifest, origin if current is None else current,
-                                        watch if current is None else None)
+                    filled = self._fill(tier, parsed, manifest, origin if source is None else source,
+                                        watch if source is None else None, self.tiers[index + 1:source_index])
+                    break
                 except TierFullError as exc:
                     last_error = exc
-                    below = current.tier if current is not None else "the next tier"
-                    log.warning("%s: tier %s cannot take it (%s); serving it from %s", parsed, tier.name,
-                                exc, below)
+                    log.warning("%s: tier %s cannot take it (%s); serving it from the next tier down", parsed,
+                                tier.name, exc)
                     notify("on_tier_full", uri=str(parsed), tier=tier.name, nbytes=manifest.total_size)
-                    continue
-                if current is not None:
-                    current.release()
-                current = filled
         except BaseException:
-            if current is not None:
-                current.release()
+            if source is not None:
+                source.release()
             raise
-        if current is None:
+        if filled is None and source is None:
             raise StorageError(f"{parsed}: no tier can hold this model ({manifest.total_size} bytes)",
                                uri=str(parsed)) from last_error
-        return current
+        if filled is None:
+            assert source is not None
+            return source
+        if source is not None:
+            source.release()
+        return filled
 
     def _fill(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin,
-              watch: FetchWatch | None = None) -> Pin:
+              watch: FetchWatch | None = None, slower: Sequence[Tier] = (), *, quiet: bool = False) -> Pin:
+        """Fill one tier under its per-entry lock, then start the write-through into ``slower``."""
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
         lock = tier.fetch_lock(slug, version)
@@ -352,23 +360,96 @@ class TieredStore:
             if existing is not None:  # another process finished it while we waited
                 notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
                 return existing
-            if tier.shared and self.lease is not None and isinstance(source, Origin):
-                remaining = max(self.fetch_timeout - (time.monotonic() - started), 0.0)
-                with self.lease.hold(f"{tier.name}:{slug}:{version}", timeout=remaining, uri=shown,
-                                     tier=tier.name,
-                                     ready=lambda: tier.lookup(slug, version) is not None) as mine:
-                    if not mine:
-                        existing = pin_entry(tier, slug, version, verify=self.verify)
-                        if existing is not None:
-                            notify("on_tier_hit", uri=shown, tier=tier.name, path=str(existing.path))
-                            return existing
-                    return self._write(tier, parsed, manifest, source, watch)
-            return self._write(tier, parsed, manifest, source, watch)
+            if isinstance(source, Origin) and self.lease is not None:
+                shared = tier if tier.shared else next((t for t in slower if t.shared), None)
+                if shared is not None:
+                    remaining = max(self.fetch_timeout - (time.monotonic() - started), 0.0)
+                    return self._fill_leased(tier, shared, parsed, manifest, source, watch, slower, remaining)
+            pinned = self._write(tier, parsed, manifest, source, watch, quiet=quiet)
+            self._write_through(pinned, parsed, manifest, slower)
+            return pinned
         finally:
             lock.release()
 
+    def _fill_leased(self, tier: Tier, shared: Tier, parsed: ModelURI, manifest: Manifest, origin: Origin,
+                     watch: FetchWatch | None, slower: Sequence[Tier], timeout: float) -> Pin:
+        """One origin download per cluster: the node holding the Redis lease on the shared tier's entry
+        downloads into ``tier`` and keeps the lease until its write-through has published the shared copy;
+        the others wait for that copy and read it instead of the origin."""
+        shown = str(parsed)
+        slug, version = parsed.slug, manifest.version
+        lease = ExitStack()
+        assert self.lease is not None
+        mine = lease.enter_context(self.lease.hold(
+            f"{shared.name}:{slug}:{version}", timeout=timeout, uri=shown, tier=shared.name,
+            ready=lambda: shared.lookup(slug, version) is not None))
+        try:
+            copy = None if mine else pin_entry(shared, slug, version, verify=self.verify)
+            if copy is not None:
+                lease.close()
+                notify("on_tier_hit", uri=shown, tier=shared.name, path=str(copy.path))
+                if shared is tier:
+                    return copy
+                try:
+                    pinned = self._write(tier, parsed, manifest, copy)
+                finally:
+                    copy.release()
+                self._write_through(pinned, parsed, manifest, slower[:list(slower).index(shared)])
+                return pinned
+            pinned = self._write(tier, parsed, manifest, origin, watch)
+        except BaseException:
+            lease.close()
+            raise
+        if shared is tier:
+            lease.close()
+        self._write_through(pinned, parsed, manifest, slower, lease=lease)
+        return pinned
+
+    def _write_through(self, pinned: Pin, parsed: ModelURI, manifest: Manifest, tiers: Sequence[Tier], *,
+                       lease: ExitStack | None = None) -> None:
+        """Copy the entry just published (``pinned``) into ``tiers`` on a thread of its own (see
+        writethrough.py), shared tiers first: other nodes may be waiting for that copy. ``lease``, when
+        given, is released once the shared copy is published (or has failed)."""
+        lease = lease or ExitStack()
+        tier = self._by_name.get(pinned.tier or "")
+        source = pin_entry(tier, parsed.slug, manifest.version) if tiers and tier is not None else None
+        if source is None:  # nothing to do (or the entry is already gone: nothing to copy from)
+            lease.close()
+            return
+        order = sorted(tiers, key=lambda t: not t.shared)
+
+        def run(job: writethrough.WriteThrough) -> None:
+            try:
+                for target in order:
+                    try:
+                        self._fill(target, parsed, manifest, source, quiet=True).release()
+                        job.published.append(target.name)
+                    except TierFullError as exc:
+                        log.warning("%s: write-through skipped tier %s (%s)", parsed, target.name, exc)
+                        notify("on_tier_full", uri=str(parsed), tier=target.name, nbytes=manifest.total_size)
+                        job.errors[target.name] = exc
+                    except _DamagedSource as damaged:  # the copy we published is damaged, and now dropped
+                        log.warning("%s: write-through to %s stopped: %s", parsed, target.name, damaged.error)
+                        job.errors[target.name] = damaged.error
+                        return
+                    except Exception as exc:
+                        log.warning("%s: write-through to %s failed (the copy in %s serves meanwhile): %s",
+                                    parsed, target.name, source.tier, exc)
+                        job.errors[target.name] = exc
+                    finally:
+                        if target.shared:
+                            lease.close()
+            finally:
+                lease.close()
+                source.release()
+                seconds = time.monotonic() - job.started
+                log.info("%s: write-through from %s to %s done in %.2fs", parsed, source.tier,
+                         ", ".join(job.published) or "no tier", seconds)
+
+        writethrough.start(str(parsed), tuple(t.name for t in order), run)
+
     def _write(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin,
-               watch: FetchWatch | None = None) -> Pin:
+               watch: FetchWatch | None = None, *, quiet: bool = False) -> Pin:
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
         writer: Source
@@ -387,7 +468,7 @@ class TieredStore:
         notify("on_fetch_start", uri=shown, tier=tier.name, nbytes=nbytes)
         started = time.monotonic()
         try:  # every start is paired with one finish, carrying the error when there is one
-            progress = Progress(what, nbytes, enabled=self.show_progress)
+            progress = Progress(what, nbytes, enabled=self.show_progress and not quiet)
             if watch is not None:
                 watch.started(tier.name, partial / FILES_DIR, manifest)
                 progress.listeners.append(watch.range_done)
@@ -408,11 +489,8 @@ class TieredStore:
                 raise
             finally:
                 progress.close()
-            # A promotion keeps the digests it verified in the copy; anything without them is digested now.
-            digests = dict(writer.digests) if isinstance(writer, EntrySource) else {}
-            missing = [item.name for item in manifest.files if item.name not in digests]
-            digests.update(self._digest(partial / FILES_DIR, missing))
-            meta = EntryMeta.from_manifest(manifest, checksums, digests=digests)
+            meta = EntryMeta.from_manifest(manifest, checksums,
+                                           digests=self._digests(writer, manifest, journal, partial / FILES_DIR))
             tier.publish(slug, version, partial, meta)
         except BaseException as exc:
             notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
@@ -428,10 +506,23 @@ class TieredStore:
                                "(is something else deleting files there?)", tier=tier.name)
         return pinned
 
+    def _digests(self, writer: Source, manifest: Manifest, journal: Journal,
+                 files_dir: Path) -> dict[str, tuple[int, str]]:
+        """Block digests for the new entry: a promotion keeps those it verified in the copy; an origin that
+        hashed ranges as they arrived left them in the journal; anything else is read back and digested."""
+        digests = dict(writer.digests) if isinstance(writer, EntrySource) else {}
+        for item in manifest.files:
+            if item.name not in digests and (joined := journal.file_digests(item.name, item.size)):
+                digests[item.name] = joined
+        missing = [item.name for item in manifest.files if item.name not in digests]
+        digests.update(self._digest(files_dir, missing))
+        return digests
+
     @staticmethod
     def _digest(files_dir: Path, names: list[str]) -> dict[str, tuple[int, str]]:
         """Block digests of freshly written files, read back while they are still in the page cache, so
-        later hits (FASTLOAD_VERIFY=sample|full) and promotions can check them."""
+        later hits (FASTLOAD_VERIFY=sample|full) and promotions can check them (for sources that did not
+        compute them on the way)."""
         if not names:
             return {}
         workers = max(1, min(4, len(names), os.cpu_count() or 1))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fastload_core.storage import StorageError, fetch
+from fastload_core.storage import StorageError, fetch, writethrough
 from fastload_core.storage import lease as lease_module
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
@@ -105,6 +105,7 @@ def test_a_closed_redis_port_warns_once_and_fetches_without_the_lease(
     _shared_store_env(tmp_path, monkeypatch, f"redis://127.0.0.1:{_closed_port()}/0")
     for uri, data in _models(tmp_path):
         assert fetch(uri).read_bytes() == data
+    writethrough.wait()
     assert len(list((tmp_path / "ceph").rglob("meta.json"))) == 2  # the shared tier was filled regardless
     warnings = [r for r in caplog.records if "Redis" in r.getMessage() and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "without the cross-node lease" in warnings[0].getMessage()

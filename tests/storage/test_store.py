@@ -25,11 +25,13 @@ from fastload_core.storage import (
     fetch,
     pin,
     prefetch,
+    writethrough,
 )
 from fastload_core.storage.errors import BadURIError, NotCachedError, UnsafeKeyError
-from fastload_core.storage.meta import Checksums
+from fastload_core.storage.meta import Checksums, EntryMeta
 from fastload_core.storage.progress import Progress
 from fastload_core.storage.uri import ModelURI
+from fastload_core.storage.verify import file_digests
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
 from tests.storage.helpers import record_events, spawn
@@ -84,6 +86,7 @@ def test_lru_eviction_keeps_pinned_entries_and_falls_through(
         uris[name] = f"file://{model}"
     fetch(uris["m1"], tier="shm")
     fetch(uris["m2"], tier="shm")
+    writethrough.wait()  # a write-through keeps its source in use until its copy on disk is published
     time.sleep(0.01)
     fetch(uris["m1"], tier="shm")  # m1 is now more recently used than m2
     path3 = fetch(uris["m3"], tier="shm")
@@ -211,6 +214,7 @@ def test_explicit_composition(tmp_path: Path) -> None:
     model, data = make_model(tmp_path, "m", 1000)
     path = store.fetch(f"file://{model}")
     assert path.is_relative_to(tmp_path / "shm") and (path / "model.safetensors").read_bytes() == data
+    writethrough.wait()
     assert [i.entry.tier for i in store.ls()] == ["shm", "local_disk"]
 
 
@@ -280,6 +284,8 @@ def test_sigkill_mid_download_leaves_nothing_torn_and_the_retry_resumes(s3: Any,
     assert path.read_bytes() == data
     assert proxy.get_body_bytes < len(data)  # resumed: the parts already on disk were not fetched again
     assert leftovers(local_dir()) == []
+    (item,) = EntryMeta.read(path.parent.parent).files  # digests of the killed run's parts came from its journal
+    assert item.block_size and item.digests == file_digests(path, item.block_size)
 
 
 class BrokenScheme:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fastload_core.storage import LocalDiskTier, ShmTier, StorageError, TieredStore, fetch
+from fastload_core.storage import LocalDiskTier, ShmTier, StorageError, TieredStore, fetch, writethrough
 from fastload_core.storage.verify import BLOCK_SIZE, DIGEST_CHARS, BlockDigests, file_digests
 from tests.storage.conftest import BUCKET
 from tests.storage.helpers import record_events
@@ -80,7 +80,8 @@ def test_a_damaged_local_entry_no_longer_fails_every_promotion(tmp_path: Path) -
     on_disk = store.fetch(uri)
     _flip(on_disk, BLOCK_SIZE + 3)  # same size: only the promotion's verification can see it
     assert store.fetch(uri, tier="shm").read_bytes() == data
-    assert store.fetch(uri).read_bytes() == data  # the disk copy was replaced too
+    assert store.fetch(uri).read_bytes() == data
+    writethrough.wait()  # the disk copy is replaced by the write-through from shm
     assert store.tiers[1].lookup(on_disk.parent.parent.parent.name, on_disk.parent.parent.name) is not None
 
 
@@ -127,7 +128,9 @@ def test_s3_downloads_record_digests_and_full_verification_catches_a_flip(
     s3.put_object(Bucket=BUCKET, Key="verify/w.bin", Body=data)
     uri = f"s3://{BUCKET}/verify/w.bin"
     path = fetch(uri)
-    assert file_digests(path) == json.loads((path.parent.parent / "meta.json").read_text())["files"][0]["digests"]
+    (item,) = json.loads((path.parent.parent / "meta.json").read_text())["files"]
+    assert item["block_size"] == 256 * 1024  # the download ranges' size (conftest), hashed as they arrived
+    assert file_digests(path, item["block_size"]) == item["digests"]
     _flip(path, MiB)
     monkeypatch.setenv("FASTLOAD_VERIFY", "full")
     assert fetch(uri).read_bytes() == data

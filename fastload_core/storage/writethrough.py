@@ -1,0 +1,121 @@
+"""Write-through: after a fetch has published a model in the tier it asked for, the slower tiers between
+that tier and the model's source (local disk, the shared mount) are filled from the published copy on a
+thread of their own, so the caller does not wait for disk writes and fsyncs it did not ask for.
+
+Each copy goes through the store's usual prepare → copy and verify → publish path, so a crash in between
+leaves each tier complete or absent. A failure is logged and reported through ``on_fetch_finish`` (the
+store pairs every start with a finish), never raised into the fetch that already returned. A process does
+not exit with a write-through pending: the wait is hooked into threading's own exit hook (the one
+``concurrent.futures`` uses) and registered after it, so it runs first, while thread pools still accept
+work, and says what it is waiting for. A forked child forgets its parent's jobs (their threads are not
+in it); the parent still waits for them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures.thread  # noqa: F401  (imported first: our exit hook must run before its own)
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("fastload.storage")
+
+
+@dataclass(eq=False)
+class WriteThrough:
+    """One model's write-through into ``tiers``; ``published``/``errors`` fill in as each tier is done."""
+
+    uri: str
+    tiers: tuple[str, ...]
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    published: list[str] = field(default_factory=list)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+_lock = threading.Lock()
+_pending: set[WriteThrough] = set()
+_hooked = False
+
+
+def start(uri: str, tiers: tuple[str, ...], run: Callable[[WriteThrough], None]) -> WriteThrough:
+    """Run ``run(job)`` on a new thread and return the job. ``run`` records its outcome in the job."""
+    job = WriteThrough(uri, tiers)
+    with _lock:
+        _pending.add(job)
+        _hook_exit()
+    thread = threading.Thread(target=_run, args=(job, run), name="fastload-write-through")
+    thread.start()
+    return job
+
+
+def _run(job: WriteThrough, run: Callable[[WriteThrough], None]) -> None:
+    try:
+        run(job)
+    except BaseException as exc:  # run() records per-tier failures itself; this is a bug, still never fatal
+        log.exception("%s: write-through to %s failed", job.uri, ", ".join(job.tiers))
+        job.errors.setdefault("*", exc)
+    finally:
+        job.finished = time.monotonic()
+        with _lock:
+            _pending.discard(job)
+        job.done.set()
+
+
+def pending() -> list[WriteThrough]:
+    with _lock:
+        return sorted(_pending, key=lambda job: job.started)
+
+
+def wait(timeout: float | None = None) -> list[WriteThrough]:
+    """Wait for every write-through running now; return them (those still running after ``timeout`` have
+    ``finished`` None)."""
+    jobs = pending()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for job in jobs:
+        job.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+    return jobs
+
+
+def _at_exit() -> None:
+    jobs = pending()
+    if not jobs:
+        return
+    log.info("waiting for %d write-through(s) to finish before exit: %s", len(jobs),
+             "; ".join(f"{job.uri} -> {', '.join(job.tiers)}" for job in jobs))
+    wait()
+
+
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's threads: it must not wait for their jobs at exit."""
+    global _lock
+    _lock = threading.Lock()
+    _pending.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _hook_exit() -> None:
+    global _hooked
+    if _hooked:
+        return
+    register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9; private but stable
+    try:
+        if register is None:
+            raise RuntimeError("no threading._register_atexit")
+        register(_at_exit)
+    except RuntimeError:  # already shutting down, or another interpreter: the threads are non-daemon anyway
+        atexit.register(_at_exit)
+    _hooked = True
+
+
+__all__ = ["WriteThrough", "pending", "start", "wait"]
