@@ -247,3 +247,20 @@ def test_serve_refuses_to_start_without_credentials(node_env: dict[str, str], tm
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "FASTLOAD_SERVE_ACCESS_KEY_ID" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_doctor_checks_the_endpoint(make_node: Any, node_env: dict[str, str]) -> None:
+    node = make_node("a", advertise=False)
+
+    def doctor(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fastload_core", "doctor", "--serve", node.endpoint],
+                              env={**node_env, **extra}, capture_output=True, text=True, timeout=120)
+
+    good = [line for line in doctor().stdout.splitlines() if "serve endpoint" in line]
+    assert good and good[0].startswith("ok"), good
+    bad = doctor(FASTLOAD_SERVE_SECRET_ACCESS_KEY="wrong")
+    [line] = [line for line in bad.stdout.splitlines() if "serve endpoint" in line]
+    assert line.startswith("FAIL") and "refused the signature" in line and bad.returncode == 1
+    node.stop()
+    [line] = [line for line in doctor().stdout.splitlines() if "serve endpoint" in line]
+    assert line.startswith("FAIL") and "unreachable" in line
