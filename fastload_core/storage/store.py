@@ -333,7 +333,17 @@ class TieredStore:
             pinned = self._fill(target, parsed, manifest,
                                 PeerSource(self.peers, holders, parsed.slug, manifest.version, fallback), watch)
         except TierFullError:
-            return None
+            return None  # ``source`` is still held: the usual chain serves from it
+        except IntegrityError as exc:  # peers' bad bytes never get here: the shared entry failed its digests
+            if source is not None and source.entry is not None and source.tier in self._by_name:
+                source.release()
+                drop_damaged(self._by_name[source.tier], source.entry, exc.problem)
+                raise _DamagedSource(exc) from exc
+            raise
+        except BaseException:
+            if source is not None:
+                source.release()
+            raise
         if source is not None:
             source.release()
         return pinned

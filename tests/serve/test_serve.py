@@ -45,19 +45,18 @@ def node_env(node_env: dict[str, str]) -> dict[str, str]:
 
 
 def wait_advertised(redis_url: str, address: str, timeout: float = 20.0) -> None:
-    client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for key in client.scan_iter(KEY_PREFIX + "*"):
-            if client.zscore(key, address) is not None:
-                return
+        if advertised(redis_url, address):
+            return
         time.sleep(0.1)
     raise AssertionError(f"{address} never advertised an entry")
 
 
 def advertised(redis_url: str, address: str) -> bool:
+    """Whether ``address`` holds a live (unexpired) claim on some entry."""
     client = redis.Redis.from_url(redis_url)
-    return any(client.zscore(key, address) is not None for key in client.scan_iter(KEY_PREFIX + "*"))
+    return any((client.zscore(key, address) or 0) > time.time() for key in client.scan_iter(KEY_PREFIX + "*"))
 
 
 def published(node: Any, timeout: float = 20.0) -> list[Path]:
@@ -264,3 +263,47 @@ def test_doctor_checks_the_endpoint(make_node: Any, node_env: dict[str, str]) ->
     node.stop()
     [line] = [line for line in doctor().stdout.splitlines() if "serve endpoint" in line]
     assert line.startswith("FAIL") and "unreachable" in line
+
+
+def test_an_evicted_entry_is_withdrawn_and_a_claim_renewed(make_node: Any, data: bytes, redis_url: str) -> None:
+    node = make_node("a", FASTLOAD_PEER_TTL="2")
+    node.client().get_object(Bucket=BUCKET, Key=MODEL)["Body"].read()
+    address = f"127.0.0.1:{node.port}"
+    wait_advertised(redis_url, address)
+    time.sleep(3)  # longer than the TTL: only renewal keeps the claim
+    assert advertised(redis_url, address)
+    removed = subprocess.run([sys.executable, "-m", "fastload_core", "cache", "rm", f"s3://{BUCKET}/{MODEL}"],
+                             env=node.env, capture_output=True, text=True, timeout=120)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    deadline = time.monotonic() + 10
+    while advertised(redis_url, address) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not advertised(redis_url, address)
+
+
+@pytest.mark.parametrize("peer_alive", [True, False])
+def test_a_peer_comes_before_the_shared_mount_which_comes_before_the_origin(
+        make_node: Any, data: bytes, origin: FaultProxy, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, peer_alive: bool, caplog: pytest.LogCaptureFixture) -> None:
+    from fastload_core.storage.store import TieredStore
+
+    a = make_node("a")
+    a.client().get_object(Bucket=BUCKET, Key=MODEL)["Body"].read()
+    wait_advertised(redis_url, f"127.0.0.1:{a.port}")
+    for name in ("AWS_ENDPOINT_URL_S3", "FASTLOAD_SERVE_ACCESS_KEY_ID", "FASTLOAD_SERVE_SECRET_ACCESS_KEY",
+                 "FASTLOAD_REDIS_URL", "FASTLOAD_PEER_TIMEOUT"):
+        monkeypatch.setenv(name, a.env[name])
+    monkeypatch.setenv("FASTLOAD_SHARED_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv("FASTLOAD_PEERS", "off")
+    TieredStore.from_env().fetch(f"s3://{BUCKET}/{MODEL}", tier="shared_fs")  # another node filled the mount
+    monkeypatch.delenv("FASTLOAD_PEERS")
+    if not peer_alive:
+        a.stop(signal.SIGKILL)
+    origin.reset_counters()
+    with caplog.at_level("INFO", logger="fastload.storage"):
+        path = TieredStore.from_env().fetch(f"s3://{BUCKET}/{MODEL}", tier="shm")
+    assert path.read_bytes() == data
+    assert origin.get_body_bytes == 0  # from the peer, or from the mount when the peer is dead
+    peer = f"peer 127.0.0.1:{a.port}"
+    assert (f"bytes from {peer}" in caplog.text) is peer_alive
+    assert (f"{peer} failed" in caplog.text) is not peer_alive  # the peer is asked before the mount either way
