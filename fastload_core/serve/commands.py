@@ -62,7 +62,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.resolve_ttl < 0:
         raise ServeError("--resolve-ttl must be 0 or more seconds")
     address = _address(args.advertise) if args.advertise else None
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        raise ServeError("fastload serve needs uvicorn: pip install 'fastload[serve]'") from None
 
     from ..plugins import get_plugin_manager
     from ..storage.peers import PeerRegistry
