@@ -38,7 +38,7 @@ from .meta import Checksums, EntryMeta, Manifest, RemoteFile
 from .progress import Progress
 from .settings import S3Settings
 from .uri import ModelURI, redact
-from .verify import DIGEST_CHARS
+from .verify import BLOCK_SIZE, DIGEST_CHARS
 
 log = logging.getLogger("fastload.storage.peers")
 
@@ -205,8 +205,8 @@ class _CheckedProgress(Progress):
 
 
 class PeerSource(Origin):
-    """The usual source of a fill (the origin, or the shared tier's entry), tried after the peers that
-    hold the exact version. ``digests`` are the block digests of what was written, when they are known."""
+    """A fill's source: the peers holding the exact version, in order, then ``fallback`` (the origin, or the
+    shared tier's entry). ``digests`` are the block digests of what was written, when they are known."""
 
     def __init__(self, settings: PeerSettings, peers: list[str], slug: str, version: str,
                  fallback: Source) -> None:
@@ -259,6 +259,9 @@ class PeerSource(Origin):
             if meta.version != self.version or mine is None or mine.size != item.size or \
                     (item.etag and mine.etag and mine.etag != item.etag):
                 raise IntegrityError(manifest.uri, item.name, "the peer's entry is not the version resolved here")
+            if item.size == 0:  # an empty file has no blocks, so no digests to check
+                digests[item.name] = (mine.block_size or BLOCK_SIZE, "")
+                continue
             if not mine.digests or not mine.block_size or \
                     len(mine.digests) != DIGEST_CHARS * -(-item.size // mine.block_size):
                 raise IntegrityError(manifest.uri, item.name, "the peer recorded no usable block digests")

@@ -307,3 +307,25 @@ def test_a_peer_comes_before_the_shared_mount_which_comes_before_the_origin(
     peer = f"peer 127.0.0.1:{a.port}"
     assert (f"bytes from {peer}" in caplog.text) is peer_alive
     assert (f"{peer} failed" in caplog.text) is not peer_alive  # the peer is asked before the mount either way
+
+
+def test_a_prefix_with_several_files_and_an_empty_one_comes_from_a_peer(
+        make_node: Any, s3: Any, origin: FaultProxy, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastload_core.storage.store import TieredStore
+
+    files = {"model-1.safetensors": os.urandom(9_000_000), "model-2.safetensors": os.urandom(5_000_000),
+             "sub/config.json": b'{"a": 1}', "empty.txt": b""}
+    for name, payload in files.items():
+        s3.put_object(Bucket=BUCKET, Key=f"m2/{name}", Body=payload)
+    a = make_node("a", FASTLOAD_PEER_TTL="3")
+    filled = subprocess.run([sys.executable, "-m", "fastload_core", "fetch", f"s3://{BUCKET}/m2/", "--tier", "shm"],
+                            env=a.env, capture_output=True, text=True, timeout=120)
+    assert filled.returncode == 0, filled.stderr
+    wait_advertised(redis_url, f"127.0.0.1:{a.port}")
+    for name in ("AWS_ENDPOINT_URL_S3", "FASTLOAD_SERVE_ACCESS_KEY_ID", "FASTLOAD_SERVE_SECRET_ACCESS_KEY",
+                 "FASTLOAD_REDIS_URL", "FASTLOAD_S3_PART_SIZE"):
+        monkeypatch.setenv(name, a.env[name])
+    origin.reset_counters()
+    path = TieredStore.from_env().fetch(f"s3://{BUCKET}/m2/", tier="shm")
+    assert {name: (path / name).read_bytes() for name in files} == files
+    assert origin.get_body_bytes == 0
