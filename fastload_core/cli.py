@@ -20,6 +20,7 @@ from .errors import FastloadError
 _COMMAND_MODULES = (
     "fastload_core.loader.commands",
     "fastload_core.storage.commands",
+    "fastload_core.serve.commands",
     "fastload_core.compile_cache.commands",
     "fastload_core.bench.commands",
     "fastload_core.demo",

@@ -78,6 +78,17 @@ def on_evict(tier: str, key: str, nbytes: int) -> None:
     """An entry (``slug/version``) was removed from a tier to make room, by gc, or by ``cache rm``."""
 
 
+@hookspec
+def on_peer_fetch(uri: str, peer: str, nbytes: int, seconds: float, error: BaseException | None) -> None:
+    """A fill tried a peer's ``fastload serve`` (``peer`` is its address): got ``nbytes``, or failed with ``error``."""
+
+
+@hookspec
+def on_serve_request(method: str, status: int, nbytes: int, source: str) -> None:
+    """``fastload serve`` answered a request; ``source`` says where the bytes came from: ``hit`` (a tier),
+    ``miss`` (fetched for this request), ``peer`` (a peer's metadata or files), ``list``, ``denied``, ``error``."""
+
+
 # --- compile cache -----------------------------------------------------------------------------
 @hookspec
 def register_compile_cache_backends(register: Callable[[str, Callable[[str], CompileCacheBackend]], None]) -> None:

@@ -49,6 +49,14 @@ def _get() -> dict[str, Any] | None:
                                 multiprocess_mode="livesum"),
                 "evictions": Counter("fastload_evictions", "Entries evicted from a tier", ["tier"]),
                 "evicted_bytes": Counter("fastload_evicted_bytes", "Bytes evicted from a tier", ["tier"]),
+                "peer_fetches": Counter("fastload_peer_fetches", "Fills tried from a peer, by outcome (ok, "
+                                        "failed)", ["outcome"]),
+                "peer_bytes": Counter("fastload_peer_bytes", "Bytes fetched from peers"),
+                "served": Counter("fastload_serve_requests", "Requests answered by fastload serve, by method, "
+                                  "status and source (hit, miss, peer, list, denied, error)",
+                                  ["method", "status", "source"]),
+                "served_bytes": Counter("fastload_serve_bytes", "Body bytes sent by fastload serve, by source",
+                                        ["source"]),
                 "compiles": Counter("fastload_compiles", "First compiles, by what the compile cache did "
                                     "(hit, miss, partial, none)", ["status"]),
             }
@@ -96,6 +104,20 @@ def on_evict(tier: str, key: str, nbytes: int) -> None:
     if (m := _get()) is not None:
         m["evictions"].labels(tier).inc()
         m["evicted_bytes"].labels(tier).inc(nbytes)
+
+
+@hookimpl
+def on_peer_fetch(uri: str, peer: str, nbytes: int, seconds: float, error: BaseException | None) -> None:
+    if (m := _get()) is not None:
+        m["peer_fetches"].labels("failed" if error is not None else "ok").inc()
+        m["peer_bytes"].inc(nbytes)
+
+
+@hookimpl
+def on_serve_request(method: str, status: int, nbytes: int, source: str) -> None:
+    if (m := _get()) is not None:
+        m["served"].labels(method, str(status), source).inc()
+        m["served_bytes"].labels(source).inc(nbytes)
 
 
 @hookimpl

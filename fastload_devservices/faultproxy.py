@@ -106,10 +106,12 @@ class FaultProxy:
             return
         upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP}
-        upstream.request(handler.command, handler.path, body=body, headers=headers)
-        response = upstream.getresponse()
-        data = response.read()
-        upstream.close()
+        try:  # an upstream killed mid-request (a peer node in the serve tests) must not leak the socket
+            upstream.request(handler.command, handler.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
         handler.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in _HOP:

@@ -107,3 +107,24 @@ def test_every_load_start_is_paired_with_a_finish_carrying_the_outcome(tmp_path:
     assert errors[0] is None
     assert isinstance(errors[1], fastload_core.errors.CheckpointError)
     assert isinstance(errors[2], StorageError)
+
+
+def test_prometheus_plugin_counts_serve_requests_and_peer_fetches() -> None:
+    from fastload_core.plugins import notify
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    requests = sample("fastload_serve_requests_total", method="GET", status="206", source="hit")
+    sent = sample("fastload_serve_bytes_total", source="hit")
+    ok, failed = sample("fastload_peer_fetches_total", outcome="ok"), sample("fastload_peer_fetches_total",
+                                                                              outcome="failed")
+    pulled = sample("fastload_peer_bytes_total")
+    notify("on_serve_request", method="GET", status=206, nbytes=1000, source="hit")
+    notify("on_peer_fetch", uri="s3://b/k", peer="10.0.0.2:9000", nbytes=500, seconds=0.1, error=None)
+    notify("on_peer_fetch", uri="s3://b/k", peer="10.0.0.3:9000", nbytes=0, seconds=2.0, error=TimeoutError())
+    assert sample("fastload_serve_requests_total", method="GET", status="206", source="hit") == requests + 1
+    assert sample("fastload_serve_bytes_total", source="hit") == sent + 1000
+    assert sample("fastload_peer_fetches_total", outcome="ok") == ok + 1
+    assert sample("fastload_peer_fetches_total", outcome="failed") == failed + 1
+    assert sample("fastload_peer_bytes_total") == pulled + 500

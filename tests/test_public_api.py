@@ -58,6 +58,8 @@ HOOKS: dict[str, list[str]] = {
     "on_evict": ["tier", "key", "nbytes"],
     "on_fetch_finish": ["uri", "tier", "nbytes", "seconds", "error"],
     "on_fetch_start": ["uri", "tier", "nbytes"],
+    "on_peer_fetch": ["uri", "peer", "nbytes", "seconds", "error"],
+    "on_serve_request": ["method", "status", "nbytes", "source"],
     "on_tier_full": ["uri", "tier", "nbytes"],
     "on_tier_hit": ["uri", "tier", "path"],
     "on_tier_miss": ["uri", "tier"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shutil
 from collections.abc import Callable
 
@@ -26,6 +27,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "with a probe write, read and delete, and that torch.compile can build kernels here.",
     )
     doctor.add_argument("--cache", action="append", metavar="URL", help="a compile-cache URL; repeatable")
+    doctor.add_argument("--serve", action="append", metavar="URL",
+                        help="a `fastload serve` endpoint to check (default: $FASTLOAD_SERVE_URL, if set); repeatable")
     doctor.set_defaults(func=run_doctor)
 
 
@@ -35,6 +38,10 @@ def run_doctor(args: argparse.Namespace) -> int:
         (f"compile cache {redact(url)}", functools.partial(check_backend, url)) for url in urls
     ]
     checks.append(("toolchain", _check_toolchain))
+    from ..serve.doctor import URL_VARIABLE, check_endpoint
+
+    serve_urls = args.serve or ([os.environ[URL_VARIABLE]] if os.environ.get(URL_VARIABLE) else [])
+    checks += [(f"serve endpoint {url}", functools.partial(check_endpoint, url)) for url in serve_urls]
     failed = 0
     for name, check in checks:
         ok, message = check()

@@ -56,6 +56,7 @@ from .eviction import (
 from .lease import RedisLease
 from .local_disk import LocalDiskTier
 from .meta import FILES_DIR, EntryMeta, Manifest
+from .peers import PeerRegistry, PeerSettings, PeerSource
 from .progress import Progress
 from .settings import VERIFY_MODES, StorageSettings
 from .shared_fs import SharedFsTier
@@ -129,6 +130,7 @@ class TieredStore:
         offline: bool = False,
         show_progress: bool = True,
         verify: str = "size",
+        peers: PeerSettings | None = None,
     ) -> None:
         """``tiers`` fastest first. ``origins`` maps schemes to origins; None means the registered ones.
         ``verify`` is how hard a cache hit is checked: ``size``, ``sample`` or ``full`` (see verify.py)."""
@@ -151,6 +153,8 @@ class TieredStore:
         self._origins: dict[str, Origin] = dict(origins) if origins is not None else {}
         self._use_registered = origins is None
         self._origin_lock = threading.Lock()
+        self.peers = peers
+        self._registry = PeerRegistry(peers.redis_url, ttl=peers.ttl, timeout=peers.timeout) if peers else None
 
     @classmethod
     def from_env(cls, settings: StorageSettings | None = None) -> TieredStore:
@@ -167,7 +171,7 @@ class TieredStore:
         lease = RedisLease(settings.redis_url, ttl=settings.lease_ttl,
                            timeout=settings.redis_timeout) if settings.redis_url else None
         return cls(tiers, default_tier=default, fetch_timeout=settings.fetch_timeout, lease=lease,
-                   offline=settings.offline, verify=settings.verify)
+                   offline=settings.offline, verify=settings.verify, peers=PeerSettings.from_env())
 
     # --- lookup helpers --------------------------------------------------------------------------
     def _tier(self, name: str) -> Tier:
@@ -245,6 +249,11 @@ class TieredStore:
                 source, source_index = pinned, index
                 break
             notify("on_tier_miss", uri=shown, tier=candidate.name)
+        if source is None or self.tiers[source_index].shared:  # no copy on this node: a peer's RAM first
+            slower = [tier for tier in self.tiers[target_index + 1:source_index] if not tier.shared]
+            peered = self._from_peers(parsed, manifest, origin, source, target, watch, slower)
+            if peered is not None:
+                return peered
         return self._fill_up(parsed, manifest, origin, source, source_index, target_index, watch)
 
     def pin_path(self, path: str | os.PathLike[str]) -> Pin:
@@ -308,6 +317,42 @@ class TieredStore:
         if not entries:
             return None
         return max(entries, key=lambda e: e.meta.created).meta.as_manifest()
+
+    # --- peers (see peers.py) ----------------------------------------------------------------------
+    def _from_peers(self, parsed: ModelURI, manifest: Manifest, origin: Origin, source: Pin | None,
+                    target: Tier, watch: FetchWatch | None, slower: Sequence[Tier]) -> Pin | None:
+        """Fill ``target`` straight from the first peer holding this exact version, falling back within the
+        same fill to the usual source (``source``, else the origin), and write through to this node's
+        ``slower`` tiers as any fill does. None when no peer is known or the tier is full (the usual chain
+        then decides what to do)."""
+        if self._registry is None or self.peers is None or self.offline:
+            return None
+        holders = self._registry.holders(parsed.slug, manifest.version, exclude=self.peers.advertise)
+        if not holders:
+            return None
+        fallback: Source = origin
+        if source is not None and source.entry is not None:
+            fallback = EntrySource(source.entry.path / FILES_DIR, source.entry.meta.checksums(),
+                                   source.entry.meta.digests())
+        try:
+            pinned = self._fill(target, parsed, manifest,
+                                PeerSource(self.peers, holders, parsed.slug, manifest.version, fallback), watch,
+                                slower)
+        except TierFullError:
+            return None  # ``source`` is still held: the usual chain serves from it
+        except IntegrityError as exc:  # peers' bad bytes never get here: the shared entry failed its digests
+            if source is not None and source.entry is not None and source.tier in self._by_name:
+                source.release()
+                drop_damaged(self._by_name[source.tier], source.entry, exc.problem)
+                raise _DamagedSource(exc) from exc
+            raise
+        except BaseException:
+            if source is not None:
+                source.release()
+            raise
+        if source is not None:
+            source.release()
+        return pinned
 
     # --- filling ---------------------------------------------------------------------------------
     def _fill_up(self, parsed: ModelURI, manifest: Manifest, origin: Origin, source: Pin | None,
@@ -510,7 +555,7 @@ class TieredStore:
                  files_dir: Path) -> dict[str, tuple[int, str]]:
         """Block digests for the new entry: a promotion keeps those it verified in the copy; an origin that
         hashed ranges as they arrived left them in the journal; anything else is read back and digested."""
-        digests = dict(writer.digests) if isinstance(writer, EntrySource) else {}
+        digests = dict(getattr(writer, "digests", None) or {})  # an EntrySource's, or a peer's
         for item in manifest.files:
             if item.name not in digests and (joined := journal.file_digests(item.name, item.size)):
                 digests[item.name] = joined

@@ -1,0 +1,368 @@
+"""``fastload serve`` and peer fetching: how fast a cold node gets a model, and from where.
+
+One run, every source side by side, rounds in a shuffled order, medians reported:
+  * the serving engines' loopback ceiling: 16 parallel ranged GETs (16 MiB) of the model held in /dev/shm,
+    bodies discarded, through nginx (sendfile, the candidate data plane) and through ``fastload serve``
+    (uvicorn, SigV4 checked on every request);
+  * a cold node (a fresh process, empty cache) fetching the model into /dev/shm: from a peer's RAM (node A
+    runs ``fastload serve`` and holds it), from the shared directory, from the S3 origin (SeaweedFS);
+  * a miss served through the endpoint: a cold ``fastload serve`` node read by the same 16 parallel ranged
+    GETs, against the direct fetch from the origin;
+  * Run:ai Model Streamer (``pip install runai-model-streamer runai-model-streamer-s3``) reading the model
+    through node A (a hit), where it is installed.
+
+Cold-node rows report the fetch itself (timed inside the fresh process, after the plugin manager has
+loaded, which imports torch) and the whole process (interpreter, imports and all).
+Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--out bench-out/serve.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_s3 import make_checkpoint  # noqa: E402
+
+from fastload_core.storage.settings import parse_size  # noqa: E402
+from fastload_devservices._process import free_port  # noqa: E402
+
+BUCKET = "models"  # SeaweedServer's bucket
+KEY = "model/model.safetensors"
+URI = f"s3://{BUCKET}/{KEY}"
+MiB = 1024 * 1024
+SERVE_KEY, SERVE_SECRET = "bench-serve-key", "bench-serve-secret"
+
+FETCH = """
+import json, os, sys, time
+started = time.monotonic()
+from fastload_core.plugins import get_plugin_manager
+from fastload_core.storage import fetch
+get_plugin_manager()  # loads the built-in plugins, torch included: the same for every source, so not timed
+ready = time.monotonic()
+path = fetch(os.environ["URI"], tier="shm")
+done = time.monotonic()
+print(json.dumps({"fetch": done - ready, "imports": ready - started, "path": str(path)}))
+"""
+
+RUNAI = """
+import json, os, time
+from runai_model_streamer import SafetensorsStreamer
+started = time.monotonic()
+with SafetensorsStreamer() as streamer:
+    streamer.stream_file(os.environ["URI"])
+    total = sum(t.numel() * t.element_size() for _, t in streamer.get_tensors())
+print(json.dumps({"fetch": time.monotonic() - started, "bytes": total}))
+"""
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port}")
+
+
+class Serve:
+    """A ``fastload serve`` node: its own cache and shm directories, a subprocess."""
+
+    def __init__(self, work: Path, name: str, env: dict[str, str], *, advertise: bool) -> None:
+        self.port = free_port()
+        self.root = work / name
+        self.env = {**env, "FASTLOAD_CACHE_DIR": str(self.root / "cache"), "FASTLOAD_SHM_DIR": str(self.root / "shm")}
+        self.root.mkdir(parents=True)
+        command = [sys.executable, "-m", "fastload_core", "serve", "--port", str(self.port)]
+        if advertise:
+            command += ["--advertise", f"127.0.0.1:{self.port}"]
+        self.log = self.root / "serve.log"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
+        wait_port(self.port, self.process, self.log)
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.port}", aws_access_key_id=SERVE_KEY,
+                            aws_secret_access_key=SERVE_SECRET, region_name="us-east-1",
+                            config=Config(max_pool_connections=32, retries={"max_attempts": 1}))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def parallel_read(client: Any, size: int, part: int, workers: int) -> None:
+    """What a parallel S3 reader does: ranged GETs of ``part`` bytes, ``workers`` at a time, bodies discarded."""
+    def get(start: int) -> int:
+        body = client.get_object(Bucket=BUCKET, Key=KEY, Range=f"bytes={start}-{min(start + part, size) - 1}")["Body"]
+        total = 0
+        while chunk := body.read(MiB):
+            total += len(chunk)
+        return total
+
+    with ThreadPoolExecutor(workers) as pool:
+        got = sum(pool.map(get, range(0, size, part)))
+    if got != size:
+        raise RuntimeError(f"read {got} of {size} bytes")
+
+
+def start_nginx(work: Path, root: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(f"""
+user root;
+worker_processes 2;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    fastcgi_temp_path {work}/nginx-fastcgi;
+    uwsgi_temp_path {work}/nginx-uwsgi;
+    scgi_temp_path {work}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+""")
+    log = work / "nginx.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["nginx", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    wait_port(port, process, log)
+    return process, port
+
+
+def cold_fetch(env: dict[str, str], cache: Path) -> dict[str, float]:
+    """A fresh process on a node with an empty cache fetches the model into /dev/shm."""
+    shutil.rmtree(cache, ignore_errors=True)
+    run_env = {**env, "FASTLOAD_CACHE_DIR": str(cache / "cache"), "FASTLOAD_SHM_DIR": str(cache / "shm"), "URI": URI}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", FETCH], env=run_env, capture_output=True, text=True, timeout=900)
+    wall = time.monotonic() - started
+    shutil.rmtree(cache, ignore_errors=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall"] = wall
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="2GiB")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--part-size", default="16MiB")
+    parser.add_argument("--out", default=str(REPO / "bench-out" / "serve.md"))
+    args = parser.parse_args()
+    size = int(parse_size(args.size) or 0)
+    part = int(parse_size(args.part_size) or 0)
+    work = Path(tempfile.mkdtemp(prefix="fastload-bench-serve-", dir="/dev/shm"))
+    disk = Path(tempfile.mkdtemp(prefix="fastload-bench-serve-"))
+    from fastload_devservices.redis import RedisServer
+    from fastload_devservices.seaweed import SeaweedServer
+
+    origin, redis_server = SeaweedServer(), RedisServer()
+    origin.start()
+    redis_server.start()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FASTLOAD_", "AWS_"))}
+    base.update(AWS_ENDPOINT_URL_S3=origin.endpoint_url, AWS_ACCESS_KEY_ID="any", AWS_SECRET_ACCESS_KEY="any",
+                AWS_DEFAULT_REGION="us-east-1", FASTLOAD_S3_CONCURRENCY=str(args.concurrency),
+                FASTLOAD_S3_PART_SIZE=args.part_size, FASTLOAD_SERVE_ACCESS_KEY_ID=SERVE_KEY,
+                FASTLOAD_SERVE_SECRET_ACCESS_KEY=SERVE_SECRET, FASTLOAD_REDIS_URL=redis_server.url,
+                FASTLOAD_PEER_TTL="6", PYTHONPATH=str(REPO))
+    no_peers = {**base, "FASTLOAD_PEERS": "off"}
+    nodes: list[Serve] = []
+    nginx = None
+    notes: list[str] = []
+    timings: dict[str, list[float]] = {}
+    walls: dict[str, list[float]] = {}
+    try:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        source = work / "source.safetensors"
+        make_checkpoint(source, size)
+        size = source.stat().st_size
+        upload = boto3.client("s3", endpoint_url=origin.endpoint_url, aws_access_key_id="any",
+                              aws_secret_access_key="any", region_name="us-east-1")
+        upload.upload_file(str(source), BUCKET, KEY, Config=TransferConfig(multipart_threshold=part,
+                                                                            multipart_chunksize=part))
+        source.unlink()
+        print(f"checkpoint {size / MiB:.0f} MiB at SeaweedFS {origin.endpoint_url}", flush=True)
+
+        peer = Serve(work, "peer-a", base, advertise=True)  # node A: holds the model in RAM, advertised
+        nodes.append(peer)
+        parallel_read(peer.client(), size, part, args.concurrency)  # a miss: A fetches it into /dev/shm
+        deadline = time.monotonic() + 60
+        held: list[Path] = []
+        while time.monotonic() < deadline and not held:
+            held = [p for p in (peer.root / "shm").glob("*/*/files/model.safetensors")
+                    if not p.parents[1].name.startswith(".")]
+            time.sleep(0.2)
+        if not held:
+            raise RuntimeError("node A never published the model in /dev/shm")
+        time.sleep(3)  # one advertisement round (TTL 6 s: every 2 s)
+        nginx_root = work / "nginx-root" / BUCKET / "model"
+        nginx_root.mkdir(parents=True)
+        os.link(held[0], nginx_root / "model.safetensors")  # the same bytes in RAM, no copy
+        nginx, nginx_port = start_nginx(work, work / "nginx-root") if shutil.which("nginx") else (None, 0)
+        if nginx is None:
+            notes.append("nginx is not installed (apt-get install nginx-light): its ceiling row is missing")
+
+        shared = disk / "shared"
+        shared_env = {**no_peers, "FASTLOAD_SHARED_DIR": str(shared)}
+        cold_fetch(shared_env, disk / "fill-shared")  # fills the shared tier on the way (origin -> shared_fs)
+
+        def engine(client: Any) -> Callable[[], float]:
+            def run() -> float:
+                started = time.monotonic()
+                parallel_read(client, size, part, args.concurrency)
+                return time.monotonic() - started
+            return run
+
+        def cold(env: dict[str, str], name: str) -> Callable[[], float]:
+            def run() -> float:
+                result = cold_fetch(env, disk / "cold")
+                walls.setdefault(name, []).append(result["wall"])
+                return result["fetch"]
+            return run
+
+        def miss_through_endpoint() -> float:
+            node = Serve(work, "cold-c", no_peers, advertise=False)
+            try:
+                started = time.monotonic()
+                parallel_read(node.client(), size, part, args.concurrency)
+                return time.monotonic() - started
+            finally:
+                node.stop()
+
+        def runai() -> float:
+            env = {**base, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{peer.port}", "AWS_ACCESS_KEY_ID": SERVE_KEY,
+                   "AWS_SECRET_ACCESS_KEY": SERVE_SECRET, "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+                   "AWS_EC2_METADATA_DISABLED": "true", "URI": URI}
+            env.pop("AWS_ENDPOINT_URL_S3")
+            done = subprocess.run([sys.executable, "-c", RUNAI], env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-1500:])
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if result["bytes"] <= 0:
+                raise RuntimeError("Run:ai returned no tensors")
+            return float(result["fetch"])
+
+        ceiling_serve = "ceiling: fastload serve (uvicorn + SigV4), parallel ranged GETs"
+        ceiling_nginx = "ceiling: nginx (sendfile), parallel ranged GETs"
+        from_peer = "cold node <- peer A's RAM (fastload fetch, verified)"
+        from_origin = "cold node <- S3 origin (fastload fetch, peers off)"
+        through = "miss through a cold fastload serve (parallel ranged GETs)"
+        methods: dict[str, Callable[[], float]] = {
+            ceiling_serve: engine(peer.client()),
+            from_peer: cold(base, from_peer),
+            "cold node <- shared directory (fastload fetch, peers off)": cold(shared_env, "shared"),
+            from_origin: cold(no_peers, from_origin),
+            through: miss_through_endpoint,
+        }
+        if nginx is not None:
+            import boto3 as _boto3
+            from botocore import UNSIGNED
+            from botocore.config import Config
+
+            methods[ceiling_nginx] = engine(_boto3.client(
+                "s3", endpoint_url=f"http://127.0.0.1:{nginx_port}", region_name="us-east-1",
+                config=Config(signature_version=UNSIGNED, max_pool_connections=32)))
+        try:
+            import runai_model_streamer  # noqa: F401
+
+            methods["Run:ai Model Streamer through fastload serve A (hit)"] = runai
+        except ImportError:
+            notes.append("Run:ai Model Streamer is not installed: its row is missing")
+        failed: set[str] = set()
+        shuffler = random.Random(args.rounds)
+        for round_index in range(args.rounds):
+            for name in shuffler.sample(list(methods), len(methods)):
+                if name in failed:
+                    continue
+                try:
+                    seconds = methods[name]()
+                except Exception as exc:
+                    failed.add(name)
+                    notes.append(f"{name} failed: {exc!r}"[:400])
+                    print(notes[-1], flush=True)
+                    continue
+                timings.setdefault(name, []).append(seconds)
+                print(f"round {round_index + 1}: {name:<62} {seconds:7.2f} s", flush=True)
+    finally:
+        for node in nodes:
+            node.stop()
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait()
+        origin.stop()
+        redis_server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    ceiling = medians.get(ceiling_serve)
+    lines = ["| source [rounds] | median s | MiB/s | vs fastload serve ceiling | whole process s |",
+             "|---|---:|---:|---:|---:|"]
+    for name, seconds in medians.items():
+        share = f"{100 * ceiling / seconds:.0f}%" if ceiling else "-"
+        wall = f"{statistics.median(walls[name]):.2f}" if name in walls else "-"
+        lines.append(f"| {name} [{len(timings[name])}/{args.rounds}] | {seconds:.2f} | "
+                     f"{size / seconds / MiB:.0f} | {share} | {wall} |")
+    if from_origin in medians and through in medians:
+        notes.append(f"miss through the endpoint / direct fetch from the origin: "
+                     f"{medians[through] / medians[from_origin]:.2f}x (target <= 1.15x)")
+    if ceiling and from_peer in medians:
+        notes.append(f"peer fetch / fastload serve ceiling: {100 * ceiling / medians[from_peer]:.0f}% (target >= 80%)")
+    if ceiling and ceiling_nginx in medians:
+        notes.append(f"nginx ceiling / fastload serve ceiling: {ceiling / medians[ceiling_nginx]:.2f}x")
+    text = "\n".join([f"Checkpoint {size / MiB:.0f} MiB; origin SeaweedFS on loopback; {args.concurrency} parallel "
+                      f"ranged GETs of {args.part_size}; destinations in /dev/shm; load average "
+                      f"{os.getloadavg()[0]:.2f} at the end.", "", *lines, "", *[f"- {n}" for n in notes]])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

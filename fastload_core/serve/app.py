@@ -1,0 +1,536 @@
+"""The ASGI application behind ``fastload serve``: read-only S3 (path-style GET and HEAD of objects with
+Range, ListObjectsV2) over this node's tiers, plus the peer keys other nodes fetch entries by.
+
+Nothing in a request ever becomes a path. An object key becomes a model URI, the URI a slug (a hash) and
+the origin's identity a version, exactly as for ``fastload fetch``; the file served is the entry's one
+file, opened without following links. A peer key names a slug and a version (checked as single path
+segments) and a file that must be listed in that entry's metadata. Keys with ``.`` or ``..`` segments,
+empty segments or control characters (also when percent-encoded) are refused outright, so a client
+cannot even probe for them.
+
+On a hit the bytes come from the fastest tier holding the current version. On a miss one fetch per
+object runs through the store (the usual single flight, into ``tier``), and every request for that
+object streams from the partial file as the ranges land, before the entry is published.
+
+The origin's identity of a key (its ETag) is looked up at most once per ``resolve_ttl`` seconds, so a
+client's many ranged GETs of one object cost the origin one HEAD, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from .._safefs import UnsafePath, open_file
+from ..errors import FastloadError
+from ..plugins import notify
+from ..storage.base import check_segment
+from ..storage.errors import OriginError, StorageError, UnsafeKeyError
+from ..storage.eviction import Pin, pin_entry
+from ..storage.meta import FILES_DIR, Manifest
+from ..storage.peers import PEER_BUCKET
+from ..storage.progress import Watermark
+from ..storage.store import TieredStore
+from ..storage.uri import ModelURI, parse_uri
+from .auth import Denied, ServeCredentials
+
+log = logging.getLogger("fastload.serve")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+CHUNK = 4 * 1024 * 1024
+_MAX_LIST_KEYS = 1000
+
+
+class S3Error(Exception):
+    """An S3 error response: HTTP status, S3's error code, a message for the client."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+def _origin_status(exc: OriginError) -> S3Error:
+    status = {"NotFound": 404, "NoSuchBucket": 404, "AccessDenied": 403}.get(exc.code or "", 502)
+    code = {404: "NoSuchBucket" if exc.code == "NoSuchBucket" else "NoSuchKey", 403: "AccessDenied"}.get(status,
+                                                                                                     "BadGateway")
+    return S3Error(status, code, exc.problem)
+
+
+def split_path(raw_path: str) -> tuple[str, str]:
+    """``(bucket, key)`` of a path-style request path, refusing anything that looks like traversal."""
+    if not raw_path.startswith("/"):
+        raise S3Error(400, "InvalidURI", "the path must start with /")
+    bucket, _, key = raw_path[1:].partition("/")
+    bucket = urllib.parse.unquote(bucket)
+    decoded = urllib.parse.unquote(key)
+    for text in (decoded, urllib.parse.unquote(decoded)):  # twice: %252e%252e is refused too
+        segments = text.split("/")
+        if any(s in (".", "..") for s in segments) or "\\" in text or \
+                any(ord(c) < 32 or ord(c) == 127 for c in text) or (text and "" in segments[:-1]) or \
+                text.startswith("/"):
+            raise S3Error(400, "InvalidURI", "keys with '.' or '..' segments, empty segments, backslashes or "
+                                             "control characters are refused")
+    return bucket, decoded
+
+
+@dataclass
+class _Range:
+    start: int
+    end: int  # exclusive
+    partial: bool
+
+
+def parse_range(header: str | None, size: int) -> _Range:
+    """One byte range as S3 accepts it (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``); 416 when unsatisfiable.
+    A header S3 would ignore (several ranges, another unit) means the whole object, as S3 does."""
+    if not header:
+        return _Range(0, size, False)
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return _Range(0, size, False)
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if not dash:
+            raise ValueError
+        if first == "":
+            count = int(last)
+            if count <= 0:
+                raise S3Error(416, "InvalidRange", "the requested range is not satisfiable")
+            return _Range(max(0, size - count), size, True)
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return _Range(0, size, False)
+    if start >= size or end <= start:
+        raise S3Error(416, "InvalidRange", "the requested range is not satisfiable")
+    return _Range(start, min(end, size), True)
+
+
+class _Flight:
+    """One fetch of one object through the store, watched so that requests can stream it as it lands."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.files_dir: Path | None = None
+        self.manifest: Manifest | None = None
+        self.marks: dict[str, Watermark] = {}
+        self.pin: Pin | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+
+    # FetchWatch
+    def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
+        with self.cond:
+            self.files_dir, self.manifest = files_dir, manifest
+            self.marks = {item.name: Watermark() for item in manifest.files}
+            self.cond.notify_all()
+
+    def range_done(self, name: str, start: int, end: int) -> None:
+        mark = self.marks.get(name)
+        if mark is not None:
+            mark.complete(start, end)
+
+    def run(self, store: TieredStore, uri: str, tier: str) -> None:
+        try:
+            self.pin = store.pin(uri, tier=tier, watch=self)
+        except BaseException as exc:  # handed to every waiting request
+            self.error = exc
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+            for mark in list(self.marks.values()):
+                mark.wake()
+
+    def wait_started(self) -> None:
+        with self.cond:
+            while self.manifest is None and not self.finished:
+                self.cond.wait(1.0)
+
+
+@dataclass
+class _Resolved:
+    manifest: Manifest
+    expires: float
+
+
+@dataclass
+class ServeApp:
+    """``store``: the node's tiers and origins; ``tier``: where misses are fetched into (the RAM tier)."""
+
+    store: TieredStore
+    credentials: ServeCredentials
+    tier: str
+    resolve_ttl: float = 5.0
+    on_filled: Callable[[], None] | None = None  # told after a miss was published (re-advertise)
+    _resolved: dict[str, _Resolved] = field(default_factory=dict)
+    _flights: dict[str, _Flight] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        started = time.monotonic()
+        outcome = _Outcome()
+        try:
+            await self._handle(scope, method, send, outcome)
+        except S3Error as exc:
+            outcome.source = outcome.source if exc.status in (404, 412, 416) else \
+                ("denied" if exc.status == 403 else "error")
+            if outcome.sent_headers:
+                raise  # mid-body: the connection is cut, the client sees a short body and retries
+            await self._error(send, method, exc, outcome)
+        except Exception as exc:
+            log.warning("%s %s failed: %s: %s", method, scope.get("path"), type(exc).__name__, exc)
+            outcome.source = "error"
+            if outcome.sent_headers:
+                raise
+            await self._error(send, method, S3Error(500, "InternalError", "fastload serve failed; see its log"),
+                              outcome)
+        finally:
+            log.debug("%s %s %s %d bytes %s %.3fs", method, scope.get("raw_path", b"").decode("latin-1"),
+                      outcome.status, outcome.nbytes, outcome.source, time.monotonic() - started)
+            notify("on_serve_request", method=method, status=outcome.status, nbytes=outcome.nbytes,
+                   source=outcome.source)
+
+    async def _handle(self, scope: Scope, method: str, send: Send, outcome: _Outcome) -> None:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        raw = raw_path.decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            self.credentials.check(method, raw, query, headers)
+        except Denied as exc:
+            log.debug("denied %s %s: %s", method, raw, exc)
+            raise S3Error(403, exc.code, "the request is not signed with this server's credentials") from None
+        if method not in ("GET", "HEAD"):
+            raise S3Error(405, "MethodNotAllowed", "fastload serve is read-only: GET and HEAD only")
+        bucket, key = split_path(raw)
+        if not bucket:
+            raise S3Error(400, "InvalidRequest", "name a bucket: path-style /<bucket>/<key>")
+        if bucket == PEER_BUCKET:
+            outcome.source = "peer"
+            await self._peer(method, key, headers, send, outcome)
+        elif not key:
+            params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+            if params.get("list-type") != "2":
+                raise S3Error(400, "InvalidRequest", "only ListObjectsV2 (list-type=2) is supported")
+            outcome.source = "list"
+            await self._list(bucket, params, send, outcome)
+        else:
+            await self._object(method, bucket, key, headers, send, outcome)
+
+    # --- objects ---------------------------------------------------------------------------------
+    async def _object(self, method: str, bucket: str, key: str, headers: dict[str, str], send: Send,
+                      outcome: _Outcome) -> None:
+        if key.endswith("/"):
+            raise S3Error(404, "NoSuchKey", "a prefix is not an object; list it with ListObjectsV2")
+        try:
+            parsed = parse_uri(f"s3://{bucket}/{key}")
+        except StorageError as exc:
+            raise S3Error(400, "InvalidURI", str(exc)) from None
+        manifest = await asyncio.to_thread(self._manifest, parsed)
+        pin = await asyncio.to_thread(self._held, parsed.slug, manifest.version)
+        if pin is not None:
+            outcome.source = "hit"
+            try:
+                await self._send_file(method, pin.path, manifest, headers, send, outcome, tier=pin.tier)
+            finally:
+                pin.release()
+            return
+        if method == "HEAD":  # never start a download for a HEAD: it may be an existence check
+            outcome.source = "miss"
+            await self._send_file(method, None, manifest, headers, send, outcome)
+            return
+        outcome.source = "miss"
+        flight = self._flight(str(parsed))
+        await asyncio.to_thread(flight.wait_started)
+        if flight.finished and flight.pin is not None:
+            await self._send_file(method, flight.pin.path, _manifest_of(flight.pin, manifest), headers, send,
+                                  outcome, tier=flight.pin.tier)
+            return
+        if flight.error is not None:
+            raise _as_s3_error(flight.error)
+        assert flight.manifest is not None and flight.files_dir is not None
+        await self._send_file(method, flight.files_dir / flight.manifest.files[0].name, flight.manifest, headers,
+                              send, outcome, flight=flight)
+
+    def _manifest(self, parsed: ModelURI) -> Manifest:
+        """The object's current manifest, from the origin at most once per ``resolve_ttl``; when the origin
+        cannot be reached, the newest cached version (as ``fetch`` does)."""
+        uri = str(parsed)
+        now = time.monotonic()
+        with self._lock:
+            known = self._resolved.get(uri)
+        if known is not None and known.expires > now:
+            return known.manifest
+        origin = self.store.origin(parsed.scheme, uri=uri)
+        try:
+            manifest = origin.resolve(parsed, None)
+        except OriginError as exc:
+            cached = [e for t in self.store.tiers for e in t.entries(parsed.slug)] \
+                if exc.code == "Unreachable" else []
+            if not cached:
+                raise _origin_status(exc) from None
+            manifest = max(cached, key=lambda e: e.meta.created).meta.as_manifest()
+        if not manifest.single:  # the key named a "directory": S3 has no such object
+            raise S3Error(404, "NoSuchKey", "no such key (it is a prefix)")
+        with self._lock:
+            if len(self._resolved) > 10_000:
+                self._resolved.clear()
+            self._resolved[uri] = _Resolved(manifest, now + self.resolve_ttl)
+        return manifest
+
+    def _held(self, slug: str, version: str) -> Pin | None:
+        for tier in self.store.tiers:
+            try:
+                pinned = pin_entry(tier, slug, version, verify=self.store.verify)
+            except UnsafeKeyError as exc:
+                log.warning("refusing to serve %s/%s from %s: %s", slug, version, tier.name, exc)
+                raise S3Error(403, "AccessDenied", "the cached entry is unsafe (a link?) and is not served") \
+                    from None
+            if pinned is not None:
+                notify("on_tier_hit", uri=pinned.entry.meta.uri if pinned.entry else slug, tier=tier.name,
+                       path=str(pinned.path))
+                return pinned
+        return None
+
+    def _flight(self, uri: str) -> _Flight:
+        with self._lock:
+            flight = self._flights.get(uri)
+            if flight is not None and not flight.finished:
+                return flight
+            flight = self._flights[uri] = _Flight()
+
+        def run() -> None:
+            flight.run(self.store, uri, self.tier)
+            with self._lock:
+                if self._flights.get(uri) is flight:
+                    del self._flights[uri]
+            if flight.pin is not None:
+                flight.pin.release()  # requests that still read it hold their own fd
+                if self.on_filled is not None:
+                    self.on_filled()
+
+        threading.Thread(target=run, name="fastload-serve-fetch", daemon=True).start()
+        return flight
+
+    # --- peers -----------------------------------------------------------------------------------
+    async def _peer(self, method: str, key: str, headers: dict[str, str], send: Send, outcome: _Outcome) -> None:
+        parts = key.split("/", 3)
+        try:
+            slug, version = check_segment(parts[0], "model slug"), check_segment(parts[1], "version")
+        except (IndexError, UnsafeKeyError):
+            raise S3Error(400, "InvalidURI", "a peer key is <slug>/<version>/meta.json or .../files/<name>") \
+                from None
+        pin = await asyncio.to_thread(self._held, slug, version)
+        if pin is None or pin.entry is None:
+            if pin is not None:
+                pin.release()
+            raise S3Error(404, "NoSuchKey", "this node does not hold that entry (any more)")
+        try:
+            meta = pin.entry.meta
+            if parts[2:] == ["meta.json"]:
+                body = meta.to_json().encode()
+                await self._start(send, 200, [(b"content-length", str(len(body)).encode()),
+                                              (b"content-type", b"application/json")], outcome)
+                await self._body(send, b"" if method == "HEAD" else body, outcome, more=False)
+                return
+            files = {item.name: item for item in meta.as_manifest().files}
+            if len(parts) != 4 or parts[2] != "files" or parts[3] not in files:
+                raise S3Error(404, "NoSuchKey", "no such file in that entry")
+            name = parts[3]
+            manifest = Manifest(meta.uri, (files[name],), single=True, pinned_version=version)
+            await self._send_file(method, pin.entry.path / FILES_DIR / name, manifest, headers, send, outcome,
+                                  tier=pin.tier)
+        finally:
+            pin.release()
+
+    # --- listing ---------------------------------------------------------------------------------
+    async def _list(self, bucket: str, params: dict[str, str], send: Send, outcome: _Outcome) -> None:
+        try:
+            parse_uri(f"s3://{bucket}/")
+        except StorageError as exc:
+            raise S3Error(400, "InvalidBucketName", str(exc)) from None
+        origin = self.store.origin("s3")
+        client = getattr(origin, "client", None)
+        if client is None:
+            raise S3Error(501, "NotImplemented", "the s3 origin of this node cannot list")
+        args: dict[str, Any] = {"Bucket": bucket}
+        for name, arg in (("prefix", "Prefix"), ("delimiter", "Delimiter"), ("continuation-token",
+                          "ContinuationToken"), ("start-after", "StartAfter")):
+            if params.get(name):
+                args[arg] = params[name]
+        try:
+            args["MaxKeys"] = max(0, min(int(params.get("max-keys") or _MAX_LIST_KEYS), _MAX_LIST_KEYS))
+        except ValueError:
+            raise S3Error(400, "InvalidArgument", "max-keys must be an integer") from None
+        try:
+            page = await asyncio.to_thread(lambda: client.list_objects_v2(**args))
+        except Exception as exc:
+            from ..storage.s3 import client_error
+
+            error = client_error(f"s3://{bucket}/", exc)
+            raise (_origin_status(error) if isinstance(error, OriginError) else
+                   S3Error(502, "BadGateway", str(error))) from None
+        body = render_list(page, url_encode=params.get("encoding-type") == "url").encode()
+        await self._start(send, 200, [(b"content-length", str(len(body)).encode()),
+                                      (b"content-type", b"application/xml")], outcome)
+        await self._body(send, body, outcome, more=False)
+
+    # --- responses -------------------------------------------------------------------------------
+    async def _send_file(self, method: str, path: Path | None, manifest: Manifest, headers: dict[str, str],
+                         send: Send, outcome: _Outcome, *, tier: str | None = None,
+                         flight: _Flight | None = None) -> None:
+        item = manifest.files[0]
+        etag = f'"{item.etag}"' if item.etag else None
+        if etag and headers.get("if-match") and headers["if-match"].strip() not in (etag, "*"):
+            raise S3Error(412, "PreconditionFailed", "If-Match does not match the object's ETag")
+        if etag and headers.get("if-none-match") and headers["if-none-match"].strip() in (etag, "*"):
+            await self._start(send, 304, [(b"etag", etag.encode())], outcome)
+            await self._body(send, b"", outcome, more=False)
+            return
+        wanted = parse_range(headers.get("range"), item.size)
+        response = [(b"content-length", str(wanted.end - wanted.start).encode()),
+                    (b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes")]
+        if etag:
+            response.append((b"etag", etag.encode()))
+        if wanted.partial:
+            response.append((b"content-range", f"bytes {wanted.start}-{wanted.end - 1}/{item.size}".encode()))
+        if method == "HEAD" or path is None or wanted.end == wanted.start:
+            await self._start(send, 206 if wanted.partial else 200, response, outcome)
+            await self._body(send, b"", outcome, more=False)
+            return
+        fd = await asyncio.to_thread(_open, path, flight)
+        try:
+            await self._start(send, 206 if wanted.partial else 200, response, outcome)
+            position = wanted.start
+            blocking = tier != "shm"  # tmpfs reads never wait for a disk: no thread hop for them
+            while position < wanted.end:
+                count = min(CHUNK, wanted.end - position)
+                if flight is not None:
+                    await asyncio.to_thread(_wait_landed, flight, item.name, position + count)
+                data = await asyncio.to_thread(os.pread, fd, count, position) if blocking or flight else \
+                    os.pread(fd, count, position)
+                if len(data) != count:
+                    raise S3Error(500, "InternalError", f"short read at byte {position} of {path}")
+                position += count
+                await self._body(send, data, outcome, more=position < wanted.end)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    async def _start(send: Send, status: int, headers: list[tuple[bytes, bytes]], outcome: _Outcome) -> None:
+        outcome.status = status
+        outcome.sent_headers = True
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+
+    @staticmethod
+    async def _body(send: Send, body: bytes, outcome: _Outcome, *, more: bool) -> None:
+        outcome.nbytes += len(body)
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _error(self, send: Send, method: str, exc: S3Error, outcome: _Outcome) -> None:
+        body = b"" if method == "HEAD" else (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{escape(exc.code)}</Code>'
+            f"<Message>{escape(str(exc))}</Message></Error>").encode()
+        outcome.nbytes = 0
+        await self._start(send, exc.status, [(b"content-type", b"application/xml"),
+                                             (b"content-length", str(len(body)).encode())], outcome)
+        await self._body(send, body, outcome, more=False)
+        outcome.nbytes = 0
+
+
+@dataclass
+class _Outcome:
+    status: int = 500
+    nbytes: int = 0
+    source: str = "error"
+    sent_headers: bool = False
+
+
+def _manifest_of(pin: Pin, fallback: Manifest) -> Manifest:
+    return pin.entry.meta.as_manifest() if pin.entry is not None else fallback
+
+
+def _as_s3_error(exc: BaseException) -> S3Error:
+    if isinstance(exc, OriginError):
+        return _origin_status(exc)
+    if isinstance(exc, FastloadError):
+        log.warning("fetch failed: %s", exc)
+        return S3Error(503, "ServiceUnavailable", "fetching the object failed; see the server's log")
+    return S3Error(500, "InternalError", f"fetching the object failed: {type(exc).__name__}")
+
+
+def _open(path: Path, flight: _Flight | None) -> int:
+    """Open a file served from a tier, or from a fetch in flight: when the partial file was published (renamed)
+    meanwhile, the published copy."""
+    try:
+        return open_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if flight is None:
+            raise
+        with flight.cond:
+            while not flight.finished:
+                flight.cond.wait(1.0)
+        if flight.pin is None:
+            raise _as_s3_error(flight.error or RuntimeError("fetch failed")) from None
+        return open_file(flight.pin.path, os.O_RDONLY)
+    except UnsafePath as exc:
+        log.warning("refusing to serve %s: %s", exc.path, exc.problem)
+        raise S3Error(403, "AccessDenied", "the cached file is unsafe (a link?) and is not served") from None
+
+
+def _wait_landed(flight: _Flight, name: str, end: int) -> None:
+    mark = flight.marks[name]
+    while mark.wait_until(end, lambda: flight.finished, 0.5) < end:
+        if flight.finished:
+            if flight.pin is None:
+                raise _as_s3_error(flight.error or RuntimeError("fetch failed"))
+            return  # published: every byte is there
+
+
+def render_list(page: dict[str, Any], *, url_encode: bool) -> str:
+    """A ListObjectsV2 response body from botocore's parsed page (keys decoded), as S3 writes it."""
+    def text(value: object) -> str:
+        value = str(value)
+        return escape(urllib.parse.quote(value, safe="/~") if url_encode else value)
+
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+           f"<Name>{escape(str(page.get('Name', '')))}</Name>", f"<Prefix>{text(page.get('Prefix', ''))}</Prefix>",
+           f"<KeyCount>{int(page.get('KeyCount', 0))}</KeyCount>", f"<MaxKeys>{int(page.get('MaxKeys', 0))}</MaxKeys>",
+           f"<IsTruncated>{'true' if page.get('IsTruncated') else 'false'}</IsTruncated>"]
+    if page.get("Delimiter"):
+        out.append(f"<Delimiter>{text(page['Delimiter'])}</Delimiter>")
+    if url_encode:
+        out.append("<EncodingType>url</EncodingType>")
+    for name in ("ContinuationToken", "NextContinuationToken"):
+        if page.get(name):
+            out.append(f"<{name}>{escape(str(page[name]))}</{name}>")
+    if page.get("StartAfter"):
+        out.append(f"<StartAfter>{text(page['StartAfter'])}</StartAfter>")
+    for obj in page.get("Contents", []):
+        modified = obj.get("LastModified")
+        stamp = modified.strftime("%Y-%m-%dT%H:%M:%S.000Z") if modified is not None else ""
+        out.append(f"<Contents><Key>{text(obj['Key'])}</Key><LastModified>{stamp}</LastModified>"
+                   f"<ETag>{escape(str(obj.get('ETag', '')))}</ETag><Size>{int(obj.get('Size', 0))}</Size>"
+                   f"<StorageClass>{escape(str(obj.get('StorageClass', 'STANDARD')))}</StorageClass></Contents>")
+    for prefix in page.get("CommonPrefixes", []):
+        out.append(f"<CommonPrefixes><Prefix>{text(prefix['Prefix'])}</Prefix></CommonPrefixes>")
+    out.append("</ListBucketResult>")
+    return "".join(out)

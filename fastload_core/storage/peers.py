@@ -1,0 +1,284 @@
+"""Peer fetching: a cold node pulls a model from a neighbour's RAM instead of the shared mount or S3.
+
+Nodes that run ``fastload serve --advertise HOST:PORT`` record in Redis which entries (slug and version)
+they hold: one sorted set per entry, ``fastload:peers:<slug>/<version>``, members the advertised
+addresses, scores the time each claim lapses. A node renews its claims well inside the TTL and removes
+them when it evicts, so a dead node disappears on its own. Readers ignore lapsed members.
+
+A cold node asks for the holders of the exact version it resolved and downloads from the first one that
+answers, through the peer's S3-compatible endpoint with ``S3Origin``'s own parallel ranged GETs (a peer is
+an S3 endpoint). Each peer range is checked against the per-block XXH3 digests the peer recorded when it
+downloaded the model, as soon as it lands; the digests come from the peer's metadata, whose version and
+ETags must match what this node resolved from the origin itself. A peer that refuses the connection,
+answers slowly (``FASTLOAD_PEER_TIMEOUT`` seconds per request) or sends bytes that do not match is
+skipped for the next one, and after the last one the fetch continues from the usual source, overwriting
+every range, so nothing the peer sent survives unverified.
+
+Peer requests use the reserved bucket name ``fastload..peer`` (two adjacent dots: no S3 bucket can have
+it), keys ``<slug>/<version>/meta.json`` and ``<slug>/<version>/files/<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .._safefs import open_file
+from .base import Journal, Origin, Source
+from .errors import IntegrityError, StorageError
+from .meta import Checksums, EntryMeta, Manifest, RemoteFile
+from .progress import Progress
+from .settings import S3Settings
+from .uri import ModelURI, redact
+from .verify import BLOCK_SIZE, DIGEST_CHARS
+
+log = logging.getLogger("fastload.storage.peers")
+
+ACCESS_KEY_VARIABLE = "FASTLOAD_SERVE_ACCESS_KEY_ID"  # the cluster's credentials for ``fastload serve``
+SECRET_KEY_VARIABLE = "FASTLOAD_SERVE_SECRET_ACCESS_KEY"
+PEER_BUCKET = "fastload..peer"
+KEY_PREFIX = "fastload:peers:"
+_RETRY_AFTER = 30.0
+
+
+def peer_key(slug: str, version: str, name: str | None = None) -> str:
+    """The object key a peer serves an entry's metadata (``name`` None) or one of its files under."""
+    return f"{slug}/{version}/" + ("meta.json" if name is None else f"files/{name}")
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    redis_url: str
+    access_key: str
+    secret_key: str
+    timeout: float = 2.0  # seconds a peer may take to connect or to answer one read
+    ttl: float = 30.0  # seconds a claim lives unless renewed
+    concurrency: int = 16  # connections per peer client (the download's own parallelism is FASTLOAD_S3_CONCURRENCY)
+    advertise: str | None = None  # this node's own address (``fastload serve --advertise``): never its own peer
+
+    @classmethod
+    def from_env(cls) -> PeerSettings | None:
+        """Peer fetching is on where Redis and the serve credentials are configured (and not turned off
+        with ``FASTLOAD_PEERS=off``)."""
+        url = os.environ.get("FASTLOAD_REDIS_URL")
+        key, secret = os.environ.get(ACCESS_KEY_VARIABLE), os.environ.get(SECRET_KEY_VARIABLE)
+        if os.environ.get("FASTLOAD_PEERS", "").strip().lower() in ("0", "off", "no", "false"):
+            return None
+        if not (url and key and secret):
+            return None
+        try:
+            timeout = float(os.environ.get("FASTLOAD_PEER_TIMEOUT") or 2.0)
+            ttl = float(os.environ.get("FASTLOAD_PEER_TTL") or 30.0)
+        except ValueError:
+            raise StorageError("FASTLOAD_PEER_TIMEOUT and FASTLOAD_PEER_TTL are numbers of seconds") from None
+        if timeout <= 0 or ttl <= 0:
+            raise StorageError("FASTLOAD_PEER_TIMEOUT and FASTLOAD_PEER_TTL must be positive")
+        return cls(url, key, secret, timeout=timeout, ttl=ttl)
+
+
+class PeerRegistry:
+    """Who holds which entry, in Redis. An outage never fails a fetch: it reads as "no peers"."""
+
+    def __init__(self, url: str, *, ttl: float = 30.0, timeout: float = 2.0) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise StorageError("peer fetching needs the redis package; install fastload[redis]") from None
+        self.url = url
+        self.ttl = ttl
+        self._client: Any = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        self._unavailable_until = 0.0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, what: str, default: Any, function: Any, *args: Any) -> Any:
+        if time.monotonic() < self._unavailable_until:
+            return default
+        try:
+            return function(*args)
+        except Exception as exc:  # redis-py's connection and timeout errors: an outage
+            self._unavailable_until = time.monotonic() + _RETRY_AFTER
+            log.warning("peer registry at %s unavailable while trying to %s (%s: %s); going on without peers "
+                        "for %.0fs", redact(self.url), what, type(exc).__name__, exc, _RETRY_AFTER)
+            return default
+
+    def advertise(self, address: str, entries: Iterable[tuple[str, str]]) -> None:
+        """Claim (or renew the claim) that ``address`` holds each ``(slug, version)`` for one TTL."""
+        def run() -> None:
+            expires = time.time() + self.ttl
+            pipe = self._client.pipeline(transaction=False)
+            for slug, version in entries:
+                key = KEY_PREFIX + f"{slug}/{version}"
+                pipe.zadd(key, {address: expires})
+                pipe.expire(key, max(1, int(self.ttl * 2)))
+            pipe.execute()
+
+        self._call("advertise", None, run)
+
+    def withdraw(self, address: str, entries: Iterable[tuple[str, str]]) -> None:
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for slug, version in entries:
+                pipe.zrem(KEY_PREFIX + f"{slug}/{version}", address)
+            pipe.execute()
+
+        self._call("withdraw", None, run)
+
+    def holders(self, slug: str, version: str, *, exclude: str | None = None) -> list[str]:
+        """Addresses whose claim on the entry is live, the most recently renewed first."""
+        found = self._call("look up peers", [], self._client.zrevrangebyscore, KEY_PREFIX + f"{slug}/{version}",
+                           "+inf", time.time())
+        addresses = [item.decode() if isinstance(item, bytes) else str(item) for item in found]
+        return [address for address in addresses if address != exclude]
+
+
+_clients: dict[tuple[str, str, float], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def peer_client(address: str, settings: PeerSettings) -> Any:
+    """A botocore S3 client for one peer, signing with the serve credentials, with short timeouts and few
+    retries: a slow peer costs seconds, not the origin's minutes of patience. Cached: building one costs
+    tens of milliseconds."""
+    key = (address, settings.access_key, settings.timeout)
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            _clients[key] = boto3.session.Session().client(
+                "s3", endpoint_url=f"http://{address}", region_name="us-east-1",
+                aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+                config=Config(connect_timeout=settings.timeout, read_timeout=settings.timeout,
+                              retries={"mode": "standard", "max_attempts": 2},
+                              max_pool_connections=settings.concurrency + 4, s3={"addressing_style": "path"}))
+        return _clients[key]
+
+
+class _MemoryJournal(Journal):
+    """A journal that never touches the disk: what a peer wrote must not be resumed by the fallback."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.done = {}
+        self.path = Path(os.devnull)
+
+    def record(self, name: str, start: int, end: int, md5: str | None) -> None:
+        with self._lock:
+            self.done[(name, start, end)] = md5
+
+
+class _CheckedProgress(Progress):
+    """Checks each range against the peer's block digests the moment it lands, in the worker that wrote
+    it, before anyone downstream (the streaming loader) hears of it."""
+
+    def __init__(self, inner: Progress, dest: Path, digests: dict[str, tuple[int, str]], uri: str) -> None:
+        super().__init__(inner.label, inner.total, enabled=False)
+        self.inner = inner
+        self.dest = dest
+        self.digests = digests
+        self.uri = uri
+
+    def add(self, nbytes: int) -> None:
+        self.inner.add(nbytes)
+
+    def range_done(self, name: str, start: int, end: int) -> None:
+        block, digests = self.digests[name]
+        fd = open_file(self.dest / name, os.O_RDONLY)
+        try:
+            for index in range(start // block, -(-end // block)):
+                data = os.pread(fd, block, index * block)
+                if xxhash.xxh3_64_hexdigest(data) != digests[index * DIGEST_CHARS:(index + 1) * DIGEST_CHARS]:
+                    raise IntegrityError(self.uri, name, f"block {index} from the peer does not match its digest")
+        finally:
+            os.close(fd)
+        self.inner.range_done(name, start, end)
+
+
+class PeerSource(Origin):
+    """A fill's source: the peers holding the exact version, in order, then ``fallback`` (the origin, or the
+    shared tier's entry). ``digests`` are the block digests of what was written, when they are known."""
+
+    def __init__(self, settings: PeerSettings, peers: list[str], slug: str, version: str,
+                 fallback: Source) -> None:
+        self.settings = settings
+        self.peers = peers
+        self.slug = slug
+        self.version = version
+        self.fallback = fallback
+        self.digests: dict[str, tuple[int, str]] = {}
+        self.used: str | None = None  # the peer that supplied the bytes, None for the fallback
+
+    def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
+        if not isinstance(self.fallback, Origin):
+            raise StorageError("a peer source resolves through its origin")
+        return self.fallback.resolve(uri, revision)
+
+    def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+        from ..plugins import notify
+
+        for address in self.peers:
+            started = time.monotonic()
+            try:
+                checksums = self._from_peer(address, manifest, dest, progress)
+            except Exception as exc:
+                log.warning("%s: peer %s failed (%s: %s); trying the next source", manifest.uri, address,
+                            type(exc).__name__, exc)
+                notify("on_peer_fetch", uri=manifest.uri, peer=address, nbytes=0,
+                       seconds=time.monotonic() - started, error=exc)
+                continue
+            seconds = time.monotonic() - started
+            log.info("%s: %d bytes from peer %s in %.2fs", manifest.uri, manifest.total_size, address, seconds)
+            notify("on_peer_fetch", uri=manifest.uri, peer=address, nbytes=manifest.total_size, seconds=seconds,
+                   error=None)
+            self.used = address
+            return checksums
+        checksums = self.fallback.download(manifest, dest, journal=journal, progress=progress)
+        self.digests = dict(getattr(self.fallback, "digests", None) or {})
+        return checksums
+
+    def _from_peer(self, address: str, manifest: Manifest, dest: Path, progress: Progress) -> Checksums:
+        from .s3 import S3Origin
+
+        client = peer_client(address, self.settings)
+        response = client.get_object(Bucket=PEER_BUCKET, Key=peer_key(self.slug, self.version))
+        meta = EntryMeta.from_json(response["Body"].read().decode())
+        held = {item.name: item for item in meta.files}
+        digests: dict[str, tuple[int, str]] = {}
+        for item in manifest.files:
+            mine = held.get(item.name)
+            if meta.version != self.version or mine is None or mine.size != item.size or \
+                    (item.etag and mine.etag and mine.etag != item.etag):
+                raise IntegrityError(manifest.uri, item.name, "the peer's entry is not the version resolved here")
+            if item.size == 0:  # an empty file has no blocks, so no digests to check
+                digests[item.name] = (mine.block_size or BLOCK_SIZE, "")
+                continue
+            if not mine.digests or not mine.block_size or \
+                    len(mine.digests) != DIGEST_CHARS * -(-item.size // mine.block_size):
+                raise IntegrityError(manifest.uri, item.name, "the peer recorded no usable block digests")
+            digests[item.name] = (mine.block_size, mine.digests)
+        block = max(size for size, _ in digests.values()) if digests else 1
+        settings = S3Settings.from_env()
+        part = max(block, settings.part_size // block * block)  # whole blocks, so each range is checked alone
+        if any(part % size for size, _ in digests.values()):
+            raise IntegrityError(manifest.uri, "?", "the peer's files use different block sizes")
+        files = tuple(RemoteFile(item.name, item.size, peer_key(self.slug, self.version, item.name), None, None)
+                      for item in manifest.files)
+        peer_manifest = Manifest(f"s3://{PEER_BUCKET}/", files, single=manifest.single,
+                                 pinned_version=self.version)
+        origin = S3Origin(S3Settings(concurrency=settings.concurrency, part_size=part, max_attempts=2),
+                          client=client)
+        checked = _CheckedProgress(progress, dest, digests, manifest.uri)
+        origin.download(peer_manifest, dest, journal=_MemoryJournal(), progress=checked)
+        self.digests = digests
+        return {name: (item.checksum, item.part_size) for name, item in held.items()
+                if item.checksum and name in digests}

@@ -1,0 +1,39 @@
+"""Request parsing that needs no server: traversal refusal and S3's Range rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastload_core.serve.app import S3Error, parse_range, split_path
+
+
+@pytest.mark.parametrize("path", ["/models/../etc/passwd", "/models/a/%2e%2e/b", "/models/%2E%2E%2Fx",
+                                  "/models/a/%252e%252e/b", "/models/./a", "/models/a//b", "/models/a%00b",
+                                  "/models/a%5C..%5Cb", "/models//abs"])
+def test_traversal_and_odd_keys_are_refused(path: str) -> None:
+    with pytest.raises(S3Error) as caught:
+        split_path(path)
+    assert caught.value.status == 400
+
+
+def test_a_plain_key_is_decoded() -> None:
+    assert split_path("/models/dir/a%20b.safetensors") == ("models", "dir/a b.safetensors")
+    assert split_path("/models") == ("models", "")
+    assert split_path("/models/prefix/") == ("models", "prefix/")
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, (0, 100, False)), ("bytes=0-9", (0, 10, True)), ("bytes=90-", (90, 100, True)),
+    ("bytes=-10", (90, 100, True)), ("bytes=50-500", (50, 100, True)), ("bytes=-500", (0, 100, True)),
+    ("items=0-9", (0, 100, False)), ("bytes=0-1,5-6", (0, 100, False)), ("bytes=x-y", (0, 100, False)),
+])
+def test_ranges_follow_s3(header: str | None, expected: tuple[int, int, bool]) -> None:
+    got = parse_range(header, 100)
+    assert (got.start, got.end, got.partial) == expected
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0", "bytes=9-3"])
+def test_unsatisfiable_ranges_are_416(header: str) -> None:
+    with pytest.raises(S3Error) as caught:
+        parse_range(header, 100)
+    assert caught.value.status == 416
