@@ -170,29 +170,41 @@ class _MemoryJournal(Journal):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.done = {}
+        self.digests = {}
         self.path = Path(os.devnull)
 
-    def record(self, name: str, start: int, end: int, md5: str | None) -> None:
+    def record(self, name: str, start: int, end: int, md5: str | None,
+               digests: tuple[int, str] | None = None) -> None:
         with self._lock:
             self.done[(name, start, end)] = md5
+            if digests is not None:
+                self.digests[(name, start, end)] = digests
 
 
 class _CheckedProgress(Progress):
     """Checks each range against the peer's block digests the moment it lands, in the worker that wrote
     it, before anyone downstream (the streaming loader) hears of it."""
 
-    def __init__(self, inner: Progress, dest: Path, digests: dict[str, tuple[int, str]], uri: str) -> None:
+    def __init__(self, inner: Progress, dest: Path, digests: dict[str, tuple[int, str]], uri: str,
+                 journal: Journal) -> None:
         super().__init__(inner.label, inner.total, enabled=False)
         self.inner = inner
         self.dest = dest
         self.digests = digests
         self.uri = uri
+        self.journal = journal  # where the download threads left the digests of what they received
 
     def add(self, nbytes: int) -> None:
         self.inner.add(nbytes)
 
     def range_done(self, name: str, start: int, end: int) -> None:
         block, digests = self.digests[name]
+        received = self.journal.digests.get((name, start, end))
+        if received is not None and received[0] == block:  # hashed as it arrived: no second pass
+            if received[1] != digests[start // block * DIGEST_CHARS:-(-end // block) * DIGEST_CHARS]:
+                raise IntegrityError(self.uri, name, f"bytes {start}-{end} from the peer do not match its digests")
+            self.inner.range_done(name, start, end)
+            return
         fd = open_file(self.dest / name, os.O_RDONLY)
         try:
             for index in range(start // block, -(-end // block)):
@@ -277,8 +289,9 @@ class PeerSource(Origin):
                                  pinned_version=self.version)
         origin = S3Origin(S3Settings(concurrency=settings.concurrency, part_size=part, max_attempts=2),
                           client=client)
-        checked = _CheckedProgress(progress, dest, digests, manifest.uri)
-        origin.download(peer_manifest, dest, journal=_MemoryJournal(), progress=checked)
+        journal = _MemoryJournal()
+        checked = _CheckedProgress(progress, dest, digests, manifest.uri, journal)
+        origin.download(peer_manifest, dest, journal=journal, progress=checked)
         self.digests = digests
         return {name: (item.checksum, item.part_size) for name, item in held.items()
                 if item.checksum and name in digests}
