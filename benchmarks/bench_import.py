@@ -109,7 +109,9 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {method: [] for method in METHODS}
     with tempfile.TemporaryDirectory(prefix="fastload-bench-import-") as scratch:
         # No user cache, no FASTLOAD_* setting from outside; the repository first on the path.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLOAD_")}
+        # Bytecode may be written: an installed package has its .pyc files, and the untimed first runs write
+        # the repository's (with PYTHONDONTWRITEBYTECODE every fastload run would compile its sources).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLOAD_") and k != "PYTHONDONTWRITEBYTECODE"}
         env.update(FASTLOAD_CACHE_DIR=scratch, FASTLOAD_SHM_DIR=f"{scratch}/shm",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
         for method in METHODS:  # untimed: byte-compiles, and puts the file and the libraries in the page cache
