@@ -163,7 +163,8 @@ def main() -> int:
         f"fastload ÷ safetensors, ratio of the medians: **{ratio:.2f}×** (per round "
         f"{min(ratios):.2f}–{max(ratios):.2f}×); target ≤ 1.1×: {verdict}. `import fastload_core` after "
         f"`import torch`: median {import_ms:.1f} ms (target ≤ 30 ms: {'met' if import_ms <= 30 else 'NOT met'}); "
-        "fastload's remaining imports (its storage URI check, loader, plugin manager) happen inside "
+        "fastload's remaining imports (its storage URI check and loader; pluggy and the plugin manager only where "
+        "a plugin is installed) happen inside "
         "`load_file` and are in its load column.",
         f"Same bytes read by every run: {'yes' if len(checksums) == 1 else 'NO'} "
         f"({runs['fastload'][0]['bytes'] / 1e9:.3f} GB).",
