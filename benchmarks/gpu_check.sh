@@ -7,23 +7,27 @@
 #   3. then, alone, the load benchmark's GPU scenarios, every run a fresh process, medians of ROUNDS,
 #      one benchmark run per scenario (a scenario cut short does not take the other's figures with it):
 #      gpu      (file in /dev/shm): safetensors, fastsafetensors, Run:ai, fastload (first load in a
-#               process; second load in a process; buffers pinned by cudaHostRegister), against limits
-#               measured in the same rounds: a parallel pread into pinned memory and one pinned
-#               host-to-device copy of the file's size;
+#               process; second load in a process), against limits measured in the same rounds: a
+#               parallel pread into pinned memory and one pinned host-to-device copy of the file's size;
 #      gpu-cold (file on local disk, page cache dropped before every run): the same loaders against an
 #               O_DIRECT parallel read. Where the page cache cannot be dropped (posix_fadvise fails and
 #               /proc/sys/vm/drop_caches needs root), the cold rows say so and are skipped;
 #   4. writes everything under OUT_DIR and exits non-zero if any GPU target or step failed.
-# Every step runs under `timeout`, bounded by what is left of BUDGET_S, so the whole script ends in time;
-# a benchmark stopped that way still writes the runs that finished (medians of fewer rounds, marked so).
+# Every step runs under `timeout`, bounded by what is left of BUDGET_S, so the whole script ends in time.
+# BENCH_S of the budget is kept for the benchmark: the steps before it (build, pytest, compile check, side
+# by side) end when only that much is left; the first scenario gets 55% of what remains, the last all of
+# it. A benchmark rewrites SCENARIO.md after every round, so one that a budget kills still leaves the
+# tables of the rounds that finished (marked partial).
 #
 # Usage: benchmarks/gpu_check.sh [--dry-run]
 #   --dry-run: no GPU needed. Runs the same steps on the CPU at a tiny size (the GPU scenarios' methods
 #   load to the CPU; pytest only collects the GPU tests; the compile check runs on cpu), to catch a
 #   broken script before a GPU lease is spent on it. Its figures mean nothing; its verdicts are n/a.
 # Environment: PYTHON (python3), SIZE_GB (4), ROUNDS (3), BENCH_DIR (/tmp/fastload-bench: local disk),
-#   OUT_DIR (else $OUT, else bench-out/gpu), BUDGET_S (290), MARKDOWN (a docs file to update, optional),
-#   SCENARIOS (gpu,gpu-cold), SKIP_TESTS=1 / SKIP_COMPILE=1 (for a rerun of only what is missing).
+#   OUT_DIR (else $OUT, else bench-out/gpu), BUDGET_S (290), BENCH_S (170: kept for the benchmark),
+#   MARKDOWN (a docs file to update, optional), SCENARIOS (gpu,gpu-cold), METHODS (safetensors,
+#   fastsafetensors,runai,fastload,fastload-repeat; add fastload-alloc to compare the other pinning; the
+#   limits always run), SKIP_TESTS=1 / SKIP_COMPILE=1 (for a rerun of only what is missing).
 # Output (OUT_DIR): summary.txt (each step's status, the GPU verdicts, the exit code), pytest.log,
 #   build.log, compile.md/.json/.log, and per scenario SCENARIO.md (tables and targets), SCENARIO.json
 #   (every run, with fastload's stages) and SCENARIO.log (per-run progress).
@@ -42,6 +46,7 @@ ROUNDS=${ROUNDS:-3}
 BENCH_DIR=${BENCH_DIR:-/tmp/fastload-bench}
 OUT_DIR=${OUT_DIR:-${OUT:-bench-out/gpu}}
 SCENARIOS=${SCENARIOS:-gpu,gpu-cold}
+METHODS=${METHODS:-safetensors,fastsafetensors,runai,fastload,fastload-repeat}
 SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_COMPILE=${SKIP_COMPILE:-0}
 DEVICE=cuda:0
@@ -49,10 +54,12 @@ if [ "$DRY_RUN" = 1 ]; then
     DEVICE=cpu
     SIZE_GB=${DRY_SIZE_GB:-0.0625}
     BUDGET_S=${BUDGET_S:-900}  # a dry run checks the steps, not the time they take on a GPU machine
+    BENCH_S=${BENCH_S:-120}
     COMPILE_CAP=600  # compiling on a small CPU takes minutes
 fi
 COMPILE_CAP=${COMPILE_CAP:-120}
 BUDGET_S=${BUDGET_S:-290}
+BENCH_S=${BENCH_S:-170}
 export PYTHONPATH="$PWD:$PWD/integrations${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR" "$BENCH_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
@@ -71,6 +78,12 @@ limit() {  # limit CAP: a step's timeout, the smaller of CAP and what is left of
     local remaining
     remaining=$(left)
     if [ "$remaining" -lt 1 ]; then remaining=1; fi  # `timeout 0` would mean no limit at all
+    if [ "$remaining" -lt "$1" ]; then echo "$remaining"; else echo "$1"; fi
+}
+before_bench() {  # before_bench CAP: a pre-benchmark step's timeout, leaving BENCH_S of the budget untouched
+    local remaining
+    remaining=$(( $(left) - BENCH_S ))
+    if [ "$remaining" -lt 10 ]; then remaining=10; fi
     if [ "$remaining" -lt "$1" ]; then echo "$remaining"; else echo "$1"; fi
 }
 
@@ -104,7 +117,7 @@ PY
 build_pid=$!
 compile_pid=
 if [ "$SKIP_COMPILE" != 1 ]; then
-    timeout "$(limit "$COMPILE_CAP")" "$PYTHON" benchmarks/bench_compile.py --device "${DEVICE%%:*}" --backends file --rounds 1 \
+    timeout "$(before_bench "$COMPILE_CAP")" "$PYTHON" benchmarks/bench_compile.py --device "${DEVICE%%:*}" --backends file --rounds 1 \
         --json "$OUT_DIR/compile.json" >"$OUT_DIR/compile.md" 2>"$OUT_DIR/compile.log" &
     compile_pid=$!
 fi
@@ -112,7 +125,7 @@ fi
 if [ "$SKIP_TESTS" != 1 ]; then
     echo "== pytest -m gpu"
     if [ "$DRY_RUN" = 1 ]; then pytest_args=(--collect-only -q); else pytest_args=(-q); fi
-    timeout "$(limit 120)" "$PYTHON" -m pytest -m gpu "${pytest_args[@]}" -p no:cacheprovider tests 2>&1 \
+    timeout "$(before_bench 120)" "$PYTHON" -m pytest -m gpu "${pytest_args[@]}" -p no:cacheprovider tests 2>&1 \
         | tee "$OUT_DIR/pytest.log" | tail -n 25
     code=${PIPESTATUS[0]}
     if [ "$code" -eq 5 ]; then say "warning: no GPU-marked tests were collected"
@@ -142,19 +155,25 @@ say "$(tail -n 1 "$OUT_DIR/build.log")"
 # budget does not take the other's figures with it.
 markdown_args=()
 if [ -n "${MARKDOWN:-}" ]; then markdown_args=(--markdown "$MARKDOWN"); fi
-for scenario in ${SCENARIOS//,/ }; do
-    case "$scenario" in gpu) cap=140 ;; gpu-cold) cap=130 ;; *) cap=140 ;; esac
-    echo "== load benchmark: $scenario (${SIZE_GB} GiB, ${ROUNDS} rounds, device ${DEVICE})"
+scenarios=(${SCENARIOS//,/ })
+for index in "${!scenarios[@]}"; do
+    scenario=${scenarios[$index]}
+    if [ "$index" -lt $(( ${#scenarios[@]} - 1 )) ]; then cap=$(( $(left) * 55 / 100 )); else cap=$(left); fi
+    echo "== load benchmark: $scenario (${SIZE_GB} GiB, ${ROUNDS} rounds, device ${DEVICE}, up to ${cap}s)"
+    rm -f "$OUT_DIR/$scenario.md"
     timeout "$(limit "$cap")" "$PYTHON" benchmarks/bench_load.py --scenarios "$scenario" --device "$DEVICE" \
-        --size-gb "$SIZE_GB" --rounds "$ROUNDS" --dir "$BENCH_DIR" --timeout 60 --json "$OUT_DIR/$scenario.json" \
+        --methods "$METHODS" --size-gb "$SIZE_GB" --rounds "$ROUNDS" --dir "$BENCH_DIR" --timeout 60 \
+        --json "$OUT_DIR/$scenario.json" --partial "$OUT_DIR/$scenario.md" \
         --note "benchmarks/gpu_check.sh on $(hostname), load average at start $(cut -d' ' -f1-3 /proc/loadavg)" \
-        "${markdown_args[@]}" >"$OUT_DIR/$scenario.md" 2>"$OUT_DIR/$scenario.log"
+        "${markdown_args[@]}" >"$OUT_DIR/$scenario.out" 2>"$OUT_DIR/$scenario.log"
     code=$?
+    # The whole report (also one stopped by SIGTERM) replaces the partial one written after each round.
+    if grep -q '^## ' "$OUT_DIR/$scenario.out"; then mv "$OUT_DIR/$scenario.out" "$OUT_DIR/$scenario.md"; fi
+    touch "$OUT_DIR/$scenario.md"
     cat "$OUT_DIR/$scenario.md"
-    # A run stopped by `timeout` (SIGTERM) still reports the runs that finished, with their verdicts.
     grep -E '^\| GPU .*\*\*(PASS|FAIL)\*\*' "$OUT_DIR/$scenario.md" >>"$SUMMARY"
-    if [ "$code" -eq 124 ]; then
-        fail 6 "the $scenario benchmark ran out of time; $scenario.md holds the runs that finished"
+    if [ "$code" -eq 124 ] || [ "$code" -eq 143 ]; then
+        fail 6 "the $scenario benchmark ran out of time; $scenario.md holds the rounds that finished"
     elif [ "$code" -ne 0 ]; then fail 4 "the $scenario benchmark exited with $code: $(tail -n 1 "$OUT_DIR/$scenario.log")"
     elif grep -E '^\| GPU .*\*\*FAIL\*\*' "$OUT_DIR/$scenario.md" >/dev/null; then
         fail 3 "$scenario: a GPU target failed (see the Targets table in $scenario.md)"

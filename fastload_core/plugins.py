@@ -8,26 +8,29 @@ plugin is broken, so every hook implementation is wrapped when it registers; one
 logged and skipped while the others still run (plain pluggy stops at the first exception). A
 plugin that fails to import is logged and skipped too, and a registration that breaks its hook's
 contract is logged as a ``PluginError`` and skipped, the same way for every registration hook.
+
+Nothing is imported or scanned before a hook could reach a plugin: an event that no built-in
+implements (``before_load``, ``after_load``) fires through the manager only where a distribution on
+``sys.path`` declares a ``fastload`` entry point, which a quick look at the entry-point files
+answers. A plain ``load_file`` in a fresh process thus neither imports pluggy nor reads every
+distribution's metadata (about 10 ms of a 0.1 s warm load of 1 GiB, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
-import importlib
-import importlib.metadata
 import inspect
 import logging
 import os
+import sys
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import pluggy
-
-from . import hookspecs
 from .errors import PluginError
+
+if TYPE_CHECKING:
+    from ._plugin_manager import PluginManager
 
 log = logging.getLogger("fastload.plugins")
 
@@ -38,11 +41,22 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "fastload.metrics": "fastload_core.metrics",
     "fastload.compile_cache": "fastload_core.compile_cache.backends",
 }
+# The hooks each built-in implements, known without importing it (tests/test_plugins.py holds this to the
+# modules): an event none of them implements needs the manager only where a third-party plugin exists. A
+# built-in missing here is taken to implement every hook.
+BUILTIN_HOOKS: dict[str, frozenset[str]] = {
+    "fastload.torch_pickle": frozenset({"register_checkpoint_formats"}),
+    "fastload.storage": frozenset({"register_storage_schemes"}),
+    "fastload.metrics": frozenset({"on_tier_hit", "on_tier_miss", "on_tier_full", "on_fetch_start",
+                                   "on_fetch_finish", "on_evict", "after_compile"}),
+    "fastload.compile_cache": frozenset({"register_compile_cache_backends"}),
+}
+ENTRY_POINT_GROUP = "fastload"
 
 _lock = threading.Lock()
 _manager: PluginManager | None = None
-# The plugin whose hook implementation is running: what a ``register`` callback attributes a call to.
-_calling: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastload_plugin", default=None)
+# sys.path as last scanned, and whether a distribution on it may declare a fastload entry point.
+_scanned: tuple[tuple[str, ...], bool] | None = None
 
 T = TypeVar("T")
 
@@ -62,97 +76,6 @@ class Registration(Generic[T]):
     value: T
 
 
-class PluginManager(pluggy.PluginManager):
-    """pluggy's manager, with every hook implementation isolated when it registers (see the module)."""
-
-    def register(self, plugin: object, name: str | None = None) -> str | None:
-        registered = super().register(plugin, name)
-        if registered is not None:
-            for caller in self.get_hookcallers(plugin) or []:
-                for impl in caller.get_hookimpls():
-                    if impl.plugin is plugin:
-                        # HookImpl keeps the argument names it read from the original function, and
-                        # pluggy reads ``function`` at each call: swapping it is the least invasive seam.
-                        impl.function = _isolated(impl, caller.name)  # type: ignore[misc]
-        return registered
-
-
-def _log_raised(plugin: str, hook_name: str, exc: BaseException) -> None:
-    log.warning("fastload plugin %r raised in %s and is ignored: %r", plugin, hook_name, exc)
-
-
-def _isolated(impl: pluggy.HookImpl, hook_name: str) -> Callable[..., object]:
-    """``impl.function`` that logs instead of raising; wrappers keep pluggy's protocol (one yield)."""
-    function = impl.function
-    plugin = impl.plugin_name
-    if not (impl.wrapper or impl.hookwrapper):
-
-        @functools.wraps(function)
-        def isolated(*args: object, **kwargs: object) -> object:
-            token = _calling.set(plugin)
-            try:
-                return function(*args, **kwargs)
-            except Exception as exc:
-                _log_raised(plugin, hook_name, exc)
-                return None
-            finally:
-                _calling.reset(token)
-
-        return isolated
-
-    @functools.wraps(function)
-    def isolated_wrapper(*args: object, **kwargs: object) -> Generator[None, object, object]:
-        token = _calling.set(plugin)
-        teardown: Generator[None, object, object] | None = None
-        try:
-            teardown = function(*args, **kwargs)  # type: ignore[assignment]
-            next(teardown)  # type: ignore[arg-type]
-        except StopIteration:
-            _log_raised(plugin, hook_name, RuntimeError("the wrapper returned without yielding"))
-            teardown = None
-        except Exception as exc:
-            _log_raised(plugin, hook_name, exc)
-            teardown = None
-        finally:
-            _calling.reset(token)
-        if teardown is None:  # its setup failed: pass the result (or the exception) straight through
-            return (yield)
-        try:
-            # New-style wrappers are sent the result, old-style ones a pluggy.Result: forwarded as is.
-            sent = yield
-        except BaseException as exc:  # an inner wrapper raised: the plugin may handle it, as in pluggy
-            token = _calling.set(plugin)
-            try:
-                teardown.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            except BaseException as raised:
-                if raised is exc:
-                    raise
-                _log_raised(plugin, hook_name, raised)
-                raise exc  # noqa: B904  (the inner error goes on; the plugin's own was logged)
-            finally:
-                _calling.reset(token)
-            teardown.close()
-            _log_raised(plugin, hook_name, RuntimeError("the wrapper yielded twice"))
-            raise
-        token = _calling.set(plugin)
-        try:
-            teardown.send(sent)
-        except StopIteration as stop:
-            return stop.value
-        except Exception as exc:
-            _log_raised(plugin, hook_name, exc)
-            return sent
-        finally:
-            _calling.reset(token)
-        teardown.close()
-        _log_raised(plugin, hook_name, RuntimeError("the wrapper yielded twice"))
-        return sent
-
-    return isolated_wrapper
-
-
 def _names_from_env(variable: str) -> set[str] | None:
     value = os.environ.get(variable)
     if value is None:
@@ -161,28 +84,10 @@ def _names_from_env(variable: str) -> set[str] | None:
 
 
 def _build_manager() -> PluginManager:
-    manager = PluginManager("fastload")
-    manager.add_hookspecs(hookspecs)
-    for name in _names_from_env("FASTLOAD_DISABLE_PLUGINS") or ():
-        manager.set_blocked(name)
-    wanted = _names_from_env("FASTLOAD_PLUGINS")
-    candidates: list[tuple[str, str, Callable[[], object]]] = [
-        (name, module_name, functools.partial(importlib.import_module, module_name))
-        for name, module_name in BUILTIN_PLUGINS.items()
-    ]
-    candidates += [
-        (entry_point.name, entry_point.value, entry_point.load)
-        for entry_point in importlib.metadata.entry_points(group="fastload")
-        if wanted is None or entry_point.name in wanted
-    ]
-    for name, where, load in candidates:
-        if manager.is_blocked(name):
-            continue  # not even imported: a disabled plugin may be the broken one
-        try:
-            manager.register(load(), name=name)
-        except Exception as exc:  # built-ins included: an optional dependency may be broken
-            log.warning("fastload plugin %r (%s) failed to load and is skipped: %r", name, where, exc)
-    return manager
+    from ._plugin_manager import build_manager
+
+    return build_manager(BUILTIN_PLUGINS, ENTRY_POINT_GROUP, _names_from_env("FASTLOAD_DISABLE_PLUGINS") or set(),
+                         _names_from_env("FASTLOAD_PLUGINS"))
 
 
 def get_plugin_manager() -> PluginManager:
@@ -196,14 +101,74 @@ def get_plugin_manager() -> PluginManager:
 
 def reset_plugin_manager() -> None:
     """Forget loaded plugins so the next call rediscovers them (after changing FASTLOAD_PLUGINS)."""
-    global _manager
+    global _manager, _scanned
     with _lock:
-        _manager = None
+        _manager = _scanned = None
 
 
 def notify(hook_name: str, **kwargs: Any) -> None:
-    """Fire an event hook through pluggy; a plugin that raises is logged, never propagated."""
-    getattr(get_plugin_manager().hook, hook_name)(**kwargs)
+    """Fire an event hook through pluggy; a plugin that raises is logged, never propagated. Where no
+    plugin could implement the hook, nothing is built or imported."""
+    manager = _manager
+    if manager is None:
+        if not _may_be_implemented(hook_name):
+            return
+        manager = get_plugin_manager()
+    getattr(manager.hook, hook_name)(**kwargs)
+
+
+def _may_be_implemented(hook_name: str) -> bool:
+    """Whether a plugin that is not disabled may implement ``hook_name``: a built-in that does, or any
+    third-party plugin at all (which hooks it implements is known only once it is imported)."""
+    blocked = _names_from_env("FASTLOAD_DISABLE_PLUGINS") or set()
+    for name in BUILTIN_PLUGINS:
+        if name not in blocked and hook_name in BUILTIN_HOOKS.get(name, (hook_name,)):
+            return True
+    if _names_from_env("FASTLOAD_PLUGINS") == set():  # set but empty: no third-party plugin is wanted
+        return False
+    global _scanned
+    path = tuple(sys.path)
+    scanned = _scanned
+    if scanned is None or scanned[0] != path:  # a changed sys.path may bring new distributions
+        scanned = _scanned = (path, _entry_points_may_exist(path))
+    return scanned[1]
+
+
+def _entry_points_may_exist(path: tuple[str, ...]) -> bool:
+    """False only when no distribution on ``path`` can declare a ``fastload`` entry point.
+
+    Looks for the group's section header in each ``*.dist-info``/``*.egg-info`` directory's
+    ``entry_points.txt``, a few times cheaper than ``importlib.metadata.entry_points()``, which parses
+    every distribution's. It errs towards True, never the other way: a header written oddly, or
+    distributions that importlib.metadata would find elsewhere (a zip or an egg on the path, a finder
+    of its own on ``sys.meta_path``), answer True, and the manager then asks importlib.metadata.
+    """
+    import importlib.machinery
+
+    if any(hasattr(finder, "find_distributions") and finder is not importlib.machinery.PathFinder
+           for finder in sys.meta_path):
+        return True
+    needle = f"{ENTRY_POINT_GROUP}]".encode()  # "[fastload]", as importlib.metadata reads a section name
+    for entry in path:
+        if entry.lower().endswith(".egg"):
+            return True
+        try:
+            children = os.scandir(entry or ".")
+        except NotADirectoryError:
+            return True  # a zip file: importlib.metadata looks inside it
+        except OSError:
+            continue  # missing or unreadable: importlib.metadata finds nothing there either
+        with children:
+            for child in children:
+                if not child.name.lower().endswith((".dist-info", ".egg-info")):
+                    continue
+                try:
+                    with open(os.path.join(child.path, "entry_points.txt"), "rb") as file:
+                        if needle in file.read():
+                            return True
+                except OSError:  # no entry points (most distributions), or an .egg-info file
+                    continue
+    return False
 
 
 def collect(hook_name: str, accept: Callable[..., T]) -> list[Registration[T]]:
@@ -215,11 +180,13 @@ def collect(hook_name: str, accept: Callable[..., T]) -> list[Registration[T]]:
     A call that does not fit its signature, or that ``accept`` refuses, is logged as a ``PluginError``
     naming the plugin and skipped; the plugin's other registrations and the other plugins still count.
     """
+    from ._plugin_manager import calling_plugin
+
     signature = inspect.signature(accept)
     accepted: list[Registration[T]] = []
 
     def register(*args: Any, **kwargs: Any) -> None:
-        plugin = _calling.get() or "?"
+        plugin = calling_plugin() or "?"
         try:
             try:
                 signature.bind(*args, **kwargs)
@@ -238,10 +205,12 @@ def collect(hook_name: str, accept: Callable[..., T]) -> list[Registration[T]]:
 
 def plugin_infos() -> list[PluginInfo]:
     """What is loaded and which hooks each plugin implements (for ``fastload plugins``)."""
+    import importlib.metadata
+
     manager = get_plugin_manager()
     distributions = {
         ep.name: (ep.dist.name if ep.dist else "?")
-        for ep in importlib.metadata.entry_points(group="fastload")
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     }
     infos = []
     for name, plugin in manager.list_name_plugin():

@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 import fastload_core
 
 # Never needed to import the package or load a local file: the compile cache, the tiered store and its
-# locks, service clients, the metrics client.
+# locks, service clients, the metrics client, the legacy-format converter, and pluggy where no plugin is
+# installed (the test environment has none).
 HEAVY = (
-    "filelock", "boto3", "botocore", "redis", "tenacity", "prometheus_client", "platformdirs",
+    "filelock", "boto3", "botocore", "redis", "tenacity", "prometheus_client", "platformdirs", "pluggy",
+    "fastload_core._plugin_manager", "fastload_core.loader.formats", "fastload_core._atomic",
     "fastload_core.compile_cache.cache", "fastload_core.compile_cache.compiler", "fastload_core.compile_cache.keys",
     "fastload_core.storage.store", "fastload_core.storage.eviction", "fastload_core.model",
 )

@@ -15,13 +15,19 @@ import torch
 from safetensors.torch import save_file
 
 import fastload_core
-from fastload_core import LoadReport, hookimpl
+from fastload_core import LoadReport, hookimpl, plugins
 from fastload_core.cli import main
 from fastload_core.compile_cache.directory import DirectoryBackend
 from fastload_core.compile_cache.registry import backend_factories
 from fastload_core.errors import PluginError, UnsupportedFormatError
 from fastload_core.loader.formats import registered_formats
-from fastload_core.plugins import BUILTIN_PLUGINS, get_plugin_manager, plugin_infos, reset_plugin_manager
+from fastload_core.plugins import (
+    BUILTIN_HOOKS,
+    BUILTIN_PLUGINS,
+    get_plugin_manager,
+    plugin_infos,
+    reset_plugin_manager,
+)
 from fastload_core.storage import Journal, Manifest, ModelURI, Origin, OriginError, fetch
 from fastload_core.storage.meta import Checksums
 from fastload_core.storage.progress import Progress
@@ -155,6 +161,73 @@ def test_cli_lists_plugins_and_hooks(plugin_dir: Path, capsys: pytest.CaptureFix
     assert "recorder  (recorder)" in out
     assert "after_load" in out and "before_load" in out
     assert "fastload.torch_pickle  (builtin)" in out
+
+
+# --- nothing is imported or scanned before a plugin could hear an event ----------------------------
+
+def test_the_builtin_hook_table_is_what_the_builtins_implement() -> None:
+    manager = get_plugin_manager()
+    for name in BUILTIN_PLUGINS:
+        callers = manager.get_hookcallers(manager.get_plugin(name)) or []
+        assert {caller.name for caller in callers} == BUILTIN_HOOKS[name], name
+
+
+def test_an_event_no_plugin_implements_builds_no_manager(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"a": torch.zeros(2)}, path)
+    fastload_core.load_file(path)
+    assert plugins._manager is None  # before_load/after_load: no built-in has them, no plugin installed
+    plugins.notify("on_tier_hit", uri="s3://b/m", tier="shm", path=str(path))  # the metrics built-in has it
+    assert plugins._manager is not None
+
+
+def test_a_plugin_on_a_path_added_after_a_load_hears_the_next_load(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"a": torch.zeros(2)}, path)
+    fastload_core.load_file(path)
+    root = tmp_path / "later"
+    install_plugin(root, "recorder", "fl_test_recorder", RECORDER_PLUGIN)
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        fastload_core.load_file(path)
+        import fl_test_recorder
+
+        assert [r.source for r in fl_test_recorder.REPORTS] == [str(path)]
+    finally:
+        sys.modules.pop("fl_test_recorder", None)
+
+
+def test_the_entry_point_scan_errs_only_towards_plugins(tmp_path: Path) -> None:
+    def may_exist(*entries: Path) -> bool:
+        return plugins._entry_points_may_exist(tuple(map(str, entries)))
+
+    plain = tmp_path / "plain"
+    (plain / "tool-1.0.dist-info").mkdir(parents=True)  # no entry_points.txt, like most distributions
+    (plain / "cli-1.0.dist-info").mkdir()
+    (plain / "cli-1.0.dist-info" / "entry_points.txt").write_text("[console_scripts]\nfastload = x:main\n")
+    (plain / "old-1.0.egg-info").write_text("Metadata-Version: 1.0\n")  # an .egg-info file, not a directory
+    assert not may_exist(plain, tmp_path / "missing")
+    with_plugin = tmp_path / "with"
+    install_plugin(with_plugin, "npz-format", "fl_test_npz", None)
+    assert may_exist(plain, with_plugin)
+    odd = tmp_path / "odd"
+    (odd / "ODD-1.0.EGG-INFO").mkdir(parents=True)
+    (odd / "ODD-1.0.EGG-INFO" / "entry_points.txt").write_text("  [[fastload]]  \nodd = odd\n")
+    assert may_exist(odd)
+    archive = tmp_path / "site.zip"
+    archive.write_bytes(b"PK\x05\x06" + bytes(18))  # distributions may hide in a zip: not looked into
+    assert may_exist(plain, archive)
+
+
+def test_fastload_plugins_set_empty_means_no_third_party_listener(plugin_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert plugins._may_be_implemented("before_load")
+    monkeypatch.setenv("FASTLOAD_PLUGINS", "")
+    assert not plugins._may_be_implemented("before_load")
+    assert plugins._may_be_implemented("on_evict")  # the metrics built-in
+    monkeypatch.setenv("FASTLOAD_DISABLE_PLUGINS", "fastload.metrics")
+    assert not plugins._may_be_implemented("on_evict")
 
 
 # --- hooks are called through pluggy, each implementation isolated -------------------------------

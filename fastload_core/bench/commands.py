@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", type=Path, default=None,
                         help="write the report into this file between <!-- bench:load --> markers")
     parser.add_argument("--json", type=Path, default=None, help="write every run's raw result here")
+    parser.add_argument("--partial", type=Path, default=None,
+                        help="rewrite this file with the report of the rounds finished so far after every round "
+                             "(for a run that a time budget may kill)")
     parser.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
     parser.add_argument("--device", default="cuda:0",
                         help="where the gpu scenarios load to (default cuda:0); 'cpu' runs them as a dry run "
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     command = "fastload bench " + shlex.join(sys.argv[1:] if sys.argv[1:2] != ["bench"] else sys.argv[2:])
     try:
         outcome = run_bench(bench, command.strip(), args.note,
-                            progress=(lambda _: None) if args.quiet else _progress)
+                            progress=(lambda _: None) if args.quiet else _progress,
+                            partial=None if args.partial is None else partial(args.partial))
     except ValueError as exc:
         print(f"fastload bench: {exc}", file=sys.stderr)
         return 2
@@ -93,6 +99,19 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({args.markdown} left as it was)" if args.markdown is not None else ""), file=sys.stderr)
         return 143  # 128 + SIGTERM, as if the signal had ended it
     return 0
+
+
+def partial(path: Path) -> Callable[[str], None]:
+    """Write each report to ``path`` whole (a temporary file renamed over it): a reader, or a kill, never
+    meets half a table."""
+
+    def write(markdown: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(markdown + "\n")
+        os.replace(temporary, path)
+
+    return write
 
 
 def _progress(line: str) -> None:

@@ -302,8 +302,8 @@ GPU_METHODS = (
 GPU_EXTRA_METHODS = (
     Method("cuda/fastload-repeat", "fastload load_file(device=cuda), second load in the process", "safetensors",
            _gpu_fastload(repeat=True), gpu=True),
-    Method("cuda/fastload-register", "fastload load_file(device=cuda), FASTLOAD_PINNED=register", "safetensors",
-           _gpu_fastload(pinned="register"), gpu=True),
+    Method("cuda/fastload-alloc", "fastload load_file(device=cuda), FASTLOAD_PINNED=alloc", "safetensors",
+           _gpu_fastload(pinned="alloc"), gpu=True),
 )
 MODEL_METHODS = (
     Method("model/torch.load", "Model() + load_state_dict(torch.load)", "pickle",

@@ -94,25 +94,40 @@ def run_scenario(
     checkpoint: Checkpoint,
     eviction: EvictionLog,
     progress: Callable[[str], None] = lambda _: None,
+    on_round: Callable[[ScenarioResult], None] | None = None,
 ) -> ScenarioResult:
+    """Run every round of ``scenario``; ``on_round`` receives the result so far after each round."""
     methods = selected_methods(scenario, bench.methods)
     runs: dict[str, list[Run]] = {m.id: [] for m in methods}
     failed: set[str] = set()
     shuffler = random.Random(f"{scenario.name}-{bench.rounds}")  # reproducible orders
     cut_short: str | None = None
+
+    def round_done(finished: int) -> None:
+        if on_round is not None and finished < bench.rounds:
+            snapshot = _summarize(scenario, methods, runs, checkpoint)
+            snapshot.notes.append(f"partial: {finished} of {bench.rounds} rounds so far")
+            snapshot.cut_short = True
+            on_round(snapshot)
+
     try:
-        _run_rounds(bench, scenario, checkpoint, eviction, progress, methods, runs, failed, shuffler)
+        _run_rounds(bench, scenario, checkpoint, eviction, progress, methods, runs, failed, shuffler, round_done)
     except Stopped as stop:
         cut_short = (f"cut short by SIGTERM in round {stop.round} of {bench.rounds} (a time budget ran out): "
                      "the medians are of the runs that finished")
         progress(f"  {scenario.name}: {cut_short}")
-    expected = checkpoint.nbytes
-    summaries = {m.id: Summary(m, runs[m.id], expected) for m in methods}
-    outcome = ScenarioResult(scenario, summaries, str(checkpoint.safetensors.parent))
-    _check_consistency(outcome, checkpoint)
+    outcome = _summarize(scenario, methods, runs, checkpoint)
     if cut_short is not None:
         outcome.notes.append(cut_short)
         outcome.cut_short = True
+    return outcome
+
+
+def _summarize(scenario: Scenario, methods: list[Method], runs: dict[str, list[Run]],
+               checkpoint: Checkpoint) -> ScenarioResult:
+    summaries = {m.id: Summary(m, list(runs[m.id]), checkpoint.nbytes) for m in methods}
+    outcome = ScenarioResult(scenario, summaries, str(checkpoint.safetensors.parent))
+    _check_consistency(outcome, checkpoint)
     return outcome
 
 
@@ -126,8 +141,11 @@ def _run_rounds(
     runs: dict[str, list[Run]],
     failed: set[str],
     shuffler: random.Random,
+    round_done: Callable[[int], None] = lambda _: None,
 ) -> None:
     for round_index in range(bench.rounds):
+        if round_index:
+            round_done(round_index)
         _round[0] = round_index + 1
         for method in shuffler.sample(methods, len(methods)):
             run = Run(scenario.name, method.id, round_index)
@@ -220,9 +238,12 @@ def run_bench(
     command: str,
     notes: Sequence[str] = (),
     progress: Callable[[str], None] = lambda _: None,
+    partial: Callable[[str], None] | None = None,
 ) -> BenchOutcome:
-    """Generate (or reuse) the checkpoint, run the scenarios, and render the report."""
-    from .checkpoints import describe, ensure_checkpoint
+    """Generate (or reuse) the checkpoint, run the scenarios, and render the report. ``partial``, when
+    given, receives the report of what finished after every round but a scenario's last, so a run that a
+    time budget kills outright still leaves its tables behind."""
+    from .checkpoints import ensure_checkpoint
 
     unknown = [s for s in bench.scenarios if s not in SCENARIOS]
     if unknown:
@@ -256,7 +277,13 @@ def run_bench(
                             extra_notes.append(note)
                     checkpoint = warm
                 progress(f"{name}: {len(selected_methods(scenario, bench.methods))} methods × {bench.rounds} rounds")
-                results[name] = run_scenario(bench, scenario, checkpoint, eviction, progress)
+
+                def report_so_far(snapshot: ScenarioResult, name: str = name) -> None:
+                    if partial is not None:
+                        so_far = {**results, name: snapshot}
+                        partial(_render(so_far, machine, command, disk, eviction, extra_notes, bench.device == "cpu"))
+
+                results[name] = run_scenario(bench, scenario, checkpoint, eviction, progress, report_so_far)
     except Stopped:  # between runs (evicting, copying the warm file): what finished is still reported
         extra_notes.append("Cut short by SIGTERM between runs (a time budget ran out).")
         stopped_between = True
@@ -268,8 +295,7 @@ def run_bench(
     if dry_run and any(SCENARIOS[name].needs_cuda for name in results):
         extra_notes.append("Dry run: the GPU scenarios' methods loaded to the CPU (`--device cpu`) to check the "
                            "harness; their figures say nothing about a GPU and their verdicts are n/a.")
-    markdown = render(results, machine, command, describe(disk.config),
-                      eviction if any(r.scenario.cold for r in results.values()) else None, extra_notes, dry_run)
+    markdown = _render(results, machine, command, disk, eviction, extra_notes, dry_run)
     raw = {
         "command": command,
         "machine": machine,
@@ -280,6 +306,14 @@ def run_bench(
     }
     cut_short = stopped_between or any(result.cut_short for result in results.values())
     return BenchOutcome(results, markdown, raw, cut_short)
+
+
+def _render(results: dict[str, ScenarioResult], machine: dict[str, str], command: str, disk: Checkpoint,
+            eviction: EvictionLog, notes: list[str], dry_run: bool) -> str:
+    from .checkpoints import describe
+
+    return render(results, machine, command, describe(disk.config),
+                  eviction if any(r.scenario.cold for r in results.values()) else None, notes, dry_run)
 
 
 def _scenarios_until_stopped(names: Sequence[str], results: dict[str, ScenarioResult],

@@ -16,7 +16,7 @@ import torch
 from .. import plugins, storage
 from ..errors import CheckpointError, DeviceError, MissingShardError
 from ..report import LoadReport
-from . import cpu, formats
+from . import cpu
 from .header import MAX_HEADER_BYTES, Header, gc_paused, read_header, read_header_from
 
 log = logging.getLogger("fastload")
@@ -215,6 +215,8 @@ def _resolve(path: Path, report: LoadReport) -> tuple[list[tuple[Path, set[str] 
         candidates = sorted(path.glob("*.safetensors"))
         if len(candidates) == 1:
             return [(candidates[0], None)], ""
+        from . import formats  # only here and for a legacy file: the converter's imports stay off the fast path
+
         legacy = [p for p in sorted(path.iterdir()) if p.is_file() and formats.find_format(p)]
         if len(candidates) > 1 or not legacy:
             found = ", ".join(p.name for p in candidates) or "no checkpoint files"
@@ -226,6 +228,8 @@ def _resolve(path: Path, report: LoadReport) -> tuple[list[tuple[Path, set[str] 
         raise CheckpointError(path, "does not exist")
     if _is_safetensors(path):
         return [(path, None)], ""
+    from . import formats
+
     converted = _timed(report, "convert-legacy", formats.converted_path, path)
     return [(converted, None)], "+converted"
 

@@ -141,9 +141,38 @@ def pread_exact(fd: int, target: memoryview, offset: int, path: str) -> None:
 
 
 def tensor_views(base: torch.Tensor, header: Header, base_offset: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Typed views of each tensor in ``base``, whose byte 0 is file offset ``base_offset``."""
+    """Typed views of each tensor in ``base``, whose byte 0 is file offset ``base_offset``.
+
+    Each is one ``as_strided`` of a view of ``base`` per dtype: a slice, a dtype view and a reshape per
+    tensor cost about six times as much (~7 ms of a fresh process's warm load of 600 tensors, on top of
+    a load that safetensors finishes in 10 ms)."""
+    if base.data_ptr() % _MAX_ITEMSIZE or base.storage_offset() % _MAX_ITEMSIZE:  # not from this module
+        for entry in header.tensors:
+            yield entry.name, typed_view(base, entry, entry.start - base_offset)
+        return
+    size = base.numel()
+    typed: dict[torch.dtype, torch.Tensor] = {}
     for entry in header.tensors:
-        yield entry.name, typed_view(base, entry, entry.start - base_offset)
+        offset, itemsize = entry.start - base_offset, entry.dtype.itemsize
+        if offset % itemsize:
+            yield entry.name, typed_view(base, entry, offset)
+            continue
+        whole = typed.get(entry.dtype)
+        if whole is None:
+            whole = typed[entry.dtype] = base[: size - size % itemsize].view(entry.dtype)
+        yield entry.name, whole.as_strided(entry.shape, _contiguous_strides(entry.shape),
+                                           whole.storage_offset() + offset // itemsize)
+
+
+_MAX_ITEMSIZE = 16  # a multiple of every dtype's size: a base aligned to it aligns every dtype view of it
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)  # as torch strides a tensor with a zero-sized dimension
+    return tuple(reversed(strides))
 
 
 def typed_view(base: torch.Tensor, entry: TensorEntry, offset: int) -> torch.Tensor:

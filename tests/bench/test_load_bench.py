@@ -180,3 +180,30 @@ def test_sigterm_reports_the_runs_that_finished(tmp_path: Path) -> None:
     assert "cut short by SIGTERM in round" in out and "Not run (the run was cut short): cold" in out
     assert "stopped by SIGTERM" in err and not doc.exists()  # a partial run is no record for the docs
     assert not list((tmp_path / "warm").iterdir())  # the warm copy is still cleaned up
+
+
+def test_partial_report_survives_a_kill(tmp_path: Path) -> None:
+    """``--partial`` rewrites the report after every round: a run killed outright (no SIGTERM handler
+    gets to print) still leaves the tables of the rounds that finished, as gpu_check.sh needs."""
+    import signal
+
+    partial = tmp_path / "gpu.md"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_load.py"), "--size-gb", str(SIZE_GB), "--rounds", "50",
+        "--scenarios", "warm", "--methods", "fastload", "--dir", str(tmp_path / "disk"),
+        "--warm-dir", str(tmp_path / "warm"), "--partial", str(partial),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    try:
+        while line := process.stderr.readline():  # round 3 starts once round 2's report is written
+            if "warm round 3/50" in line:
+                break
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    text = partial.read_text()
+    assert "partial: 2 of 50 rounds so far" in text
+    row = next(row for row in _table(text, "### ") if row[0] == "fastload load_file")
+    assert row[-1] == "2/2" and float(row[1]) > 0
+    assert not list(tmp_path.glob(".gpu.md.tmp"))

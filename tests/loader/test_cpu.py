@@ -72,3 +72,24 @@ def test_map_file_maps_every_page_up_front(tmp_path: Path) -> None:
         assert path.read_bytes() == data
     finally:
         os.close(fd)
+
+
+def test_tensor_views_are_contiguous_views_of_the_base_for_any_base_alignment(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fastload_core.loader.header import read_header
+
+    expected = {"a_byte": torch.tensor([7], dtype=torch.uint8), "b_f32": torch.arange(6.0).reshape(2, 3),
+                "c_empty": torch.zeros(2, 0, 3, dtype=torch.float16), "d_scalar": torch.tensor(3, dtype=torch.int64)}
+    path = tmp_path / "m.safetensors"
+    save_file(expected, path)
+    header = read_header(path)
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    for base, offset in ((data, 0), (data[1:], 1)):  # a base that starts one byte in takes the general path
+        views = dict(cpu.tensor_views(base, header, offset))
+        for name, tensor in expected.items():
+            got = views[name]
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
+            assert got.is_contiguous() and got.stride() == tensor.stride(), name
+        entry = next(entry for entry in header.tensors if entry.name == "b_f32")
+        assert views["b_f32"].data_ptr() == base.data_ptr() + entry.start - offset  # a view, not a copy

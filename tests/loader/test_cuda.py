@@ -5,6 +5,7 @@ the device tensors as they are."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,39 @@ def test_bad_settings_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("FASTLOAD_IO_THREADS", bad)
         with pytest.raises(LoaderSettingError, match=f"FASTLOAD_IO_THREADS='{bad}'"):
             cpu.io_threads()
+
+
+def test_register_is_the_default_and_a_refused_registration_falls_back_to_alloc_for_good(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the CPU, with the two CUDA calls replaced: the default pins by registration; the first refusal
+    switches the process to allocation, logged at debug level, and no later buffer tries again."""
+    monkeypatch.delenv("FASTLOAD_PINNED", raising=False)
+    assert cuda.pinned_mode() == "register"
+    monkeypatch.setattr(cuda, "_registration_refused", False)
+    registered: list[tuple[int, int]] = []
+    unregistered: list[int] = []
+    answers = iter([0, 2])  # the first buffer registers, the second is refused (cudaErrorMemoryAllocation)
+
+    def register(address: int, nbytes: int) -> int:
+        registered.append((address, nbytes))
+        return next(answers)
+
+    monkeypatch.setattr(cuda, "_host_register", register)
+    monkeypatch.setattr(cuda, "_host_unregister", unregistered.append)
+    monkeypatch.setattr(cuda, "_pin_by_allocation", lambda nbytes: torch.full((nbytes,), 7, dtype=torch.uint8))
+    pool = cuda.staging_pool(1 << 20)
+    pool.ensure(3)
+    with caplog.at_level(logging.DEBUG, logger="fastload"):
+        slots = [pool.take() for _ in range(3)]
+    buffers = [slot.buffer for slot in slots if slot.buffer is not None]
+    assert [buffer.numel() for buffer in buffers] == [1 << 20] * 3
+    assert [nbytes for _, nbytes in registered] == [1 << 20, 1 << 20]  # the third did not try again
+    assert registered[0][0] == buffers[0].data_ptr()
+    assert int(buffers[1][0]) == int(buffers[2][0]) == 7  # allocated the other way
+    assert "cudaHostRegister" in caplog.text and "cudaHostAlloc instead" in caplog.text
+    assert not [r for r in caplog.records if r.levelno > logging.DEBUG]
+    for slot in slots:
+        pool.give_back(slot, None)
+    cuda.release_staging()
+    assert unregistered == [registered[0][0]]
