@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from fastload_devservices._process import free_port
-from tests.storage.faultproxy import FaultProxy
+from fastload_devservices.faultproxy import FaultProxy
 
 KEY, SECRET = "serve-test-key", "serve-test-secret"
 

@@ -22,9 +22,9 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from fastload_core.storage.peers import KEY_PREFIX
+from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
 from tests.serve.conftest import KEY, SECRET
-from tests.storage.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.s3, pytest.mark.redis, pytest.mark.slow]
 

@@ -22,8 +22,8 @@ from fastload_core.storage import LocalDiskTier, ShmTier, fetch, writethrough
 from fastload_core.storage.errors import OriginError
 from fastload_core.storage.meta import EntryMeta, Manifest, RemoteFile
 from fastload_core.storage.verify import check_blocks, file_digests
+from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
-from tests.storage.faultproxy import FaultProxy
 from tests.storage.helpers import record_events, spawn
 
 MiB = 1024 * 1024
