@@ -48,7 +48,8 @@ BUILTIN_HOOKS: dict[str, frozenset[str]] = {
     "fastload.torch_pickle": frozenset({"register_checkpoint_formats"}),
     "fastload.storage": frozenset({"register_storage_schemes"}),
     "fastload.metrics": frozenset({"on_tier_hit", "on_tier_miss", "on_tier_full", "on_fetch_start",
-                                   "on_fetch_finish", "on_evict", "after_compile"}),
+                                   "on_fetch_finish", "on_evict", "after_compile", "on_peer_fetch",
+                                   "on_serve_request"}),
     "fastload.compile_cache": frozenset({"register_compile_cache_backends"}),
 }
 ENTRY_POINT_GROUP = "fastload"

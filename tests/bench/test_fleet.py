@@ -136,7 +136,8 @@ def test_quick_fleet(tmp_path: Path) -> None:
         assert copies * size <= result["origin_bytes_seaweed"] < copies * size * 1.05
     fastload = results["fastload"]
     assert fastload["shared_written"] == size  # one node wrote the shared mount, under the lease
-    assert fastload["shared_read"] == 2 * size  # every node copied it from there, once
+    # the lease holder filled its RAM and the shared mount from one download; the other node copied the mount
+    assert fastload["shared_read"] == size
     assert fastload["redis_commands"].get("set", 0) >= 1  # the lease (a later node may find the mount filled)
     assert results["stock"]["shared_read"] == 0 and results["stock"]["redis_ops"] == 0
     assert (out.with_suffix(".md")).read_text().count("| stock |") == 1
