@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import IO
 
 
 def free_port() -> int:
@@ -24,15 +26,20 @@ class ServerProcess:
         self._ready = ready
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
+        # The server's log goes to a file, not a pipe: nobody reads a pipe while the server runs, and a
+        # server that logs every request (moto) blocks for good once the pipe's 64 KiB buffer is full.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in stop)
         self._process = subprocess.Popen(
-            list(self._command(self.port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self._env
+            list(self._command(self.port)), stdout=subprocess.DEVNULL, stderr=self._log, env=self._env
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                stderr = self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
+                self._log.seek(0)
+                stderr = self._log.read().decode(errors="replace")
                 raise RuntimeError(f"{self._command(self.port)[0]} exited early: {stderr[-2000:]}")
             if self._ready(self.port):
                 return
@@ -49,6 +56,7 @@ class ServerProcess:
         if self._process is not None:
             self._process.kill()
             self._process.wait()
-            if self._process.stderr:
-                self._process.stderr.close()
             self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
