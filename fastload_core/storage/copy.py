@@ -15,10 +15,10 @@ from pathlib import Path
 
 from .._atomic import readable_like_mode
 from .._safefs import UnsafePath, open_file
-from .base import Journal, Source
+from .base import Entry, Journal, Source
 from .checksum import ETagHasher
 from .errors import IntegrityError, UnsafeKeyError
-from .meta import Checksums, Manifest
+from .meta import FILES_DIR, Checksums, Manifest
 from .progress import Progress
 from .uri import confine, safe_relpath
 from .verify import BlockDigests
@@ -106,6 +106,11 @@ class EntrySource(Source):
         self.files_dir = files_dir
         self.expected = expected
         self.digests = digests or {}
+
+    @classmethod
+    def of(cls, entry: Entry) -> EntrySource:
+        """The entry's files, with the checksums and block digests it was published with."""
+        return cls(entry.path / FILES_DIR, entry.meta.checksums(), entry.meta.digests())
 
     def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
         return copy_manifest(manifest, self.files_dir, dest, expected=self.expected, progress=progress,

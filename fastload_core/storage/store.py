@@ -332,8 +332,7 @@ class TieredStore:
             return None
         fallback: Source = origin
         if source is not None and source.entry is not None:
-            fallback = EntrySource(source.entry.path / FILES_DIR, source.entry.meta.checksums(),
-                                   source.entry.meta.digests())
+            fallback = EntrySource.of(source.entry)
         try:
             pinned = self._fill(target, parsed, manifest,
                                 PeerSource(self.peers, holders, parsed.slug, manifest.version, fallback), watch,
@@ -501,8 +500,7 @@ class TieredStore:
         if isinstance(source, Pin):
             if source.entry is None:
                 raise StorageError(f"{shown}: promotion source {source.path} is not a tier entry")
-            writer = EntrySource(source.entry.path / FILES_DIR, source.entry.meta.checksums(),
-                                 source.entry.meta.digests())
+            writer = EntrySource.of(source.entry)
         else:
             writer = source
         partial = tier.prepare(slug, version, manifest, make_room=lambda need: make_room(
