@@ -233,10 +233,11 @@ class S3Origin(Origin):
     def client(self) -> Any:
         with self._lock:
             if self._client is None:
-                import boto3
                 from botocore.config import Config
 
-                self._client = boto3.session.Session().client(
+                from .aws import new_session
+
+                self._client = new_session().client(
                     "s3",
                     config=Config(
                         retries={"mode": self.settings.retry_mode,
