@@ -7,12 +7,15 @@ them when it evicts, so a dead node disappears on its own. Readers ignore lapsed
 
 A cold node asks for the holders of the exact version it resolved and downloads from the first one that
 answers, through the peer's S3-compatible endpoint with ``S3Origin``'s own parallel ranged GETs (a peer is
-an S3 endpoint). Each peer range is checked against the per-block XXH3 digests the peer recorded when it
-downloaded the model, as soon as it lands; the digests come from the peer's metadata, whose version and
-ETags must match what this node resolved from the origin itself. A peer that refuses the connection,
-answers slowly (``FASTLOAD_PEER_TIMEOUT`` seconds per request) or sends bytes that do not match is
-skipped for the next one, and after the last one the fetch continues from the usual source, overwriting
-every range, so nothing the peer sent survives unverified.
+an S3 endpoint), in ranges of ``FASTLOAD_PEER_PART_SIZE`` (64 MiB: a request costs both ends a few
+milliseconds of CPU, which on a node that serves and fetches on the same few cores is time taken from the
+bytes). While the store preallocates the destination, the first peer's client is built and its metadata
+fetched and checked on a thread of their own (``PeerSource.start``). Each peer range is checked against
+the per-block XXH3 digests the peer recorded when it downloaded the model, as soon as it lands; the
+digests come from the peer's metadata, whose version and ETags must match what this node resolved from the
+origin itself. A peer that refuses the connection, answers slowly (``FASTLOAD_PEER_TIMEOUT`` seconds per
+request) or sends bytes that do not match is skipped for the next one, and after the last one the fetch
+continues from the usual source, overwriting every range, so nothing the peer sent survives unverified.
 
 Peer requests use the reserved bucket name ``fastload..peer`` (two adjacent dots: no S3 bucket can have
 it), keys ``<slug>/<version>/meta.json`` and ``<slug>/<version>/files/<name>``.
@@ -25,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from .base import Journal, Origin, Source
 from .errors import IntegrityError, StorageError
 from .meta import Checksums, EntryMeta, Manifest, RemoteFile
 from .progress import Progress
-from .settings import S3Settings
+from .settings import S3Settings, parse_size
 from .uri import ModelURI, redact
 from .verify import BLOCK_SIZE, DIGEST_CHARS
 
@@ -63,6 +67,7 @@ class PeerSettings:
     ttl: float = 30.0  # seconds a claim lives unless renewed
     concurrency: int = 16  # connections per peer client (the download's own parallelism is FASTLOAD_S3_CONCURRENCY)
     advertise: str | None = None  # this node's own address (``fastload serve --advertise``): never its own peer
+    part_size: int = 64 * 1024 * 1024  # bytes per ranged GET, rounded down to whole digest blocks
 
     @classmethod
     def from_env(cls) -> PeerSettings | None:
@@ -81,7 +86,10 @@ class PeerSettings:
             raise StorageError("FASTLOAD_PEER_TIMEOUT and FASTLOAD_PEER_TTL are numbers of seconds") from None
         if timeout <= 0 or ttl <= 0:
             raise StorageError("FASTLOAD_PEER_TIMEOUT and FASTLOAD_PEER_TTL must be positive")
-        return cls(url, key, secret, timeout=timeout, ttl=ttl)
+        part = parse_size(os.environ.get("FASTLOAD_PEER_PART_SIZE") or "64MiB", variable="FASTLOAD_PEER_PART_SIZE")
+        if not isinstance(part, int) or part < 64 * 1024:
+            raise StorageError("FASTLOAD_PEER_PART_SIZE must be a byte size of at least 64KiB, such as 64MiB")
+        return cls(url, key, secret, timeout=timeout, ttl=ttl, part_size=part)
 
 
 class PeerRegistry:
@@ -147,15 +155,16 @@ _clients_lock = threading.Lock()
 
 def peer_client(address: str, settings: PeerSettings) -> Any:
     """A botocore S3 client for one peer, signing with the serve credentials, with short timeouts and few
-    retries: a slow peer costs seconds, not the origin's minutes of patience. Cached: building one costs
-    tens of milliseconds."""
+    retries: a slow peer costs seconds, not the origin's minutes of patience. Cached, and built from a session
+    sharing the origin client's loaded service model (aws.py): from a fresh one it cost 0.1-0.25 s."""
     key = (address, settings.access_key, settings.timeout)
     with _clients_lock:
         if key not in _clients:
-            import boto3
             from botocore.config import Config
 
-            _clients[key] = boto3.session.Session().client(
+            from .aws import new_session
+
+            _clients[key] = new_session().client(
                 "s3", endpoint_url=f"http://{address}", region_name="us-east-1",
                 aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
                 config=Config(connect_timeout=settings.timeout, read_timeout=settings.timeout,
@@ -216,6 +225,17 @@ class _CheckedProgress(Progress):
         self.inner.range_done(name, start, end)
 
 
+@dataclass(frozen=True)
+class _Connected:
+    """A peer ready to be read: its client, and what its metadata says, checked against the manifest."""
+
+    address: str
+    client: Any
+    digests: dict[str, tuple[int, str]]  # by file name: block size, block digests
+    checksums: Checksums
+    part_size: int
+
+
 class PeerSource(Origin):
     """A fill's source: the peers holding the exact version, in order, then ``fallback`` (the origin, or the
     shared tier's entry). ``digests`` are the block digests of what was written, when they are known."""
@@ -229,19 +249,35 @@ class PeerSource(Origin):
         self.fallback = fallback
         self.digests: dict[str, tuple[int, str]] = {}
         self.used: str | None = None  # the peer that supplied the bytes, None for the fallback
+        self._first: tuple[Manifest, Future[_Connected]] | None = None
 
     def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
         if not isinstance(self.fallback, Origin):
             raise StorageError("a peer source resolves through its origin")
         return self.fallback.resolve(uri, revision)
 
+    def start(self, manifest: Manifest) -> None:
+        """Start connecting to the first peer (building its client, fetching and checking its metadata) on a
+        thread of its own, so that it overlaps the store's preparation of the destination: preallocating in
+        tmpfs is kernel time (0.2 s per GiB here) and building a client is Python time, and a cold node has
+        two cores to spend them on. ``download`` picks the result up; a failure there is that peer's failure."""
+        if not self.peers or self._first is not None:
+            return
+        executor = ThreadPoolExecutor(1, thread_name_prefix="fastload-peer-connect")
+        self._first = (manifest, executor.submit(self._connect, self.peers[0], manifest))
+        executor.shutdown(wait=False)
+
     def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
         from ..plugins import notify
 
-        for address in self.peers:
+        for index, address in enumerate(self.peers):
             started = time.monotonic()
             try:
-                checksums = self._from_peer(address, manifest, dest, progress)
+                if index == 0 and self._first is not None and self._first[0] is manifest:
+                    peer = self._first[1].result()
+                else:
+                    peer = self._connect(address, manifest)
+                checksums = self._transfer(peer, manifest, dest, progress)
             except Exception as exc:
                 log.warning("%s: peer %s failed (%s: %s); trying the next source", manifest.uri, address,
                             type(exc).__name__, exc)
@@ -258,9 +294,9 @@ class PeerSource(Origin):
         self.digests = dict(getattr(self.fallback, "digests", None) or {})
         return checksums
 
-    def _from_peer(self, address: str, manifest: Manifest, dest: Path, progress: Progress) -> Checksums:
-        from .s3 import S3Origin
-
+    def _connect(self, address: str, manifest: Manifest) -> _Connected:
+        """The peer's client and its entry's metadata, refused unless it is exactly the version resolved
+        here with usable block digests for every file."""
         client = peer_client(address, self.settings)
         response = client.get_object(Bucket=PEER_BUCKET, Key=peer_key(self.slug, self.version))
         meta = EntryMeta.from_json(response["Body"].read().decode())
@@ -279,19 +315,24 @@ class PeerSource(Origin):
                 raise IntegrityError(manifest.uri, item.name, "the peer recorded no usable block digests")
             digests[item.name] = (mine.block_size, mine.digests)
         block = max(size for size, _ in digests.values()) if digests else 1
-        settings = S3Settings.from_env()
-        part = max(block, settings.part_size // block * block)  # whole blocks, so each range is checked alone
+        part = max(block, self.settings.part_size // block * block)  # whole blocks: each range is checked alone
         if any(part % size for size, _ in digests.values()):
             raise IntegrityError(manifest.uri, "?", "the peer's files use different block sizes")
+        checksums = {name: (item.checksum, item.part_size) for name, item in held.items()
+                     if item.checksum and name in digests}
+        return _Connected(address, client, digests, checksums, part)
+
+    def _transfer(self, peer: _Connected, manifest: Manifest, dest: Path, progress: Progress) -> Checksums:
+        from .s3 import S3Origin
+
         files = tuple(RemoteFile(item.name, item.size, peer_key(self.slug, self.version, item.name), None, None)
                       for item in manifest.files)
         peer_manifest = Manifest(f"s3://{PEER_BUCKET}/", files, single=manifest.single,
                                  pinned_version=self.version)
-        origin = S3Origin(S3Settings(concurrency=settings.concurrency, part_size=part, max_attempts=2),
-                          client=client)
+        origin = S3Origin(S3Settings(concurrency=S3Settings.from_env().concurrency, part_size=peer.part_size,
+                                     max_attempts=2), client=peer.client)
         journal = _MemoryJournal()
-        checked = _CheckedProgress(progress, dest, digests, manifest.uri, journal)
+        checked = _CheckedProgress(progress, dest, peer.digests, manifest.uri, journal)
         origin.download(peer_manifest, dest, journal=journal, progress=checked)
-        self.digests = digests
-        return {name: (item.checksum, item.part_size) for name, item in held.items()
-                if item.checksum and name in digests}
+        self.digests = peer.digests
+        return peer.checksums

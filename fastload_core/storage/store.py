@@ -333,10 +333,10 @@ class TieredStore:
         fallback: Source = origin
         if source is not None and source.entry is not None:
             fallback = EntrySource.of(source.entry)
+        peers = PeerSource(self.peers, holders, parsed.slug, manifest.version, fallback)
+        peers.start(manifest)  # the first peer's client and metadata, while _fill locks and preallocates
         try:
-            pinned = self._fill(target, parsed, manifest,
-                                PeerSource(self.peers, holders, parsed.slug, manifest.version, fallback), watch,
-                                slower)
+            pinned = self._fill(target, parsed, manifest, peers, watch, slower)
         except TierFullError:
             return None  # ``source`` is still held: the usual chain serves from it
         except IntegrityError as exc:  # peers' bad bytes never get here: the shared entry failed its digests

@@ -41,7 +41,7 @@ def data(s3: Any) -> bytes:
 
 @pytest.fixture
 def node_env(node_env: dict[str, str]) -> dict[str, str]:
-    return {**node_env, "FASTLOAD_S3_PART_SIZE": "4MiB"}
+    return {**node_env, "FASTLOAD_S3_PART_SIZE": "4MiB", "FASTLOAD_PEER_PART_SIZE": "4MiB"}  # several ranges
 
 
 def wait_advertised(redis_url: str, address: str, timeout: float = 20.0) -> None:

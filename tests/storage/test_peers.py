@@ -1,0 +1,168 @@
+"""Peer fetching's own decisions, without servers: the range size, the early connect, the fall-through.
+The transfers themselves run against real ``fastload serve`` nodes in tests/serve/test_serve.py."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastload_core.storage import peers
+from fastload_core.storage.base import Journal, Source
+from fastload_core.storage.errors import IntegrityError, StorageError
+from fastload_core.storage.meta import Checksums, EntryMeta, FileMeta, Manifest, RemoteFile
+from fastload_core.storage.peers import PeerSettings, PeerSource
+from fastload_core.storage.progress import Progress
+from fastload_core.storage.verify import BLOCK_SIZE
+
+MiB = 1024 * 1024
+SIZE = 3 * BLOCK_SIZE + 100
+MANIFEST = Manifest("s3://bucket/m/model.safetensors",
+                    (RemoteFile("model.safetensors", SIZE, "m/model.safetensors", "abc-2"),), single=True)
+VERSION = MANIFEST.version
+
+
+def peer_meta(version: str = VERSION, size: int = SIZE) -> EntryMeta:
+    return EntryMeta(MANIFEST.uri, version, True,
+                     (FileMeta("model.safetensors", size, "abc-2", checksum="abc-2", part_size=8 * MiB,
+                               block_size=BLOCK_SIZE, digests="0" * 16 * -(-size // BLOCK_SIZE)),))
+
+
+class FakePeerClient:
+    """Answers the metadata request as a peer would; ``gate`` holds the answer back until it is set."""
+
+    def __init__(self, meta: EntryMeta | None, gate: threading.Event | None = None) -> None:
+        self.meta = meta
+        self.gate = gate
+        self.threads: list[str] = []
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # botocore's argument names
+        self.threads.append(threading.current_thread().name)
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.meta is None:
+            raise ConnectionRefusedError("the peer is gone")
+        assert (Bucket, Key) == (peers.PEER_BUCKET, peers.peer_key("slug", VERSION))
+        return {"Body": io.BytesIO(self.meta.to_json().encode())}
+
+
+class Fallback(Source):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+        self.calls += 1
+        return {"model.safetensors": ("from-the-fallback", None)}
+
+
+def settings(**overrides: Any) -> PeerSettings:
+    return PeerSettings("redis://unused", "key", "secret", **overrides)
+
+
+@pytest.fixture
+def serve_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTLOAD_REDIS_URL", "redis://127.0.0.1:1")
+    monkeypatch.setenv("FASTLOAD_SERVE_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("FASTLOAD_SERVE_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("FASTLOAD_PEERS", raising=False)
+
+
+def test_peer_ranges_default_to_64mib_and_follow_the_environment(
+        serve_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    found = PeerSettings.from_env()
+    assert found is not None and found.part_size == 64 * MiB
+    monkeypatch.setenv("FASTLOAD_PEER_PART_SIZE", "10MiB")
+    found = PeerSettings.from_env()
+    assert found is not None and found.part_size == 10 * MiB
+
+
+@pytest.mark.parametrize("value", ["lots", "1KiB", "50%"])
+def test_a_bad_peer_part_size_is_refused_by_name(serve_env: None, monkeypatch: pytest.MonkeyPatch,
+                                                  value: str) -> None:
+    monkeypatch.setenv("FASTLOAD_PEER_PART_SIZE", value)
+    with pytest.raises(StorageError, match="FASTLOAD_PEER_PART_SIZE"):
+        PeerSettings.from_env()
+
+
+def test_ranges_are_whole_digest_blocks_so_each_is_checked_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: FakePeerClient(peer_meta()))
+    source = PeerSource(settings(part_size=10 * MiB), ["peer:1"], "slug", VERSION, Fallback())
+    connected = source._connect("peer:1", MANIFEST)
+    assert connected.part_size == 8 * MiB  # 10 MiB rounded down to 4 MiB blocks
+    assert connected.digests == {"model.safetensors": (BLOCK_SIZE, "0" * 64)}
+    assert connected.checksums == {"model.safetensors": ("abc-2", 8 * MiB)}
+    tiny = PeerSource(settings(part_size=64 * 1024), ["peer:1"], "slug", VERSION, Fallback())
+    assert tiny._connect("peer:1", MANIFEST).part_size == BLOCK_SIZE  # never less than one block
+
+
+@pytest.mark.parametrize("meta", [peer_meta(version="other"), peer_meta(size=SIZE - 1)])
+def test_a_peer_holding_another_version_is_refused(monkeypatch: pytest.MonkeyPatch, meta: EntryMeta) -> None:
+    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: FakePeerClient(meta))
+    source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
+    with pytest.raises(IntegrityError, match="not the version resolved here"):
+        source._connect("peer:1", MANIFEST)
+
+
+def test_the_first_peer_is_connected_in_the_background_and_used_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gate = threading.Event()
+    client = FakePeerClient(peer_meta(), gate)
+    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: client)
+    transferred: list[peers._Connected] = []
+
+    def transfer(self: PeerSource, peer: peers._Connected, manifest: Manifest, dest: Path,
+                 progress: Progress) -> Checksums:
+        transferred.append(peer)
+        return peer.checksums
+
+    monkeypatch.setattr(PeerSource, "_transfer", transfer)
+    source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
+    started = time.monotonic()
+    source.start(MANIFEST)
+    assert time.monotonic() - started < 5  # start() does not wait for the peer: the store prepares meanwhile
+    gate.set()
+    checksums = source.download(MANIFEST, tmp_path, journal=Journal(tmp_path / "j"),
+                                progress=Progress("t", SIZE, enabled=False))
+    assert checksums == {"model.safetensors": ("abc-2", 8 * MiB)}
+    assert client.threads == ["fastload-peer-connect_0"]  # asked once, from the connecting thread
+    assert [peer.address for peer in transferred] == ["peer:1"] and source.used == "peer:1"
+
+
+def test_a_failed_early_connect_is_that_peers_failure_and_the_fill_goes_on(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clients = {"dead:1": FakePeerClient(None), "live:2": FakePeerClient(peer_meta())}
+    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: clients[address])
+    monkeypatch.setattr(PeerSource, "_transfer", lambda self, peer, manifest, dest, progress: peer.checksums)
+    fallback = Fallback()
+    source = PeerSource(settings(), ["dead:1", "live:2"], "slug", VERSION, fallback)
+    source.start(MANIFEST)
+    with caplog.at_level(logging.WARNING, logger="fastload.storage.peers"):
+        checksums = source.download(MANIFEST, tmp_path, journal=Journal(tmp_path / "j"),
+                                    progress=Progress("t", SIZE, enabled=False))
+    assert "peer dead:1 failed (ConnectionRefusedError" in caplog.text
+    assert source.used == "live:2" and checksums == {"model.safetensors": ("abc-2", 8 * MiB)}
+    assert fallback.calls == 0
+
+    clients["live:2"] = FakePeerClient(None)
+    source = PeerSource(settings(), ["dead:1", "live:2"], "slug", VERSION, fallback)
+    source.start(MANIFEST)
+    checksums = source.download(MANIFEST, tmp_path, journal=Journal(tmp_path / "j"),
+                                progress=Progress("t", SIZE, enabled=False))
+    assert fallback.calls == 1 and source.used is None
+    assert checksums == {"model.safetensors": ("from-the-fallback", None)}
+
+
+def test_a_connect_started_for_another_manifest_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    client = FakePeerClient(peer_meta())
+    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: client)
+    monkeypatch.setattr(PeerSource, "_transfer", lambda self, peer, manifest, dest, progress: peer.checksums)
+    source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
+    source.start(Manifest(MANIFEST.uri, MANIFEST.files, single=True))  # equal, but not the one downloaded
+    source.download(MANIFEST, tmp_path, journal=Journal(tmp_path / "j"), progress=Progress("t", SIZE, enabled=False))
+    assert len(client.threads) == 2 and client.threads[1] == threading.current_thread().name
