@@ -3,16 +3,19 @@
 One run, every source side by side, rounds in a shuffled order, medians reported:
   * the serving engines' loopback ceiling: 16 parallel ranged GETs (16 MiB) of the model held in /dev/shm,
     bodies discarded, through nginx (sendfile, the candidate data plane) and through ``fastload serve``
-    (uvicorn, SigV4 checked on every request);
-  * a cold node (a fresh process, empty cache) fetching the model into /dev/shm: from a peer's RAM (node A
-    runs ``fastload serve`` and holds it), from the shared directory, from the S3 origin (SeaweedFS);
+    (uvicorn, SigV4 checked on every request), and through ``fastload serve`` again in ranges of the peer
+    fetch's size (``--peer-part-size``, FASTLOAD_PEER_PART_SIZE);
+  * a cold node (a fresh process, empty cache, its RAM tier in /dev/shm and its local disk on disk)
+    fetching the model into its RAM tier: from a peer's RAM (node A runs ``fastload serve`` and holds it),
+    from the shared directory, from the S3 origin (SeaweedFS);
   * a miss served through the endpoint: a cold ``fastload serve`` node read by the same 16 parallel ranged
     GETs, against the direct fetch from the origin;
   * Run:ai Model Streamer (``pip install runai-model-streamer runai-model-streamer-s3``) reading the model
     through node A (a hit), where it is installed.
 
 Cold-node rows report the fetch itself (timed inside the fresh process, after the plugin manager has
-loaded, which imports torch) and the whole process (interpreter, imports and all).
+loaded, which imports torch) and the whole process (interpreter, imports and all); for the peer row the
+notes also give the transfer alone (the peer's log line: its ranged GETs, writes and block checks).
 Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--out bench-out/serve.md]
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -51,8 +55,10 @@ MiB = 1024 * 1024
 SERVE_KEY, SERVE_SECRET = "bench-serve-key", "bench-serve-secret"
 
 FETCH = """
-import json, os, sys, time
+import json, logging, os, sys, time
 started = time.monotonic()
+logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+logging.getLogger("fastload.storage.peers").setLevel(logging.INFO)  # "... bytes from peer X in Ys"
 from fastload_core.plugins import get_plugin_manager
 from fastload_core.storage import fetch
 get_plugin_manager()  # loads the built-in plugins, torch included: the same for every source, so not timed
@@ -87,12 +93,14 @@ def wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 class Serve:
-    """A ``fastload serve`` node: its own cache and shm directories, a subprocess."""
+    """A ``fastload serve`` node, a subprocess: its RAM tier under ``work`` (/dev/shm), its local disk under
+    ``disk`` (so that its write-through does not hold a second copy in RAM)."""
 
-    def __init__(self, work: Path, name: str, env: dict[str, str], *, advertise: bool) -> None:
+    def __init__(self, work: Path, disk: Path, name: str, env: dict[str, str], *, advertise: bool) -> None:
         self.port = free_port()
         self.root = work / name
-        self.env = {**env, "FASTLOAD_CACHE_DIR": str(self.root / "cache"), "FASTLOAD_SHM_DIR": str(self.root / "shm")}
+        self.disk = disk / name
+        self.env = {**env, "FASTLOAD_CACHE_DIR": str(self.disk / "cache"), "FASTLOAD_SHM_DIR": str(self.root / "shm")}
         self.root.mkdir(parents=True)
         command = [sys.executable, "-m", "fastload_core", "serve", "--port", str(self.port)]
         if advertise:
@@ -118,6 +126,7 @@ class Serve:
             self.process.kill()
             self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.disk, ignore_errors=True)
 
 
 def parallel_read(client: Any, size: int, part: int, workers: int) -> None:
@@ -168,18 +177,26 @@ http {{
     return process, port
 
 
-def cold_fetch(env: dict[str, str], cache: Path) -> dict[str, float]:
-    """A fresh process on a node with an empty cache fetches the model into /dev/shm."""
-    shutil.rmtree(cache, ignore_errors=True)
-    run_env = {**env, "FASTLOAD_CACHE_DIR": str(cache / "cache"), "FASTLOAD_SHM_DIR": str(cache / "shm"), "URI": URI}
+_PEER_LINE = re.compile(r"bytes from peer \S+ in ([0-9.]+)s")
+
+
+def cold_fetch(env: dict[str, str], cache: Path, shm: Path) -> dict[str, Any]:
+    """A fresh process on a node with an empty cache (local disk under ``cache``, its RAM tier ``shm`` in
+    /dev/shm, as on a real node) fetches the model into the RAM tier."""
+    for path in (cache, shm):
+        shutil.rmtree(path, ignore_errors=True)
+    run_env = {**env, "FASTLOAD_CACHE_DIR": str(cache / "cache"), "FASTLOAD_SHM_DIR": str(shm), "URI": URI}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", FETCH], env=run_env, capture_output=True, text=True, timeout=900)
     wall = time.monotonic() - started
-    shutil.rmtree(cache, ignore_errors=True)
+    for path in (cache, shm):
+        shutil.rmtree(path, ignore_errors=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall"] = wall
+    transfer = _PEER_LINE.search(done.stderr)  # the peer's part alone: its GETs, writes and checks
+    result["peer_transfer"] = float(transfer.group(1)) if transfer else None
     return result
 
 
@@ -189,10 +206,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--part-size", default="16MiB")
+    parser.add_argument("--peer-part-size", default="64MiB", help="FASTLOAD_PEER_PART_SIZE for the peer fetch")
     parser.add_argument("--out", default=str(REPO / "bench-out" / "serve.md"))
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     size = int(parse_size(args.size) or 0)
     part = int(parse_size(args.part_size) or 0)
+    peer_part = int(parse_size(args.peer_part_size) or 0)
     work = Path(tempfile.mkdtemp(prefix="fastload-bench-serve-", dir="/dev/shm"))
     disk = Path(tempfile.mkdtemp(prefix="fastload-bench-serve-"))
     from fastload_devservices.redis import RedisServer
@@ -206,13 +226,14 @@ def main() -> int:
                 AWS_DEFAULT_REGION="us-east-1", FASTLOAD_S3_CONCURRENCY=str(args.concurrency),
                 FASTLOAD_S3_PART_SIZE=args.part_size, FASTLOAD_SERVE_ACCESS_KEY_ID=SERVE_KEY,
                 FASTLOAD_SERVE_SECRET_ACCESS_KEY=SERVE_SECRET, FASTLOAD_REDIS_URL=redis_server.url,
-                FASTLOAD_PEER_TTL="6", PYTHONPATH=str(REPO))
+                FASTLOAD_PEER_TTL="6", FASTLOAD_PEER_PART_SIZE=args.peer_part_size, PYTHONPATH=str(REPO))
     no_peers = {**base, "FASTLOAD_PEERS": "off"}
     nodes: list[Serve] = []
     nginx = None
     notes: list[str] = []
     timings: dict[str, list[float]] = {}
     walls: dict[str, list[float]] = {}
+    transfers: dict[str, list[float]] = {}  # the peer's part of a cold fetch, from its log line
     try:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -227,7 +248,7 @@ def main() -> int:
         source.unlink()
         print(f"checkpoint {size / MiB:.0f} MiB at SeaweedFS {origin.endpoint_url}", flush=True)
 
-        peer = Serve(work, "peer-a", base, advertise=True)  # node A: holds the model in RAM, advertised
+        peer = Serve(work, disk, "peer-a", base, advertise=True)  # node A: holds the model in RAM, advertised
         nodes.append(peer)
         parallel_read(peer.client(), size, part, args.concurrency)  # a miss: A fetches it into /dev/shm
         deadline = time.monotonic() + 60
@@ -248,9 +269,9 @@ def main() -> int:
 
         shared = disk / "shared"
         shared_env = {**no_peers, "FASTLOAD_SHARED_DIR": str(shared)}
-        cold_fetch(shared_env, disk / "fill-shared")  # fills the shared tier on the way (origin -> shared_fs)
+        cold_fetch(shared_env, disk / "fill-shared", work / "cold-shm")  # fills the shared tier on the way
 
-        def engine(client: Any) -> Callable[[], float]:
+        def engine(client: Any, part: int = part) -> Callable[[], float]:
             def run() -> float:
                 started = time.monotonic()
                 parallel_read(client, size, part, args.concurrency)
@@ -259,13 +280,15 @@ def main() -> int:
 
         def cold(env: dict[str, str], name: str) -> Callable[[], float]:
             def run() -> float:
-                result = cold_fetch(env, disk / "cold")
+                result = cold_fetch(env, disk / "cold", work / "cold-shm")
                 walls.setdefault(name, []).append(result["wall"])
-                return result["fetch"]
+                if result["peer_transfer"] is not None:
+                    transfers.setdefault(name, []).append(result["peer_transfer"])
+                return float(result["fetch"])
             return run
 
         def miss_through_endpoint() -> float:
-            node = Serve(work, "cold-c", no_peers, advertise=False)
+            node = Serve(work, disk, "cold-c", no_peers, advertise=False)
             try:
                 started = time.monotonic()
                 parallel_read(node.client(), size, part, args.concurrency)
@@ -288,11 +311,13 @@ def main() -> int:
 
         ceiling_serve = "ceiling: fastload serve (uvicorn + SigV4), parallel ranged GETs"
         ceiling_nginx = "ceiling: nginx (sendfile), parallel ranged GETs"
+        ceiling_peer_part = f"ceiling: fastload serve, parallel ranged GETs of {args.peer_part_size} (the peer fetch's)"
         from_peer = "cold node <- peer A's RAM (fastload fetch, verified)"
         from_origin = "cold node <- S3 origin (fastload fetch, peers off)"
         through = "miss through a cold fastload serve (parallel ranged GETs)"
         methods: dict[str, Callable[[], float]] = {
             ceiling_serve: engine(peer.client()),
+            ceiling_peer_part: engine(peer.client(), peer_part),
             from_peer: cold(base, from_peer),
             "cold node <- shared directory (fastload fetch, peers off)": cold(shared_env, "shared"),
             from_origin: cold(no_peers, from_origin),
@@ -352,11 +377,23 @@ def main() -> int:
                      f"{medians[through] / medians[from_origin]:.2f}x (target <= 1.15x)")
     if ceiling and from_peer in medians:
         notes.append(f"peer fetch / fastload serve ceiling: {100 * ceiling / medians[from_peer]:.0f}% (target >= 80%)")
+    if ceiling_peer_part in medians and from_peer in medians:
+        notes.append(f"peer fetch / the ceiling at the peer fetch's range size: "
+                     f"{100 * medians[ceiling_peer_part] / medians[from_peer]:.0f}%")
+    if ceiling and transfers.get(from_peer):
+        transfer = statistics.median(transfers[from_peer])
+        notes.append(f"of which the transfer from the peer (ranged GETs, writes into /dev/shm, block checks): "
+                     f"median {transfer:.2f} s ({', '.join(f'{t:.2f}' for t in transfers[from_peer])}), "
+                     f"{100 * ceiling / transfer:.0f}% of the ceiling"
+                     + (f" ({100 * medians[ceiling_peer_part] / transfer:.0f}% of the one at its range size)"
+                        if ceiling_peer_part in medians else "")
+                     + "; the rest is imports, resolving at the origin, the peer lookup, preparing the destination")
     if ceiling and ceiling_nginx in medians:
         notes.append(f"nginx ceiling / fastload serve ceiling: {ceiling / medians[ceiling_nginx]:.2f}x")
     text = "\n".join([f"Checkpoint {size / MiB:.0f} MiB; origin SeaweedFS on loopback; {args.concurrency} parallel "
                       f"ranged GETs of {args.part_size}; destinations in /dev/shm; load average "
-                      f"{os.getloadavg()[0]:.2f} at the end.", "", *lines, "", *[f"- {n}" for n in notes]])
+                      f"{load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.", "", *lines, "",
+                      *[f"- {n}" for n in notes]])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
