@@ -58,7 +58,7 @@ MB = 1_000_000
 MiB = 2**20
 SAFETENSORS_PREFIX = "fleet/"
 PICKLE_KEY = "fleet-stock/model.pt"
-METHODS = ("stock", "fastload", "bentoml")
+METHODS = ("stock", "fastload", "fastload-late", "bentoml")
 
 
 @dataclass
@@ -94,6 +94,7 @@ class Fleet:
     seaweed: Any = None
     redis: Any = None
     replica_cpu: float = 0.0  # CPU-seconds the last run's replicas used (plain replicas only)
+    object_checksum: dict[str, str] = field(default_factory=dict)  # the uploaded safetensors' ETag and checksum
 
     def service_pids(self) -> list[int]:
         return [server._process.pid for server in (self.seaweed, self.redis) if server._process is not None]
@@ -153,7 +154,6 @@ def write_model(fleet: Fleet) -> None:
     for the stock path, uploaded straight to the origin (not through the proxy, so not counted)."""
     import boto3
     import torch
-    from boto3.s3.transfer import TransferConfig
     from demo_model import example_input, make  # type: ignore[import-not-found]
     from safetensors.torch import save_file
 
@@ -163,7 +163,6 @@ def write_model(fleet: Fleet) -> None:
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     client = boto3.client("s3", endpoint_url=fleet.seaweed.endpoint_url, aws_access_key_id="fleet",
                           aws_secret_access_key="fleet", region_name="us-east-1")
-    tuned = TransferConfig(max_concurrency=8, multipart_chunksize=16 * MiB, multipart_threshold=16 * MiB)
     staging = fleet.work / "upload"
     staging.mkdir(exist_ok=True)
     save_file(state, str(staging / "model.safetensors"), metadata={"width": str(fleet.width),
@@ -171,9 +170,12 @@ def write_model(fleet: Fleet) -> None:
     torch.save(state, staging / "model.pt")
     fleet.size = (staging / "model.safetensors").stat().st_size  # what fastload fetches, header included
     del model, state
-    client.upload_file(str(staging / "model.safetensors"), "models", f"{SAFETENSORS_PREFIX}model.safetensors",
-                       Config=tuned)
-    client.upload_file(str(staging / "model.pt"), "models", PICKLE_KEY, Config=tuned)
+    # As a user's pipeline would: boto3's defaults (8 MiB parts, and since boto3 1.36 a CRC32 checksum the
+    # object keeps where the server supports it), so fastload meets the object a real origin would hold.
+    client.upload_file(str(staging / "model.safetensors"), "models", f"{SAFETENSORS_PREFIX}model.safetensors")
+    client.upload_file(str(staging / "model.pt"), "models", PICKLE_KEY)
+    head = client.head_object(Bucket="models", Key=f"{SAFETENSORS_PREFIX}model.safetensors", ChecksumMode="ENABLED")
+    fleet.object_checksum = {k: v for k, v in head.items() if k.startswith("Checksum") or k == "ETag"}
     shutil.rmtree(staging)
 
 
@@ -209,6 +211,8 @@ class Replica:
     ready: float | None = None  # seconds after the launch
     port: int | None = None
     marks: dict[str, float] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # the store's, seconds after the launch
+    settled: threading.Event = field(default_factory=threading.Event)  # READY seen, or the process ended
 
 
 def post(url: str, body: bytes = b"{}") -> Any:
@@ -247,26 +251,33 @@ def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
 
     def watch(replica: Replica, process: subprocess.Popen[str]) -> None:
         assert process.stdout is not None and process.stderr is not None
-        for line in process.stdout:
+        for line in process.stdout:  # READY, then the store's later events until the process ends
             if line.startswith("READY "):
                 record = json.loads(line[6:])
-                replica.ready = record["ready"] - launched
                 replica.port = record["port"]
-                replica.marks = {k: record[k] - launched for k in ("started", "imported", "fetched", "loaded")
-                                 if k in record}
-                return
-        errors.append(f"node {replica.node} replica {replica.index} exited: {process.stderr.read()[-3000:]}")
+                replica.marks = {k: record[k] - launched for k in MARKS if k in record}
+                replica.events = [{**e, "t": e["t"] - launched} for e in record.get("events", [])]
+                replica.ready = record["ready"] - launched
+                replica.settled.set()
+            elif line.startswith("EVENT "):
+                event = json.loads(line[6:])
+                replica.events.append({**event, "t": event["t"] - launched})
+        if replica.ready is None:
+            errors.append(f"node {replica.node} replica {replica.index} exited: {process.stderr.read()[-3000:]}")
+            replica.settled.set()
 
     threads = [threading.Thread(target=watch, args=pair, daemon=True) for pair in zip(replicas, processes, strict=True)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(max(0.0, launched + timeout - time.time()))
+    for replica in replicas:
+        replica.settled.wait(max(0.0, launched + timeout - time.time()))
     try:
         if errors or any(r.ready is None for r in replicas):
             raise SystemExit("; ".join(errors) or f"{method}: not every replica was ready after {timeout} s")
         for replica in replicas:
             check(post(f"http://127.0.0.1:{replica.port}/"), fleet.expected, f"{method} node {replica.node}")
+        if method.startswith("fastload"):
+            wait_written_through(fleet, replicas, deadline=time.time() + 120)
     finally:
         fleet.replica_cpu = cpu_seconds([process.pid for process in processes])
         for group in groups:
@@ -278,6 +289,23 @@ def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
                 process.kill()
                 process.wait()
     return replicas
+
+
+MARKS = ("started", "prefetch_started", "imported", "fetched", "loaded")
+
+
+def wait_written_through(fleet: Fleet, replicas: list[Replica], deadline: float) -> None:
+    """Keep the replicas up until every node's write-through has published its local-disk copy and one node
+    has published the shared copy (they run on after the replicas are ready, competing for the same cores
+    and disks), so the timeline shows when the fleet settled. Gives up quietly at ``deadline``."""
+    def done() -> bool:
+        finished = {(r.node, e["tier"]) for r in replicas for e in list(r.events)
+                    if e["event"] == "fetch_finish" and e.get("error") is None}
+        return (all((n, "local_disk") in finished for n in range(fleet.nodes))
+                and any(tier == "shared_fs" for _, tier in finished))
+
+    while not done() and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def start_bentoml(fleet: Fleet, ports: list[int], launched: float, timeout: float) -> list[Replica]:
@@ -388,7 +416,8 @@ def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
     return {
         "method": method, "nodes": fleet.nodes, "replicas": fleet.replicas, "size": fleet.size,
         "limits": fleet.limits.__dict__, "all_ready": max(ready), "first_ready": min(ready),
-        "timeline": [{"node": r.node, "index": r.index, "ready": r.ready, **r.marks} for r in replicas],
+        "timeline": [{"node": r.node, "index": r.index, "ready": r.ready, **r.marks, "events": r.events}
+                     for r in replicas],
         "origin_bytes": links["origin"], "origin_bytes_seaweed": fleet.seaweed.sent_bytes() - sent_before,
         "shared_read": links["shared"], "shared_written": shared_written(fleet),
         "node_net": [links[f"node{n}"] for n in range(fleet.nodes)],
@@ -432,6 +461,47 @@ def summary(results: list[dict[str, Any]], fleet: Fleet, command: str, load: tup
             mine = statistics.median(r["all_ready"] for r in results if r["method"] == method)
             lines.append(f"\n{method}: all replicas ready in {mine / stock:.2f}x the stock path's time "
                          f"({stock / mine:.1f}x faster).")
+    return "\n".join(lines) + "\n"
+
+
+def first(events: list[dict[str, Any]], kind: str, tier: str) -> float | None:
+    return next((e["t"] for e in events if e["event"] == kind and e.get("tier") == tier), None)
+
+
+def stages(run: dict[str, Any]) -> str:
+    """One run's replicas, stage by stage (seconds since the launch): where a start's time went. For fastload,
+    the replica that filled its node's RAM tier shows the fill; its neighbours wait on the node's single
+    flight and then hit; the write-through into the node's local disk (and, on one node, the shared mount)
+    runs on after the replica is ready."""
+    def show(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    lines = [f"{run['method']}, {run['nodes']}x{run['replicas']}: seconds since launch", "",
+             "| node.replica | script runs | torch imported | fetch from | fetch start | fetch end | loaded | ready | "
+             "write-through shared_fs | write-through local_disk |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(run["timeline"], key=lambda r: (r["node"], r["index"])):
+        events = r.get("events", [])
+        if run["method"] == "stock":
+            source, start, end = "origin", r.get("imported"), r.get("fetched")
+        else:
+            start, end = first(events, "fetch_start", "shm"), first(events, "fetch_finish", "shm")
+            hit = first(events, "hit", "shm")
+            peers = [e for e in events if e["event"] == "peer_fetch" and e.get("error") is None]
+            shared_hit = first(events, "hit", "shared_fs")
+            if start is None:
+                source, end = "node's own fill (hit)", hit
+            elif peers:
+                source = "peer"
+            elif shared_hit is not None and shared_hit <= (end or shared_hit):
+                source = "shared mount"
+            else:
+                source = "origin (lease)"
+        through = [f"{show(first(events, 'fetch_start', tier))}-{show(first(events, 'fetch_finish', tier))}"
+                   if first(events, "fetch_start", tier) is not None else "" for tier in ("shared_fs", "local_disk")]
+        lines.append(f"| {r['node']}.{r['index']} | {show(r.get('started'))} | {show(r.get('imported'))} | {source} | "
+                     f"{show(start)} | {show(end)} | {show(r.get('loaded'))} | {show(r['ready'])} | {through[0]} | "
+                     f"{through[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -505,11 +575,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(fleet.shm_root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     command = "python benchmarks/fleet/harness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    end_load = os.getloadavg()
     report = summary(results, fleet, command.strip(), load)
+    report += (f"\nLoad average at the end {end_load[0]:.2f} / {end_load[1]:.2f} / {end_load[2]:.2f}. The model "
+               f"object: {json.dumps(fleet.object_checksum)}.\n")
+    report += "".join("\n" + stages(r) for r in results if r["method"] != "bentoml")
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command.strip(), "load_average": load, "results": results}, indent=1))
+    out.write_text(json.dumps({"command": command.strip(), "load_average": load, "load_average_end": end_load,
+                               "object": fleet.object_checksum, "results": results}, indent=1))
     out.with_suffix(".md").write_text(report)
     return 0
 
