@@ -15,7 +15,13 @@ paced (they arrive at the origin's pace anyway) but are counted.
 Methods (all replicas of a run are launched together; seconds to ready = from that launch to the replica's
 HTTP server listening with the model loaded, then checked with one correct answer):
   * stock    -- replica.py stock: each replica downloads ``model.pt`` with boto3 and ``torch.load``s it;
-  * fastload -- replica.py fastload: ``fastload_core.load_model`` (shm <- local disk <- shared <- S3);
+  * fastload -- replica.py fastload: ``prefetch(background=True)`` first thing, then ``load_model`` (shm <-
+                local disk <- shared <- S3): one node downloads under the Redis lease into its RAM and writes
+                the shared mount through; the others wait for the shared copy;
+  * fastload-late -- the same, but the fetch starts only after torch is imported (the order before);
+  * peer     -- fastload with ``fastload serve --advertise`` on every node (started before the launch) and
+                the Redis registry: the waiting nodes pull the first node's RAM copy as soon as it is
+                advertised, over both nodes' paced networks;
   * bentoml  -- the BentoML example (examples/bentoml, ``@fastload_bentoml.accelerate``): one ``bentoml
                 serve`` per node with M workers; a worker is ready when BentoML logs its service initialized.
 
@@ -37,6 +43,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +65,8 @@ MB = 1_000_000
 MiB = 2**20
 SAFETENSORS_PREFIX = "fleet/"
 PICKLE_KEY = "fleet-stock/model.pt"
-METHODS = ("stock", "fastload", "fastload-late", "bentoml")
+METHODS = ("stock", "fastload", "fastload-late", "peer", "bentoml")
+SERVE_KEY, SERVE_SECRET = "fleet-serve", "fleet-serve-secret"  # the nodes' credentials for each other's endpoint
 
 
 @dataclass
@@ -123,10 +131,20 @@ class Fleet:
         redis_call(self.redis, "FLUSHALL")
         redis_call(self.redis, "CONFIG", "RESETSTAT")
 
-    def node_env(self, node: int, proxy_port: int) -> dict[str, str]:
+    def node_env(self, node: int, proxy_port: int, serve_ports: list[int] | None = None) -> dict[str, str]:
+        """A node's environment; with ``serve_ports`` (one per node) its fastload also fetches from the other
+        nodes' RAM through their ``fastload serve``, paced on both nodes' networks."""
         shm, cache = self.node_dirs(node)
         rate = self.limits
         links = [f"{self.bucket('shared')}={rate.shared or 0}", f"{self.bucket(f'node{node}')}={rate.node_net or 0}"]
+        peers: dict[str, str] = {}
+        if serve_ports is not None:
+            uplinks = [f"127.0.0.1:{port}={self.bucket(f'node{n}-out')}={rate.node_net or 0}"
+                       for n, port in enumerate(serve_ports)]
+            peers = {"FASTLOAD_SERVE_ACCESS_KEY_ID": SERVE_KEY, "FASTLOAD_SERVE_SECRET_ACCESS_KEY": SERVE_SECRET,
+                     "FASTLOAD_PEER_TTL": "1.5",  # claims renewed every 0.5 s: a new copy is advertised within that
+                     "FLEET_NODE_BUCKET": f"{self.bucket(f'node{node}')}={rate.node_net or 0}",
+                     "FLEET_PEER_UPLINKS": ",".join(uplinks)}
         return {
             **os.environ,
             "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy_port}", "AWS_ACCESS_KEY_ID": "fleet",
@@ -136,6 +154,7 @@ class Fleet:
             "FLEET_SHARED_BUCKETS": ",".join(links),
             "PYTHONPATH": os.pathsep.join([str(HERE / "site"), str(REPO)]),
             "OMP_NUM_THREADS": "1",  # 2 cores for the whole fleet: torch's thread pools would only fight
+            **peers,
         }
 
 
@@ -227,18 +246,63 @@ def check(answer: list[float], expected: list[float], where: str) -> None:
         raise SystemExit(f"{where}: wrong answer {flat[:3]} (expected {expected[:3]})")
 
 
+class PeerServers:
+    """``fastload serve --advertise`` on every node, started before the launch (a node daemon, like the
+    kubelet: already up when a deploy starts replicas) and stopped after the run."""
+
+    def __init__(self, fleet: Fleet, ports: list[int]) -> None:
+        from fastload_devservices._process import free_port
+
+        self.ports = [free_port() for _ in range(fleet.nodes)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        for node in range(fleet.nodes):
+            env = fleet.node_env(node, ports[node], self.ports)
+            log = open(fleet.work / f"node{node}" / "serve.log", "ab")  # noqa: SIM115 (kept by the child)
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "fastload_core", "serve", "--port", str(self.ports[node]), "--advertise",
+                 f"127.0.0.1:{self.ports[node]}"], env=env, stdout=log, stderr=log, cwd=fleet.work))
+            log.close()
+        deadline = time.time() + 60
+        for node, port in enumerate(self.ports):
+            while True:
+                if self.processes[node].poll() is not None:
+                    raise SystemExit(f"fastload serve on node {node} exited: "
+                                     f"{(fleet.work / f'node{node}' / 'serve.log').read_text()[-2000:]}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise SystemExit(f"fastload serve on node {node} did not listen in 60 s") from None
+                    time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
-                   timeout: float) -> list[Replica]:
+                   timeout: float, serve_ports: list[int] | None = None) -> list[Replica]:
     """Launch every plain replica (one process group per node), wait until all print READY."""
     replicas: list[Replica] = []
     processes: list[subprocess.Popen[str]] = []
     groups: list[int] = []
+    mode = "fastload" if method == "peer" else method
     for node in range(fleet.nodes):
-        env = fleet.node_env(node, ports[node])
+        env = fleet.node_env(node, ports[node], serve_ports)
         group = 0  # the node's process group: its first replica's pid
         for index in range(fleet.replicas):
             process = subprocess.Popen(
-                [sys.executable, str(HERE / "replica.py"), method, "--width", str(fleet.width), "--layers",
+                [sys.executable, str(HERE / "replica.py"), mode, "--width", str(fleet.width), "--layers",
                  str(fleet.layers), "--uri", f"s3://models/{SAFETENSORS_PREFIX}", "--key", PICKLE_KEY,
                  "--scratch", str(fleet.work / f"node{node}" / "scratch")],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -276,7 +340,7 @@ def start_replicas(fleet: Fleet, method: str, ports: list[int], launched: float,
             raise SystemExit("; ".join(errors) or f"{method}: not every replica was ready after {timeout} s")
         for replica in replicas:
             check(post(f"http://127.0.0.1:{replica.port}/"), fleet.expected, f"{method} node {replica.node}")
-        if method.startswith("fastload"):
+        if method != "stock":
             wait_written_through(fleet, replicas, deadline=time.time() + 120)
     finally:
         fleet.replica_cpu = cpu_seconds([process.pid for process in processes])
@@ -388,22 +452,26 @@ def shared_written(fleet: Fleet) -> int:
 def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
     fleet.reset()
     proxy = Proxy(fleet)
+    servers = PeerServers(fleet, proxy.ports) if method == "peer" else None
     sent_before = fleet.seaweed.sent_bytes()
     fleet.replica_cpu = 0.0
-    services = [*fleet.service_pids(), proxy.process.pid]
+    services = [*fleet.service_pids(), proxy.process.pid, *(servers.pids() if servers else [])]
     services_before, busy_before = cpu_seconds(services), host_busy()
     launched = time.time()
     try:
         if method == "bentoml":
             replicas = start_bentoml(fleet, proxy.ports, launched, timeout)
         else:
-            replicas = start_replicas(fleet, method, proxy.ports, launched, timeout)
+            replicas = start_replicas(fleet, method, proxy.ports, launched, timeout,
+                                      servers.ports if servers else None)
         # The machine is shared: what the rest of it used meanwhile is CPU the fleet did not get.
         window = time.time() - launched
         fleet_cpu = fleet.replica_cpu + cpu_seconds(services) - services_before
         others = max(0.0, host_busy() - busy_before - fleet_cpu)
     finally:
         proxy.stop()
+        if servers is not None:
+            servers.stop()
     stats = redis_call(fleet.redis, "INFO", "commandstats")
     commands = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
     for name in ("flushall", "config|resetstat", "info", "config"):  # the harness's own
@@ -411,7 +479,7 @@ def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
     commands["hello"] = commands.get("hello", 1) - 1  # the harness's connection's handshake
     commands = {name: calls for name, calls in commands.items() if calls}
     links = {name: Bucket(fleet.bucket(name), None).total
-             for name in ("origin", "shared", *(f"node{n}" for n in range(fleet.nodes)))}
+             for name in ("origin", "shared", *(f"node{n}{way}" for n in range(fleet.nodes) for way in ("", "-out")))}
     ready = [r.ready or 0.0 for r in replicas]
     return {
         "method": method, "nodes": fleet.nodes, "replicas": fleet.replicas, "size": fleet.size,
@@ -421,6 +489,7 @@ def run_once(fleet: Fleet, method: str, timeout: float) -> dict[str, Any]:
         "origin_bytes": links["origin"], "origin_bytes_seaweed": fleet.seaweed.sent_bytes() - sent_before,
         "shared_read": links["shared"], "shared_written": shared_written(fleet),
         "node_net": [links[f"node{n}"] for n in range(fleet.nodes)],
+        "peer_bytes": sum(links[f"node{n}-out"] for n in range(fleet.nodes)),
         "redis_commands": commands, "redis_ops": sum(commands.values()),
         "fleet_cpu": fleet_cpu if method != "bentoml" else None, "others_cpu": others if method != "bentoml" else None,
         "cores_available": (os.cpu_count() or 1) - others / window if method != "bentoml" else None,
@@ -441,8 +510,8 @@ def summary(results: list[dict[str, Any]], fleet: Fleet, command: str, load: tup
              f"{fleet.nodes} nodes x {fleet.replicas} replicas, a {fleet.size / 2**30:.3f} GiB model; limits: "
              f"{fleet.limits.describe()}.", "",
              "| method | all ready s (median) | first ready s | rounds (all ready) | origin bytes (x model) | "
-             "shared read / written (x model) | Redis ops |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "shared read / written (x model) | peer bytes (x model) | Redis ops |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     for method in methods:
         runs = [r for r in results if r["method"] == method]
@@ -454,6 +523,7 @@ def summary(results: list[dict[str, Any]], fleet: Fleet, command: str, load: tup
             f"{statistics.median(r['origin_bytes'] for r in runs) / size:.2f} | "
             f"{statistics.median(r['shared_read'] for r in runs) / size:.2f} / "
             f"{statistics.median(r['shared_written'] for r in runs) / size:.2f} | "
+            f"{statistics.median(r.get('peer_bytes', 0) for r in runs) / size:.2f} | "
             f"{statistics.median(r['redis_ops'] for r in runs):.0f} |")
     if "stock" in methods:
         stock = statistics.median(r["all_ready"] for r in results if r["method"] == "stock")

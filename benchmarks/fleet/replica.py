@@ -32,6 +32,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -141,6 +142,7 @@ def main() -> int:
         import fastload_core  # reads of the shared mount are paced by site/sitecustomize.py
 
         if warming is not None:
+            assert isinstance(warming, Future)
             warming.result()  # the node's copy in RAM (this process's fetch, or a neighbour's single flight)
             marks["fetched"] = time.time()
         model = fastload_core.load_model(lambda: DemoMLP(args.width, args.layers), args.uri)  # a hit when warmed
