@@ -114,6 +114,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
+@dataclass
+class _Cursor:
+    """How far a range has been received, written and hashed; it survives a failed attempt."""
+
+    position: int
+
+
 class _ShortRead(Exception):
     """The body ended before the range did (a proxy or server cut it); the rest is requested again."""
 
@@ -373,7 +380,7 @@ class S3Origin(Origin):
                      journal: Journal, progress: Progress, abort: threading.Event) -> None:
         item = plan.item
         hasher = _RangeHasher(md5=plan.mode == "parts", block_size=plan.block_size)
-        position = start
+        cursor = _Cursor(start)
         extra: dict[str, Any] = {}
         if item.etag:
             extra["IfMatch"] = f'"{item.etag}"'
@@ -385,7 +392,7 @@ class S3Origin(Origin):
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=10, jitter=0.2),
             before_sleep=lambda state: log.warning(
                 "%s: part %s bytes %d-%d failed (%r); resuming at byte %d", uri, item.name, start, end,
-                state.outcome.exception() if state.outcome else None, position),
+                state.outcome.exception() if state.outcome else None, cursor.position),
             reraise=True,
         )
         try:
@@ -393,8 +400,7 @@ class S3Origin(Origin):
                 with attempt:
                     if abort.is_set():
                         raise _Aborted
-                    position = self._get_into(client, bucket, plan, position, end, extra, hasher, progress,
-                                              uri)
+                    self._get_into(client, bucket, plan, cursor, end, extra, hasher, progress, uri)
         except (_Aborted, StorageError):
             raise
         except Exception as exc:
@@ -408,11 +414,13 @@ class S3Origin(Origin):
         plan.tracker.complete(start, end)
         progress.range_done(item.name, start, end)
 
-    def _get_into(self, client: Any, bucket: str, plan: _Plan, position: int, end: int, extra: dict[str, Any],
-                  hasher: ETagHasher | None, progress: Progress, uri: str) -> int:
-        """One GET of ``[position, end)``; returns how far it got. A body that ends early raises
-        ``_ShortRead`` after its bytes are kept, so the retry asks only for the rest."""
+    def _get_into(self, client: Any, bucket: str, plan: _Plan, cursor: _Cursor, end: int, extra: dict[str, Any],
+                  hasher: ETagHasher | None, progress: Progress, uri: str) -> None:
+        """One GET of ``[cursor.position, end)``, advancing the cursor past every chunk kept (written and
+        hashed). A body that ends early or breaks (``_ShortRead``, a reset) leaves the cursor where its bytes
+        ended, so the retry asks only for the rest and the range's hash sees every byte once."""
         item = plan.item
+        position = cursor.position
         response = client.get_object(Bucket=bucket, Key=item.locator, Range=f"bytes={position}-{end - 1}",
                                      **extra)
         body = response["Body"]
@@ -446,6 +454,7 @@ class S3Origin(Origin):
                     hasher.update(chunk)  # while the bytes are still in the CPU's cache
                 _pwrite_all(plan.fd, chunk, position)
                 position += count
+                cursor.position = position
                 progress.add(count)
             if raw is not None and raw.isclosed():  # the whole body was read: the connection can be reused
                 body._raw_stream.release_conn()
@@ -453,7 +462,6 @@ class S3Origin(Origin):
             body.close()
         if position < end:
             raise _ShortRead(f"body ended at byte {position} of {end}")
-        return position
 
     def _hash_sequential(self, plan: _Plan, abort: threading.Event) -> str:
         """Hash a file in order as its contiguous prefix grows, overlapping the download (plain-MD5 ETags
