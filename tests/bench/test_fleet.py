@@ -151,8 +151,9 @@ def test_quick_fleet(tmp_path: Path) -> None:
     for method, copies in (("stock", 2), ("fastload", 1)):
         result = results[method]
         assert len(result["timeline"]) == 2 and all(r["ready"] > 0 for r in result["timeline"])
-        # the proxy's count (bytes sent to clients, HTTP headers included) agrees with SeaweedFS's own
-        assert result["origin_bytes"] == pytest.approx(result["origin_bytes_seaweed"], rel=0.05)
+        # the proxy's count (bytes sent to clients, HTTP headers included) agrees with SeaweedFS's own, to within
+        # the headers of a few dozen responses (each carries the object's checksum headers now)
+        assert 0 <= result["origin_bytes"] - result["origin_bytes_seaweed"] < 16_384
         assert copies * size <= result["origin_bytes_seaweed"] < copies * size * 1.05
     fastload = results["fastload"]
     assert fastload["shared_written"] == size  # one node wrote the shared mount, under the lease
