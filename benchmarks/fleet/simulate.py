@@ -514,7 +514,7 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
 
     written = []
     if measured:
-        figure, axes = plt.subplots(figsize=(7, 4))
+        figure, axes = plt.subplots(figsize=(9, 4))
         for run in measured:
             times = sorted(r["ready"] for r in run["timeline"])
             line = axes.step([0, *times], range(len(times) + 1), where="post",
@@ -526,7 +526,7 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
         axes.set_xlabel("seconds since launch")
         axes.set_ylabel("replicas ready")
         axes.set_title(f"measured here, {shape(measured[0])}: replicas ready over time")
-        axes.legend()
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         figure.tight_layout()
         path = out / "fleet-ready-measured.png"
         figure.savefig(path, dpi=110)
@@ -606,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="append", default=[], metavar="FILE[:LABEL]",
                         help="harness JSON whose runs the measured plot shows (default: the largest calibration "
                              "shape's runs); the model is drawn beside runs that recorded the cores they got")
+    parser.add_argument("--show-round", type=int, default=None, metavar="N",
+                        help="only that round of the --show files' runs (one curve per method)")
     parser.add_argument("--out", default="bench-out/fleet-sim", help="folder for the PNGs and the report")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -642,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.show:
             path, _, label = item.partition(":")
             for run in json.loads(Path(path).read_text())["results"]:
-                shown.append({**run, "label": label} if label else run)
+                if args.show_round is None or run.get("round") == args.show_round:
+                    shown.append({**run, "label": label} if label else run)
     else:
         first = max(fit_on, key=lambda r: (r["nodes"] * r["replicas"], r["size"]))
         shown = [r for r in everything if shape(r) == shape(first) and r["limits"] == first["limits"]]
