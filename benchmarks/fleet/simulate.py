@@ -9,26 +9,30 @@ two events, rates are max-min fair (progressive filling: raise every unfrozen fl
 link fills or a flow meets its cap, freeze those, go on), which is how TCP flows sharing a bottleneck
 behave to first order. The next event is the earliest of a flow's completion and a timer.
 
-What a replica does, per strategy (the same steps the harness's replicas take):
+What a replica does, per strategy (the same steps the harness's replicas take, in the core's current fill
+order, issue 12's RAM-first fill):
   * stock:    start the process (import CPU), download the whole model from the origin over its own
               ``connections`` parallel ranged GETs (boto3), then torch.load + random init + load_state_dict
               (CPU per GiB);
-  * shared:   fastload as measured: start the process; the node's first replica fetches for the node
-              (single flight: the others wait for it). The node takes the Redis lease (one SET per
-              attempt, every ``lease_poll`` seconds while another node holds it); the holder downloads
-              origin -> shared mount, everyone else waits for it to publish, then every node copies
-              shared -> local disk (shared-mount read, node network, hashing CPU) and local -> shm (CPU);
-              each replica then maps the weights (CPU per GiB, small);
+  * shared:   fastload as measured ("fastload" in the harness): the replica starts its fetch first
+              (``fetch_setup_cpu``: imports, S3 client, resolve) while it imports torch on the same process
+              (one core between them: the GIL); the node's first fetch is the node's single flight. Nodes take
+              the Redis lease (one SET per attempt, every ``lease_poll`` s while another holds it); the holder
+              downloads origin -> its RAM tier (its replicas map it at once), and its write-through copies
+              RAM -> shared mount (holding the lease until that is published) and then RAM -> local disk; every
+              other node wakes when the shared copy is published, copies it into RAM (shared-mount read, node
+              network, a verified copy's CPU) and writes its local disk through in the background;
   * origin:   fastload without a shared mount: each node's single flight downloads from the origin;
-  * peer:     fastload with peer RAM (issue 16, not yet measured here): a node pulls from a node that
-              already holds the model and serves fewer than ``peer_slots`` others (the least busy) over
-              both nodes' networks; only when no node holds it and no one is fetching does one node (the
-              Redis lease) go to the origin; a node becomes a peer once its copy is complete, so the copies
-              spread as a tree. Nodes that wait poll Redis. With unlimited slots every node pulls from the
-              first holder at once and that one uplink serves N copies: ``peer_slots`` is the design point.
-Assumptions: no request latency beyond ``lease_poll`` and a fixed per-replica overhead; no streaming of a
-partial copy to peers (a node serves only once it holds the whole model, which is conservative); one
-model version; nodes start together; disks are faster than the links (a page-cache write).
+  * peer:     fastload with ``fastload serve --advertise`` on every node, as built: a node's new RAM copy is
+              in the Redis registry ``advertise_delay`` s after it lands; a waiting node that wakes reads the
+              shared copy if it is published, else pulls from an advertised peer (over the peer's uplink and its
+              own network, CPU on both ends) -- with no limit on how many pull from one peer at once;
+  * peer-tree: the design a fan-out limit would give: a peer serves at most ``tree_slots`` copies at once,
+              a waiting node waits for a free slot (never the mount), so copies spread as a tree.
+Assumptions: nodes start together; one model version; no request latency beyond ``lease_poll`` and the
+advertise delay; a peer serves only once it holds the whole model (as built: it serves published entries);
+disks are faster than the links (the local-disk write-through is CPU only); within a process, Python work
+(imports, setup) shares one core; the download's hashing and the copies run outside the GIL.
 
 Usage: python benchmarks/fleet/simulate.py bench-out/fleet-*.json [--calibrate SHAPES] [--out docs/fleet]
 """
@@ -49,7 +53,7 @@ from typing import Any
 
 GiB = 2**30
 MB = 1_000_000
-STRATEGIES = ("stock", "origin", "shared", "peer")
+STRATEGIES = ("stock", "origin", "shared", "peer", "peer-tree")
 
 
 # --- the engine -----------------------------------------------------------------------------------------
@@ -220,15 +224,22 @@ class Params:
     connections: int = 16  # parallel ranged GETs per download (boto3 and fastload alike)
     node_net_bw: float | None = 3.1e9  # 25 Gbit/s each way
     shared_bw: float | None = 5e9  # the shared mount's total read bandwidth
+    shared_write_bw: float | None = 2e9  # the shared mount's write bandwidth (None: unpaced, as in the harness)
     cores_per_node: float = 16
     host_cores: float | None = None  # set: all nodes share these cores (this machine); None: each its own
-    import_cpu: float = 3.0  # CPU-seconds to start a replica process (interpreter, torch, the server)
+    import_cpu: float = 3.0  # CPU-seconds of a replica's own start (interpreter, torch, the demo model, server)
+    fetch_setup_cpu: float = 1.0  # fastload's part before bytes flow: imports, S3 client, resolve, Redis
     stock_load_cpu_per_gib: float = 1.5  # torch.load + random init + load_state_dict
-    download_cpu_per_gib: float = 0.5  # client-side cost of receiving bytes (and the harness's proxy)
+    download_cpu_per_gib: float = 0.5  # receiving bytes: the client's hashing, the harness's proxy and origin
     copy_cpu_per_gib: float = 0.6  # a verified tier copy (read, hash, write)
+    serve_cpu_per_gib: float = 0.5  # a peer's ``fastload serve`` sending a copy
     map_cpu_per_gib: float = 0.05  # fastload mapping an shm file into the model
+    early_fetch: bool = True  # fastload's fetch starts before the replica imports torch (prefetch first)
     lease_poll: float = 0.25
-    peer_slots: int = 2  # uploads a peer serves at once; the rest wait for a free peer (a spreading tree)
+    advertise_delay: float = 5.0  # a new RAM copy reaches the peer registry this long after it is published, on
+    # average: ``fastload serve`` lists its tiers every FASTLOAD_PEER_TTL / 3 (10 s by default)
+    peer_slots: int | None = None  # uploads a peer serves at once (None: as built, no limit); see "peer-tree"
+    tree_slots: int = 2  # the fan-out limit the "peer-tree" strategy assumes
     redis_ops_per_fetch: float = 6.0  # a node's own lease traffic (acquire, renewals, release), besides polls
 
 
@@ -246,6 +257,7 @@ class Outcome:
     received: float  # bytes that arrived at nodes, from any source
     redis_ops: float
     saturated: dict[str, float]
+    settled: float = 0.0  # every write-through done
 
     @property
     def all_ready(self) -> float:
@@ -263,15 +275,24 @@ class Outcome:
 
 
 def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params) -> Outcome:
+    """One cold start of ``nodes`` x ``replicas`` for a model of ``size`` bytes, following the core's current
+    fill order (issue 12): the node holding the Redis lease downloads into its RAM tier, its replicas map it,
+    and its write-through copies that RAM copy into the shared mount (lease held until it is published) and
+    then its local disk; every other node waits for the shared copy -- or, with peers, for the first RAM
+    copy the registry advertises -- and fills its RAM from it, then writes its local disk through."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if nodes < 1 or replicas < 1 or size <= 0:
         raise ValueError(f"nodes={nodes}, replicas={replicas}, size={size}: all must be positive")
     p = params
+    slots = p.tree_slots if strategy == "peer-tree" else p.peer_slots
+    peering = strategy in ("peer", "peer-tree")
+    has_mount = strategy in ("shared", "peer", "peer-tree")
     sim = Simulation()
     gib = size / GiB
     origin = Link("origin", p.origin_bw)
     shared = Link("shared mount", p.shared_bw)
+    shared_write = Link("shared mount write", p.shared_write_bw, "shared mount")
     net_in = [Link(f"node{n} in", p.node_net_bw, "node network") for n in range(nodes)]
     net_out = [Link(f"node{n} out", p.node_net_bw, "peer uplink") for n in range(nodes)]
     if p.host_cores is not None:
@@ -284,94 +305,128 @@ def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params
     node_done = [Event() for _ in range(nodes)]
     node_started = [False] * nodes
     published = Event()  # the shared mount holds the model
-    holders: list[int] = []  # peers holding the model, in the order they got it
+    holders: list[int] = []  # nodes whose RAM copy is in the peer registry, in the order they got it
     uploads = [0] * nodes
-    counters = {"redis": 0.0, "shared_written": 0.0}
+    counters = {"redis": 0.0, "shared_written": 0.0, "settled": 0.0}
     lease = {"held": False}
 
-    def cpu(n: int, seconds: float) -> Step:
-        return flow(seconds, [(cpus[n], 1.0)], 1.0)  # one process uses at most one core
+    def cpu(n: int, seconds: float, gil: Link | None = None) -> Step:
+        links = [(cpus[n], 1.0)] + ([(gil, 1.0)] if gil is not None else [])
+        return flow(seconds, links, 1.0)  # one thread uses at most one core
 
     def from_origin(n: int) -> Step:
-        bytes_cpu = p.download_cpu_per_gib / GiB
-        return flow(size, [(origin, 1.0), (net_in[n], 1.0), (cpus[n], bytes_cpu)], per_download)
+        return flow(size, [(origin, 1.0), (net_in[n], 1.0), (cpus[n], p.download_cpu_per_gib / GiB)], per_download)
 
-    def take_lease(n: int) -> Generator[Step, Any, bool]:
-        """Poll until this node holds the lease (True) or the model is published meanwhile (False)."""
-        while True:
-            counters["redis"] += 1
-            if published.triggered:
-                return False
-            if not lease["held"]:
-                lease["held"] = True
-                counters["redis"] += p.redis_ops_per_fetch
-                return True
-            yield delay(p.lease_poll)
+    def copy_from(n: int, source: list[tuple[Link, float]]) -> Step:
+        return flow(size, [*source, (net_in[n], 1.0), (cpus[n], p.copy_cpu_per_gib / GiB)])
 
-    def promote(n: int) -> Process:
-        yield cpu(n, p.copy_cpu_per_gib * gib)  # local disk -> shm
+    def advertise(n: int) -> Process:
+        yield delay(p.advertise_delay)
+        holders.append(n)
+        counters["redis"] += 2  # the claim and one renewal
+
+    def write_through(n: int, holder: bool) -> Process:
+        """The tiers below RAM, from the RAM copy, on the node's own thread: the shared mount first (the lease
+        holder only; the others wait for it), then the local disk."""
+        if holder and has_mount:
+            yield flow(size, [(shared_write, 1.0), (net_out[n], 1.0), (cpus[n], p.copy_cpu_per_gib / GiB)])
+            counters["shared_written"] += size
+            lease["held"] = False
+            sim.trigger(published)
+        yield cpu(n, p.copy_cpu_per_gib * gib)  # RAM -> local disk (disks are faster than the links)
+        counters["settled"] = max(counters["settled"], sim.now)
+
+    def free_peer() -> int | None:
+        free = [h for h in holders if slots is None or uploads[h] < slots]
+        return min(free, key=lambda h: uploads[h]) if free else None
 
     def node_fetch(n: int) -> Process:
+        holder = False
         if strategy == "origin":
             yield from_origin(n)
-        elif strategy == "shared":
-            mine = yield from take_lease(n)
-            if mine:
-                yield from_origin(n)
-                counters["shared_written"] += size
-                lease["held"] = False
-                sim.trigger(published)
-            yield flow(size, [(shared, 1.0), (net_in[n], 1.0), (cpus[n], p.copy_cpu_per_gib / GiB)])
-        elif strategy == "peer":
-            while True:
-                free = [h for h in holders if uploads[h] < p.peer_slots]
-                if free:
-                    source = min(free, key=lambda h: uploads[h])
+        else:
+            while True:  # the lease loop: SET NX every lease_poll until held, or a copy to read appears
+                counters["redis"] += 1 + peering  # the SET, and the registry lookup
+                # As built (store._fill_leased): a waiter that wakes reads the shared copy if it is published,
+                # else the peers the registry names, whoever else pulls from them. "peer-tree" is the design
+                # the fan-out limit would give: wait for a peer with a free upload slot, never the mount.
+                if published.triggered and strategy != "peer-tree":
+                    yield copy_from(n, [(shared, 1.0)])
+                    break
+                source = free_peer() if peering else None
+                if source is not None:
                     uploads[source] += 1
                     yield flow(size, [(net_out[source], 1.0), (net_in[n], 1.0),
-                                      (cpus[n], p.copy_cpu_per_gib / GiB)])
+                                      (cpus[n], p.copy_cpu_per_gib / GiB), (cpus[source], p.serve_cpu_per_gib / GiB)])
                     uploads[source] -= 1
-                    counters["redis"] += 1  # the lookup that found the peer
                     break
-                counters["redis"] += 1
-                if not lease["held"] and not holders:
-                    lease["held"] = True
+                if not lease["held"] and not published.triggered and not (peering and holders):
+                    lease["held"] = holder = True
                     counters["redis"] += p.redis_ops_per_fetch
                     yield from_origin(n)
-                    lease["held"] = False
                     break
                 yield delay(p.lease_poll)
-            holders.append(n)
-            counters["redis"] += 2  # register, and one TTL renewal
-        yield from promote(n)
         sim.trigger(node_done[n])
+        if peering:
+            sim.start(advertise(n))
+        sim.start(write_through(n, holder))
 
     def replica(n: int) -> Process:
-        yield cpu(n, p.import_cpu)
+        gil = Link(f"node{n} process", 1.0, "cpu")  # one Python process: one core's worth of bytecode
         if strategy == "stock":
+            yield cpu(n, p.import_cpu, gil)
             yield from_origin(n)
-            yield cpu(n, p.stock_load_cpu_per_gib * gib)
-        else:
+            yield cpu(n, p.stock_load_cpu_per_gib * gib, gil)
+            ready.append(sim.now)
+            return
+        imported = Event()
+
+        def fetching() -> Process:
+            if not p.early_fetch:
+                yield wait(imported)
+            yield cpu(n, p.fetch_setup_cpu, gil)
             if not node_started[n]:
                 node_started[n] = True
                 sim.start(node_fetch(n))
-            yield wait(node_done[n])
-            yield cpu(n, p.map_cpu_per_gib * gib)
+
+        def importing() -> Process:
+            yield cpu(n, p.import_cpu, gil)
+            sim.trigger(imported)
+
+        sim.start(fetching())
+        sim.start(importing())
+        yield wait(imported)
+        yield wait(node_done[n])
+        yield cpu(n, p.map_cpu_per_gib * gib, gil)
         ready.append(sim.now)
 
     for n in range(nodes):
         for _ in range(replicas):
             sim.start(replica(n))
     sim.run()
-    peer_bytes = sum(link.carried for link in net_out)
+    peer_bytes = sum(link.carried for link in net_out) - counters["shared_written"]
     received = sum(link.carried for link in net_in)
     return Outcome(strategy, nodes, replicas, size, sorted(ready), origin.carried, shared.carried,
-                   counters["shared_written"], peer_bytes, received, counters["redis"], sim.saturated)
+                   counters["shared_written"], peer_bytes, received, counters["redis"], sim.saturated,
+                   max(counters["settled"], max(ready)))
 
 
 # --- calibration against the harness --------------------------------------------------------------------
-MEASURED_STRATEGY = {"stock": "stock", "fastload": "shared"}
-FITTED = ("import_cpu", "stock_load_cpu_per_gib", "download_cpu_per_gib", "copy_cpu_per_gib", "map_cpu_per_gib")
+MEASURED_STRATEGY = {"stock": "stock", "fastload": "shared", "fastload-late": "shared", "peer": "peer"}
+FITTED = ("import_cpu", "fetch_setup_cpu", "stock_load_cpu_per_gib", "download_cpu_per_gib", "copy_cpu_per_gib",
+          "serve_cpu_per_gib", "map_cpu_per_gib")
+
+
+def fetched_early(run: dict[str, Any]) -> bool:
+    """Whether the run's fastload replicas started their fetch before importing torch (the harness's
+    "fastload" and "peer" since the stage breakdown; runs recorded before it have no prefetch mark)."""
+    if run["method"] == "fastload-late":
+        return False
+    timeline = run.get("timeline")
+    return not timeline or any("prefetch_started" in replica for replica in timeline)
+
+
+HARNESS_ADVERTISE_DELAY = 0.25  # the harness's FASTLOAD_PEER_TTL=1.5: claims renewed every 0.5 s
 
 
 def harness_params(run: dict[str, Any], base: Params, host_cores: float = 2.0) -> Params:
@@ -380,7 +435,10 @@ def harness_params(run: dict[str, Any], base: Params, host_cores: float = 2.0) -
     limits = run["limits"]
     cores = run.get("cores_available") or host_cores
     return replace(base, origin_bw=limits["origin"], node_net_bw=limits["node_net"], shared_bw=limits["shared"],
-                   per_connection_bw=limits["per_connection"], host_cores=min(max(cores, 0.25), host_cores))
+                   per_connection_bw=limits["per_connection"], host_cores=min(max(cores, 0.25), host_cores),
+                   shared_write_bw=None,  # the harness counts the mount's writes but does not pace them
+                   early_fetch=fetched_early(run),
+                   advertise_delay=HARNESS_ADVERTISE_DELAY)
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -456,7 +514,7 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
 
     written = []
     if measured:
-        figure, axes = plt.subplots(figsize=(7, 4))
+        figure, axes = plt.subplots(figsize=(9, 4))
         for run in measured:
             times = sorted(r["ready"] for r in run["timeline"])
             line = axes.step([0, *times], range(len(times) + 1), where="post",
@@ -468,7 +526,7 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
         axes.set_xlabel("seconds since launch")
         axes.set_ylabel("replicas ready")
         axes.set_title(f"measured here, {shape(measured[0])}: replicas ready over time")
-        axes.legend()
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         figure.tight_layout()
         path = out / "fleet-ready-measured.png"
         figure.savefig(path, dpi=110)
@@ -479,7 +537,7 @@ def plots(out: Path, outcomes: list[Outcome], measured: list[dict[str, Any]], pa
     chosen = [o for o in outcomes if o.size == size]
     fleet = sorted({o.nodes for o in chosen})
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for strategy, style in zip(STRATEGIES, ("-o", "-s", "--^", ":v"), strict=True):
+    for strategy, style in zip(STRATEGIES, ("-o", "-s", "--^", ":v", "-.D"), strict=True):
         rows = [o for o in chosen if o.strategy == strategy]
         if not rows:
             continue
@@ -548,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="append", default=[], metavar="FILE[:LABEL]",
                         help="harness JSON whose runs the measured plot shows (default: the largest calibration "
                              "shape's runs); the model is drawn beside runs that recorded the cores they got")
+    parser.add_argument("--show-round", type=int, default=None, metavar="N",
+                        help="only that round of the --show files' runs (one curve per method)")
     parser.add_argument("--out", default="bench-out/fleet-sim", help="folder for the PNGs and the report")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -584,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.show:
             path, _, label = item.partition(":")
             for run in json.loads(Path(path).read_text())["results"]:
-                shown.append({**run, "label": label} if label else run)
+                if args.show_round is None or run.get("round") == args.show_round:
+                    shown.append({**run, "label": label} if label else run)
     else:
         first = max(fit_on, key=lambda r: (r["nodes"] * r["replicas"], r["size"]))
         shown = [r for r in everything if shape(r) == shape(first) and r["limits"] == first["limits"]]

@@ -105,6 +105,35 @@ def throttle_shared_reads(shared_dir: str, buckets: Sequence[Bucket]) -> None:
     copy.copy_file = copy_file  # type: ignore[assignment]
 
 
+def throttle_peer_reads(inbound: Sequence[Bucket], uplinks: dict[str, Bucket]) -> None:
+    """Make fastload's fills from a peer's RAM (``fastload serve`` on another node) pay for their bytes on this
+    node's network (``inbound``) and on the serving node's uplink (``uplinks``, by advertised address), chunk
+    by chunk, in the download threads. Patches ``PeerSource._from_peer`` in this process only."""
+    from fastload_core.storage import peers
+    from fastload_core.storage.progress import Progress
+
+    original = peers.PeerSource._from_peer
+
+    class Paced(Progress):
+        def __init__(self, inner: Progress, links: Sequence[Bucket]) -> None:
+            super().__init__(inner.label, inner.total, enabled=False)
+            self.inner = inner
+            self.links = links
+
+        def add(self, nbytes: int) -> None:
+            time.sleep(pass_through(self.links, nbytes))
+            self.inner.add(nbytes)
+
+        def range_done(self, name: str, start: int, end: int) -> None:
+            self.inner.range_done(name, start, end)
+
+    def _from_peer(self: peers.PeerSource, address: str, manifest: object, dest: Path, progress: Progress) -> object:
+        links = [*inbound, *([uplinks[address]] if address in uplinks else [])]
+        return original(self, address, manifest, dest, Paced(progress, links))  # type: ignore[arg-type]
+
+    peers.PeerSource._from_peer = _from_peer  # type: ignore[assignment,method-assign]
+
+
 # --- the rate-limiting proxy -------------------------------------------------------------------------
 _CHUNK = 256 * 1024
 

@@ -419,16 +419,32 @@ class TieredStore:
                      watch: FetchWatch | None, slower: Sequence[Tier], timeout: float) -> Pin:
         """One origin download per cluster: the node holding the Redis lease on the shared tier's entry
         downloads into ``tier`` and keeps the lease until its write-through has published the shared copy;
-        the others wait for that copy and read it instead of the origin."""
+        the others wait for that copy and read it instead of the origin. With peers, a waiting node stops
+        waiting as soon as a node advertises the entry in its RAM (the holder's fill publishes there first,
+        seconds before the shared copy) and pulls it from that peer."""
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
         lease = ExitStack()
         assert self.lease is not None
+
+        def peers() -> list[str]:
+            if self._registry is None or self.peers is None:
+                return []
+            return self._registry.holders(slug, version, exclude=self.peers.advertise)
+
         mine = lease.enter_context(self.lease.hold(
             f"{shared.name}:{slug}:{version}", timeout=timeout, uri=shown, tier=shared.name,
-            ready=lambda: shared.lookup(slug, version) is not None))
+            ready=lambda: shared.lookup(slug, version) is not None or bool(peers())))
         try:
             copy = None if mine else pin_entry(shared, slug, version, verify=self.verify)
+            holders = [] if mine or copy is not None or self.peers is None else peers()
+            if holders:
+                assert self.peers is not None
+                lease.close()
+                source = PeerSource(self.peers, holders, slug, version, origin)  # the origin if every peer fails
+                pinned = self._write(tier, parsed, manifest, source, watch)
+                self._write_through(pinned, parsed, manifest, [t for t in slower if not t.shared])
+                return pinned
             if copy is not None:
                 lease.close()
                 notify("on_tier_hit", uri=shown, tier=shared.name, path=str(copy.path))

@@ -50,16 +50,16 @@ def test_flows_share_a_link_fairly_and_respect_their_caps() -> None:
 @pytest.mark.parametrize("strategy", simulate.STRATEGIES)
 def test_bytes_are_conserved(strategy: str) -> None:
     outcome = run(strategy, 7, 3, SIZE, Params())
-    # stock: every replica downloads; shared: the lease holder's node also carries the origin's copy on its
-    # way into the mount, before reading it back like everyone else; otherwise one copy per node
-    copies = {"stock": 7 * 3, "shared": 7 + 1}.get(strategy, 7)
+    # stock: every replica downloads; otherwise one copy per node (the lease holder's from the origin into its
+    # RAM, which its write-through copies into the mount; the others' from the mount or a peer)
+    copies = {"stock": 7 * 3}.get(strategy, 7)
     assert outcome.received == pytest.approx(copies * SIZE)
     assert outcome.received == pytest.approx(outcome.origin_bytes + outcome.shared_read + outcome.peer_bytes)
     assert len(outcome.ready) == 21
 
 
 def test_each_node_fetches_once_whatever_its_replicas() -> None:
-    for strategy in ("origin", "shared", "peer"):
+    for strategy in ("origin", "shared", "peer", "peer-tree"):
         one, many = (run(strategy, 5, m, SIZE, Params()) for m in (1, 8))
         assert many.received == pytest.approx(one.received)
         assert many.origin_bytes + many.shared_read + many.peer_bytes == pytest.approx(many.received)
@@ -76,16 +76,36 @@ def test_the_bottleneck_is_named() -> None:
     assert run("shared", 20, 2, SIZE, slow_mount).bottleneck() == "shared mount"
     one_slot = replace(Params(), peer_slots=1, node_net_bw=200 * MB)
     assert run("peer", 20, 2, SIZE, one_slot).bottleneck() in ("peer uplink", "node network")
+    # as built, every waiting node pulls from the first node that advertises: its one uplink serves them all
+    quick = replace(Params(), node_net_bw=1e9, advertise_delay=0.1, shared_write_bw=100 * MB)
+    assert run("peer", 50, 1, SIZE, quick).bottleneck() == "peer uplink"
     few_cores = replace(Params(), cores_per_node=0.5)
     assert run("shared", 2, 8, SIZE, few_cores).bottleneck() == "cpu"
 
 
-def test_peers_spread_as_a_tree() -> None:
-    """With two upload slots a peer fleet's time grows with log(nodes), not nodes."""
+def test_peers_spread_as_a_tree_only_with_a_fan_out_limit() -> None:
+    """With two upload slots a peer fleet's time grows with log(nodes), not nodes; without a limit (the core
+    as built) every waiting node pulls from the first holder and it grows with nodes, as the mount's does."""
     params = Params()
-    ten, thousand = (run("peer", n, 1, 16 * GiB, params).all_ready for n in (10, 1000))
+    ten, thousand = (run("peer-tree", n, 1, 16 * GiB, params).all_ready for n in (10, 1000))
     assert thousand < 3 * ten
     assert run("shared", 1000, 1, 16 * GiB, params).all_ready > 10 * ten  # one mount's bandwidth for all
+    assert run("peer", 1000, 1, 16 * GiB, params).all_ready > 10 * ten  # one uplink for all
+
+
+def test_the_lease_holder_serves_its_replicas_before_the_mount_is_written() -> None:
+    """RAM first: the holder's replicas are ready once its download lands; the other nodes wait for the shared
+    copy its write-through publishes, so they are ready later by at least that write and their own copy."""
+    params = replace(Params(), shared_write_bw=500 * MB, shared_bw=500 * MB, cores_per_node=64)
+    outcome = run("shared", 3, 1, SIZE, params)
+    first, *others = outcome.ready
+    assert all(later - first >= 2 * SIZE / (500 * MB) for later in others)
+    assert outcome.shared_written == SIZE and outcome.shared_read == pytest.approx(2 * SIZE)
+
+
+def test_a_late_fetch_waits_for_the_imports() -> None:
+    early, late = (run("shared", 2, 3, SIZE, replace(Params(), early_fetch=e, import_cpu=10.0)) for e in (True, False))
+    assert late.all_ready > early.all_ready + 0.3
 
 
 def test_calibration_recovers_the_cpu_costs_and_holds_out() -> None:
@@ -131,8 +151,9 @@ def test_quick_fleet(tmp_path: Path) -> None:
     for method, copies in (("stock", 2), ("fastload", 1)):
         result = results[method]
         assert len(result["timeline"]) == 2 and all(r["ready"] > 0 for r in result["timeline"])
-        # the proxy's count (bytes sent to clients, HTTP headers included) agrees with SeaweedFS's own
-        assert result["origin_bytes"] == pytest.approx(result["origin_bytes_seaweed"], rel=0.05)
+        # the proxy's count (bytes sent to clients, HTTP headers included) agrees with SeaweedFS's own, to within
+        # the headers of a few dozen responses (each carries the object's checksum headers now)
+        assert 0 <= result["origin_bytes"] - result["origin_bytes_seaweed"] < 16_384
         assert copies * size <= result["origin_bytes_seaweed"] < copies * size * 1.05
     fastload = results["fastload"]
     assert fastload["shared_written"] == size  # one node wrote the shared mount, under the lease
