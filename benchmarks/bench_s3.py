@@ -8,6 +8,8 @@ origin of the tests but is bounded by one Python process), one object of random 
   * boto3:     ``download_file`` tuned to ``--concurrency`` x ``--part-size``, into /dev/shm;
   * runai:     Run:ai Model Streamer's ``SafetensorsStreamer`` from S3 into CPU tensors (when installed);
   * fetch shm: ``fastload_core.fetch(uri, tier="shm")``, cold, verified, the cache dir on local disk;
+  * fetch shm md5 / crc64nvme: the same fetch of a copy of the object uploaded without an additional
+    checksum (verified by its ETag's MD5), and of one uploaded with CRC64NVME (a full-object CRC);
   * fetch disk: ``fetch(uri, tier="local_disk")``, cold, beside the disk's own write speed with fsync;
   * stream:    ``load_file("s3://...", copy=True)``, cold: tensors copied out as their bytes land.
 
@@ -45,7 +47,9 @@ sys.path.insert(0, str(REPO))
 
 from fastload_core.storage.settings import parse_size  # noqa: E402
 
-KEY = "model/model.safetensors"
+KEY = "model/model.safetensors"  # uploaded as boto3 does by default: with a CRC32 checksum
+KEY_MD5 = "model-md5/model.safetensors"  # without an additional checksum: fastload verifies the ETag (MD5)
+KEY_CRC64 = "model-crc64nvme/model.safetensors"  # with ChecksumAlgorithm=CRC64NVME (full-object)
 MiB = 1024 * 1024
 GB = 1e9
 
@@ -55,6 +59,8 @@ METHODS = {
     "boto3": "boto3 download_file ({c} x {p}) into /dev/shm",
     "runai": "Run:ai Model Streamer (S3 -> CPU tensors)",
     "fetch_shm": 'fastload fetch(tier="shm"), cold, verified',
+    "fetch_shm_md5": 'fastload fetch(tier="shm"), cold, object without a checksum (MD5)',
+    "fetch_shm_crc64nvme": 'fastload fetch(tier="shm"), cold, CRC64NVME object',
     "fetch_disk": 'fastload fetch(tier="local_disk"), cold, verified',
     "disk_write": "local disk write + fsync (no network)",
     "stream": 'fastload load_file("s3://...", copy=True), cold (streaming)',
@@ -82,7 +88,8 @@ def _child(method: str) -> None:
     env = os.environ
     bucket, size, part = env["BENCH_BUCKET"], int(env["BENCH_SIZE"]), int(env["BENCH_PART"])
     concurrency, work = int(env["BENCH_CONCURRENCY"]), Path(env["BENCH_WORK"])
-    uri = f"s3://{bucket}/{KEY}"
+    key = {"fetch_shm_md5": KEY_MD5, "fetch_shm_crc64nvme": KEY_CRC64}.get(method, KEY)
+    uri = f"s3://{bucket}/{key}"
     action: Callable[[], Any]
     if method in ("ceiling", "boto3"):
         import boto3
@@ -116,10 +123,10 @@ def _child(method: str) -> None:
                 streamer.stream_file(uri)
                 got = sum(t.numel() * t.element_size() for _, t in streamer.get_tensors())
             assert got > 0, "Run:ai returned no tensors"
-    elif method in ("fetch_shm", "fetch_disk"):
+    elif method in ("fetch_shm", "fetch_disk", "fetch_shm_md5", "fetch_shm_crc64nvme"):
         from fastload_core import fetch
 
-        tier = "shm" if method == "fetch_shm" else "local_disk"
+        tier = "local_disk" if method == "fetch_disk" else "shm"
 
         def action() -> None:
             assert fetch(uri, tier=tier).stat().st_size == size
@@ -141,7 +148,7 @@ def _child(method: str) -> None:
             assert sum(t.numel() * t.element_size() for t in tensors.values()) > 0
     else:
         raise SystemExit(f"unknown method {method!r}")
-    if method in ("fetch_shm", "fetch_disk", "stream"):
+    if method.startswith(("fetch_", "stream")):
         # The same footing as the boto3 rows, whose client exists before the clock starts: boto3 imported and
         # fastload's S3 client built (the process column still counts both).
         from fastload_core.storage import default_store
@@ -203,6 +210,7 @@ def bench_server(server_name: str, args: argparse.Namespace, size: int, part: in
     """All methods against one server; returns {method: [results]} plus notes."""
     import boto3
     from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
 
     server = _start(server_name)
     shm_work = Path(tempfile.mkdtemp(prefix="fastload-bench-s3-", dir="/dev/shm"))
@@ -222,13 +230,23 @@ def bench_server(server_name: str, args: argparse.Namespace, size: int, part: in
         make_checkpoint(source, size)
         size = source.stat().st_size
         env["BENCH_SIZE"] = str(size)
-        # Uploaded in parts of --part-size: S3's multipart ETag then lets fastload hash each part in the thread
-        # that fetched it, and every contender makes the same number of requests.
-        client.upload_file(str(source), bucket, KEY,
-                           Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
-        source.unlink()
-        print(f"{server_name}: {size / MiB:.0f} MiB at {server.endpoint_url}", flush=True)
+        # Uploaded in parts of --part-size, so every contender makes the same number of requests: as boto3 does
+        # by default (with a CRC32 checksum, which fastload verifies), and the copies the extra fetch rows use.
         methods = [m for m in args.methods.split(",") if m]
+        parts = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
+        client.upload_file(str(source), bucket, KEY, Config=parts)
+        objects = {KEY: _checksum_of(client, bucket, KEY)}
+        if "fetch_shm_md5" in methods:
+            plain = boto3.client("s3", endpoint_url=server.endpoint_url,
+                                 config=Config(request_checksum_calculation="when_required"))
+            plain.upload_file(str(source), bucket, KEY_MD5, Config=parts)
+            objects[KEY_MD5] = _checksum_of(client, bucket, KEY_MD5)
+        if "fetch_shm_crc64nvme" in methods:
+            client.upload_file(str(source), bucket, KEY_CRC64, Config=parts,
+                               ExtraArgs={"ChecksumAlgorithm": "CRC64NVME"})
+            objects[KEY_CRC64] = _checksum_of(client, bucket, KEY_CRC64)
+        source.unlink()
+        print(f"{server_name}: {size / MiB:.0f} MiB at {server.endpoint_url}; objects: {objects}", flush=True)
         results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         failed: dict[str, str] = {}
         shuffler = random.Random(args.rounds)
@@ -252,11 +270,22 @@ def bench_server(server_name: str, args: argparse.Namespace, size: int, part: in
                       f"{result['server_cpu']:.2f} s)", flush=True)
         if args.processes:
             notes.append(_n_processes(args.processes, server, env, bucket, size, disk_work))
-        return {"server": server_name, "size": size, "results": results, "notes": notes}
+        return {"server": server_name, "size": size, "results": results, "notes": notes, "objects": objects}
     finally:
         server.stop()
         shutil.rmtree(shm_work, ignore_errors=True)
         shutil.rmtree(disk_work, ignore_errors=True)
+
+
+def _checksum_of(client: Any, bucket: str, key: str) -> str:
+    """The additional checksum the server reports for ``key`` (what fastload verifies against), in words."""
+    head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    found = [f"{name[len('Checksum'):]} {head[name]}" for name in sorted(head)
+             if name.startswith("Checksum") and name != "ChecksumType"]
+    if not found:
+        return f"no additional checksum (ETag {head.get('ETag', '?')})"
+    kind = head.get("ChecksumType")
+    return ", ".join(found) + (f" ({kind})" if kind else " (no type given)")
 
 
 def _n_processes(count: int, server: Any, env: dict[str, str], bucket: str, size: int, work: Path) -> str:
@@ -309,7 +338,8 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(f"| {label} [{len(rows)}] | {seconds:.2f} | {gb / seconds:.2f} | {ceiling / seconds:.2f} | "
                          f"{boto / seconds:.2f} | {fetch / seconds:.2f} | {_median(rows, 'wall'):.2f} | "
                          f"{_median(rows, 'cpu') / gb:.2f} | {_median(rows, 'server_cpu') / gb:.2f} |")
-        lines += ["", *[f"- {note}" for note in run["notes"]], ""]
+        lines += ["", *[f"- object `{key}`: {what}" for key, what in run.get("objects", {}).items()],
+                  *[f"- {note}" for note in run["notes"]], ""]
     lines.append("× columns: the other method's seconds over this one's (above 1 = faster than it).")
     return "\n".join(lines)
 

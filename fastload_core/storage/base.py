@@ -204,6 +204,10 @@ class Tier:
     name: ClassVar[str] = "tier"
     shared: ClassVar[bool] = False  # seen by other nodes: fetch locks stay node-local, a lease spans nodes
     durable: ClassVar[bool] = True  # survives a reboot: worth an fsync before publication (tmpfs is not)
+    # Reserve a download's blocks when it is prepared (posix_fallocate). Where that means allocating every page
+    # up front, in one thread, before the first byte arrives (tmpfs), the pages are better allocated by the
+    # download threads' writes as the bytes land; the budget still charges a partial file its full size.
+    preallocate: ClassVar[bool] = True
 
     def __init__(
         self, root: str | os.PathLike[str], *, capacity: int | float | None = None,
@@ -236,9 +240,10 @@ class Tier:
         for dirpath, dirnames, filenames in os.walk(self.root):
             if dirpath == str(self.root) and ".locks" in dirnames:
                 dirnames.remove(".locks")
+            partial = any(part.startswith(_PARTIAL) for part in Path(dirpath).relative_to(self.root).parts[:2])
             for name in filenames:
                 try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                    total += _charged(os.lstat(os.path.join(dirpath, name)), partial=partial)
                 except FileNotFoundError:
                     continue
         return total
@@ -430,7 +435,7 @@ class Tier:
                     try:
                         if os.fstat(fd).st_size != item.size:
                             os.ftruncate(fd, item.size)
-                        if item.size:
+                        if item.size and self.preallocate:
                             _preallocate(fd, item.size)
                     finally:
                         os.close(fd)
@@ -498,12 +503,20 @@ def _footprint(manifest: Manifest, block: int = 4096) -> int:
     return sum(-(-item.size // block) * block for item in manifest.files)
 
 
+def _charged(stat: os.stat_result, *, partial: bool) -> int:
+    """What a file counts against the budget: its allocated blocks; a download's file (sized in full when it
+    was prepared, not necessarily allocated yet) at least its size, so the budget sees the room as spent."""
+    allocated = stat.st_blocks * 512
+    return max(allocated, -(-stat.st_size // 4096) * 4096) if partial else allocated
+
+
 def _allocated(path: Path) -> int:
+    """What the partial directory ``path`` is charged (see ``_charged``)."""
     total = 0
     if path.is_dir():
         for dirpath, _dirnames, filenames in os.walk(path):
             for name in filenames:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                total += _charged(os.lstat(os.path.join(dirpath, name)), partial=True)
     return total
 
 

@@ -19,6 +19,7 @@ its digests without reading the files back.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -486,6 +487,10 @@ class S3Origin(Origin):
                     self._get_into(client, bucket, plan, cursor, end, extra, hasher, progress, uri)
         except (_Aborted, StorageError):
             raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the tier's filesystem is full: the store falls through
+                raise
+            raise client_error(uri, exc, name=item.name) from exc
         except Exception as exc:
             raise client_error(uri, exc, name=item.name) from exc
         if hasher.crc_algorithm:

@@ -63,6 +63,7 @@ from .shared_fs import SharedFsTier
 from .shm import ShmTier
 from .uri import ModelURI, is_uri, parse_uri
 from .verify import BLOCK_SIZE, file_digests
+from .writeback import EarlyWriteback
 
 log = logging.getLogger("fastload.storage")
 
@@ -528,6 +529,8 @@ class TieredStore:
         started = time.monotonic()
         try:  # every start is paired with one finish, carrying the error when there is one
             progress = Progress(what, nbytes, enabled=self.show_progress and not quiet)
+            if tier.durable and EarlyWriteback.available():  # the publishing fsync finds the bytes mostly written
+                progress.listeners.append(EarlyWriteback(partial / FILES_DIR))
             if watch is not None:
                 watch.started(tier.name, partial / FILES_DIR, manifest)
                 progress.listeners.append(watch.range_done)

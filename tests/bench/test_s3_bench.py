@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 def test_quick_run_reports_every_method_against_both_servers(tmp_path: Path) -> None:
-    methods = ["ceiling", "fetch_shm", "disk_write", "stream"]
+    methods = ["ceiling", "fetch_shm", "fetch_shm_md5", "disk_write", "stream"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_s3.py"), "--quick", "--servers", "seaweed,moto",
          "--methods", ",".join(methods), "--disk", str(tmp_path), "--out", str(tmp_path / "s3.md"),
@@ -27,6 +27,9 @@ def test_quick_run_reports_every_method_against_both_servers(tmp_path: Path) -> 
     assert [run["server"] for run in runs] == ["seaweed", "moto"]
     for run in runs:
         assert not run["notes"], run["notes"]  # nothing failed
+        objects = run["objects"]  # boto3's default upload carries CRC32; the MD5 row's object carries none
+        assert objects["model/model.safetensors"].startswith("CRC32 "), objects
+        assert objects["model-md5/model.safetensors"].startswith("no additional checksum"), objects
         for method in methods:
             (result,) = run["results"][method]
             assert result["seconds"] > 0 and result["wall"] >= result["seconds"] and result["cpu"] > 0

@@ -93,12 +93,33 @@ def test_enospc_from_fallocate_is_a_tier_full_error(tmp_path: Path, monkeypatch:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, offset, length)
 
+    class ReservingShm(ShmTier):  # a fast tier that reserves its blocks up front, as the disk tiers do
+        preallocate = True
+
     monkeypatch.setattr(os, "posix_fallocate", fallocate)
-    store = TieredStore([ShmTier(shm_root, capacity=None), LocalDiskTier(tmp_path / "disk", capacity=None)],
+    store = TieredStore([ReservingShm(shm_root, capacity=None), LocalDiskTier(tmp_path / "disk", capacity=None)],
                         show_progress=False)
     path = store.fetch(uri, tier="shm")
     assert path.is_relative_to(tmp_path / "disk")
     assert len(calls) == 21 and leftovers(shm_root) == [] and not list(shm_root.rglob("*.bin"))
+
+
+def test_shm_downloads_are_sparse_but_charged_in_full(tmp_path: Path) -> None:
+    """tmpfs pages are allocated by the download's writes, not all up front in one thread; the budget still
+    counts a partial file at its full size, so two fillers cannot both spend the same room."""
+    from fastload_core.storage.meta import Manifest, RemoteFile
+
+    tier = ShmTier(tmp_path / "shm", capacity=None)
+    manifest = Manifest("s3://b/m/", (RemoteFile("a.bin", 10 * 2**20 + 1, "m/a.bin"),
+                                      RemoteFile("b/c.bin", 4096, "m/b/c.bin")), single=False)
+    asked: list[int] = []
+    partial = tier.prepare("m", "v1", manifest, make_room=asked.append)
+    files = partial / "files"
+    assert (files / "a.bin").stat().st_size == 10 * 2**20 + 1 and (files / "a.bin").stat().st_blocks == 0
+    assert asked == [10 * 2**20 + 4096 + 4096]
+    assert tier.usage() >= asked[0]
+    asked.clear()
+    assert tier.prepare("m", "v1", manifest, make_room=asked.append) == partial and asked == [0]  # already held
 
 
 # --- links planted inside a tier (issue 11.1) ----------------------------------------------------------------

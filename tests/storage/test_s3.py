@@ -234,3 +234,27 @@ def test_failed_downloads_finish_their_fetch_events(s3: Any, proxy: FaultProxy) 
     assert len(starts) == len(finishes) == 2
     assert isinstance(finishes[0]["error"], IntegrityError) and isinstance(finishes[1]["error"], OriginError)
     assert REGISTRY.get_sample_value("fastload_fetches_in_progress", {"tier": "local_disk"}) == 0
+
+
+def test_a_tmpfs_that_fills_up_during_the_download_falls_through(s3: Any, proxy: FaultProxy, shm_root: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shm tier does not reserve its pages up front (see ShmTier.preallocate): a full tmpfs shows as
+    ENOSPC from a download's write, and the model lands in the next tier down, nothing left in shm."""
+    import errno
+
+    data = os.urandom(2 * MiB)
+    put(s3, "full/w.bin", data)
+    real = os.pwrite
+    writes: list[int] = []
+
+    def pwrite(fd: int, buffer: Any, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(shm_root)):
+            writes.append(offset)
+            if len(writes) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    path = fetch(f"s3://{BUCKET}/full/w.bin", tier="shm")
+    assert not path.is_relative_to(shm_root) and path.read_bytes() == data
+    assert len(writes) > 3 and leftovers(shm_root) == [] and not list(shm_root.rglob("w.bin"))
