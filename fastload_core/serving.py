@@ -139,26 +139,13 @@ def _warm_one(uri: Source, tier: str | None, revision: str | None) -> Path:
                     "FASTLOAD_SHM_DIR (or FASTLOAD_SHARED_DIR) to enable it", shown, tier, ", ".join(names),
                     store.default_tier)
         tier = None
-    held = hold_weights(uri, revision=revision)  # the fastest tier holding it, or a fetch into the default
-    path = held.path
-    try:
-        if tier is None or held.tier is None or names.index(held.tier) <= names.index(tier):
-            return path
-        target = store.tiers[names.index(tier)]
-        size = held.entry.size if held.entry is not None else 0
-        capacity = target.capacity()
-        if capacity is not None and size > capacity:
-            log.warning(
-                "%s: %d bytes do not fit the %s tier (%d bytes at %s); workers will read the weights from %s "
-                "instead. Give it room: FASTLOAD_%s_CAPACITY, or for /dev/shm in a container "
-                "`docker run --shm-size=<size>` (Docker's default is 64 MiB)",
-                shown, size, tier, capacity, target.root, held.tier, tier.upper())
-            return path
-        version = held.entry.version if held.entry is not None else revision
-        with hold_weights(uri, revision=version, tier=tier) as promoted:
-            return promoted
-    finally:
-        held.release()
+    # Straight into the tier asked for: a cold fetch lands in RAM first and the slower tiers (local disk) are
+    # written through from that copy on a thread of their own, after this returns. (Filling the default tier
+    # first and promoting from it made the workers wait for a disk write, an fsync and a second verified copy.)
+    # A tier too small for the model is skipped by the store with one warning, and the model is served from
+    # the next tier down.
+    with hold_weights(uri, revision=revision, tier=tier) as path:
+        return path
 
 
 def _problem(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from fastload_core.serving import (
     set_default_compile_cache,
     warm,
 )
-from fastload_core.storage import StorageError, default_store
+from fastload_core.storage import StorageError, default_store, writethrough
 from fastload_devservices.s3 import BUCKET
 
 
@@ -137,6 +137,7 @@ def test_warm_puts_models_in_shm_and_workers_then_load_from_it(tmp_path: Path, s
     second, _ = make_model(tmp_path / "origin" / "m2")
     paths = warm([first.as_uri(), second.as_uri()])
     assert [p.is_relative_to(shm_root) for p in paths] == [True, True]
+    writethrough.wait(30)  # the copies onto local disk, made from the shm entries after warm returned
     assert in_use() == []  # warming holds nothing: workers pin what they serve
     with hold_weights(first.as_uri()) as path:  # a worker: the fastest tier holding it
         assert path == paths[0]
@@ -166,7 +167,8 @@ def test_a_tier_too_small_for_the_model_falls_through_with_one_warning(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     message = warnings[0].getMessage()
-    assert "do not fit the shm tier" in message and "--shm-size" in message and "local_disk" in message
+    assert "tier 'shm' cannot take" in message and "--shm-size" in message
+    assert message.endswith("serving it from tier local_disk instead")
     report = LoadReport(source="", device="")
     loaded = fastload_core.load_state_dict(path, report=report)
     assert report.tier == "local_disk" and torch.equal(loaded["weight"], tensors["weight"])

@@ -370,8 +370,8 @@ class TieredStore:
                     break
                 except TierFullError as exc:
                     last_error = exc
-                    log.warning("%s: tier %s cannot take it (%s); serving it from the next tier down", parsed,
-                                tier.name, exc)
+                    log.warning("%s: %s; serving it from tier %s instead", parsed, exc,
+                                self.tiers[index + 1].name if index + 1 < len(self.tiers) else "none")
                     notify("on_tier_full", uri=str(parsed), tier=tier.name, nbytes=manifest.total_size)
         except BaseException:
             if source is not None:
