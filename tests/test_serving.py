@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import fastload_core
+from fastload_core import serving
 from fastload_core.compile_cache import CompileCache, default_url
 from fastload_core.compile_cache.errors import CacheURLError
 from fastload_core.errors import FastloadError
@@ -21,7 +22,9 @@ from fastload_core.serving import (
     device_for_worker,
     hold_weights,
     set_default_compile_cache,
+    wait_for_warm,
     warm,
+    warm_in_background,
 )
 from fastload_core.storage import StorageError, default_store, writethrough
 from fastload_devservices.s3 import BUCKET
@@ -258,3 +261,37 @@ def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Pa
     shutil.rmtree(source)  # gone from the origin: only the tiers can answer now
     with hold_weights(source.as_uri(), revision=version) as held:
         assert held == path
+
+
+# --- warm_in_background --------------------------------------------------------------------------------
+def test_a_background_warm_checks_the_origin_before_it_returns(tmp_path: Path) -> None:
+    missing = (tmp_path / "origin" / "nowhere").as_uri()
+    with pytest.raises(WeightsUnavailableError, match=missing):
+        warm_in_background(missing, handoff=tmp_path / "handoff.lock")
+    assert wait_for_warm(tmp_path / "handoff.lock", timeout=0)  # nothing was left locked
+
+
+def test_a_background_warm_that_fails_still_lets_the_workers_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, _ = make_model(tmp_path / "origin" / "m1")
+
+    def broken(*args: Any, **kwargs: Any) -> list[Path]:
+        raise StorageError("the disk is on fire")
+
+    monkeypatch.setattr(serving, "warm", broken)
+    version, thread = warm_in_background(source.as_uri(), handoff=tmp_path / "handoff.lock")
+    thread.join(30)
+    assert wait_for_warm(tmp_path / "handoff.lock", timeout=5)
+    assert "background warm-up failed (the disk is on fire)" in caplog.text
+    with hold_weights(source.as_uri()) as path:  # a worker then fetches for itself: the same version
+        assert serving.version_of(path) == version
+
+
+def test_a_background_warm_publishes_the_version_it_announced(tmp_path: Path, shm_root: Path) -> None:
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    version, thread = warm_in_background(source.as_uri(), handoff=tmp_path / "handoff.lock")
+    assert wait_for_warm(tmp_path / "handoff.lock", timeout=30)
+    thread.join(30)
+    (entry,) = [info.entry for info in default_store().ls(tier="shm")]
+    assert entry.version == version and entry.path.is_relative_to(shm_root)
