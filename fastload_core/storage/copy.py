@@ -1,10 +1,10 @@
 """Verified local copies: promotion between tiers and fetches from a mounted origin (``file://``).
 
 Each file is read once, hashed and written in the same pass. A promotion checks the block digests the
-source entry recorded at download (XXH3, see verify.py), or its MD5 for entries written before digests
-existed; a mismatch is an ``IntegrityError`` and is never published. Files are copied in parallel (the
-hashes release the GIL), which matters for sharded checkpoints. A copy keeps a private source private: a
-file keeps the source's read permissions for group and others, never more (0600 stays 0600).
+source entry recorded at download (XXH3, see verify.py), or its checksum (MD5 or S3's CRC) for entries
+written before digests existed; a mismatch is an ``IntegrityError`` and is never published. Files are copied
+in parallel (the hashes release the GIL), which matters for sharded checkpoints. A copy keeps a private
+source private: a file keeps the source's read permissions for group and others, never more (0600 stays 0600).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from .._atomic import readable_like_mode
 from .._safefs import UnsafePath, open_file
 from .base import Entry, Journal, Source
-from .checksum import ETagHasher
+from .checksum import hasher_for
 from .errors import IntegrityError, UnsafeKeyError
 from .meta import FILES_DIR, Checksums, Manifest
 from .progress import Progress
@@ -34,7 +34,7 @@ def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | Non
     return the checksum of what was copied, in the same form (part size) as ``expected`` so the two compare.
     ``from_tier``: the source is a tier entry, opened without following links."""
     part_size = expected[1] if expected else None
-    digest = ETagHasher(part_size) if digests is None else None
+    digest = hasher_for(expected[0] if expected else None, part_size) if digests is None else None
     blocks = BlockDigests(digests[0]) if digests is not None else None
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 META_NAME = "meta.json"
-# file name -> (checksum in ETag form, part size it was computed with)
+# file name -> (checksum in one of checksum.py's forms: S3 CRC or ETag-form MD5, part size it was computed with)
 Checksums: TypeAlias = dict[str, tuple[str, int | None]]
 FILES_DIR = "files"
 
@@ -31,6 +31,9 @@ class RemoteFile:
     etag: str | None = None
     version_id: str | None = None
     identity: str | None = None  # anything else that changes when the file does (mtime for file origins)
+    # An additional checksum the origin stores for the file (checksum.CRC's form), when it said so; it is
+    # not part of the identity (the ETag already changes with the bytes).
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,10 @@ class FileMeta:
     size: int
     etag: str | None = None
     version_id: str | None = None
-    checksum: str | None = None  # ETag form (see checksum.py): plain MD5, or MD5-of-part-MD5s "-N"
-    part_size: int | None = None  # the part size ``checksum`` was computed with (None: plain MD5)
+    # What the download was verified with (see checksum.py): S3's CRC ("crc64nvme:<base64>", composite with
+    # "-N") when the object carries one, else the ETag form (plain MD5, or MD5-of-part-MD5s "-N").
+    checksum: str | None = None
+    part_size: int | None = None  # the part size ``checksum`` was computed with (None: of the whole file)
     block_size: int | None = None  # the block size ``digests`` were computed with (see verify.py)
     digests: str | None = None  # XXH3-64 of every block, hex, concatenated: what hits and promotions check
 

@@ -9,10 +9,12 @@ body broke mid-stream from the byte it reached.
 
 Every GET is pinned to the identity seen when the model was resolved (``If-Match`` on the ETag, plus the
 VersionId where there is one), so an overwrite during the download fails the fetch (``ObjectChangedError``)
-instead of mixing versions. Each file is verified against its ETag before the store publishes it: for a
-multipart upload the ranges follow the upload's parts, so each worker hashes its own part. The same worker
-computes the range's block digests (verify.py) as its bytes arrive and records them in the journal, so the
-entry gets its digests without reading the files back.
+instead of mixing versions. Each file is verified before the store publishes it, by the worker that fetched
+each range, as the bytes arrive: against S3's additional CRC checksum when the object carries one (a
+full-object CRC joins from the ranges' CRCs, a composite one from its parts'), else against its ETag (for a
+multipart upload the ranges then follow the upload's parts, so each worker MD5s its own part). The same
+worker computes the range's block digests (verify.py) and records them in the journal, so the entry gets
+its digests without reading the files back.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from typing import Any, Literal
 import tenacity
 
 from .base import Journal, Origin
-from .checksum import ETagHasher, combine, etag_parts, normalize_etag
+from .checksum import (
+    CRC,
+    ETagHasher,
+    combine,
+    composite,
+    crc_combine,
+    crc_function,
+    etag_parts,
+    hasher_for,
+    normalize_etag,
+)
 from .errors import IntegrityError, ObjectChangedError, OriginError, StorageError, UnsafeKeyError
 from .meta import Checksums, Manifest, RemoteFile
 from .progress import Progress, Watermark
@@ -56,19 +68,32 @@ def block_size_for(step: int) -> int:
 
 
 class _RangeHasher(ETagHasher):
-    """What ``_get_into`` feeds a range's bytes to as they arrive: the range's MD5 (one part of a multipart
-    ETag) when ``md5``, and always its block digests. One pass over bytes still in the CPU cache, in the
-    thread that downloaded them (MD5 releases the GIL on large buffers; XXH3 costs about 0.2 s per GiB)."""
+    """What ``_get_into`` feeds a range's bytes to as they arrive: the range's CRC when ``crc`` names the
+    object's checksum algorithm, else its MD5 (one part of a multipart ETag) when ``md5``, and always its
+    block digests. One pass over bytes still in the CPU cache, in the thread that downloaded them (awscrt's
+    CRCs and MD5 release the GIL on large buffers; CRC32C/CRC64NVME and XXH3 cost a few hundredths of a CPU
+    second per GiB, CRC32 about 0.6, MD5 1.5-2)."""
 
-    def __init__(self, *, md5: bool, block_size: int) -> None:
+    def __init__(self, *, md5: bool, crc: str | None, block_size: int) -> None:
         super().__init__(None)
-        self.md5 = md5
+        self.md5 = md5 and crc is None
+        self.crc_algorithm = crc
+        self._crc = crc_function(crc) if crc else None
+        self.crc = 0
         self.blocks = BlockDigests(block_size)
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        if self.md5:
+        if self._crc is not None:
+            self.crc = self._crc(data, self.crc)
+        elif self.md5:
             super().update(data)
         self.blocks.update(data)
+
+    def journal_digest(self) -> str | None:
+        """What the journal records for the range: ``<algorithm>:<crc hex>``, the MD5's hex, or None."""
+        if self.crc_algorithm:
+            return f"{self.crc_algorithm}:{self.crc:x}"
+        return self.hexdigest() if self.md5 else None
 
 
 _local = threading.local()
@@ -112,6 +137,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written
+
+
+@dataclass
+class _Cursor:
+    """How far a range has been received, written and hashed; it survives a failed attempt."""
+
+    position: int
 
 
 class _ShortRead(Exception):
@@ -202,9 +234,11 @@ def client_error(uri: str, exc: Exception, *, name: str | None = None) -> Storag
     return OriginError(uri, f"S3 request failed: {type(exc).__name__}: {exc}")
 
 
-# How a file is verified: "parts": its ranges are the upload's parts, each hashed by the worker that fetched
-# it; "sequential": hashed in order as its contiguous prefix grows; "none": size only (no usable ETag).
-_HashMode = Literal["parts", "sequential", "none"]
+# How a file is verified: "crc": S3's full-object CRC, joined from the CRCs of any ranges; "crc-parts": S3's
+# composite CRC, the ranges being the upload's parts; "parts": the multipart ETag, each part MD5ed by the
+# worker that fetched it; "sequential": hashed in order as its contiguous prefix grows (a plain-MD5 ETag, or
+# parts too large to be ranges); "none": size only (no usable checksum or ETag).
+_HashMode = Literal["crc", "crc-parts", "parts", "sequential", "none"]
 
 
 @dataclass
@@ -216,9 +250,37 @@ class _Plan:
     part_size: int | None
     block_size: int = BLOCK_SIZE
     fd: int = -1
+    crc: CRC | None = None  # S3's additional checksum, when the object carries one this code can check
     part_md5s: dict[int, bytes] = field(default_factory=dict)
+    part_crcs: dict[int, int] = field(default_factory=dict)
     tracker: Watermark = field(default_factory=Watermark)
-    unverifiable: bool = False  # SSE-KMS / SSE-C: the ETag is not an MD5
+    unverifiable: bool = False  # SSE-KMS / SSE-C: the ETag is not an MD5 (a CRC still verifies)
+
+    @property
+    def expected(self) -> str | None:
+        """The checksum the file must hash to, in checksum.py's form."""
+        return str(self.crc) if self.crc is not None else self.item.etag
+
+    def resume(self, index: int, recorded: str | None) -> bool:
+        """Take a range a journal records as done, with the digest it recorded; False when that digest is not
+        what this plan verifies with (a journal from an older fastload), so the range is fetched again."""
+        if self.mode in ("crc", "crc-parts"):
+            assert self.crc is not None
+            algorithm, _, value = (recorded or "").partition(":")
+            if algorithm != self.crc.algorithm or not value:
+                return False
+            try:
+                self.part_crcs[index] = int(value, 16)
+            except ValueError:
+                return False
+        elif self.mode == "parts":
+            if not recorded or len(recorded) != 32:
+                return False
+            try:
+                self.part_md5s[index] = bytes.fromhex(recorded)
+            except ValueError:
+                return False
+        return True
 
 
 class S3Origin(Origin):
@@ -257,15 +319,18 @@ class S3Origin(Origin):
             return self._list(uri)
         extra = {"VersionId": revision} if revision else {}
         try:
-            head = self.client.head_object(Bucket=uri.netloc, Key=uri.path, **extra)
+            # ChecksumMode: the reply carries the object's additional checksum, if it has one (x-amz-checksum-*)
+            head = self.client.head_object(Bucket=uri.netloc, Key=uri.path, ChecksumMode="ENABLED", **extra)
         except Exception as exc:
             error = client_error(shown, exc)
             if isinstance(error, OriginError) and error.code == "NotFound" and not revision:
                 return self._list(uri.as_prefix(), shown=shown)
             raise error from None
         name = safe_relpath(uri.path.rsplit("/", 1)[-1], uri=shown)
-        item = RemoteFile(name, int(head["ContentLength"]), uri.path, normalize_etag(head.get("ETag")),
-                          head.get("VersionId"))
+        etag = normalize_etag(head.get("ETag"))
+        crc = CRC.from_s3(head, etag)
+        item = RemoteFile(name, int(head["ContentLength"]), uri.path, etag, head.get("VersionId"),
+                          checksum=str(crc) if crc else None)
         return Manifest(shown, (item,), single=True)
 
     def _list(self, uri: ModelURI, *, shown: str | None = None) -> Manifest:
@@ -304,8 +369,9 @@ class S3Origin(Origin):
         client = self.client
         abort = threading.Event()
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="fastload-s3") as pool:
-            plans = list(pool.map(lambda item: self._plan(client, bucket, item, dest, manifest.uri),
-                                  manifest.files))
+            # A listing does not give checksum values: each file's plan asks for it (one HEAD each, in parallel)
+            plans = list(pool.map(lambda item: self._plan(client, bucket, item, dest, manifest.uri,
+                                                          lookup=not manifest.single), manifest.files))
             try:
                 for plan in plans:
                     plan.fd = os.open(plan.path, os.O_RDWR | os.O_NOFOLLOW)  # prepare() checked the path
@@ -315,10 +381,8 @@ class S3Origin(Origin):
                                     for plan in plans if plan.mode == "sequential"}
                     for plan in plans:  # in file order, so contiguous prefixes (and hashing) advance early
                         for index, (start, end) in enumerate(plan.ranges):
-                            if journal.has(plan.item.name, start, end):
-                                done_md5 = journal.done[(plan.item.name, start, end)]
-                                if done_md5:
-                                    plan.part_md5s[index] = bytes.fromhex(done_md5)
+                            if journal.has(plan.item.name, start, end) and \
+                                    plan.resume(index, journal.done[(plan.item.name, start, end)]):
                                 progress.add(end - start)
                                 plan.tracker.complete(start, end)
                                 continue
@@ -334,31 +398,54 @@ class S3Origin(Origin):
                         real = [e for e in errors if not isinstance(e, _Aborted)]
                         raise (real or errors)[0]  # type: ignore[misc]
                     return {plan.item.name: self._verify(plan, hash_futures, manifest.uri) for plan in plans
-                            if plan.mode != "none" and not plan.unverifiable}
+                            if plan.mode != "none" and (plan.crc is not None or not plan.unverifiable)}
             finally:
                 abort.set()
                 for plan in plans:
                     if plan.fd >= 0:
                         os.close(plan.fd)
 
-    def _plan(self, client: Any, bucket: str, item: RemoteFile, dest: Path, uri: str) -> _Plan:
+    def _plan(self, client: Any, bucket: str, item: RemoteFile, dest: Path, uri: str, *, lookup: bool) -> _Plan:
+        """How ``item`` is fetched and verified. A full-object CRC leaves the ranges free (no part layout to
+        learn: no second HEAD); a composite CRC or a multipart ETag needs the upload's part size."""
         path = confine(dest, item.name, uri=uri)
-        parts = etag_parts(item.etag)
+        crc = CRC.parse(item.checksum)
+        if crc is None and lookup and item.etag and item.checksum is None:
+            crc = self._head_checksum(client, bucket, item, uri)
+        parts = etag_parts(item.etag) if crc is None else crc.parts
         part_size: int | None = None
         mode: _HashMode = "none"
-        if parts == 0:
+        if crc is not None and crc.parts is None:
+            mode = "crc"
+        elif parts == 0:
             mode = "sequential"
         elif parts:
             first = item.size if parts == 1 else self._first_part_size(client, bucket, item)
             if first and (parts - 1) * first < item.size <= parts * first:
                 part_size = first
-                mode = "parts" if first <= _MAX_ALIGNED_PART else "sequential"
+                aligned: _HashMode = "crc-parts" if crc is not None else "parts"
+                mode = aligned if first <= _MAX_ALIGNED_PART else "sequential"
             else:
                 log.debug("%s: cannot recover the part layout of %s; verifying size only", uri, item.name)
-        step = part_size if mode == "parts" and part_size else self.settings.part_size
+        step = part_size if mode in ("parts", "crc-parts") and part_size else self.settings.part_size
         ranges = [(start, min(start + step, item.size)) for start in range(0, item.size, step)]
         block = block_size_for(step) if len(ranges) > 1 else BLOCK_SIZE  # one range: any block size joins
-        return _Plan(item, path, ranges, mode, part_size, block)
+        return _Plan(item, path, ranges, mode, part_size, block, crc=crc if mode != "none" else None)
+
+    def _head_checksum(self, client: Any, bucket: str, item: RemoteFile, uri: str) -> CRC | None:
+        """The additional checksum of a listed object (listings give at most its algorithm), or None. Pinned
+        to the listed ETag: an object overwritten since the listing fails here as it would in its GETs."""
+        extra: dict[str, Any] = {"VersionId": item.version_id} if item.version_id else {}
+        try:
+            head = client.head_object(Bucket=bucket, Key=item.locator, ChecksumMode="ENABLED",
+                                      IfMatch=f'"{item.etag}"', **extra)
+        except Exception as exc:
+            error = client_error(uri, exc, name=item.name)
+            if isinstance(error, ObjectChangedError):
+                raise error from None
+            log.debug("HEAD (checksum) of %s failed: %r; verifying with the ETag", item.name, exc)
+            return None
+        return CRC.from_s3(head, item.etag)
 
     def _first_part_size(self, client: Any, bucket: str, item: RemoteFile) -> int | None:
         extra: dict[str, Any] = {"VersionId": item.version_id} if item.version_id else {}
@@ -372,8 +459,10 @@ class S3Origin(Origin):
     def _fetch_range(self, client: Any, bucket: str, plan: _Plan, index: int, start: int, end: int, uri: str,
                      journal: Journal, progress: Progress, abort: threading.Event) -> None:
         item = plan.item
-        hasher = _RangeHasher(md5=plan.mode == "parts", block_size=plan.block_size)
-        position = start
+        hasher = _RangeHasher(md5=plan.mode == "parts",
+                              crc=plan.crc.algorithm if plan.crc is not None and plan.mode != "sequential" else None,
+                              block_size=plan.block_size)
+        cursor = _Cursor(start)
         extra: dict[str, Any] = {}
         if item.etag:
             extra["IfMatch"] = f'"{item.etag}"'
@@ -385,7 +474,7 @@ class S3Origin(Origin):
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=10, jitter=0.2),
             before_sleep=lambda state: log.warning(
                 "%s: part %s bytes %d-%d failed (%r); resuming at byte %d", uri, item.name, start, end,
-                state.outcome.exception() if state.outcome else None, position),
+                state.outcome.exception() if state.outcome else None, cursor.position),
             reraise=True,
         )
         try:
@@ -393,26 +482,26 @@ class S3Origin(Origin):
                 with attempt:
                     if abort.is_set():
                         raise _Aborted
-                    position = self._get_into(client, bucket, plan, position, end, extra, hasher, progress,
-                                              uri)
+                    self._get_into(client, bucket, plan, cursor, end, extra, hasher, progress, uri)
         except (_Aborted, StorageError):
             raise
         except Exception as exc:
             raise client_error(uri, exc, name=item.name) from exc
-        md5 = None
-        if hasher.md5:
-            digest = bytes.fromhex(hasher.hexdigest())
-            plan.part_md5s[index] = digest
-            md5 = digest.hex()
-        journal.record(item.name, start, end, md5, (plan.block_size, hasher.blocks.hexdigest()))
+        if hasher.crc_algorithm:
+            plan.part_crcs[index] = hasher.crc
+        elif hasher.md5:
+            plan.part_md5s[index] = bytes.fromhex(hasher.hexdigest())
+        journal.record(item.name, start, end, hasher.journal_digest(), (plan.block_size, hasher.blocks.hexdigest()))
         plan.tracker.complete(start, end)
         progress.range_done(item.name, start, end)
 
-    def _get_into(self, client: Any, bucket: str, plan: _Plan, position: int, end: int, extra: dict[str, Any],
-                  hasher: ETagHasher | None, progress: Progress, uri: str) -> int:
-        """One GET of ``[position, end)``; returns how far it got. A body that ends early raises
-        ``_ShortRead`` after its bytes are kept, so the retry asks only for the rest."""
+    def _get_into(self, client: Any, bucket: str, plan: _Plan, cursor: _Cursor, end: int, extra: dict[str, Any],
+                  hasher: ETagHasher | None, progress: Progress, uri: str) -> None:
+        """One GET of ``[cursor.position, end)``, advancing the cursor past every chunk kept (written and
+        hashed). A body that ends early or breaks (``_ShortRead``, a reset) leaves the cursor where its bytes
+        ended, so the retry asks only for the rest and the range's hash sees every byte once."""
         item = plan.item
+        position = cursor.position
         response = client.get_object(Bucket=bucket, Key=item.locator, Range=f"bytes={position}-{end - 1}",
                                      **extra)
         body = response["Body"]
@@ -446,6 +535,7 @@ class S3Origin(Origin):
                     hasher.update(chunk)  # while the bytes are still in the CPU's cache
                 _pwrite_all(plan.fd, chunk, position)
                 position += count
+                cursor.position = position
                 progress.add(count)
             if raw is not None and raw.isclosed():  # the whole body was read: the connection can be reused
                 body._raw_stream.release_conn()
@@ -453,12 +543,11 @@ class S3Origin(Origin):
             body.close()
         if position < end:
             raise _ShortRead(f"body ended at byte {position} of {end}")
-        return position
 
     def _hash_sequential(self, plan: _Plan, abort: threading.Event) -> str:
         """Hash a file in order as its contiguous prefix grows, overlapping the download (plain-MD5 ETags
         cannot be hashed per range)."""
-        hasher = ETagHasher(plan.part_size)
+        hasher = hasher_for(plan.expected, plan.part_size)
         position = 0
         size = plan.item.size
         while position < size:
@@ -479,11 +568,22 @@ class S3Origin(Origin):
         size = os.fstat(plan.fd).st_size
         if size != item.size:
             raise IntegrityError(uri, item.name, f"expected {item.size} bytes, have {size}")
-        if plan.mode == "parts":
+        expected = plan.expected
+        if plan.mode == "crc":
+            assert plan.crc is not None
+            value = 0
+            for index, (start, end) in enumerate(plan.ranges):
+                value = crc_combine(plan.crc.algorithm, value, plan.part_crcs[index], end - start)
+            checksum = str(CRC(plan.crc.algorithm, value))
+        elif plan.mode == "crc-parts":
+            assert plan.crc is not None
+            checksum = str(composite(plan.crc.algorithm, [plan.part_crcs[i] for i in range(len(plan.ranges))]))
+        elif plan.mode == "parts":
             checksum = combine([plan.part_md5s[i] for i in range(len(plan.ranges))]) if plan.ranges else \
                 ETagHasher(plan.part_size).hexdigest()
         else:
             checksum = hash_futures[item.name].result()
-        if checksum != item.etag:
-            raise IntegrityError(uri, item.name, f"content hashes to ETag {checksum}, S3 says {item.etag}")
-        return checksum, plan.part_size
+        if checksum != expected:
+            what = "checksum" if plan.crc is not None else "ETag"
+            raise IntegrityError(uri, item.name, f"content hashes to {what} {checksum}, S3 says {expected}")
+        return checksum, plan.part_size if plan.mode != "crc" else None

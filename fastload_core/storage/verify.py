@@ -21,7 +21,7 @@ from pathlib import Path
 import xxhash
 
 from .._safefs import UnsafePath, open_file
-from .checksum import ETagHasher
+from .checksum import hasher_for
 from .meta import FileMeta
 
 BLOCK_SIZE = 4 * 1024 * 1024
@@ -98,7 +98,7 @@ def check_blocks(path: Path, item: FileMeta, mode: str) -> str | None:
 
 
 def _check_checksum(path: Path, item: FileMeta) -> str | None:
-    hasher = ETagHasher(item.part_size)
+    hasher = hasher_for(item.checksum, item.part_size)
     try:
         fd = open_file(path, os.O_RDONLY)
     except (OSError, UnsafePath) as exc:
