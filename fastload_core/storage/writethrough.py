@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("fastload.storage")
 
-NICE = 10
+NICE = 19
 """The write-through thread's niceness (Linux, where a thread's niceness is its own); threads it starts
-inherit it. 10 gives it about a tenth of a core that a normal-priority thread also wants."""
+inherit it. The lowest there is, because frameworks already lower their workers' (Ray starts replicas at
+15, where a 10 would not be lower at all); the copy still gets every idle cycle."""
 
 
 @dataclass(eq=False)
