@@ -79,6 +79,20 @@ class CountingSeaweed(SeaweedServer):
         return 0
 
 
+def object_checksum(weed: SeaweedServer, key: str) -> str:
+    """The additional checksum the origin keeps for ``key`` (boto3 uploads with CRC32 by default, and a
+    verified fetch uses it instead of MD5 when it is there), as the report should say."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=weed.endpoint_url, aws_access_key_id="bench",
+                          aws_secret_access_key="bench", region_name="us-east-1")
+    headers = client.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")["ResponseMetadata"]["HTTPHeaders"]
+    found = [f"{name[len('x-amz-checksum-'):].upper()} {value}" for name, value in headers.items()
+             if name.startswith("x-amz-checksum-") and name != "x-amz-checksum-type"]
+    kind = headers.get("x-amz-checksum-type", "")
+    return f"{', '.join(found)} ({kind.lower() or 'type not given'})" if found else "no additional checksum (MD5 only)"
+
+
 def workers_pss(server: BentoServe) -> int:
     """Summed PSS (bytes) of the serve process's worker processes."""
     import psutil
@@ -187,7 +201,7 @@ def machine() -> str:
 
 
 def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, model_bytes: int,
-           machine_line: str, load_end: str) -> str:
+           machine_line: str, load_end: str, checksum: str) -> str:
     def median(scenario: str, key: str) -> float:
         return statistics.median(r[key] for r in results[scenario])
 
@@ -201,8 +215,9 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
         f"Command: `{' '.join(['python', 'benchmarks/bench_bentoml.py', *sys.argv[1:]])}`",
         "",
         f"Model: the demo MLP of examples/bentoml, width {args.width} × {args.layers} layers = "
-        f"{model_bytes / GiB:.2f} GiB float32, on SeaweedFS (`weed mini`) on loopback; {args.workers} workers; "
-        f"{args.rounds} rounds, medians (per-round values in the JSON).",
+        f"{model_bytes / GiB:.2f} GiB float32, on SeaweedFS (`weed mini`) on loopback, uploaded by boto3 with its "
+        f"default checksum ({checksum}); {args.workers} workers; {args.rounds} rounds, medians (per-round values in "
+        "the JSON).",
     ]
     if args.note:
         lines += ["", args.note]
@@ -217,12 +232,13 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
         origin = median(scenario, "origin_bytes") / model_bytes
         lines.append(f"| {scenario} | {first:.2f} | {first - empty:.2f} | {median(scenario, 'all_ready'):.2f} | "
                      f"{origin:.2f} | {median(scenario, 'pss') / GiB:.2f} |")
-    stages = [key for key in ("fetch_local_disk", "fetch_shm") if all(key in r for r in results["fastload-cold"])]
+    stages = [key for key in ("fetch_shm", "fetch_local_disk") if all(key in r for r in results["fastload-cold"])]
     if stages:
         shown = ", ".join(f"{key[len('fetch_'):]} {median('fastload-cold', key):.2f} s" for key in stages)
-        lines += ["", f"Inside fastload's cold start, the deployment hook's fills (medians): {shown} "
-                      "(download from the origin into local disk, MD5-verified and fsynced; then the verified copy "
-                      "into /dev/shm)."]
+        lines += ["", f"Inside fastload's cold start, the fills the serve process made (medians, from its /metrics at "
+                      f"the first correct response): {shown} (shm: the download from the origin into /dev/shm, "
+                      "verified, on the hook's thread while the workers start; local_disk: the write-through "
+                      "from that copy, after it and at a lower CPU priority, when it had finished by then)."]
     lines.append("")
     for kind, target in (("cold", 3.0), ("warm", 5.0)):
         stock = median(f"stock-{kind}", "first") - empty
@@ -279,6 +295,8 @@ def main() -> int:
         if put.returncode != 0:
             raise SystemExit(f"put_model.py failed: {put.stderr}")
         model_bytes = int(put.stdout.split()[-1])
+        checksum = object_checksum(weed, f"{PREFIX}/model.safetensors")
+        print(f"model.safetensors carries {checksum}", flush=True)
         print(f"model: {model_bytes / GiB:.2f} GiB written and uploaded in {time.monotonic() - started:.0f} s",
               flush=True)
         import torch
@@ -299,8 +317,9 @@ def main() -> int:
         if args.json:  # first, so the figures survive whatever happens to the report
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"model_bytes": model_bytes, "machine": machine_line,
+                                                   "checksum": checksum,
                                                    "load_end": load_end, "results": results}, indent=1))
-        text = report(results, args, model_bytes, machine_line, load_end)
+        text = report(results, args, model_bytes, machine_line, load_end, checksum)
         print(text)
         if args.markdown:
             path = Path(args.markdown)

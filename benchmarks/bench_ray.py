@@ -187,7 +187,7 @@ def main() -> int:
         import ray
         from ray import serve
 
-    from benchmarks.bench_bentoml import CountingSeaweed  # SeaweedFS with its bytes-sent counter
+    from benchmarks.bench_bentoml import CountingSeaweed, object_checksum  # SeaweedFS with its bytes-sent counter
     from fastload_devservices._process import free_port
 
     work = Path(tempfile.mkdtemp(prefix="fl-bench-ray-", dir="/tmp"))
@@ -218,9 +218,10 @@ def main() -> int:
         save_file(model.state_dict(), str(work / "model.safetensors"))
         torch.save(model.state_dict(), work / "model.pt")
         del model
-        for name in ("model.safetensors", "model.pt"):
+        for name in ("model.safetensors", "model.pt"):  # boto3's defaults: with its CRC32 checksum
             client.upload_file(str(work / name), BUCKET, f"big/{name}", Config=tuned)
             (work / name).unlink()
+        checksum = object_checksum(server, "big/model.safetensors")
         small_expected = {}
         for index in range(args.adapters):
             torch.manual_seed(10_000 + index)
@@ -230,7 +231,8 @@ def main() -> int:
             body = save({name: t.contiguous() for name, t in adapter.state_dict().items()})
             client.put_object(Bucket=BUCKET, Key=f"small/m{index}/model.safetensors", Body=body)
         print(f"uploaded: {layers} x {WIDTH}x{WIDTH} fp32 = {size / 2**30:.2f} GiB (safetensors and torch.save), "
-              f"{args.adapters} x {adapter_size / 1e6:.1f} MB; load average at start {load_at_start}", flush=True)
+              f"{args.adapters} x {adapter_size / 1e6:.1f} MB; load average at start {load_at_start}; "
+              f"model.safetensors carries {checksum}", flush=True)
 
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(work / "ray"), log_to_driver=False,
                  object_store_memory=128 * MiB)
@@ -302,11 +304,14 @@ def main() -> int:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
+    load_at_end = os.getloadavg()
     median = {name: statistics.median(values) for name, values in times.items()}
     base = median["empty"]
     lines.append(f"Command: `python benchmarks/bench_ray.py --size {args.size} --rounds {args.rounds} "
                  f"--adapters {args.adapters} --adapter-size {args.adapter_size}`; load average at start "
-                 f"{load_at_start[0]:.2f} / {load_at_start[1]:.2f} / {load_at_start[2]:.2f}.")
+                 f"{load_at_start[0]:.2f} / {load_at_start[1]:.2f} / {load_at_start[2]:.2f}, at the end "
+                 f"{load_at_end[0]:.2f} / {load_at_end[1]:.2f} / {load_at_end[2]:.2f}. The model was uploaded with "
+                 f"boto3's default checksum: {checksum}.")
     lines.append("")
     lines.append(f"Start-up, 2 replicas of a {size / 2**30:.2f} GiB model: seconds from `serve.run` to the first "
                  f"correct HTTP response (median of {args.rounds}; above empty = minus the empty deployment's "

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import filelock
 import torch
 
 from . import storage
@@ -92,6 +94,50 @@ def warm(uris: Source | Iterable[Source], *, tier: str | None = "shm",
     return [_warm_one(item, tier, revision) for item in items]
 
 
+def warm_in_background(uri: Source, *, tier: str | None = "shm", revision: str | None = None,
+                       handoff: str | os.PathLike[str]) -> tuple[str, threading.Thread]:
+    """``warm`` on a thread, for a process that starts workers next: their start-up (imports, framework) then
+    overlaps the download instead of following it. Returns the version being warmed and the thread.
+
+    Before returning it asks the origin for the model's current version (or ``revision``), so that weights
+    that are not there still fail right here with ``WeightsUnavailableError`` naming the URI, and it locks
+    the file ``handoff`` until the warm has finished. Workers call ``wait_for_warm(handoff)`` before they
+    pin the weights: they wait for this one download instead of starting their own. If the warm fails, the
+    lock is released all the same (with the error logged) and the workers fetch for themselves.
+    """
+    shown = redact(os.fspath(uri))
+    try:
+        version = storage.default_store().resolve(uri, revision=revision).version
+    except (FastloadError, OSError) as exc:
+        raise WeightsUnavailableError(shown, _problem(exc)) from exc
+    lock = filelock.FileLock(os.fspath(handoff), thread_local=False)  # released by the thread
+    lock.acquire()
+
+    def run() -> None:
+        try:
+            warm(uri, tier=tier, revision=revision)
+        except Exception as exc:  # the workers will try for themselves and fail with their own error
+            log.warning("%s: the background warm-up failed (%s); workers fetch the weights themselves", shown, exc)
+        finally:
+            lock.release()
+
+    thread = threading.Thread(target=run, name="fastload-warm", daemon=True)
+    thread.start()
+    return version, thread
+
+
+def wait_for_warm(handoff: str | os.PathLike[str], *, timeout: float | None = None) -> bool:
+    """Wait until the ``warm_in_background`` that locked ``handoff`` has finished (at once if it has, or if
+    its process is gone: the lock dies with it). False if ``timeout`` seconds passed first."""
+    lock = filelock.FileLock(os.fspath(handoff), thread_local=False)
+    try:
+        lock.acquire(timeout=-1 if timeout is None else timeout)
+    except filelock.Timeout:
+        return False
+    lock.release()
+    return True
+
+
 def version_of(path: Source) -> str | None:
     """The version digest of the tier entry that holds ``path`` (a path ``warm`` or ``hold_weights`` handed
     out), None for a path outside every tier. Passed as ``revision=`` it selects exactly that version with
@@ -139,26 +185,13 @@ def _warm_one(uri: Source, tier: str | None, revision: str | None) -> Path:
                     "FASTLOAD_SHM_DIR (or FASTLOAD_SHARED_DIR) to enable it", shown, tier, ", ".join(names),
                     store.default_tier)
         tier = None
-    held = hold_weights(uri, revision=revision)  # the fastest tier holding it, or a fetch into the default
-    path = held.path
-    try:
-        if tier is None or held.tier is None or names.index(held.tier) <= names.index(tier):
-            return path
-        target = store.tiers[names.index(tier)]
-        size = held.entry.size if held.entry is not None else 0
-        capacity = target.capacity()
-        if capacity is not None and size > capacity:
-            log.warning(
-                "%s: %d bytes do not fit the %s tier (%d bytes at %s); workers will read the weights from %s "
-                "instead. Give it room: FASTLOAD_%s_CAPACITY, or for /dev/shm in a container "
-                "`docker run --shm-size=<size>` (Docker's default is 64 MiB)",
-                shown, size, tier, capacity, target.root, held.tier, tier.upper())
-            return path
-        version = held.entry.version if held.entry is not None else revision
-        with hold_weights(uri, revision=version, tier=tier) as promoted:
-            return promoted
-    finally:
-        held.release()
+    # Straight into the tier asked for: a cold fetch lands in RAM first and the slower tiers (local disk) are
+    # written through from that copy on a thread of their own, after this returns. (Filling the default tier
+    # first and promoting from it made the workers wait for a disk write, an fsync and a second verified copy.)
+    # A tier too small for the model is skipped by the store with one warning, and the model is served from
+    # the next tier down.
+    with hold_weights(uri, revision=revision, tier=tier) as path:
+        return path
 
 
 def _problem(exc: BaseException) -> str:
@@ -173,5 +206,7 @@ __all__ = [
     "hold_weights",
     "set_default_compile_cache",
     "version_of",
+    "wait_for_warm",
     "warm",
+    "warm_in_background",
 ]

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import fastload_core
+from fastload_core import serving
 from fastload_core.compile_cache import CompileCache, default_url
 from fastload_core.compile_cache.errors import CacheURLError
 from fastload_core.errors import FastloadError
@@ -21,9 +22,11 @@ from fastload_core.serving import (
     device_for_worker,
     hold_weights,
     set_default_compile_cache,
+    wait_for_warm,
     warm,
+    warm_in_background,
 )
-from fastload_core.storage import StorageError, default_store
+from fastload_core.storage import StorageError, default_store, writethrough
 from fastload_devservices.s3 import BUCKET
 
 
@@ -137,6 +140,7 @@ def test_warm_puts_models_in_shm_and_workers_then_load_from_it(tmp_path: Path, s
     second, _ = make_model(tmp_path / "origin" / "m2")
     paths = warm([first.as_uri(), second.as_uri()])
     assert [p.is_relative_to(shm_root) for p in paths] == [True, True]
+    writethrough.wait(30)  # the copies onto local disk, made from the shm entries after warm returned
     assert in_use() == []  # warming holds nothing: workers pin what they serve
     with hold_weights(first.as_uri()) as path:  # a worker: the fastest tier holding it
         assert path == paths[0]
@@ -166,7 +170,8 @@ def test_a_tier_too_small_for_the_model_falls_through_with_one_warning(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     message = warnings[0].getMessage()
-    assert "do not fit the shm tier" in message and "--shm-size" in message and "local_disk" in message
+    assert "tier 'shm' cannot take" in message and "--shm-size" in message
+    assert message.endswith("serving it from tier local_disk instead")
     report = LoadReport(source="", device="")
     loaded = fastload_core.load_state_dict(path, report=report)
     assert report.tier == "local_disk" and torch.equal(loaded["weight"], tensors["weight"])
@@ -256,3 +261,37 @@ def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Pa
     shutil.rmtree(source)  # gone from the origin: only the tiers can answer now
     with hold_weights(source.as_uri(), revision=version) as held:
         assert held == path
+
+
+# --- warm_in_background --------------------------------------------------------------------------------
+def test_a_background_warm_checks_the_origin_before_it_returns(tmp_path: Path) -> None:
+    missing = (tmp_path / "origin" / "nowhere").as_uri()
+    with pytest.raises(WeightsUnavailableError, match=missing):
+        warm_in_background(missing, handoff=tmp_path / "handoff.lock")
+    assert wait_for_warm(tmp_path / "handoff.lock", timeout=0)  # nothing was left locked
+
+
+def test_a_background_warm_that_fails_still_lets_the_workers_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, _ = make_model(tmp_path / "origin" / "m1")
+
+    def broken(*args: Any, **kwargs: Any) -> list[Path]:
+        raise StorageError("the disk is on fire")
+
+    monkeypatch.setattr(serving, "warm", broken)
+    version, thread = warm_in_background(source.as_uri(), handoff=tmp_path / "handoff.lock")
+    thread.join(30)
+    assert wait_for_warm(tmp_path / "handoff.lock", timeout=5)
+    assert "background warm-up failed (the disk is on fire)" in caplog.text
+    with hold_weights(source.as_uri()) as path:  # a worker then fetches for itself: the same version
+        assert serving.version_of(path) == version
+
+
+def test_a_background_warm_publishes_the_version_it_announced(tmp_path: Path, shm_root: Path) -> None:
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    version, thread = warm_in_background(source.as_uri(), handoff=tmp_path / "handoff.lock")
+    assert wait_for_warm(tmp_path / "handoff.lock", timeout=30)
+    thread.join(30)
+    (entry,) = [info.entry for info in default_store().ls(tier="shm")]
+    assert entry.version == version and entry.path.is_relative_to(shm_root)

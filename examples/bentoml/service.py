@@ -2,8 +2,9 @@
 
     DEMO_WEIGHTS=s3://models/demo-mlp/ bentoml serve service:Demo
 
-``accelerate`` warms the weights into /dev/shm once, before BentoML starts the workers; each worker then
-maps them from there (on CPU the workers share one copy) onto its own device.
+``accelerate`` checks the weights at the origin before BentoML starts the workers and downloads them into
+/dev/shm once while the workers start; each worker waits for that download, then maps the copy (on CPU the
+workers share one copy) onto its own device.
 """
 
 from __future__ import annotations

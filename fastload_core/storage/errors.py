@@ -70,7 +70,9 @@ class TierFullError(StorageError):
         self.available = available
         super().__init__(
             f"tier {tier!r} cannot take {needed} bytes (at most {available} bytes can be freed); "
-            f"raise its capacity (FASTLOAD_{tier.upper()}_CAPACITY) or release models in use",
+            f"raise its capacity (FASTLOAD_{tier.upper()}_CAPACITY) or release models in use"
+            + (" (in a container /dev/shm is Docker's 64 MiB unless it runs with `docker run --shm-size=<size>`)"
+               if tier == "shm" else ""),
             uri=uri,
             tier=tier,
         )

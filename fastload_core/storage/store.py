@@ -257,6 +257,13 @@ class TieredStore:
                 return peered
         return self._fill_up(parsed, manifest, origin, source, source_index, target_index, watch)
 
+    def resolve(self, uri: str | os.PathLike[str], *, revision: str | None = None) -> Manifest:
+        """What ``fetch`` would fetch: the manifest of the model's current version (or of ``revision``), from
+        one request to the origin, or none when a tier holds that revision or the store is offline. Fetches no
+        bytes; raises as ``fetch`` would for a model that is not there."""
+        parsed = parse_uri(uri)
+        return self._resolve(parsed, self.origin(parsed.scheme, uri=str(parsed)), revision)
+
     def pin_path(self, path: str | os.PathLike[str]) -> Pin:
         """Pin a path ``fetch`` returned, for a caller that keeps using it (a loader mapping its files)."""
         found = tier_for_path(self.tiers, Path(path))
@@ -371,8 +378,8 @@ class TieredStore:
                     break
                 except TierFullError as exc:
                     last_error = exc
-                    log.warning("%s: tier %s cannot take it (%s); serving it from the next tier down", parsed,
-                                tier.name, exc)
+                    log.warning("%s: %s; serving it from tier %s instead", parsed, exc,
+                                self.tiers[index + 1].name if index + 1 < len(self.tiers) else "none")
                     notify("on_tier_full", uri=str(parsed), tier=tier.name, nbytes=manifest.total_size)
         except BaseException:
             if source is not None:

@@ -9,12 +9,15 @@ the worker's ``__is_ready__``. Everything else is the core's.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import inspect
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +96,9 @@ class Weights:
             return pinned
 
     def _pin(self) -> Pin:
+        handoff = os.environ.get(self.handoff_variable)
+        if handoff:  # the deployment hook's download may still be running: wait for it, do not start another
+            serving.wait_for_warm(handoff)
         warmed = os.environ.get(self.version_variable) if self.revision is None else None
         if warmed:
             try:
@@ -107,6 +113,11 @@ class Weights:
         """The environment variable through which the deployment hook tells workers what it warmed."""
         digest = hashlib.sha256(f"{self.uri}\0{self.revision or ''}".encode()).hexdigest()[:16]
         return f"FASTLOAD_BENTOML_WARMED_{digest.upper()}"
+
+    @property
+    def handoff_variable(self) -> str:
+        """The environment variable naming the lock file held while the deployment hook warms the weights."""
+        return self.version_variable.replace("_WARMED_", "_WARMING_")
 
     def __repr__(self) -> str:
         revision = f", revision={self.revision!r}" if self.revision is not None else ""
@@ -219,13 +230,22 @@ def _wrap_is_ready(cls: type) -> None:
 
 def _prefetch_hook(cls: type, tier: str) -> Callable[[], None]:
     def fastload_prefetch() -> None:
-        """Warm the service's weights on this node before BentoML starts its workers."""
+        """Start warming the service's weights on this node before BentoML starts its workers.
+
+        The weights' existence and version are checked here (a missing model fails ``bentoml serve`` at
+        once); the download runs on a thread of the serve process while BentoML starts the workers, whose
+        imports and framework start-up overlap it. Each worker then waits for that download (a file lock
+        named in its environment) before it maps the weights."""
         _share_metrics_with_workers()
-        for weights in weights_of(cls):
-            (path,) = _bentoml_error(serving.warm, weights.uri, tier=tier, revision=weights.revision)
-            version = serving.version_of(path)
-            if version is not None:  # BentoML starts its workers with this process's environment
-                os.environ[weights.version_variable] = version
+        handoffs = Path(tempfile.mkdtemp(prefix="fastload-bentoml-"))
+        atexit.register(shutil.rmtree, handoffs, True)
+        for index, weights in enumerate(weights_of(cls)):
+            handoff = handoffs / f"{index}.lock"
+            version, _ = _bentoml_error(serving.warm_in_background, weights.uri, tier=tier,
+                                        revision=weights.revision, handoff=handoff)
+            # BentoML starts its workers with this process's environment
+            os.environ[weights.version_variable] = version
+            os.environ[weights.handoff_variable] = str(handoff)
 
     fastload_prefetch.__qualname__ = f"{cls.__qualname__}.{_HOOK}"
     return fastload_prefetch

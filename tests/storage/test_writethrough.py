@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -285,3 +286,25 @@ def test_digest_blocks_follow_the_download_ranges() -> None:
     assert block_size_for(5 * MiB) == MiB  # S3's minimum part size: 1 MiB blocks start every range
     assert block_size_for(256 * 1024) == 256 * 1024
     assert block_size_for(5 * MiB + 1) == 5 * MiB + 1  # nothing sensible divides it: a block per range
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_the_write_through_runs_below_the_callers_priority_and_its_threads_inherit_it() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastload_core.storage.writethrough import NICE, start
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, int] = {}
+
+    def run(job: writethrough.WriteThrough) -> None:
+        seen["copy"] = niceness()
+        with ThreadPoolExecutor(1) as pool:  # as the copy's own pool of file copiers
+            seen["pool"] = pool.submit(niceness).result()
+
+    caller = niceness()
+    assert start("file:///m", ("local_disk",), run).wait(30)
+    assert seen == {"copy": max(caller, NICE), "pool": max(caller, NICE)}
+    assert niceness() == caller  # the caller's own thread is untouched

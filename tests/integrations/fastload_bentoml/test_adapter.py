@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,12 @@ from fastload_bentoml import _adapter
 from safetensors.torch import save_file
 
 import fastload_core
+from fastload_core import serving
 from fastload_core.compile_cache import default_url
 from fastload_core.compile_cache.errors import CacheURLError
-from fastload_core.storage import default_store, tier_of
+from fastload_core.hookspecs import hookimpl
+from fastload_core.plugins import get_plugin_manager
+from fastload_core.storage import default_store, tier_of, writethrough
 from fastload_devservices.s3 import BUCKET
 
 # BentoML 1.4.40's own deprecations, raised when bentoml.Service and its IO models are first built.
@@ -55,6 +59,20 @@ def deployment_hooks(cls: type) -> list[Any]:
     """What BentoML's ``server_on_deployment`` calls: members marked by ``@bentoml.on_deployment``."""
     members = (getattr(cls, name) for name in dir(cls))
     return [m for m in members if callable(m) and getattr(m, "__bentoml_deployment_hook__", False)]
+
+
+def run_hook(cls: type) -> None:
+    """The deployment hook as ``bentoml serve`` calls it, then what each worker does first: wait for the
+    download the hook left running (and, here, for the copy onto local disk behind it)."""
+    (hook,) = deployment_hooks(cls)
+    hook()
+    wait_for_hook(cls)
+
+
+def wait_for_hook(cls: type) -> None:
+    for weights in fastload_bentoml.weights_of(cls):
+        assert serving.wait_for_warm(os.environ[weights.handoff_variable], timeout=30)
+    writethrough.wait(30)
 
 
 # --- Weights -----------------------------------------------------------------------------------------
@@ -214,8 +232,7 @@ def test_the_deployment_hook_warms_every_weights_into_shm(tmp_path: Path, shm_ro
         b = fastload_bentoml.Weights(second.as_uri())
 
     assert [w.uri for w in fastload_bentoml.weights_of(Service)] == [first.as_uri(), second.as_uri()]
-    (hook,) = deployment_hooks(Service)
-    hook()
+    run_hook(Service)
     assert sorted(info.entry.slug.split("-")[1] for info in default_store().ls(tier="shm")) == ["m1", "m2"]
     assert in_use() == []  # the serve process holds nothing; workers pin
     assert Service().b.is_relative_to(shm_root)
@@ -230,8 +247,7 @@ def test_workers_serve_the_version_the_hook_warmed_without_asking_the_origin(
     class Service:
         weights = fastload_bentoml.Weights(source.as_uri())
 
-    (hook,) = deployment_hooks(Service)
-    hook()
+    run_hook(Service)
     variable = Service.weights.version_variable
     monkeypatch.setenv(variable, os.environ.pop(variable))  # what the workers inherit; undone after the test
     shutil.rmtree(source)  # the origin is gone: a worker that asked it would fail
@@ -265,7 +281,48 @@ def test_bentoml_runs_the_hook_before_workers(tmp_path: Path, shm_root: Path) ->
         weights = fastload_bentoml.Weights(source.as_uri())
 
     server_on_deployment(Service)  # BentoML's own call, as ``bentoml serve`` makes it
+    wait_for_hook(Service.inner)
     assert [info.entry.tier for info in default_store().ls()] == ["shm", "local_disk"]
+
+
+class HoldFetches:
+    """A plugin that holds every fetch into shm at its start until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.started = 0
+
+    @hookimpl
+    def on_fetch_start(self, uri: str, tier: str, nbytes: int) -> None:
+        if tier == "shm":
+            self.started += 1
+            self.entered.set()
+            self.release.wait(30)
+
+
+def test_the_hook_downloads_while_workers_start_and_workers_wait_for_it(tmp_path: Path, shm_root: Path) -> None:
+    source = make_model(tmp_path / "origin" / "m1")
+
+    @fastload_bentoml.accelerate
+    class Service:
+        weights = fastload_bentoml.Weights(source.as_uri())
+
+    hold = HoldFetches()
+    get_plugin_manager().register(hold, name="hold-shm")
+    (hook,) = deployment_hooks(Service)
+    hook()  # returns with the download running (held at its start here): workers may start now
+    assert hold.entered.wait(30) and default_store().ls() == []
+    seen: list[Path] = []
+    worker = threading.Thread(target=lambda: seen.append(Service().weights))
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive() and seen == []  # the worker waits for the hook's download ...
+    hold.release.set()
+    worker.join(30)
+    assert seen[0].is_relative_to(shm_root)  # ... and maps what it published
+    assert hold.started == 1  # one download: the worker did not start its own
+    writethrough.wait(30)
 
 
 def test_the_hook_fails_with_the_uri_when_weights_are_missing(tmp_path: Path) -> None:

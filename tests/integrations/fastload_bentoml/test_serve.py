@@ -187,7 +187,7 @@ def test_a_shm_tier_too_small_falls_through_to_disk_with_one_warning(
         check_predictions(server, reference)
         assert {r["tier"] for r in both_workers(server).values()} == {"local_disk"}
     output = server.output()
-    assert output.count("do not fit the shm tier") == 1 and "--shm-size" in output
+    assert output.count("tier 'shm' cannot take") == 1 and "--shm-size" in output
 
 
 def test_the_built_bento_serves(
