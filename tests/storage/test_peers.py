@@ -90,7 +90,7 @@ def test_a_bad_peer_part_size_is_refused_by_name(serve_env: None, monkeypatch: p
 
 
 def test_ranges_are_whole_digest_blocks_so_each_is_checked_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: FakePeerClient(peer_meta()))
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(peer_meta()))
     source = PeerSource(settings(part_size=10 * MiB), ["peer:1"], "slug", VERSION, Fallback())
     connected = source._connect("peer:1", MANIFEST)
     assert connected.part_size == 8 * MiB  # 10 MiB rounded down to 4 MiB blocks
@@ -102,7 +102,7 @@ def test_ranges_are_whole_digest_blocks_so_each_is_checked_alone(monkeypatch: py
 
 @pytest.mark.parametrize("meta", [peer_meta(version="other"), peer_meta(size=SIZE - 1)])
 def test_a_peer_holding_another_version_is_refused(monkeypatch: pytest.MonkeyPatch, meta: EntryMeta) -> None:
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: FakePeerClient(meta))
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(meta))
     source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
     with pytest.raises(IntegrityError, match="not the version resolved here"):
         source._connect("peer:1", MANIFEST)
@@ -112,7 +112,7 @@ def test_the_first_peer_is_connected_in_the_background_and_used_once(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     gate = threading.Event()
     client = FakePeerClient(peer_meta(), gate)
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: client)
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: client)
     transferred: list[peers._Connected] = []
 
     def transfer(self: PeerSource, peer: peers._Connected, manifest: Manifest, dest: Path,
@@ -136,7 +136,7 @@ def test_the_first_peer_is_connected_in_the_background_and_used_once(
 def test_a_failed_early_connect_is_that_peers_failure_and_the_fill_goes_on(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clients = {"dead:1": FakePeerClient(None), "live:2": FakePeerClient(peer_meta())}
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: clients[address])
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: clients[address])
     monkeypatch.setattr(PeerSource, "_transfer", lambda self, peer, manifest, dest, progress: peer.checksums)
     fallback = Fallback()
     source = PeerSource(settings(), ["dead:1", "live:2"], "slug", VERSION, fallback)
@@ -160,7 +160,7 @@ def test_a_failed_early_connect_is_that_peers_failure_and_the_fill_goes_on(
 def test_a_connect_started_for_another_manifest_is_not_used(monkeypatch: pytest.MonkeyPatch,
                                                             tmp_path: Path) -> None:
     client = FakePeerClient(peer_meta())
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: client)
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: client)
     monkeypatch.setattr(PeerSource, "_transfer", lambda self, peer, manifest, dest, progress: peer.checksums)
     source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
     source.start(Manifest(MANIFEST.uri, MANIFEST.files, single=True))  # equal, but not the one downloaded
