@@ -104,7 +104,13 @@ class PeerSettings:
         part = parse_size(os.environ.get("FASTLOAD_PEER_PART_SIZE") or "64MiB", variable="FASTLOAD_PEER_PART_SIZE")
         if not isinstance(part, int) or part < 64 * 1024:
             raise StorageError("FASTLOAD_PEER_PART_SIZE must be a byte size of at least 64KiB, such as 64MiB")
-        return cls(url, key, secret, timeout=timeout, ttl=ttl, part_size=part)
+        advertise = os.environ.get("FASTLOAD_PEER_ADVERTISE", "").strip() or None
+        if advertise is not None:
+            host, _, port = advertise.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+                raise StorageError(f"FASTLOAD_PEER_ADVERTISE={advertise!r}: expected HOST:PORT of this node's "
+                                   "fastload serve --advertise, such as 10.0.0.5:9000")
+        return cls(url, key, secret, timeout=timeout, ttl=ttl, part_size=part, advertise=advertise)
 
 
 class PeerRegistry:

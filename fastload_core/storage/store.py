@@ -436,37 +436,54 @@ class TieredStore:
         slug, version = parsed.slug, manifest.version
         assert self.lease is not None
         deadline = time.monotonic() + timeout
-        skipped: dict[str, float] = {}  # peers that refused (busy) or failed a fill: until when to leave them be
+        busy: dict[str, float] = {}  # holders that refused a fill (every upload slot taken): until when
+        dead: dict[str, float] = {}  # holders that failed a fill: left alone until their claim would lapse
 
-        def peers() -> list[str]:
+        def live() -> list[str]:
             if self._registry is None or self.peers is None:
                 return []
             now = time.monotonic()
             return [address for address in self._registry.holders(slug, version, exclude=self.peers.advertise)
-                    if skipped.get(address, 0.0) <= now]
+                    if dead.get(address, 0.0) <= now]
+
+        def free(holders: list[str]) -> list[str]:
+            now = time.monotonic()
+            return [address for address in holders if busy.get(address, 0.0) <= now]
+
+        def ready() -> bool:
+            holders = live()
+            return bool(free(holders)) or (not holders and shared.lookup(slug, version) is not None)
 
         while True:
             lease = ExitStack()
             mine = lease.enter_context(self.lease.hold(
                 f"{shared.name}:{slug}:{version}", timeout=max(deadline - time.monotonic(), 0.0), uri=shown,
-                tier=shared.name, ready=lambda: shared.lookup(slug, version) is not None or bool(peers())))
+                tier=shared.name, ready=ready))
             try:
-                copy = None if mine else pin_entry(shared, slug, version, verify=self.verify)
-                holders = [] if mine or copy is not None or self.peers is None else peers()
-                if holders:
+                holders = live()
+                if free(holders):
                     assert self.peers is not None
                     lease.close()
-                    source = PeerSource(self.peers, holders, slug, version, origin)  # the origin if all fail
+                    source = PeerSource(self.peers, free(holders), slug, version, origin)  # the origin if all fail
                     if not source.connect(manifest):
-                        # Every holder is busy serving others (or failed): wait on, for the next holder
-                        # (each fill that completes advertises one) or the shared copy, not the origin.
                         now = time.monotonic()
-                        skipped.update({address: now + (_BUSY_PAUSE if address in source.busy else
-                                                        self.peers.ttl) for address in holders})
+                        busy.update({address: now + _BUSY_PAUSE for address in source.busy})
+                        dead.update({address: now + self.peers.ttl for address in source.peers
+                                     if address not in source.busy})
                         continue
                     pinned = self._write(tier, parsed, manifest, source, watch)
                     self._write_through(pinned, parsed, manifest, [t for t in slower if not t.shared])
                     return pinned
+                if holders:
+                    # Every holder is busy serving others: wait for a slot (each fill that completes adds a
+                    # holder, so the fleet fills as a tree), not the shared copy, whose one mount every
+                    # waiting node would share, nor the origin.
+                    lease.close()
+                    if time.monotonic() > deadline:
+                        raise FetchTimeoutError(shown, shared.name, timeout, "busy peers")
+                    time.sleep(_BUSY_PAUSE / 2)
+                    continue
+                copy = pin_entry(shared, slug, version, verify=self.verify)
                 if copy is not None:
                     lease.close()
                     notify("on_tier_hit", uri=shown, tier=shared.name, path=str(copy.path))
@@ -478,6 +495,9 @@ class TieredStore:
                         copy.release()
                     self._write_through(pinned, parsed, manifest, slower[:list(slower).index(shared)])
                     return pinned
+                if not mine:  # what made this node stop waiting is gone again (a claim lapsed): wait on
+                    lease.close()
+                    continue
                 pinned = self._write(tier, parsed, manifest, origin, watch)
             except BaseException:
                 lease.close()
@@ -573,6 +593,10 @@ class TieredStore:
             meta = EntryMeta.from_manifest(manifest, checksums,
                                            digests=self._digests(writer, manifest, journal, partial / FILES_DIR))
             tier.publish(slug, version, partial, meta)
+            if not tier.shared and self._registry is not None and self.peers is not None and self.peers.advertise:
+                # A holder at once, not at fastload serve's next listing: at a fleet's cold start each finished
+                # fill is the next node's source, so the tree grows as fast as fills complete.
+                self._registry.advertise(self.peers.advertise, [(slug, version)])
         except BaseException as exc:
             notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
                    seconds=time.monotonic() - started, error=exc)
