@@ -149,6 +149,7 @@ def test_a_lease_waiter_keeps_waiting_while_every_holder_is_busy_then_pulls_from
     client, ending = _open_fill(a, "other-node")  # another node's fill holds A's one slot
     _use_node_env(monkeypatch, a, tmp_path, "b")
     monkeypatch.setenv("FASTLOAD_SHARED_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", "127.0.0.1:1")  # B claims its fill as it publishes it
     store = TieredStore.from_env()
     parsed = parse_uri(URI)
     version = store.origin("s3").resolve(parsed, None).version
@@ -176,6 +177,8 @@ def test_a_lease_waiter_keeps_waiting_while_every_holder_is_busy_then_pulls_from
     assert "error" not in found, found.get("error")
     assert Path(found["path"]).read_bytes() == data
     assert origin.get_body_bytes == 0
+    claims = redis.Redis.from_url(redis_url).zrange(f"fastload:peers:{parsed.slug}/{version}", 0, -1)
+    assert b"127.0.0.1:1" in claims  # the next node can pull from B at once: the tree grows
 
 
 def test_a_slot_frees_after_a_fill_client_dies_midway(make_node: Any, s3: Any) -> None:

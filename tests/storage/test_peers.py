@@ -89,6 +89,24 @@ def test_a_bad_peer_part_size_is_refused_by_name(serve_env: None, monkeypatch: p
         PeerSettings.from_env()
 
 
+def test_the_address_a_node_claims_its_fills_under_follows_the_environment(
+        serve_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FASTLOAD_PEER_ADVERTISE", raising=False)
+    found = PeerSettings.from_env()
+    assert found is not None and found.advertise is None
+    monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", "10.0.0.5:9000")
+    found = PeerSettings.from_env()
+    assert found is not None and found.advertise == "10.0.0.5:9000"
+
+
+@pytest.mark.parametrize("value", ["10.0.0.5", "10.0.0.5:0", "host:port", "http://x/:9000"])
+def test_a_bad_advertise_address_is_refused_by_name(serve_env: None, monkeypatch: pytest.MonkeyPatch,
+                                                     value: str) -> None:
+    monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", value)
+    with pytest.raises(StorageError, match="FASTLOAD_PEER_ADVERTISE"):
+        PeerSettings.from_env()
+
+
 def test_ranges_are_whole_digest_blocks_so_each_is_checked_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(peer_meta()))
     source = PeerSource(settings(part_size=10 * MiB), ["peer:1"], "slug", VERSION, Fallback())
