@@ -117,10 +117,6 @@ class UploadLimit:
                 known.active -= 1
                 known.seen = time.monotonic()
 
-    def active(self) -> int:
-        with self._lock:
-            return len(self._fills)
-
 
 def _origin_status(exc: OriginError) -> S3Error:
     status = {"NotFound": 404, "NoSuchBucket": 404, "AccessDenied": 403}.get(exc.code or "", 502)
