@@ -364,6 +364,16 @@ class PeerSource(Origin):
         self.digests = dict(getattr(self.fallback, "digests", None) or {})
         return checksums
 
+    def close(self) -> None:
+        """End a fill ``connect`` or ``start`` began that ``download`` never took up (the target tier was full),
+        so the peer's slot frees now rather than after its idle time. Ending a fill twice is harmless."""
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self._end(ready)
+        first, self._first = self._first, None
+        if first is not None:
+            first[1].add_done_callback(lambda done: None if done.exception() else self._end(done.result()))
+
     def _end(self, peer: _Connected) -> None:
         """Tell the peer this fill is over, so its slot serves the next node now rather than after its idle
         time; a failure here only costs that wait."""

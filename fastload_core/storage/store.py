@@ -345,6 +345,7 @@ class TieredStore:
         try:
             pinned = self._fill(target, parsed, manifest, peers, watch, slower)
         except TierFullError:
+            peers.close()  # a peer that took the fill frees its slot
             return None  # ``source`` is still held: the usual chain serves from it
         except IntegrityError as exc:  # peers' bad bytes never get here: the shared entry failed its digests
             if source is not None and source.entry is not None and source.tier in self._by_name:

@@ -184,3 +184,36 @@ def test_a_connect_started_for_another_manifest_is_not_used(monkeypatch: pytest.
     source.start(Manifest(MANIFEST.uri, MANIFEST.files, single=True))  # equal, but not the one downloaded
     source.download(MANIFEST, tmp_path, journal=Journal(tmp_path / "j"), progress=Progress("t", SIZE, enabled=False))
     assert len(client.threads) == 2 and client.threads[1] == threading.current_thread().name
+
+
+class EndingPeerClient(FakePeerClient):
+    """Also records the request that ends a fill (the one sent once its ``ending`` event is set)."""
+
+    def __init__(self, meta: EntryMeta, ending: list[threading.Event]) -> None:
+        super().__init__(meta)
+        self.ending = ending
+        self.ended = 0
+
+    def head_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        assert self.ending[-1].is_set()  # the end marker rides on this request
+        self.ended += 1
+        return {}
+
+
+def test_a_fill_connected_but_never_downloaded_frees_the_peers_slot_on_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[threading.Event] = []
+    client = EndingPeerClient(peer_meta(), events)
+
+    def make(address: str, _settings: PeerSettings, _fill: str, ending: threading.Event) -> EndingPeerClient:
+        events.append(ending)
+        return client
+
+    monkeypatch.setattr(peers, "fill_client", make)
+    source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
+    assert source.connect(MANIFEST)
+    assert client.ended == 0  # admitted and held for the download
+    source.close()  # the target tier was full: the download never ran
+    assert client.ended == 1
+    source.close()
+    assert client.ended == 1
