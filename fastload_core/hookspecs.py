@@ -86,7 +86,8 @@ def on_peer_fetch(uri: str, peer: str, nbytes: int, seconds: float, error: BaseE
 @hookspec
 def on_serve_request(method: str, status: int, nbytes: int, source: str) -> None:
     """``fastload serve`` answered a request; ``source`` says where the bytes came from: ``hit`` (a tier),
-    ``miss`` (fetched for this request), ``peer`` (a peer's metadata or files), ``list``, ``denied``, ``error``."""
+    ``miss`` (fetched for this request), ``peer`` (a peer's metadata or files), ``busy`` (a peer fill refused:
+    every upload slot taken, ``--max-uploads``), ``list``, ``denied``, ``error``."""
 
 
 # --- compile cache -----------------------------------------------------------------------------

@@ -24,11 +24,15 @@ order, issue 12's RAM-first fill):
               network, a verified copy's CPU) and writes its local disk through in the background;
   * origin:   fastload without a shared mount: each node's single flight downloads from the origin;
   * peer:     fastload with ``fastload serve --advertise`` on every node, as built: a node's new RAM copy is
-              in the Redis registry ``advertise_delay`` s after it lands; a waiting node that wakes reads the
-              shared copy if it is published, else pulls from an advertised peer (over the peer's uplink and its
-              own network, CPU on both ends) -- with no limit on how many pull from one peer at once;
-  * peer-tree: the design a fan-out limit would give: a peer serves at most ``tree_slots`` copies at once,
-              a waiting node waits for a free slot (never the mount), so copies spread as a tree.
+              in the Redis registry ``advertise_delay`` s after it lands (the store claims it itself when
+              FASTLOAD_PEER_ADVERTISE is set); a waiting node that wakes pulls from an advertised peer with a
+              free upload slot (over the peer's uplink and its own network, CPU on both ends); a peer serves at
+              most ``peer_slots`` fills at once (``fastload serve --max-uploads``, 2 by default), and a waiter
+              that every holder refuses waits for a slot (``busy_pause``, then the registry again) -- not the
+              mount, not the origin -- so copies spread as a tree: each finished fill is one more holder. With
+              no holder advertised it reads the shared copy once published;
+  * peer-unlimited: no upload limit (``--max-uploads 0``): every waiting node pulls from the first node
+              that advertises, over its one uplink (the core before the limit).
 Assumptions: nodes start together; one model version; no request latency beyond ``lease_poll`` and the
 advertise delay; a peer serves only once it holds the whole model (as built: it serves published entries);
 disks are faster than the links (the local-disk write-through is CPU only); within a process, Python work
@@ -53,7 +57,7 @@ from typing import Any
 
 GiB = 2**30
 MB = 1_000_000
-STRATEGIES = ("stock", "origin", "shared", "peer", "peer-tree")
+STRATEGIES = ("stock", "origin", "shared", "peer", "peer-unlimited")
 
 
 # --- the engine -----------------------------------------------------------------------------------------
@@ -236,10 +240,11 @@ class Params:
     map_cpu_per_gib: float = 0.05  # fastload mapping an shm file into the model
     early_fetch: bool = True  # fastload's fetch starts before the replica imports torch (prefetch first)
     lease_poll: float = 0.25
-    advertise_delay: float = 5.0  # a new RAM copy reaches the peer registry this long after it is published, on
-    # average: ``fastload serve`` lists its tiers every FASTLOAD_PEER_TTL / 3 (10 s by default)
-    peer_slots: int | None = None  # uploads a peer serves at once (None: as built, no limit); see "peer-tree"
-    tree_slots: int = 2  # the fan-out limit the "peer-tree" strategy assumes
+    advertise_delay: float = 0.05  # a new RAM copy reaches the peer registry this long after it is published:
+    # one Redis call where FASTLOAD_PEER_ADVERTISE is set (the store claims its fill); without it, 5 s on average
+    # (``fastload serve`` lists its tiers every FASTLOAD_PEER_TTL / 3, 10 s by default)
+    peer_slots: int | None = 2  # fills a peer serves at once (``fastload serve --max-uploads``; None: no limit)
+    busy_pause: float = 0.5  # a waiter that every holder refused asks again after this (store._BUSY_PAUSE)
     redis_ops_per_fetch: float = 6.0  # a node's own lease traffic (acquire, renewals, release), besides polls
 
 
@@ -285,9 +290,9 @@ def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params
     if nodes < 1 or replicas < 1 or size <= 0:
         raise ValueError(f"nodes={nodes}, replicas={replicas}, size={size}: all must be positive")
     p = params
-    slots = p.tree_slots if strategy == "peer-tree" else p.peer_slots
-    peering = strategy in ("peer", "peer-tree")
-    has_mount = strategy in ("shared", "peer", "peer-tree")
+    slots = None if strategy == "peer-unlimited" else p.peer_slots
+    peering = strategy in ("peer", "peer-unlimited")
+    has_mount = strategy in ("shared", "peer", "peer-unlimited")
     sim = Simulation()
     gib = size / GiB
     origin = Link("origin", p.origin_bw)
@@ -347,18 +352,21 @@ def simulate(strategy: str, nodes: int, replicas: int, size: int, params: Params
         else:
             while True:  # the lease loop: SET NX every lease_poll until held, or a copy to read appears
                 counters["redis"] += 1 + peering  # the SET, and the registry lookup
-                # As built (store._fill_leased): a waiter that wakes reads the shared copy if it is published,
-                # else the peers the registry names, whoever else pulls from them. "peer-tree" is the design
-                # the fan-out limit would give: wait for a peer with a free upload slot, never the mount.
-                if published.triggered and strategy != "peer-tree":
-                    yield copy_from(n, [(shared, 1.0)])
-                    break
+                # As built (store._fill_leased): a waiter that wakes pulls from a peer the registry names that
+                # has a free upload slot; while every holder is busy it waits for a slot (busy_pause), neither
+                # the mount nor the origin; with no holder it reads the shared copy once it is published.
                 source = free_peer() if peering else None
                 if source is not None:
                     uploads[source] += 1
                     yield flow(size, [(net_out[source], 1.0), (net_in[n], 1.0),
                                       (cpus[n], p.copy_cpu_per_gib / GiB), (cpus[source], p.serve_cpu_per_gib / GiB)])
                     uploads[source] -= 1
+                    break
+                if peering and holders:  # every holder busy: wait for a slot, not the mount
+                    yield delay(p.busy_pause)
+                    continue
+                if published.triggered:
+                    yield copy_from(n, [(shared, 1.0)])
                     break
                 if not lease["held"] and not published.triggered and not (peering and holders):
                     lease["held"] = holder = True

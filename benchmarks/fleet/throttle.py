@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 _STATE = struct.Struct("dq")  # the link's next free instant (time.time()), bytes passed so far
 
@@ -108,11 +109,11 @@ def throttle_shared_reads(shared_dir: str, buckets: Sequence[Bucket]) -> None:
 def throttle_peer_reads(inbound: Sequence[Bucket], uplinks: dict[str, Bucket]) -> None:
     """Make fastload's fills from a peer's RAM (``fastload serve`` on another node) pay for their bytes on this
     node's network (``inbound``) and on the serving node's uplink (``uplinks``, by advertised address), chunk
-    by chunk, in the download threads. Patches ``PeerSource._from_peer`` in this process only."""
+    by chunk, in the download threads. Patches ``PeerSource._transfer`` in this process only."""
     from fastload_core.storage import peers
     from fastload_core.storage.progress import Progress
 
-    original = peers.PeerSource._from_peer
+    original = peers.PeerSource._transfer
 
     class Paced(Progress):
         def __init__(self, inner: Progress, links: Sequence[Bucket]) -> None:
@@ -127,11 +128,11 @@ def throttle_peer_reads(inbound: Sequence[Bucket], uplinks: dict[str, Bucket]) -
         def range_done(self, name: str, start: int, end: int) -> None:
             self.inner.range_done(name, start, end)
 
-    def _from_peer(self: peers.PeerSource, address: str, manifest: object, dest: Path, progress: Progress) -> object:
-        links = [*inbound, *([uplinks[address]] if address in uplinks else [])]
-        return original(self, address, manifest, dest, Paced(progress, links))  # type: ignore[arg-type]
+    def _transfer(self: peers.PeerSource, peer: Any, manifest: Any, dest: Path, progress: Progress) -> Any:
+        links = [*inbound, *([uplinks[peer.address]] if peer.address in uplinks else [])]
+        return original(self, peer, manifest, dest, Paced(progress, links))
 
-    peers.PeerSource._from_peer = _from_peer  # type: ignore[assignment,method-assign]
+    peers.PeerSource._transfer = _transfer  # type: ignore[method-assign]
 
 
 # --- the rate-limiting proxy -------------------------------------------------------------------------

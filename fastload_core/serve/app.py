@@ -37,7 +37,7 @@ from ..storage.base import check_segment
 from ..storage.errors import OriginError, StorageError, UnsafeKeyError
 from ..storage.eviction import Pin, pin_entry
 from ..storage.meta import FILES_DIR, Manifest
-from ..storage.peers import PEER_BUCKET
+from ..storage.peers import FILL_END_HEADER, FILL_HEADER, PEER_BUCKET
 from ..storage.progress import Watermark
 from ..storage.store import TieredStore
 from ..storage.uri import ModelURI, parse_uri
@@ -54,12 +54,68 @@ _MAX_LIST_KEYS = 1000
 
 
 class S3Error(Exception):
-    """An S3 error response: HTTP status, S3's error code, a message for the client."""
+    """An S3 error response: HTTP status, S3's error code, a message for the client, extra headers."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.status = status
         self.code = code
+        self.headers = headers
         super().__init__(message)
+
+
+class _Fill:
+    """One peer fill being served: its requests in progress, and when it was last heard from."""
+
+    __slots__ = ("active", "seen")
+
+    def __init__(self, now: float) -> None:
+        self.active = 0
+        self.seen = now
+
+
+@dataclass
+class UploadLimit:
+    """At most ``limit`` peer fills served at once (0: no limit), so that a fleet's cold start forms a tree:
+    a node that is refused pulls from another holder, or waits for one, instead of every node sharing the
+    first holder's uplink (docs/fleet.md). A fill is many parallel ranged GETs that carry the same
+    ``FILL_HEADER``, so fills are counted, not requests. The client ends a fill with a request carrying
+    ``FILL_END_HEADER`` too; a fill with no request in progress for ``idle`` seconds has ended without
+    saying so (its client died) and frees its slot. Requests without the header (ordinary S3 clients) are
+    not counted."""
+
+    limit: int = 2
+    idle: float = 10.0
+    _fills: dict[str, _Fill] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def enter(self, fill: str) -> bool:
+        """Count a request of ``fill`` in; False when it is a new fill and every slot is taken."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._fills.get(fill)
+            if known is None:
+                for name, other in list(self._fills.items()):
+                    if other.active == 0 and now - other.seen > self.idle:
+                        del self._fills[name]
+                if self.limit and len(self._fills) >= self.limit:
+                    return False
+                known = self._fills[fill] = _Fill(now)
+            known.active += 1
+            known.seen = now
+            return True
+
+    def end(self, fill: str) -> None:
+        """The client says the fill is over (done or given up): its slot is free at once."""
+        with self._lock:
+            self._fills.pop(fill, None)
+
+    def leave(self, fill: str) -> None:
+        with self._lock:
+            known = self._fills.get(fill)
+            if known is not None:
+                known.active -= 1
+                known.seen = time.monotonic()
 
 
 def _origin_status(exc: OriginError) -> S3Error:
@@ -176,6 +232,7 @@ class ServeApp:
     tier: str
     resolve_ttl: float = 5.0
     on_filled: Callable[[], None] | None = None  # told after a miss was published (re-advertise)
+    uploads: UploadLimit = field(default_factory=UploadLimit)
     _resolved: dict[str, _Resolved] = field(default_factory=dict)
     _flights: dict[str, _Flight] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -189,7 +246,7 @@ class ServeApp:
         try:
             await self._handle(scope, method, send, outcome)
         except S3Error as exc:
-            outcome.source = outcome.source if exc.status in (404, 412, 416) else \
+            outcome.source = outcome.source if exc.status in (404, 412, 416) or outcome.source == "busy" else \
                 ("denied" if exc.status == 403 else "error")
             if outcome.sent_headers:
                 raise  # mid-body: the connection is cut, the client sees a short body and retries
@@ -224,7 +281,22 @@ class ServeApp:
             raise S3Error(400, "InvalidRequest", "name a bucket: path-style /<bucket>/<key>")
         if bucket == PEER_BUCKET:
             outcome.source = "peer"
-            await self._peer(method, key, headers, send, outcome)
+            fill = headers.get(FILL_HEADER)
+            if fill is not None and headers.get(FILL_END_HEADER):
+                self.uploads.end(fill)
+                fill = None
+            if fill is None:
+                await self._peer(method, key, headers, send, outcome)
+                return
+            if not self.uploads.enter(fill):
+                outcome.source = "busy"
+                raise S3Error(503, "SlowDown", f"this node already serves {self.uploads.limit} peer fills; "
+                                               "try another holder or again later",
+                              headers=((b"retry-after", b"1"),))
+            try:
+                await self._peer(method, key, headers, send, outcome)
+            finally:
+                self.uploads.leave(fill)
         elif not key:
             params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
             if params.get("list-type") != "2":
@@ -450,7 +522,8 @@ class ServeApp:
             f"<Message>{escape(str(exc))}</Message></Error>").encode()
         outcome.nbytes = 0
         await self._start(send, exc.status, [(b"content-type", b"application/xml"),
-                                             (b"content-length", str(len(body)).encode())], outcome)
+                                             (b"content-length", str(len(body)).encode()), *exc.headers],
+                          outcome)
         await self._body(send, body, outcome, more=False)
         outcome.nbytes = 0
 

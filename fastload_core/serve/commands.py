@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .auth import ServeCredentials
 
 log = logging.getLogger("fastload.serve")
+MAX_UPLOADS_VARIABLE = "FASTLOAD_SERVE_MAX_UPLOADS"
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,6 +34,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--advertise", metavar="HOST:PORT",
                        help="register this node's entries in Redis (FASTLOAD_REDIS_URL) under this address, "
                             "so other nodes fetch from it")
+    serve.add_argument("--max-uploads", metavar="N",
+                       help="peer fills served at once (default 2, or FASTLOAD_SERVE_MAX_UPLOADS; 0: no limit); "
+                            "more are refused with 503 SlowDown and try another holder, so a fleet fills as a "
+                            "tree. Ordinary S3 clients are not limited")
     serve.add_argument("--resolve-ttl", type=float, default=5.0, metavar="SECONDS",
                        help="how long an object's origin identity (ETag) is trusted before asking again")
     serve.set_defaults(func=run_serve)
@@ -55,8 +60,25 @@ def _address(text: str) -> str:
     return text
 
 
+def max_uploads(option: str | None) -> int:
+    """``--max-uploads``, else ``FASTLOAD_SERVE_MAX_UPLOADS``, else 2; a whole number, 0 for no limit."""
+    text, name = (option, "--max-uploads") if option is not None else \
+        (os.environ.get(MAX_UPLOADS_VARIABLE, ""), MAX_UPLOADS_VARIABLE)
+    if option is None and not text.strip():
+        return 2
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ServeError(f"{name}={text!r}: expected a whole number of peer fills served at once, such as 2 "
+                         "(0: no limit)")
+    return value
+
+
 def run_serve(args: argparse.Namespace) -> int:
     credentials = _credentials()
+    uploads = max_uploads(args.max_uploads)
     if not 0 < args.port < 65536:
         raise ServeError(f"--port {args.port}: expected 1-65535")
     if args.resolve_ttl < 0:
@@ -72,7 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..storage.settings import StorageSettings
     from ..storage.store import TieredStore
     from .advertise import Advertiser
-    from .app import ServeApp
+    from .app import ServeApp, UploadLimit
 
     settings = StorageSettings.from_env()
     store = TieredStore.from_env(settings)
@@ -91,14 +113,14 @@ def run_serve(args: argparse.Namespace) -> int:
         advertiser = Advertiser(store, registry, address)
         get_plugin_manager().register(advertiser, name="fastload.serve.advertise")
     app = ServeApp(store, credentials, tier, resolve_ttl=args.resolve_ttl,
-                   on_filled=advertiser.poke if advertiser else None)
+                   on_filled=advertiser.poke if advertiser else None, uploads=UploadLimit(uploads))
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off", access_log=False,
                             log_level="debug" if args.verbose else "warning", timeout_keep_alive=30)
     server = uvicorn.Server(config)
     if advertiser is not None:
         advertiser.start()
-    log.info("fastload serve: http://%s:%d (misses into %s%s)", args.host, args.port, tier,
-             f"; advertised as {address}" if address else "")
+    log.info("fastload serve: http://%s:%d (misses into %s%s; %s peer fills at once)", args.host, args.port, tier,
+             f"; advertised as {address}" if address else "", uploads or "unlimited")
     # uvicorn stops on SIGTERM and SIGINT (open responses finish, new connections are refused), then raises
     # the signal again for the handler it found: a no-op one, so that the claims are withdrawn and the exit
     # status says a clean stop.

@@ -17,6 +17,14 @@ origin itself. A peer that refuses the connection, answers slowly (``FASTLOAD_PE
 request) or sends bytes that do not match is skipped for the next one, and after the last one the fetch
 continues from the usual source, overwriting every range, so nothing the peer sent survives unverified.
 
+A node serves at most ``fastload serve --max-uploads`` fills at once (2 by default), so that a fleet's cold
+start forms a tree rather than every node pulling from the first holder. Every request of one fill carries
+the fill's id in ``FILL_HEADER``; a peer with no free slot answers the fill's first request with S3's
+throttling reply (503 SlowDown), and the fill tries the next holder. ``PeerSource.connect`` does that before
+anything is written, so that a node waiting on the shared mount's lease can go back to waiting when every
+holder is busy, instead of going to the origin; once a fill is over it says so (``FILL_END_HEADER``), freeing
+its slot at once.
+
 Peer requests use the reserved bucket name ``fastload..peer`` (two adjacent dots: no S3 bucket can have
 it), keys ``<slug>/<version>/meta.json`` and ``<slug>/<version>/files/<name>``.
 """
@@ -27,6 +35,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +59,12 @@ ACCESS_KEY_VARIABLE = "FASTLOAD_SERVE_ACCESS_KEY_ID"  # the cluster's credential
 SECRET_KEY_VARIABLE = "FASTLOAD_SERVE_SECRET_ACCESS_KEY"
 PEER_BUCKET = "fastload..peer"
 KEY_PREFIX = "fastload:peers:"
+FILL_HEADER = "x-fastload-fill"  # the id of the fill a peer request belongs to: a peer limits fills, not requests
+FILL_END_HEADER = "x-fastload-fill-end"  # on the request that ends a fill: its slot is free at once
+
+
+class PeerBusy(StorageError):
+    """The peer serves as many fills as it allows (it answered 503 SlowDown): try another holder, or wait."""
 _RETRY_AFTER = 30.0
 
 
@@ -89,7 +104,13 @@ class PeerSettings:
         part = parse_size(os.environ.get("FASTLOAD_PEER_PART_SIZE") or "64MiB", variable="FASTLOAD_PEER_PART_SIZE")
         if not isinstance(part, int) or part < 64 * 1024:
             raise StorageError("FASTLOAD_PEER_PART_SIZE must be a byte size of at least 64KiB, such as 64MiB")
-        return cls(url, key, secret, timeout=timeout, ttl=ttl, part_size=part)
+        advertise = os.environ.get("FASTLOAD_PEER_ADVERTISE", "").strip() or None
+        if advertise is not None:
+            host, _, port = advertise.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+                raise StorageError(f"FASTLOAD_PEER_ADVERTISE={advertise!r}: expected HOST:PORT of this node's "
+                                   "fastload serve --advertise, such as 10.0.0.5:9000")
+        return cls(url, key, secret, timeout=timeout, ttl=ttl, part_size=part, advertise=advertise)
 
 
 class PeerRegistry:
@@ -149,28 +170,36 @@ class PeerRegistry:
         return [address for address in addresses if address != exclude]
 
 
-_clients: dict[tuple[str, str, float], Any] = {}
-_clients_lock = threading.Lock()
+def fill_client(address: str, settings: PeerSettings, fill: str, ending: threading.Event) -> Any:
+    """A client for one fill from one peer: every request carries the fill's id (signed, like any header), and
+    once ``ending`` is set, the end marker too. Its own client, since the id differs per fill (built from the
+    shared service model, a client costs about 15 ms). No botocore retries: a busy peer's SlowDown is an
+    answer, not a fault, and the ranged reads retry on their own (S3Origin)."""
+    from botocore.config import Config
+
+    from .aws import new_session
+
+    client = new_session().client(
+        "s3", endpoint_url=f"http://{address}", region_name="us-east-1",
+        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+        config=Config(connect_timeout=settings.timeout, read_timeout=settings.timeout,
+                      retries={"mode": "standard", "max_attempts": 1},
+                      max_pool_connections=settings.concurrency + 4, s3={"addressing_style": "path"}))
+
+    def mark(request: Any, **kwargs: Any) -> None:
+        request.headers[FILL_HEADER] = fill
+        if ending.is_set():
+            request.headers[FILL_END_HEADER] = "1"
+
+    client.meta.events.register("before-sign.s3", mark)
+    return client
 
 
-def peer_client(address: str, settings: PeerSettings) -> Any:
-    """A botocore S3 client for one peer, signing with the serve credentials, with short timeouts and few
-    retries: a slow peer costs seconds, not the origin's minutes of patience. Cached, and built from a session
-    sharing the origin client's loaded service model (aws.py): from a fresh one it cost 0.1-0.25 s."""
-    key = (address, settings.access_key, settings.timeout)
-    with _clients_lock:
-        if key not in _clients:
-            from botocore.config import Config
+def _is_busy(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
 
-            from .aws import new_session
-
-            _clients[key] = new_session().client(
-                "s3", endpoint_url=f"http://{address}", region_name="us-east-1",
-                aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
-                config=Config(connect_timeout=settings.timeout, read_timeout=settings.timeout,
-                              retries={"mode": "standard", "max_attempts": 2},
-                              max_pool_connections=settings.concurrency + 4, s3={"addressing_style": "path"}))
-        return _clients[key]
+    return isinstance(exc, ClientError) and (exc.response.get("Error", {}).get("Code") == "SlowDown" or
+                                             exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 503)
 
 
 class _MemoryJournal(Journal):
@@ -231,6 +260,7 @@ class _Connected:
 
     address: str
     client: Any
+    ending: threading.Event
     digests: dict[str, tuple[int, str]]  # by file name: block size, block digests
     checksums: Checksums
     part_size: int
@@ -249,7 +279,11 @@ class PeerSource(Origin):
         self.fallback = fallback
         self.digests: dict[str, tuple[int, str]] = {}
         self.used: str | None = None  # the peer that supplied the bytes, None for the fallback
+        self.busy: list[str] = []  # peers that refused this fill (all their upload slots taken)
+        self.fill = uuid.uuid4().hex
         self._first: tuple[Manifest, Future[_Connected]] | None = None
+        self._ready: _Connected | None = None
+        self._tried: set[str] = set()
 
     def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
         if not isinstance(self.fallback, Origin):
@@ -267,23 +301,59 @@ class PeerSource(Origin):
         self._first = (manifest, executor.submit(self._connect, self.peers[0], manifest))
         executor.shutdown(wait=False)
 
+    def connect(self, manifest: Manifest) -> bool:
+        """Find a holder that takes this fill now, before anything is written: True when one did (``download``
+        starts with it); False when every holder was busy (``busy``) or failed, so the caller can wait for
+        another holder or the shared copy rather than go to the origin."""
+        for address in self.peers:
+            if address in self._tried:
+                continue
+            self._tried.add(address)
+            try:
+                self._ready = self._connect(address, manifest)
+                return True
+            except Exception as exc:
+                self._skip(manifest, address, exc, time.monotonic())
+        return False
+
+    def _skip(self, manifest: Manifest, address: str, exc: BaseException, started: float) -> None:
+        from ..plugins import notify
+
+        if isinstance(exc, PeerBusy):
+            self.busy.append(address)
+            log.info("%s: peer %s is busy (all its upload slots taken); trying the next source", manifest.uri,
+                     address)
+            return
+        log.warning("%s: peer %s failed (%s: %s); trying the next source", manifest.uri, address,
+                    type(exc).__name__, exc)
+        notify("on_peer_fetch", uri=manifest.uri, peer=address, nbytes=0, seconds=time.monotonic() - started,
+               error=exc)
+
     def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
         from ..plugins import notify
 
-        for index, address in enumerate(self.peers):
+        candidates: list[str | _Connected] = [self._ready] if self._ready is not None else []
+        candidates += [address for address in self.peers if address not in self._tried]
+        self._ready = None
+        for index, candidate in enumerate(candidates):
             started = time.monotonic()
+            address = candidate if isinstance(candidate, str) else candidate.address
+            self._tried.add(address)
+            peer: _Connected | None = None
             try:
-                if index == 0 and self._first is not None and self._first[0] is manifest:
+                if isinstance(candidate, _Connected):
+                    peer = candidate
+                elif index == 0 and self._first is not None and self._first[0] is manifest:
                     peer = self._first[1].result()
                 else:
                     peer = self._connect(address, manifest)
                 checksums = self._transfer(peer, manifest, dest, progress)
             except Exception as exc:
-                log.warning("%s: peer %s failed (%s: %s); trying the next source", manifest.uri, address,
-                            type(exc).__name__, exc)
-                notify("on_peer_fetch", uri=manifest.uri, peer=address, nbytes=0,
-                       seconds=time.monotonic() - started, error=exc)
+                self._skip(manifest, address, exc, started)
                 continue
+            finally:
+                if peer is not None:
+                    self._end(peer)
             seconds = time.monotonic() - started
             log.info("%s: %d bytes from peer %s in %.2fs", manifest.uri, manifest.total_size, address, seconds)
             notify("on_peer_fetch", uri=manifest.uri, peer=address, nbytes=manifest.total_size, seconds=seconds,
@@ -294,12 +364,44 @@ class PeerSource(Origin):
         self.digests = dict(getattr(self.fallback, "digests", None) or {})
         return checksums
 
+    def close(self) -> None:
+        """End a fill ``connect`` or ``start`` began that ``download`` never took up (the target tier was full),
+        so the peer's slot frees now rather than after its idle time. Ending a fill twice is harmless."""
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self._end(ready)
+        first, self._first = self._first, None
+        if first is not None:
+            first[1].add_done_callback(lambda done: None if done.exception() else self._end(done.result()))
+
+    def _end(self, peer: _Connected) -> None:
+        """Tell the peer this fill is over, so its slot serves the next node now rather than after its idle
+        time; a failure here only costs that wait."""
+        peer.ending.set()
+        try:
+            peer.client.head_object(Bucket=PEER_BUCKET, Key=peer_key(self.slug, self.version))
+        except Exception as exc:
+            log.debug("could not end the fill at peer %s: %r", peer.address, exc)
+
     def _connect(self, address: str, manifest: Manifest) -> _Connected:
         """The peer's client and its entry's metadata, refused unless it is exactly the version resolved
         here with usable block digests for every file."""
-        client = peer_client(address, self.settings)
-        response = client.get_object(Bucket=PEER_BUCKET, Key=peer_key(self.slug, self.version))
-        meta = EntryMeta.from_json(response["Body"].read().decode())
+        ending = threading.Event()
+        client = fill_client(address, self.settings, self.fill, ending)
+        try:
+            response = client.get_object(Bucket=PEER_BUCKET, Key=peer_key(self.slug, self.version))
+        except Exception as exc:
+            if _is_busy(exc):
+                raise PeerBusy(f"peer {address} is serving as many fills as it allows") from None
+            raise
+        try:
+            return self._check(address, client, ending, manifest, EntryMeta.from_json(response["Body"].read().decode()))
+        except BaseException:
+            self._end(_Connected(address, client, ending, {}, {}, 0))  # admitted: free the slot
+            raise
+
+    def _check(self, address: str, client: Any, ending: threading.Event, manifest: Manifest,
+               meta: EntryMeta) -> _Connected:
         held = {item.name: item for item in meta.files}
         digests: dict[str, tuple[int, str]] = {}
         for item in manifest.files:
@@ -320,7 +422,7 @@ class PeerSource(Origin):
             raise IntegrityError(manifest.uri, "?", "the peer's files use different block sizes")
         checksums = {name: (item.checksum, item.part_size) for name, item in held.items()
                      if item.checksum and name in digests}
-        return _Connected(address, client, digests, checksums, part)
+        return _Connected(address, client, ending, digests, checksums, part)
 
     def _transfer(self, peer: _Connected, manifest: Manifest, dest: Path, progress: Progress) -> Checksums:
         from .s3 import S3Origin

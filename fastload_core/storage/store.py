@@ -69,6 +69,7 @@ log = logging.getLogger("fastload.storage")
 
 OriginFactory = Callable[[], Origin]
 _DAMAGED_RETRIES = 2
+_BUSY_PAUSE = 0.5  # seconds a lease waiter leaves a busy peer alone before asking it again
 
 
 class _DamagedSource(Exception):
@@ -342,10 +343,17 @@ class TieredStore:
         if source is not None and source.entry is not None:
             fallback = EntrySource.of(source.entry)
         peers = PeerSource(self.peers, holders, parsed.slug, manifest.version, fallback)
-        peers.start(manifest)  # the first peer's client and metadata, while _fill locks and preallocates
+        if source is None and self.lease is not None and any(t.shared for t in self.tiers):
+            # Falling back to the origin would skip the lease: when every holder is busy, let the usual chain
+            # wait on the lease for a holder with a free slot or the shared copy (_fill_leased).
+            if not peers.connect(manifest):
+                return None
+        else:
+            peers.start(manifest)  # the first peer's client and metadata, while _fill locks and preallocates
         try:
             pinned = self._fill(target, parsed, manifest, peers, watch, slower)
         except TierFullError:
+            peers.close()  # a peer that took the fill frees its slot
             return None  # ``source`` is still held: the usual chain serves from it
         except IntegrityError as exc:  # peers' bad bytes never get here: the shared entry failed its digests
             if source is not None and source.entry is not None and source.tier in self._by_name:
@@ -429,49 +437,84 @@ class TieredStore:
         downloads into ``tier`` and keeps the lease until its write-through has published the shared copy;
         the others wait for that copy and read it instead of the origin. With peers, a waiting node stops
         waiting as soon as a node advertises the entry in its RAM (the holder's fill publishes there first,
-        seconds before the shared copy) and pulls it from that peer."""
+        seconds before the shared copy) and pulls it from that peer. A peer serves a few fills at once
+        (``fastload serve --max-uploads``); when every holder refuses, the node goes back to waiting, checking
+        the registry and the shared copy, and tries again after ``_BUSY_PAUSE``: each fill that completes
+        advertises one more holder, so the fleet's fill spreads as a tree, and the origin is read once."""
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
-        lease = ExitStack()
         assert self.lease is not None
+        deadline = time.monotonic() + timeout
+        busy: dict[str, float] = {}  # holders that refused a fill (every upload slot taken): until when
+        dead: dict[str, float] = {}  # holders that failed a fill: left alone until their claim would lapse
 
-        def peers() -> list[str]:
+        def live() -> list[str]:
             if self._registry is None or self.peers is None:
                 return []
-            return self._registry.holders(slug, version, exclude=self.peers.advertise)
+            now = time.monotonic()
+            return [address for address in self._registry.holders(slug, version, exclude=self.peers.advertise)
+                    if dead.get(address, 0.0) <= now]
 
-        mine = lease.enter_context(self.lease.hold(
-            f"{shared.name}:{slug}:{version}", timeout=timeout, uri=shown, tier=shared.name,
-            ready=lambda: shared.lookup(slug, version) is not None or bool(peers())))
-        try:
-            copy = None if mine else pin_entry(shared, slug, version, verify=self.verify)
-            holders = [] if mine or copy is not None or self.peers is None else peers()
-            if holders:
-                assert self.peers is not None
+        def free(holders: list[str]) -> list[str]:
+            now = time.monotonic()
+            return [address for address in holders if busy.get(address, 0.0) <= now]
+
+        def ready() -> bool:
+            holders = live()
+            return bool(free(holders)) or (not holders and shared.lookup(slug, version) is not None)
+
+        while True:
+            lease = ExitStack()
+            mine = lease.enter_context(self.lease.hold(
+                f"{shared.name}:{slug}:{version}", timeout=max(deadline - time.monotonic(), 0.0), uri=shown,
+                tier=shared.name, ready=ready))
+            try:
+                holders = live()
+                if free(holders):
+                    assert self.peers is not None
+                    lease.close()
+                    source = PeerSource(self.peers, free(holders), slug, version, origin)  # the origin if all fail
+                    if not source.connect(manifest):
+                        now = time.monotonic()
+                        busy.update({address: now + _BUSY_PAUSE for address in source.busy})
+                        dead.update({address: now + self.peers.ttl for address in source.peers
+                                     if address not in source.busy})
+                        continue
+                    pinned = self._write(tier, parsed, manifest, source, watch)
+                    self._write_through(pinned, parsed, manifest, [t for t in slower if not t.shared])
+                    return pinned
+                if holders:
+                    # Every holder is busy serving others: wait for a slot (each fill that completes adds a
+                    # holder, so the fleet fills as a tree), not the shared copy, whose one mount every
+                    # waiting node would share, nor the origin.
+                    lease.close()
+                    if time.monotonic() > deadline:
+                        raise FetchTimeoutError(shown, shared.name, timeout, "busy peers")
+                    time.sleep(_BUSY_PAUSE / 2)
+                    continue
+                copy = pin_entry(shared, slug, version, verify=self.verify)
+                if copy is not None:
+                    lease.close()
+                    notify("on_tier_hit", uri=shown, tier=shared.name, path=str(copy.path))
+                    if shared is tier:
+                        return copy
+                    try:
+                        pinned = self._write(tier, parsed, manifest, copy)
+                    finally:
+                        copy.release()
+                    self._write_through(pinned, parsed, manifest, slower[:list(slower).index(shared)])
+                    return pinned
+                if not mine:  # what made this node stop waiting is gone again (a claim lapsed): wait on
+                    lease.close()
+                    continue
+                pinned = self._write(tier, parsed, manifest, origin, watch)
+            except BaseException:
                 lease.close()
-                source = PeerSource(self.peers, holders, slug, version, origin)  # the origin if every peer fails
-                pinned = self._write(tier, parsed, manifest, source, watch)
-                self._write_through(pinned, parsed, manifest, [t for t in slower if not t.shared])
-                return pinned
-            if copy is not None:
+                raise
+            if shared is tier:
                 lease.close()
-                notify("on_tier_hit", uri=shown, tier=shared.name, path=str(copy.path))
-                if shared is tier:
-                    return copy
-                try:
-                    pinned = self._write(tier, parsed, manifest, copy)
-                finally:
-                    copy.release()
-                self._write_through(pinned, parsed, manifest, slower[:list(slower).index(shared)])
-                return pinned
-            pinned = self._write(tier, parsed, manifest, origin, watch)
-        except BaseException:
-            lease.close()
-            raise
-        if shared is tier:
-            lease.close()
-        self._write_through(pinned, parsed, manifest, slower, lease=lease)
-        return pinned
+            self._write_through(pinned, parsed, manifest, slower, lease=lease)
+            return pinned
 
     def _write_through(self, pinned: Pin, parsed: ModelURI, manifest: Manifest, tiers: Sequence[Tier], *,
                        lease: ExitStack | None = None) -> None:
@@ -561,6 +604,10 @@ class TieredStore:
             meta = EntryMeta.from_manifest(manifest, checksums,
                                            digests=self._digests(writer, manifest, journal, partial / FILES_DIR))
             tier.publish(slug, version, partial, meta)
+            if not tier.shared and self._registry is not None and self.peers is not None and self.peers.advertise:
+                # A holder at once, not at fastload serve's next listing: at a fleet's cold start each finished
+                # fill is the next node's source, so the tree grows as fast as fills complete.
+                self._registry.advertise(self.peers.advertise, [(slug, version)])
         except BaseException as exc:
             notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
                    seconds=time.monotonic() - started, error=exc)

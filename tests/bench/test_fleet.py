@@ -59,7 +59,7 @@ def test_bytes_are_conserved(strategy: str) -> None:
 
 
 def test_each_node_fetches_once_whatever_its_replicas() -> None:
-    for strategy in ("origin", "shared", "peer", "peer-tree"):
+    for strategy in ("origin", "shared", "peer", "peer-unlimited"):
         one, many = (run(strategy, 5, m, SIZE, Params()) for m in (1, 8))
         assert many.received == pytest.approx(one.received)
         assert many.origin_bytes + many.shared_read + many.peer_bytes == pytest.approx(many.received)
@@ -76,21 +76,22 @@ def test_the_bottleneck_is_named() -> None:
     assert run("shared", 20, 2, SIZE, slow_mount).bottleneck() == "shared mount"
     one_slot = replace(Params(), peer_slots=1, node_net_bw=200 * MB)
     assert run("peer", 20, 2, SIZE, one_slot).bottleneck() in ("peer uplink", "node network")
-    # as built, every waiting node pulls from the first node that advertises: its one uplink serves them all
+    # without an upload limit every waiting node pulls from the first node that advertises: one uplink for all
     quick = replace(Params(), node_net_bw=1e9, advertise_delay=0.1, shared_write_bw=100 * MB)
-    assert run("peer", 50, 1, SIZE, quick).bottleneck() == "peer uplink"
+    assert run("peer-unlimited", 50, 1, SIZE, quick).bottleneck() == "peer uplink"
     few_cores = replace(Params(), cores_per_node=0.5)
     assert run("shared", 2, 8, SIZE, few_cores).bottleneck() == "cpu"
 
 
 def test_peers_spread_as_a_tree_only_with_a_fan_out_limit() -> None:
-    """With two upload slots a peer fleet's time grows with log(nodes), not nodes; without a limit (the core
-    as built) every waiting node pulls from the first holder and it grows with nodes, as the mount's does."""
+    """With two upload slots per peer (as built, --max-uploads 2) a peer fleet's time grows with log(nodes),
+    not nodes; without a limit every waiting node pulls from the first holder and it grows with nodes, as the
+    mount's does."""
     params = Params()
-    ten, thousand = (run("peer-tree", n, 1, 16 * GiB, params).all_ready for n in (10, 1000))
+    ten, thousand = (run("peer", n, 1, 16 * GiB, params).all_ready for n in (10, 1000))
     assert thousand < 3 * ten
     assert run("shared", 1000, 1, 16 * GiB, params).all_ready > 10 * ten  # one mount's bandwidth for all
-    assert run("peer", 1000, 1, 16 * GiB, params).all_ready > 10 * ten  # one uplink for all
+    assert run("peer-unlimited", 1000, 1, 16 * GiB, params).all_ready > 10 * ten  # one uplink for all
 
 
 def test_the_lease_holder_serves_its_replicas_before_the_mount_is_written() -> None:

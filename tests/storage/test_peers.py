@@ -89,8 +89,26 @@ def test_a_bad_peer_part_size_is_refused_by_name(serve_env: None, monkeypatch: p
         PeerSettings.from_env()
 
 
+def test_the_address_a_node_claims_its_fills_under_follows_the_environment(
+        serve_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FASTLOAD_PEER_ADVERTISE", raising=False)
+    found = PeerSettings.from_env()
+    assert found is not None and found.advertise is None
+    monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", "10.0.0.5:9000")
+    found = PeerSettings.from_env()
+    assert found is not None and found.advertise == "10.0.0.5:9000"
+
+
+@pytest.mark.parametrize("value", ["10.0.0.5", "10.0.0.5:0", "host:port", "http://x/:9000"])
+def test_a_bad_advertise_address_is_refused_by_name(serve_env: None, monkeypatch: pytest.MonkeyPatch,
+                                                     value: str) -> None:
+    monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", value)
+    with pytest.raises(StorageError, match="FASTLOAD_PEER_ADVERTISE"):
+        PeerSettings.from_env()
+
+
 def test_ranges_are_whole_digest_blocks_so_each_is_checked_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: FakePeerClient(peer_meta()))
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(peer_meta()))
     source = PeerSource(settings(part_size=10 * MiB), ["peer:1"], "slug", VERSION, Fallback())
     connected = source._connect("peer:1", MANIFEST)
     assert connected.part_size == 8 * MiB  # 10 MiB rounded down to 4 MiB blocks
@@ -102,7 +120,7 @@ def test_ranges_are_whole_digest_blocks_so_each_is_checked_alone(monkeypatch: py
 
 @pytest.mark.parametrize("meta", [peer_meta(version="other"), peer_meta(size=SIZE - 1)])
 def test_a_peer_holding_another_version_is_refused(monkeypatch: pytest.MonkeyPatch, meta: EntryMeta) -> None:
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: FakePeerClient(meta))
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(meta))
     source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
     with pytest.raises(IntegrityError, match="not the version resolved here"):
         source._connect("peer:1", MANIFEST)
@@ -112,7 +130,7 @@ def test_the_first_peer_is_connected_in_the_background_and_used_once(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     gate = threading.Event()
     client = FakePeerClient(peer_meta(), gate)
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: client)
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: client)
     transferred: list[peers._Connected] = []
 
     def transfer(self: PeerSource, peer: peers._Connected, manifest: Manifest, dest: Path,
@@ -136,7 +154,7 @@ def test_the_first_peer_is_connected_in_the_background_and_used_once(
 def test_a_failed_early_connect_is_that_peers_failure_and_the_fill_goes_on(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clients = {"dead:1": FakePeerClient(None), "live:2": FakePeerClient(peer_meta())}
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: clients[address])
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: clients[address])
     monkeypatch.setattr(PeerSource, "_transfer", lambda self, peer, manifest, dest, progress: peer.checksums)
     fallback = Fallback()
     source = PeerSource(settings(), ["dead:1", "live:2"], "slug", VERSION, fallback)
@@ -160,9 +178,42 @@ def test_a_failed_early_connect_is_that_peers_failure_and_the_fill_goes_on(
 def test_a_connect_started_for_another_manifest_is_not_used(monkeypatch: pytest.MonkeyPatch,
                                                             tmp_path: Path) -> None:
     client = FakePeerClient(peer_meta())
-    monkeypatch.setattr(peers, "peer_client", lambda address, _settings: client)
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: client)
     monkeypatch.setattr(PeerSource, "_transfer", lambda self, peer, manifest, dest, progress: peer.checksums)
     source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
     source.start(Manifest(MANIFEST.uri, MANIFEST.files, single=True))  # equal, but not the one downloaded
     source.download(MANIFEST, tmp_path, journal=Journal(tmp_path / "j"), progress=Progress("t", SIZE, enabled=False))
     assert len(client.threads) == 2 and client.threads[1] == threading.current_thread().name
+
+
+class EndingPeerClient(FakePeerClient):
+    """Also records the request that ends a fill (the one sent once its ``ending`` event is set)."""
+
+    def __init__(self, meta: EntryMeta, ending: list[threading.Event]) -> None:
+        super().__init__(meta)
+        self.ending = ending
+        self.ended = 0
+
+    def head_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        assert self.ending[-1].is_set()  # the end marker rides on this request
+        self.ended += 1
+        return {}
+
+
+def test_a_fill_connected_but_never_downloaded_frees_the_peers_slot_on_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[threading.Event] = []
+    client = EndingPeerClient(peer_meta(), events)
+
+    def make(address: str, _settings: PeerSettings, _fill: str, ending: threading.Event) -> EndingPeerClient:
+        events.append(ending)
+        return client
+
+    monkeypatch.setattr(peers, "fill_client", make)
+    source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Fallback())
+    assert source.connect(MANIFEST)
+    assert client.ended == 0  # admitted and held for the download
+    source.close()  # the target tier was full: the download never ran
+    assert client.ended == 1
+    source.close()
+    assert client.ended == 1
