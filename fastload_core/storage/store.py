@@ -211,21 +211,25 @@ class TieredStore:
             return path
 
     def pin(self, uri: str | os.PathLike[str], *, tier: str | None = None,
-            revision: str | None = None, watch: FetchWatch | None = None) -> Pin:
+            revision: str | None = None, watch: FetchWatch | None = None, land: str | None = None) -> Pin:
         """Like ``fetch``, but the entry stays marked in use (never evicted) until the pin is released.
-        ``watch`` hears where a download from the origin lands and its progress (none on a hit). A damaged
+        ``watch`` hears where a download from the origin lands and its progress (none on a hit). ``land``,
+        with no ``tier``, is where a model found in no tier lands first (the default tier and the others below
+        it are written through from there); a hit is still served from the tier that holds it, unpromoted. A
+        streaming reader passes the fastest tier: it copies the bytes out as they land, and a download into
+        RAM does not wait on a disk. A damaged
         entry met on the way (a hit that fails its checks, a promotion source whose bytes do not match their
         digests) is dropped and the model fetched again from further down."""
         for attempt in range(_DAMAGED_RETRIES + 1):
             try:
-                return self._pin(uri, tier=tier, revision=revision, watch=watch)
+                return self._pin(uri, tier=tier, revision=revision, watch=watch, land=land)
             except _DamagedSource as damaged:
                 if attempt == _DAMAGED_RETRIES:
                     raise damaged.error from None
         raise AssertionError("unreachable")
 
     def _pin(self, uri: str | os.PathLike[str], *, tier: str | None, revision: str | None,
-             watch: FetchWatch | None) -> Pin:
+             watch: FetchWatch | None, land: str | None = None) -> Pin:
         parsed = parse_uri(uri)
         target = self._tier(tier or self.default_tier)
         if parsed.bare and tier is None:
@@ -251,6 +255,9 @@ class TieredStore:
                 source, source_index = pinned, index
                 break
             notify("on_tier_miss", uri=shown, tier=candidate.name)
+        if source is None and tier is None and land is not None:  # in no tier: land where the caller wants it
+            target = self._tier(land)
+            target_index = self.tiers.index(target)
         if source is None or self.tiers[source_index].shared:  # no copy on this node: a peer's RAM first
             slower = [tier for tier in self.tiers[target_index + 1:source_index] if not tier.shared]
             peered = self._from_peers(parsed, manifest, origin, source, target, watch, slower)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastload_core.loader.api import stream_state_dict
-from fastload_core.storage import fetch
+from fastload_core.storage import default_store, fetch, writethrough
 from fastload_core.storage.errors import IntegrityError
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
@@ -55,6 +55,31 @@ def test_streaming_overlaps_the_download_and_matches_a_plain_load(s3: Any, proxy
     again, pinned = stream_state_dict(f"s3://{BUCKET}/stream/")  # now a cache hit
     pinned.release()
     assert proxy.get_body_bytes == 0 and all(torch.equal(again[n], t) for n, t in expected.items())
+
+
+def test_a_cold_stream_lands_in_ram_and_a_hit_is_read_where_it_is(s3: Any, proxy: FaultProxy, tmp_path: Path) -> None:
+    # The reader copies the bytes out as they land: a cold download goes into the shm tier (no disk on its
+    # critical path), the default tier (local disk) is written through from it, and a later start that
+    # finds the model only on disk loads it from there without copying it into RAM first.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "ram/model.safetensors")
+    uri = f"s3://{BUCKET}/ram/model.safetensors"
+    tensors, pinned = stream_state_dict(uri)
+    with pinned:
+        assert pinned.tier == "shm"
+        assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+    writethrough.wait()
+    store = default_store()
+    assert [e.entry.tier for e in store.ls()] == ["shm", "local_disk"]
+
+    removed, busy = store.rm(uri, tier="shm")
+    assert len(removed) == 1 and not busy
+    proxy.reset_counters()
+    again, pinned = stream_state_dict(uri)
+    with pinned:
+        assert pinned.tier == "local_disk"
+        assert all(torch.equal(again[n], t) for n, t in expected.items())
+    assert proxy.get_body_bytes == 0 and store.ls(tier="shm") == []
 
 
 def test_streaming_hands_out_nothing_when_verification_fails(s3: Any, proxy: FaultProxy, tmp_path: Path) -> None:
