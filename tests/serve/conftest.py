@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from fastload_devservices._process import free_port
 from fastload_devservices.faultproxy import FaultProxy
@@ -114,3 +116,33 @@ def make_node(tmp_path: Path, node_env: dict[str, str]) -> Iterator[Any]:
     for node in nodes:
         node.stop(signal.SIGKILL)
         shutil.rmtree(node.shm, ignore_errors=True)
+
+
+def become_node(monkeypatch: pytest.MonkeyPatch, node: Node, tmp_path: Path, name: str) -> None:
+    """This test process becomes one more node (its own tiers, no RAM tier), configured like ``node``."""
+    for variable, value in node.env.items():
+        if variable.startswith(("AWS_", "FASTLOAD_")):
+            monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("FASTLOAD_CACHE_DIR", str(tmp_path / name))
+    monkeypatch.setenv("FASTLOAD_SHM_DIR", "off")
+
+
+def fetch_behind_a_held_lease(store: Any, uri: str, redis_url: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Another node holds the Redis lease on the shared entry and never publishes it; ``store`` fetches ``uri``
+    into its local disk on a thread, so it waits on that lease. The thread, and what it found: "path" or
+    "error"."""
+    from fastload_core.storage.uri import parse_uri
+
+    parsed = parse_uri(uri)
+    version = store.origin("s3").resolve(parsed, None).version
+    lease = f"fastload:lease:shared_fs:{parsed.slug}:{version}"
+    redis.Redis.from_url(redis_url).set(lease, b"another-node", px=120_000)
+    found: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            found["path"] = store.fetch(uri, tier="local_disk")
+        except BaseException as exc:  # the caller's assertions report it
+            found["error"] = exc
+
+    return threading.Thread(target=fetch), found

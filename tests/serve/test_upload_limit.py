@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
 
-from .conftest import KEY, SECRET
+from .conftest import KEY, SECRET, become_node, fetch_behind_a_held_lease
 
 pytestmark = [pytest.mark.s3, pytest.mark.redis, pytest.mark.slow]
 
@@ -36,15 +36,6 @@ URI = f"s3://{BUCKET}/{MODEL}"
 def node_env(node_env: dict[str, str]) -> dict[str, str]:
     return {**node_env, "FASTLOAD_S3_PART_SIZE": "4MiB", "FASTLOAD_PEER_TTL": "3",
             "FASTLOAD_PEER_PART_SIZE": "1MiB"}
-
-
-def _use_node_env(monkeypatch: pytest.MonkeyPatch, node: Any, tmp_path: Path, name: str) -> None:
-    """This test process becomes one more node (its own tiers), configured like ``node``."""
-    for variable, value in node.env.items():
-        if variable.startswith(("AWS_", "FASTLOAD_")):
-            monkeypatch.setenv(variable, value)
-    monkeypatch.setenv("FASTLOAD_CACHE_DIR", str(tmp_path / name))
-    monkeypatch.setenv("FASTLOAD_SHM_DIR", "off")
 
 
 def _holding(make_node: Any, name: str, data: bytes, **env: str) -> Any:
@@ -114,7 +105,7 @@ def test_a_busy_peer_refuses_a_second_fill_which_completes_from_another_holder(
     assert refusal.response["ResponseMetadata"]["HTTPHeaders"].get("retry-after") == "1"
     _open_fill(a, "first")  # the admitted fill's own requests still pass
 
-    _use_node_env(monkeypatch, a, tmp_path, "b")
+    become_node(monkeypatch, a, tmp_path, "b")
     store = TieredStore.from_env()
     manifest = store.origin("s3").resolve(parse_uri(URI), None)
     settings = PeerSettings.from_env()
@@ -147,25 +138,14 @@ def test_a_lease_waiter_keeps_waiting_while_every_holder_is_busy_then_pulls_from
     a = _holding(make_node, "a", data, FASTLOAD_SERVE_MAX_UPLOADS="1")
     _wait_advertised(a)
     client, ending = _open_fill(a, "other-node")  # another node's fill holds A's one slot
-    _use_node_env(monkeypatch, a, tmp_path, "b")
+    become_node(monkeypatch, a, tmp_path, "b")
     monkeypatch.setenv("FASTLOAD_SHARED_DIR", str(tmp_path / "shared"))
     monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", "127.0.0.1:1")  # B claims its fill as it publishes it
     store = TieredStore.from_env()
     parsed = parse_uri(URI)
     version = store.origin("s3").resolve(parsed, None).version
-    # The node that downloads from the origin holds the lease on the shared entry and has not published it.
-    redis.Redis.from_url(redis_url).set(f"fastload:lease:shared_fs:{parsed.slug}:{version}", b"another-node",
-                                        px=120_000)
-    found: dict[str, Any] = {}
-
-    def fetch() -> None:
-        try:
-            found["path"] = store.fetch(URI, tier="local_disk")
-        except BaseException as exc:  # reported by the assertions below
-            found["error"] = exc
-
+    waiting, found = fetch_behind_a_held_lease(store, URI, redis_url)
     origin.reset_counters()
-    waiting = threading.Thread(target=fetch)
     waiting.start()
     time.sleep(3.0)  # several rounds of asking A, which refuses every time
     assert waiting.is_alive() and not found, found
