@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import fastload_core
 from fastload_core.report import LoadReport
-from fastload_core.storage import default_store
+from fastload_core.storage import default_store, writethrough
 from fastload_devservices.s3 import BUCKET
 
 
@@ -51,6 +51,7 @@ def test_a_cold_uri_is_streamed_when_the_load_copies(s3: Any, tmp_path: Path) ->
     assert cold.nbytes == warm.nbytes == sum(t.numel() * 4 for t in expected.values())
     for name, tensor in expected.items():
         assert torch.equal(first[name], tensor) and torch.equal(second[name], tensor)
+    writethrough.wait(timeout=60)  # the cold load landed in RAM; its copy onto local disk reads the entry
     assert in_use_entries() == []  # private copies hold no pin
 
 
