@@ -17,7 +17,7 @@ from fastload_torchserve.handler import within
 
 from fastload_core.errors import CheckpointError
 from fastload_core.serving import WeightsUnavailableError
-from fastload_core.storage import TieredStore
+from fastload_core.storage import TieredStore, writethrough
 from fastload_devservices.faultproxy import FaultProxy
 from fastload_devservices.s3 import BUCKET
 from tests.integrations.fastload_torchserve.conftest import MakeContext, reference_outputs
@@ -105,6 +105,7 @@ def test_weights_by_file_uri_are_shared_from_shm_and_pinned(
     workers[0].release()
     assert _shm_entries()[0].in_use  # still held by the other worker
     workers[1].release()
+    writethrough.wait(timeout=60)  # the prefetch landed in shm; its copy onto local disk reads the entry meanwhile
     assert not _shm_entries()[0].in_use
 
 
