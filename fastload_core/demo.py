@@ -51,7 +51,7 @@ from .bench.checkpoints import (
 from .compile_cache import report_of
 from .errors import FastloadError
 from .model import load_model
-from .storage import default_store, fetch
+from .storage import default_store, fetch, writethrough
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _run_steps(checkpoint: Checkpoint, args: argparse.Namespace) -> bool:
                  before=lambda: shutil.rmtree(converted, ignore_errors=True)),
             Step("fastload: load_model(.pt), converted (page cache)", lambda: load_model(build, checkpoint.pickle)),
             Step("fastload: warm the node: fetch(file://, tier='shm')", warm_node,
-                 before=lambda: default_store().rm(shared), model_ready=False),
+                 before=lambda: _forget(shared), model_ready=False),
             Step("fastload: load_model(file://), served from /dev/shm", lambda: load_model(build, shared)),
         ]
         width = max(len(step.name) for step in steps)
@@ -176,6 +176,9 @@ def _run_steps(checkpoint: Checkpoint, args: argparse.Namespace) -> bool:
                 rows.append(row)
                 bar.write(format_row(row, rows[0].seconds, width))
                 sys.stdout.flush()  # piped output (tee, a CI log) shows each step as it ends too
+            # The fetches above copy shm's entry onto local disk in the background; the scratch tiers go away
+            # when this block ends, so let those copies finish first.
+            writethrough.wait()
         print(_WARM_NOTE)
         if not args.no_compile:
             print()
@@ -187,6 +190,12 @@ def _run_steps(checkpoint: Checkpoint, args: argparse.Namespace) -> bool:
                   "replica a fresh process with empty inductor and temp dirs,\nsharing only the compile cache "
                   "(here a directory; redis:// or s3:// across a fleet).")
     return all(torch.equal(outputs[0], output) for output in outputs[1:])
+
+
+def _forget(uri: str) -> None:
+    """Drop ``uri`` from every tier, once the background copy of its last fetch is done with it."""
+    writethrough.wait()
+    default_store().rm(uri)
 
 
 @dataclass
