@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -94,6 +95,67 @@ def warm(uris: Source | Iterable[Source], *, tier: str | None = "shm",
     return [_warm_one(item, tier, revision) for item in items]
 
 
+class Warming:
+    """A ``warm`` running on a thread of this process, started by ``start_warm``; ``result`` collects it.
+
+    For an adapter whose framework builds the worker in steps (Ray: the class's ``__init__``, then
+    ``reconfigure``): the download starts at the first step that knows the URI and overlaps whatever the
+    worker does before it needs the weights. The thread always completes the warm one way or the other, so
+    a waiter never hangs on a thread that died, and gets the warm's own error (a ``WeightsUnavailableError``
+    naming the URI), exactly as a ``warm`` in its own thread would have raised it.
+    """
+
+    def __init__(self, uri: Source, *, tier: str | None = "shm", revision: str | None = None,
+                 before: Callable[[], object] | None = None,
+                 on_done: Callable[[Warming], None] | None = None) -> None:
+        self.uri = os.fspath(uri)
+        self.tier = tier
+        self.revision = revision
+        self._before = before
+        self._on_done = on_done
+        self._future: Future[Path] = Future()
+        self._future.set_running_or_notify_cancel()
+        self.thread = threading.Thread(target=self._run, name="fastload-warm", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._before is not None:
+                self._before()
+            (path,) = warm(self.uri, tier=self.tier, revision=self.revision)
+        except BaseException as exc:  # handed to the waiter, whatever it is: nobody waits forever
+            self._future.set_exception(exc)
+        else:
+            self._future.set_result(path)
+        finally:
+            if self._on_done is not None:
+                try:
+                    self._on_done(self)
+                except Exception:
+                    log.exception("%s: the background warm-up's completion callback failed", redact(self.uri))
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Path:
+        """Wait for the warm; the local path it published, or the warm's error raised here.
+        ``TimeoutError`` if ``timeout`` seconds pass first."""
+        return self._future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The warm's error (None when it succeeded), after waiting for it as ``result`` does."""
+        return self._future.exception(timeout)
+
+
+def start_warm(uri: Source, *, tier: str | None = "shm", revision: str | None = None,
+               before: Callable[[], object] | None = None) -> Warming:
+    """Start ``warm(uri, tier=..., revision=...)`` on a daemon thread of this process and return at once;
+    ``Warming.result()`` waits for it. ``before`` runs first on that thread (set-up the download needs but
+    the caller should not wait for). Nothing is checked before it returns: every error, a missing model
+    included, comes out of ``result()``."""
+    return Warming(uri, tier=tier, revision=revision, before=before)
+
+
 def warm_in_background(uri: Source, *, tier: str | None = "shm", revision: str | None = None,
                        handoff: str | os.PathLike[str]) -> tuple[str, threading.Thread]:
     """``warm`` on a thread, for a process that starts workers next: their start-up (imports, framework) then
@@ -113,17 +175,17 @@ def warm_in_background(uri: Source, *, tier: str | None = "shm", revision: str |
     lock = filelock.FileLock(os.fspath(handoff), thread_local=False)  # released by the thread
     lock.acquire()
 
-    def run() -> None:
+    def finished(warming: Warming) -> None:
         try:
-            warm(uri, tier=tier, revision=revision)
-        except Exception as exc:  # the workers will try for themselves and fail with their own error
-            log.warning("%s: the background warm-up failed (%s); workers fetch the weights themselves", shown, exc)
+            error = warming.exception()
+            if error is not None:  # the workers will try for themselves and fail with their own error
+                log.warning("%s: the background warm-up failed (%s); workers fetch the weights themselves", shown,
+                            error)
         finally:
             lock.release()
 
-    thread = threading.Thread(target=run, name="fastload-warm", daemon=True)
-    thread.start()
-    return version, thread
+    warming = Warming(uri, tier=tier, revision=revision, on_done=finished)
+    return version, warming.thread
 
 
 def wait_for_warm(handoff: str | os.PathLike[str], *, timeout: float | None = None) -> bool:
@@ -200,11 +262,13 @@ def _problem(exc: BaseException) -> str:
 
 
 __all__ = [
+    "Warming",
     "WeightsUnavailableError",
     "check_compile_cache_url",
     "device_for_worker",
     "hold_weights",
     "set_default_compile_cache",
+    "start_warm",
     "version_of",
     "wait_for_warm",
     "warm",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fastload_core.serving import (
     device_for_worker,
     hold_weights,
     set_default_compile_cache,
+    start_warm,
     wait_for_warm,
     warm,
     warm_in_background,
@@ -261,6 +263,36 @@ def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Pa
     shutil.rmtree(source)  # gone from the origin: only the tiers can answer now
     with hold_weights(source.as_uri(), revision=version) as held:
         assert held == path
+
+
+# --- start_warm --------------------------------------------------------------------------------------------
+def test_start_warm_returns_at_once_and_hands_over_the_warmed_copy(tmp_path: Path, shm_root: Path) -> None:
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    gate, ran_on = threading.Event(), []
+
+    def before() -> None:  # set-up that belongs on the warm's thread; held here to show start_warm does not wait
+        ran_on.append(threading.current_thread().name)
+        gate.wait(30)
+
+    warming = start_warm(source.as_uri(), before=before)
+    assert not warming.done()
+    gate.set()
+    path = warming.result(timeout=30)
+    assert ran_on == ["fastload-warm"] and path.is_relative_to(shm_root)
+    assert warming.exception() is None and serving.version_of(path) is not None
+
+
+def test_start_warm_hands_its_error_to_the_waiter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = (tmp_path / "origin" / "nowhere").as_uri()
+    warming = start_warm(missing)
+    with pytest.raises(WeightsUnavailableError, match=f"cannot fetch the weights at {missing}"):
+        warming.result(timeout=30)
+
+    def crash() -> None:  # not a FastloadError: still handed over, never a thread that dies and a waiter that hangs
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError, match="a bug"):
+        start_warm(missing, before=crash).result(timeout=30)
 
 
 # --- warm_in_background --------------------------------------------------------------------------------

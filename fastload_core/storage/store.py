@@ -527,7 +527,9 @@ class TieredStore:
                        lease: ExitStack | None = None) -> None:
         """Copy the entry just published (``pinned``) into ``tiers`` on a thread of its own (see
         writethrough.py), shared tiers first: other nodes may be waiting for that copy. ``lease``, when
-        given, is released once the shared copy is published (or has failed)."""
+        given, is released once the shared copy is published (or has failed). The thread keeps this
+        process's priority while it writes a shared tier and drops to ``writethrough.NICE`` only for the
+        tiers after it, the copies nobody waits for."""
         lease = lease or ExitStack()
         tier = self._by_name.get(pinned.tier or "")
         source = pin_entry(tier, parsed.slug, manifest.version) if tiers and tier is not None else None
@@ -539,6 +541,8 @@ class TieredStore:
         def run(job: writethrough.WriteThrough) -> None:
             try:
                 for target in order:
+                    if not target.shared:  # the shared copies (first) are done: the rest waits for no one
+                        writethrough.lower_priority()
                     try:
                         self._fill(target, parsed, manifest, source, quiet=True).release()
                         job.published.append(target.name)
@@ -564,7 +568,8 @@ class TieredStore:
                 log.info("%s: write-through from %s to %s done in %.2fs", parsed, source.tier,
                          ", ".join(job.published) or "no tier", seconds)
 
-        writethrough.start(str(parsed), tuple(t.name for t in order), run)
+        writethrough.start(str(parsed), tuple(t.name for t in order), run,
+                           waited_on=any(t.shared for t in order))
 
     def _write(self, tier: Tier, parsed: ModelURI, manifest: Manifest, source: Origin | Pin,
                watch: FetchWatch | None = None, *, quiet: bool = False) -> Pin:

@@ -13,6 +13,9 @@ in it); the parent still waits for them.
 The copy runs at a lower CPU priority (``NICE``) than the rest of the process: it fills tiers nobody is
 waiting for, while the workers or replicas that the fetch unblocked are starting on the same cores
 (imports, mapping, the first request). It still gets every idle cycle, and the wait at exit is unchanged.
+Except where someone does wait: a copy onto a shared tier is what other nodes wait for (under the
+cluster's lease on that entry), so a job that starts with one (``start(..., waited_on=True)``) keeps the
+caller's priority until that copy is published and only then calls ``lower_priority``.
 """
 
 from __future__ import annotations
@@ -56,20 +59,26 @@ _pending: set[WriteThrough] = set()
 _hooked = False
 
 
-def start(uri: str, tiers: tuple[str, ...], run: Callable[[WriteThrough], None]) -> WriteThrough:
-    """Run ``run(job)`` on a new thread and return the job. ``run`` records its outcome in the job."""
+def start(uri: str, tiers: tuple[str, ...], run: Callable[[WriteThrough], None], *,
+          waited_on: bool = False) -> WriteThrough:
+    """Run ``run(job)`` on a new thread and return the job. ``run`` records its outcome in the job.
+
+    The thread lowers its priority to ``NICE`` before ``run`` starts, unless ``waited_on``: then the copy
+    begins with a part that others are waiting for (a shared tier), at the caller's priority, and ``run``
+    calls ``lower_priority()`` once that part is done."""
     job = WriteThrough(uri, tiers)
     with _lock:
         _pending.add(job)
         _hook_exit()
-    thread = threading.Thread(target=_run, args=(job, run), name="fastload-write-through")
+    thread = threading.Thread(target=_run, args=(job, run, waited_on), name="fastload-write-through")
     thread.start()
     return job
 
 
-def _run(job: WriteThrough, run: Callable[[WriteThrough], None]) -> None:
+def _run(job: WriteThrough, run: Callable[[WriteThrough], None], waited_on: bool) -> None:
     try:
-        _lower_priority()
+        if not waited_on:
+            lower_priority()
         run(job)
     except BaseException as exc:  # run() records per-tier failures itself; this is a bug, still never fatal
         log.exception("%s: write-through to %s failed", job.uri, ", ".join(job.tiers))
@@ -81,9 +90,11 @@ def _run(job: WriteThrough, run: Callable[[WriteThrough], None]) -> None:
         job.done.set()
 
 
-def _lower_priority() -> None:
-    """Raise this thread's niceness to ``NICE`` (never lower it). Only on Linux, where
-    ``setpriority(PRIO_PROCESS, tid)`` names one thread; elsewhere it would renice the whole process."""
+def lower_priority() -> None:
+    """Raise the calling thread's niceness to ``NICE`` (never lower it); threads it starts afterwards
+    inherit it. Only on Linux, where ``setpriority(PRIO_PROCESS, tid)`` names one thread; elsewhere it
+    would renice the whole process. A write-through's ``run`` calls it when the rest of its copy is one that
+    nobody waits for."""
     if not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
@@ -143,4 +154,4 @@ def _hook_exit() -> None:
     _hooked = True
 
 
-__all__ = ["WriteThrough", "pending", "start", "wait"]
+__all__ = ["NICE", "WriteThrough", "lower_priority", "pending", "start", "wait"]

@@ -2,8 +2,12 @@
 
 Ray builds a replica as ``__init__`` and then ``reconfigure(user_config)`` before the replica serves, and
 calls ``reconfigure`` again whenever ``user_config`` changes (``serve deploy`` with only the config changed
-keeps the replica). The weights therefore load in ``reconfigure``: that is the first place the replica sees
-``user_config["fastload"]``, and the same code swaps them in place later. The wrapper's ``reconfigure``
+keeps the replica). The weights therefore load in ``reconfigure``: that is where the replica is handed
+``user_config["fastload"]``, and the same code swaps them in place later. The download starts earlier, at
+the top of the wrapped ``__init__``, on a thread (``fastload_core.serving.start_warm``): the weights are
+known there (``uri=``, or the ``user_config`` the replica was created with, which Ray's replica context
+already carries), so the user's ``__init__`` and Ray's steps up to ``reconfigure`` overlap the download, and
+``reconfigure`` waits for it, failing with the download's own error if it failed. The wrapper's ``reconfigure``
 declares ``rank`` so that Ray calls it even for a deployment without ``user_config`` (Ray calls a
 ``reconfigure`` without ``rank`` only when there is a config); the user's own ``reconfigure`` is called just as
 Ray would have called it.
@@ -12,9 +16,11 @@ Ray would have called it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +31,15 @@ from torch import nn
 
 from fastload_core.errors import FastloadError
 from fastload_core.model import load_model
-from fastload_core.serving import check_compile_cache_url, device_for_worker, hold_weights, version_of, warm
+from fastload_core.serving import (
+    Warming,
+    check_compile_cache_url,
+    device_for_worker,
+    hold_weights,
+    start_warm,
+    version_of,
+    warm,
+)
 from fastload_core.storage import Pin, redact
 
 from ._memory import collect_if_unreferenced, reserve_object_store
@@ -129,6 +143,16 @@ class _Spec:
 def _wrap(cls: type, spec: _Spec) -> type:
     user_reconfigure = getattr(cls, "reconfigure", None)
     user_takes_rank = user_reconfigure is not None and "rank" in inspect.signature(user_reconfigure).parameters
+    user_init: Callable[..., Any] = cls.__init__  # type: ignore[misc]  # the class's own, whatever it inherits
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _weights(self, spec).start_early()  # before the user's own __init__ and whatever it imports or builds
+        # returned, not dropped: Ray awaits what an ``async def __init__`` returns
+        return user_init(self, *args, **kwargs)
+
+    if user_init is not object.__init__:
+        functools.update_wrapper(__init__, user_init)  # the user's signature and docstring
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
 
     async def reconfigure(self: Any, user_config: Any, rank: Any = None) -> None:
         await _weights(self, spec).apply(self, user_config)
@@ -141,8 +165,8 @@ def _wrap(cls: type, spec: _Spec) -> type:
     reconfigure.__qualname__ = f"{cls.__qualname__}.reconfigure"
     reconfigure.__doc__ = (user_reconfigure.__doc__ if user_reconfigure is not None else None) or \
         "Load (or swap to) the weights ``user_config['fastload']`` names, then run the class's own reconfigure."
-    namespace = {"reconfigure": reconfigure, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                 "__doc__": cls.__doc__, "__fastload_spec__": spec}
+    namespace = {"__init__": __init__, "reconfigure": reconfigure, "__module__": cls.__module__,
+                 "__qualname__": cls.__qualname__, "__doc__": cls.__doc__, "__fastload_spec__": spec}
     return type(cls.__name__, (cls,), namespace)
 
 
@@ -162,7 +186,28 @@ class _ReplicaWeights:
         self.deployment = deployment
         self.target: Target | None = None
         self.pin: Pin | None = None
+        self.early: tuple[Target, Warming] | None = None  # the download __init__ started, until a load takes it
+        self.loaded_early = False  # whether the weights served now came from that download (tests, logs)
         self._lock = asyncio.Lock()  # reconfigure calls never interleave their swaps
+
+    def start_early(self) -> None:
+        """Start downloading the weights the first ``reconfigure`` will load, if they are known already: in a
+        replica, from ``uri=`` and the ``user_config`` Ray created it with. Anything wrong with the config is
+        left for ``reconfigure`` to report (with the same message it always gives); a failed download is
+        reported there too, by ``Warming.result``."""
+        if self.early is not None or self.target is not None:
+            return  # once per replica (a class hierarchy may run this __init__ twice)
+        config = _initial_user_config()
+        if config is _UNKNOWN:
+            return  # not in a Ray replica: nothing says which config reconfigure will get
+        try:
+            target = self.target_for(config)
+        except UserConfigError:
+            return
+        before = _reserve_object_store_once if self.spec.prefetch == "shm" else None
+        self.early = (target, start_warm(target.uri, tier=self.spec.prefetch, revision=target.revision,
+                                         before=before))
+        log.debug("fastload: deployment %s started fetching %s in __init__", self.deployment, redact(target.uri))
 
     def target_for(self, user_config: Any) -> Target:
         section: Any = None
@@ -205,7 +250,11 @@ class _ReplicaWeights:
         async with self._lock:
             if target == self.target:
                 return  # Ray repeats the start-up config; a rank change alone keeps the weights
-            model, pin = await asyncio.to_thread(self._load, target)
+            early, self.early = self.early, None
+            if early is not None and early[0] != target:
+                early = None  # the replica was reconfigured before its first load: that download is not needed
+            model, pin = await asyncio.to_thread(self._load, target, early[1] if early is not None else None)
+            self.loaded_early = early is not None
             old = owner.__dict__.get(self.spec.attr) if self.target is not None else None
             old_pin = self.pin
             setattr(owner, self.spec.attr, model)  # one assignment: a request sees the old or the new model
@@ -220,13 +269,16 @@ class _ReplicaWeights:
         log.info("fastload: deployment %s serves %s%s", self.deployment, redact(target.uri),
                  f" at revision {target.revision}" if target.revision else "")
 
-    def _load(self, target: Target) -> tuple[nn.Module, Pin | None]:
+    def _load(self, target: Target, early: Warming | None = None) -> tuple[nn.Module, Pin | None]:
         spec = self.spec
         device = torch.device(spec.device) if spec.device is not None else replica_device()
-        if spec.prefetch == "shm":
-            _reserve_object_store_once()
         revision = target.revision
-        if spec.prefetch is not None:
+        if early is not None:
+            # the download __init__ started; its failure (a WeightsUnavailableError naming the URI) is raised here
+            revision = version_of(early.result()) or revision
+        elif spec.prefetch is not None:
+            if spec.prefetch == "shm":
+                _reserve_object_store_once()
             (warmed,) = warm(target.uri, tier=spec.prefetch, revision=target.revision)
             # exactly the version just warmed, without asking the origin again
             revision = version_of(warmed) or revision
@@ -252,13 +304,32 @@ def replica_device() -> torch.device:
 
 
 _reserved = False
+_reserving = threading.Lock()  # the early download's thread and a later reconfigure may both get here
 
 
 def _reserve_object_store_once() -> None:
     global _reserved
-    if not _reserved:
-        _reserved = True
-        reserve_object_store()
+    with _reserving:
+        if not _reserved:
+            _reserved = True
+            reserve_object_store()
+
+
+_UNKNOWN: Any = object()
+
+
+def _initial_user_config() -> Any:
+    """The ``user_config`` this replica was created with (Ray's replica context carries the deployment's
+    config from before ``__init__``; it hands ``user_config`` to ``reconfigure`` only after ``__init__``), or
+    ``_UNKNOWN`` outside a Ray Serve replica or where a Ray version no longer carries it."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+    except Exception:  # not in a replica (tests, scripts), or no Ray Serve at all
+        return _UNKNOWN
+    config = getattr(context, "_deployment_config", None)
+    return getattr(config, "user_config", _UNKNOWN) if config is not None else _UNKNOWN
 
 
 def _deployment_name(fallback: str) -> str:

@@ -308,3 +308,58 @@ def test_the_write_through_runs_below_the_callers_priority_and_its_threads_inher
     assert start("file:///m", ("local_disk",), run).wait(30)
     assert seen == {"copy": max(caller, NICE), "pool": max(caller, NICE)}
     assert niceness() == caller  # the caller's own thread is untouched
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_a_write_through_others_wait_on_keeps_the_callers_priority_until_it_lowers_it() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastload_core.storage.writethrough import NICE, lower_priority, start
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, int] = {}
+
+    def run(job: writethrough.WriteThrough) -> None:
+        seen["waited on"] = niceness()
+        lower_priority()
+        seen["after"] = niceness()
+        with ThreadPoolExecutor(1) as pool:
+            seen["pool"] = pool.submit(niceness).result()
+
+    caller = niceness()
+    assert start("file:///m", ("shared_fs", "local_disk"), run, waited_on=True).wait(30)
+    assert seen == {"waited on": caller, "after": max(caller, NICE), "pool": max(caller, NICE)}
+
+
+class TierNiceness:
+    """A plugin that records the niceness of the thread that starts each tier's fill."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    @hookimpl
+    def on_fetch_start(self, uri: str, tier: str, nbytes: int) -> None:
+        self.seen[tier] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_the_shared_tier_is_written_through_at_full_priority_and_local_disk_below_it(
+    tmp_path: Path, shm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other nodes wait (under the lease) for this node's copy onto the shared mount: that copy must not
+    run at the lowest priority; the local-disk copy after it, which nobody waits for, does."""
+    from fastload_core.storage.writethrough import NICE
+
+    monkeypatch.setenv("FASTLOAD_SHARED_DIR", str(tmp_path / "ceph"))
+    model = tmp_path / "origin" / "m.bin"
+    model.parent.mkdir()
+    model.write_bytes(os.urandom(MiB))
+    niceness = TierNiceness()
+    get_plugin_manager().register(niceness, name="tier-niceness")
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    fetch(f"file://{model}", tier="shm")
+    (job,) = writethrough.wait(timeout=30)
+    assert job.tiers == ("shared_fs", "local_disk") and job.published == ["shared_fs", "local_disk"]
+    assert niceness.seen == {"shm": caller, "shared_fs": caller, "local_disk": max(caller, NICE)}

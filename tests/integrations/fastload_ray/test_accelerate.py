@@ -7,8 +7,10 @@ import asyncio
 import gc
 import inspect
 import os
+import threading
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import fastload_ray
@@ -19,7 +21,10 @@ from fastload_ray._memory import shm_budget
 from safetensors.torch import save_file
 from torch import nn
 
+from fastload_core import serving
 from fastload_core.errors import FastloadError
+from fastload_core.hookspecs import hookimpl
+from fastload_core.plugins import get_plugin_manager
 from fastload_core.storage.settings import parse_size
 
 
@@ -149,6 +154,142 @@ def test_the_users_reconfigure_is_called_as_ray_would_call_it(tmp_path: Path) ->
     run(without_rank.reconfigure({"mine": 1}, rank=0))
     assert calls == [("plain", {"mine": 1}, True)]
     torch.testing.assert_close(without_rank.model(X), expected(uri))
+
+
+# --- the download starts in __init__ ---------------------------------------------------------------------
+
+
+def in_replica(monkeypatch: pytest.MonkeyPatch, user_config: Any, deployment: str = "Embedder") -> None:
+    """What Ray's replica context holds while the replica's ``__init__`` runs: the deployment's name and the
+    config it was created with (the replica gets ``user_config`` itself only later, in ``reconfigure``)."""
+    from ray import serve
+
+    context = SimpleNamespace(deployment=deployment, _deployment_config=SimpleNamespace(user_config=user_config))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+
+
+class Downloads:
+    """A plugin that counts the fetches into each tier and says when the first one started."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.tiers: list[str] = []
+
+    @hookimpl
+    def on_fetch_start(self, uri: str, tier: str, nbytes: int) -> None:
+        self.tiers.append(tier)
+        self.started.set()
+
+
+def test_a_replica_starts_fetching_before_its_own_init_runs_and_reconfigure_loads_that_copy(
+    tmp_path: Path, shm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = write_weights(tmp_path / "m", seed=6)
+    config = {"fastload": {"uri": uri, "revision": None}}
+    in_replica(monkeypatch, config)
+    downloads = Downloads()
+    get_plugin_manager().register(downloads)
+    seen: dict[str, Any] = {}
+
+    class Embedder:
+        """Mine."""
+
+        def __init__(self, greeting: str, *, loud: bool = False) -> None:
+            # A slow __init__ (a tokenizer, a client): the download is already running while it does.
+            seen["fetching"] = downloads.started.wait(30)
+            seen["model"] = hasattr(self, "model")
+            self.greeting = greeting
+
+    wrapped = fastload_ray.accelerate(Hooked)(Embedder)
+    assert str(inspect.signature(wrapped.__init__)) == str(inspect.signature(Embedder.__init__))
+    replica = wrapped("hello")
+    assert seen == {"fetching": True, "model": False} and replica.greeting == "hello"
+
+    run(replica.reconfigure(config))
+    torch.testing.assert_close(replica.model(X), expected(uri))
+    weights = replica._fastload_weights
+    assert weights.loaded_early and weights.pin is not None and weights.pin.tier == "shm"
+    assert downloads.tiers.count("shm") == 1  # reconfigure took the download __init__ started, not a second one
+
+    model = replica.model
+    run(replica.reconfigure(config))  # Ray repeats the start-up config: still a no-op
+    assert replica.model is model
+
+
+def test_a_failed_early_fetch_fails_the_replicas_start_with_the_usual_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = (tmp_path / "nothing").as_uri() + "/"
+    config = {"fastload": {"uri": missing}}
+    with pytest.raises(WeightsUnavailableError) as direct:  # what a replica reported before the early start
+        serving.warm(missing)
+    in_replica(monkeypatch, config)
+    early: list[str] = []
+    real_warm = serving.warm
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        early.append(threading.current_thread().name)
+        return real_warm(*args, **kwargs)
+
+    def again(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("reconfigure fetched again instead of reporting the early fetch's failure")
+
+    monkeypatch.setattr(serving, "warm", counted)
+    monkeypatch.setattr("fastload_ray._accelerate.warm", again)
+    replica = fastload_ray.accelerate(Hooked)(type("Embedder", (), {}))()
+
+    async def start() -> None:  # Ray's start-up, bounded: a failed download must not leave it waiting
+        await asyncio.wait_for(replica.reconfigure(config), timeout=60)
+
+    with pytest.raises(WeightsUnavailableError) as caught:
+        run(start())
+    assert str(caught.value) == str(direct.value) and f"cannot fetch the weights at {missing}" in str(caught.value)
+    assert early == ["fastload-warm"]  # the failure came from the download __init__ started
+    assert not hasattr(replica, "model")
+
+
+def test_bad_configuration_in_a_replica_starts_no_fetch_and_fails_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = {"fastload": {"url": "s3://b/m/"}}
+    in_replica(monkeypatch, config)
+    monkeypatch.setattr(serving, "warm", lambda *args, **kwargs: pytest.fail("nothing should be fetched"))
+    replica = fastload_ray.accelerate(Hooked)(type("Embedder", (), {}))()
+    with pytest.raises(UserConfigError, match=r"unknown key.*url; it takes uri, revision"):
+        run(replica.reconfigure(config))
+
+
+def test_a_config_changed_before_the_first_load_loads_the_new_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = write_weights(tmp_path / "v1", seed=1), write_weights(tmp_path / "v2", seed=2)
+    in_replica(monkeypatch, {"fastload": {"uri": first}})
+    replica = fastload_ray.accelerate(Hooked)(type("Embedder", (), {}))()
+    run(replica.reconfigure({"fastload": {"uri": second}}))  # `serve deploy` while the replica was starting
+    torch.testing.assert_close(replica.model(X), expected(second))
+    assert not replica._fastload_weights.loaded_early
+
+
+def test_an_explicit_uri_starts_early_and_an_async_init_is_still_awaited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = write_weights(tmp_path / "m", seed=7)
+    in_replica(monkeypatch, None)  # no user_config: uri= alone names the weights
+    ran: list[bool] = []
+
+    class Embedder:
+        async def __init__(self) -> None:
+            await asyncio.sleep(0)
+            ran.append(True)
+
+    wrapped = fastload_ray.accelerate(Hooked, uri=uri, prefetch=None)(Embedder)
+    replica = wrapped.__new__(wrapped)  # as Ray builds a class whose __init__ is async
+
+    async def start() -> None:
+        await replica.__init__()
+        await replica.reconfigure(None, rank=0)
+
+    run(start())
+    assert ran == [True] and replica._fastload_weights.loaded_early
+    torch.testing.assert_close(replica.model(X), expected(uri))
 
 
 # --- configuration errors: one clear FastloadError ------------------------------------------------------

@@ -93,6 +93,15 @@ def ray_env(replica: str, variable: str) -> str | None:
     return ray.get(actor.__ray_call__.remote(lambda _self: os.environ.get(variable)))
 
 
+def loaded_early(replica: str) -> bool:
+    """Whether the replica's weights came from the download its ``__init__`` started."""
+    import ray
+
+    actor = ray.get_actor(replica, namespace="serve")
+    return bool(ray.get(actor.__ray_call__.remote(
+        lambda _self: serve.get_replica_context().servable_object._fastload_weights.loaded_early)))
+
+
 def close(actual: list[float], wanted: list[float]) -> bool:
     return torch.allclose(torch.tensor(actual), torch.tensor(wanted), atol=1e-5)
 
@@ -149,6 +158,8 @@ def test_two_replicas_fetch_once_serve_and_swap_revisions_in_place(
         assert proxy.get_body_bytes == size  # two replicas, one download (the shm tier's single flight)
         started = replicas("embed")
         assert len(started) == 2
+        # The fetch began in __init__: Ray's replica context carried the user_config before reconfigure did.
+        assert all(loaded_early(name) for name in started)
 
         v1 = expected(reference(s3, "embedder/model.safetensors", Embedder(), first["revision"]))
         assert close(handle.embed.remote(TEXT).result()["embedding"], v1)
@@ -176,6 +187,7 @@ def test_two_replicas_fetch_once_serve_and_swap_revisions_in_place(
         wait_until(lambda: running("embed") and both_replicas_serve_v2())
         assert close(handle.embed.remote(TEXT).result()["embedding"], v2)
         assert replicas("embed") == started  # the same actors: swapped in place, not restarted
+        assert not any(loaded_early(name) for name in started)  # the swap fetched in reconfigure
         assert proxy.get_body_bytes == 2 * size
         assert not any(shared[0] in text for text in mapped_in("embed").values())  # the old copy is unmapped
     finally:
