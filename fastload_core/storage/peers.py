@@ -9,9 +9,9 @@ A cold node asks for the holders of the exact version it resolved and downloads 
 answers, through the peer's S3-compatible endpoint with ``S3Origin``'s own parallel ranged GETs (a peer is
 an S3 endpoint), in ranges of ``FASTLOAD_PEER_PART_SIZE`` (64 MiB: a request costs both ends a few
 milliseconds of CPU, which on a node that serves and fetches on the same few cores is time taken from the
-bytes). While the store locks the entry and prepares the destination, the first peer's client is built and
-its metadata fetched and checked on a thread of their own (``PeerSource.start``). Each peer range is checked against
-the per-block XXH3 digests the peer recorded when it downloaded the model, as soon as it lands; the
+bytes). While the store locks the entry and prepares the destination, the first peer's client is built
+and its metadata fetched and checked on a thread of their own (``PeerSource.start``). Each peer range is
+checked against the per-block XXH3 digests the peer recorded when it downloaded the model, as soon as it lands; the
 digests come from the peer's metadata, whose version and ETags must match what this node resolved from the
 origin itself. A peer that refuses the connection, answers slowly (``FASTLOAD_PEER_TIMEOUT`` seconds per
 request) or sends bytes that do not match is skipped for the next one, and after the last one the fetch
@@ -208,9 +208,9 @@ class Holders:
     def refused(self, source: PeerSource) -> None:
         """Note what ``source.connect`` met when no holder took the fill: busy ones, and failed ones."""
         now = time.monotonic()
-        ttl = self.settings.ttl if self.settings is not None else _RETRY_AFTER
         self._busy.update({address: now + BUSY_PAUSE for address in source.busy})
-        self._dead.update({address: now + ttl for address in source.peers if address not in source.busy})
+        self._dead.update({address: now + source.settings.ttl for address in source.peers
+                           if address not in source.busy})
 
 
 def fill_client(address: str, settings: PeerSettings, fill: str, ending: threading.Event) -> Any:
