@@ -13,6 +13,7 @@ from ..storage.peers import ACCESS_KEY_VARIABLE, SECRET_KEY_VARIABLE
 from . import ServeError
 
 if TYPE_CHECKING:
+    from ..storage.store import TieredStore
     from .auth import ServeCredentials
 
 log = logging.getLogger("fastload.serve")
@@ -76,6 +77,18 @@ def max_uploads(option: str | None) -> int:
     return value
 
 
+def warm_origin(store: TieredStore) -> None:
+    """Build the S3 origin's client before listening: importing botocore and loading S3's service model costs
+    a fresh process 0.2-0.4 s on a small VM, which the first miss would otherwise add to its clients' wait
+    (measured in docs/benchmarks.md). A node without the s3 extra, or whose AWS configuration is broken, still
+    serves hits and peers; its misses report the problem then, as they would have."""
+    try:
+        origin = store.origin("s3")
+        getattr(origin, "client", None)  # S3Origin builds its client lazily, on first use
+    except Exception as exc:
+        log.debug("not preparing the s3 origin at start-up: %s: %s", type(exc).__name__, exc)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     credentials = _credentials()
     uploads = max_uploads(args.max_uploads)
@@ -104,6 +117,7 @@ def run_serve(args: argparse.Namespace) -> int:
     tier = args.tier or ("shm" if "shm" in names else store.default_tier)
     if tier not in names:
         raise ServeError(f"--tier {tier!r}: this node has {', '.join(names)}")
+    warm_origin(store)
     advertiser = None
     if address is not None:
         if not settings.redis_url:

@@ -9,9 +9,9 @@ A cold node asks for the holders of the exact version it resolved and downloads 
 answers, through the peer's S3-compatible endpoint with ``S3Origin``'s own parallel ranged GETs (a peer is
 an S3 endpoint), in ranges of ``FASTLOAD_PEER_PART_SIZE`` (64 MiB: a request costs both ends a few
 milliseconds of CPU, which on a node that serves and fetches on the same few cores is time taken from the
-bytes). While the store preallocates the destination, the first peer's client is built and its metadata
-fetched and checked on a thread of their own (``PeerSource.start``). Each peer range is checked against
-the per-block XXH3 digests the peer recorded when it downloaded the model, as soon as it lands; the
+bytes). While the store locks the entry and prepares the destination, the first peer's client is built
+and its metadata fetched and checked on a thread of their own (``PeerSource.start``). Each peer range is
+checked against the per-block XXH3 digests the peer recorded when it downloaded the model, as soon as it lands; the
 digests come from the peer's metadata, whose version and ETags must match what this node resolved from the
 origin itself. A peer that refuses the connection, answers slowly (``FASTLOAD_PEER_TIMEOUT`` seconds per
 request) or sends bytes that do not match is skipped for the next one, and after the last one the fetch
@@ -61,11 +61,12 @@ PEER_BUCKET = "fastload..peer"
 KEY_PREFIX = "fastload:peers:"
 FILL_HEADER = "x-fastload-fill"  # the id of the fill a peer request belongs to: a peer limits fills, not requests
 FILL_END_HEADER = "x-fastload-fill-end"  # on the request that ends a fill: its slot is free at once
+_RETRY_AFTER = 30.0  # seconds the registry is left alone after an outage
+BUSY_PAUSE = 0.5  # seconds a lease waiter leaves a busy peer alone before asking it again
 
 
 class PeerBusy(StorageError):
     """The peer serves as many fills as it allows (it answered 503 SlowDown): try another holder, or wait."""
-_RETRY_AFTER = 30.0
 
 
 def peer_key(slug: str, version: str, name: str | None = None) -> str:
@@ -168,6 +169,48 @@ class PeerRegistry:
                            "+inf", time.time())
         addresses = [item.decode() if isinstance(item, bytes) else str(item) for item in found]
         return [address for address in addresses if address != exclude]
+
+
+class Holders:
+    """The holders of one entry as a node waiting on the shared tier's lease sees them, across its tries:
+    ``live`` ones (claimed in the registry, and not failed by this node lately) and, of those, ``free`` ones
+    (not refused this node's fill lately). A holder that refused a fill (every upload slot taken) is asked
+    again after ``BUSY_PAUSE``: its slots free as fills end. One that failed (refused the connection, timed
+    out, sent a bad version) is left alone until its claim would have lapsed: if it is alive it renews the
+    claim, and a dead one drops out of the registry by then anyway."""
+
+    def __init__(self, registry: PeerRegistry | None, settings: PeerSettings | None, slug: str,
+                 version: str) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.slug = slug
+        self.version = version
+        self._busy: dict[str, float] = {}  # address: monotonic time until which it is left alone
+        self._dead: dict[str, float] = {}
+
+    def live(self) -> list[str]:
+        if self.registry is None or self.settings is None:
+            return []
+        now = time.monotonic()
+        return [address for address in self.registry.holders(self.slug, self.version, exclude=self.settings.advertise)
+                if self._dead.get(address, 0.0) <= now]
+
+    def free(self, holders: list[str]) -> list[str]:
+        now = time.monotonic()
+        return [address for address in holders if self._busy.get(address, 0.0) <= now]
+
+    def source(self, holders: list[str], fallback: Source) -> PeerSource:
+        """A fill's source over ``holders`` (the free ones), then ``fallback``."""
+        if self.settings is None:
+            raise StorageError("peer fetching is not configured")
+        return PeerSource(self.settings, holders, self.slug, self.version, fallback)
+
+    def refused(self, source: PeerSource) -> None:
+        """Note what ``source.connect`` met when no holder took the fill: busy ones, and failed ones."""
+        now = time.monotonic()
+        self._busy.update({address: now + BUSY_PAUSE for address in source.busy})
+        self._dead.update({address: now + source.settings.ttl for address in source.peers
+                           if address not in source.busy})
 
 
 def fill_client(address: str, settings: PeerSettings, fill: str, ending: threading.Event) -> Any:
@@ -292,9 +335,9 @@ class PeerSource(Origin):
 
     def start(self, manifest: Manifest) -> None:
         """Start connecting to the first peer (building its client, fetching and checking its metadata) on a
-        thread of its own, so that it overlaps the store's preparation of the destination: preallocating in
-        tmpfs is kernel time (0.2 s per GiB here) and building a client is Python time, and a cold node has
-        two cores to spend them on. ``download`` picks the result up; a failure there is that peer's failure."""
+        thread of its own, so that it overlaps the store's locking and preparation of the destination (which
+        preallocates on the disk tiers; the RAM tier does not, so there the overlap is a few milliseconds).
+        ``download`` picks the result up; a failure there is that peer's failure."""
         if not self.peers or self._first is not None:
             return
         executor = ThreadPoolExecutor(1, thread_name_prefix="fastload-peer-connect")

@@ -56,7 +56,7 @@ from .eviction import (
 from .lease import RedisLease
 from .local_disk import LocalDiskTier
 from .meta import FILES_DIR, EntryMeta, Manifest
-from .peers import PeerRegistry, PeerSettings, PeerSource
+from .peers import BUSY_PAUSE, Holders, PeerRegistry, PeerSettings, PeerSource
 from .progress import Progress
 from .settings import VERIFY_MODES, StorageSettings
 from .shared_fs import SharedFsTier
@@ -69,7 +69,6 @@ log = logging.getLogger("fastload.storage")
 
 OriginFactory = Callable[[], Origin]
 _DAMAGED_RETRIES = 2
-_BUSY_PAUSE = 0.5  # seconds a lease waiter leaves a busy peer alone before asking it again
 
 
 class _DamagedSource(Exception):
@@ -446,29 +445,18 @@ class TieredStore:
         waiting as soon as a node advertises the entry in its RAM (the holder's fill publishes there first,
         seconds before the shared copy) and pulls it from that peer. A peer serves a few fills at once
         (``fastload serve --max-uploads``); when every holder refuses, the node goes back to waiting, checking
-        the registry and the shared copy, and tries again after ``_BUSY_PAUSE``: each fill that completes
-        advertises one more holder, so the fleet's fill spreads as a tree, and the origin is read once."""
+        the registry and the shared copy, and tries again after ``BUSY_PAUSE``: each fill that completes
+        advertises one more holder, so the fleet's fill spreads as a tree, and the origin is read once. Which
+        holders are worth asking (live, free) is ``peers.Holders``'s business; this method keeps the lease."""
         shown = str(parsed)
         slug, version = parsed.slug, manifest.version
         assert self.lease is not None
         deadline = time.monotonic() + timeout
-        busy: dict[str, float] = {}  # holders that refused a fill (every upload slot taken): until when
-        dead: dict[str, float] = {}  # holders that failed a fill: left alone until their claim would lapse
-
-        def live() -> list[str]:
-            if self._registry is None or self.peers is None:
-                return []
-            now = time.monotonic()
-            return [address for address in self._registry.holders(slug, version, exclude=self.peers.advertise)
-                    if dead.get(address, 0.0) <= now]
-
-        def free(holders: list[str]) -> list[str]:
-            now = time.monotonic()
-            return [address for address in holders if busy.get(address, 0.0) <= now]
+        peers = Holders(self._registry, self.peers, slug, version)
 
         def ready() -> bool:
-            holders = live()
-            return bool(free(holders)) or (not holders and shared.lookup(slug, version) is not None)
+            holders = peers.live()
+            return bool(peers.free(holders)) or (not holders and shared.lookup(slug, version) is not None)
 
         while True:
             lease = ExitStack()
@@ -476,16 +464,12 @@ class TieredStore:
                 f"{shared.name}:{slug}:{version}", timeout=max(deadline - time.monotonic(), 0.0), uri=shown,
                 tier=shared.name, ready=ready))
             try:
-                holders = live()
-                if free(holders):
-                    assert self.peers is not None
+                holders = peers.live()
+                if free := peers.free(holders):
                     lease.close()
-                    source = PeerSource(self.peers, free(holders), slug, version, origin)  # the origin if all fail
+                    source = peers.source(free, origin)  # the origin if every one fails mid-transfer
                     if not source.connect(manifest):
-                        now = time.monotonic()
-                        busy.update({address: now + _BUSY_PAUSE for address in source.busy})
-                        dead.update({address: now + self.peers.ttl for address in source.peers
-                                     if address not in source.busy})
+                        peers.refused(source)
                         continue
                     pinned = self._write(tier, parsed, manifest, source, watch)
                     self._write_through(pinned, parsed, manifest, [t for t in slower if not t.shared])
@@ -497,7 +481,7 @@ class TieredStore:
                     lease.close()
                     if time.monotonic() > deadline:
                         raise FetchTimeoutError(shown, shared.name, timeout, "busy peers")
-                    time.sleep(_BUSY_PAUSE / 2)
+                    time.sleep(BUSY_PAUSE / 2)
                     continue
                 copy = pin_entry(shared, slug, version, verify=self.verify)
                 if copy is not None:

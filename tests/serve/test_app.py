@@ -1,10 +1,13 @@
-"""Request parsing that needs no server: traversal refusal and S3's Range rules."""
+"""What needs no server: traversal refusal, S3's Range rules, the origin prepared at start-up."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from fastload_core.serve.app import S3Error, parse_range, split_path
+from fastload_core.storage.errors import StorageError
 
 
 @pytest.mark.parametrize("path", ["/models/../etc/passwd", "/models/a/%2e%2e/b", "/models/%2E%2E%2Fx",
@@ -37,3 +40,28 @@ def test_unsatisfiable_ranges_are_416(header: str) -> None:
     with pytest.raises(S3Error) as caught:
         parse_range(header, 100)
     assert caught.value.status == 416
+
+
+def test_the_server_builds_its_origin_client_before_the_first_miss(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastload_core.serve.commands import warm_origin
+    from fastload_core.storage.local_disk import LocalDiskTier
+    from fastload_core.storage.s3 import S3Origin
+    from fastload_core.storage.store import TieredStore
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    origin = S3Origin()
+    store = TieredStore([LocalDiskTier(tmp_path / "disk")], origins={"s3": origin})
+    warm_origin(store)
+    assert origin._client is not None  # botocore imported and S3's model loaded: no request needed for that
+
+
+def test_a_node_without_an_s3_origin_still_starts(tmp_path: Path) -> None:
+    from fastload_core.serve.commands import warm_origin
+    from fastload_core.storage.local_disk import LocalDiskTier
+    from fastload_core.storage.store import TieredStore
+
+    store = TieredStore([LocalDiskTier(tmp_path / "disk")], origins={})  # no s3 scheme: misses will say so
+    warm_origin(store)
+    with pytest.raises(StorageError, match="no storage backend"):
+        store.origin("s3")

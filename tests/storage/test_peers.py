@@ -217,3 +217,39 @@ def test_a_fill_connected_but_never_downloaded_frees_the_peers_slot_on_close(
     assert client.ended == 1
     source.close()
     assert client.ended == 1
+
+
+class FakeRegistry:
+    """The registry's answer for one entry: the addresses that claim it now."""
+
+    def __init__(self, holders: list[str]) -> None:
+        self.claims = holders
+
+    def holders(self, slug: str, version: str, *, exclude: str | None = None) -> list[str]:
+        return [address for address in self.claims if address != exclude]
+
+
+def test_a_lease_waiter_skips_busy_holders_briefly_and_failed_ones_until_their_claim_would_lapse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(peers.time, "monotonic", lambda: now[0])
+    config = settings(ttl=6.0, advertise="me:1")
+    registry = FakeRegistry(["busy:1", "dead:1", "free:1", "me:1"])
+    holders = peers.Holders(registry, config, "slug", VERSION)  # type: ignore[arg-type]
+    assert holders.live() == ["busy:1", "dead:1", "free:1"]  # never this node itself
+    source = holders.source(["busy:1", "dead:1"], Fallback())
+    source.busy.append("busy:1")  # what connect() records: busy:1 answered SlowDown, dead:1 failed
+    holders.refused(source)
+    live = holders.live()
+    assert live == ["busy:1", "free:1"] and holders.free(live) == ["free:1"]
+    now[0] += peers.BUSY_PAUSE + 0.01  # a busy holder is asked again soon: its slots free as fills end
+    assert holders.free(holders.live()) == ["busy:1", "free:1"]
+    now[0] += config.ttl  # a failed one only once its claim would have lapsed (a live node renews it)
+    assert holders.free(holders.live()) == ["busy:1", "dead:1", "free:1"]
+
+
+def test_without_peer_settings_a_lease_waiter_sees_no_holders() -> None:
+    holders = peers.Holders(None, None, "slug", VERSION)
+    assert holders.live() == [] and holders.free([]) == []
+    with pytest.raises(StorageError, match="not configured"):
+        holders.source(["a:1"], Fallback())
