@@ -53,6 +53,14 @@ def wait_advertised(redis_url: str, address: str, timeout: float = 20.0) -> None
     raise AssertionError(f"{address} never advertised an entry")
 
 
+def wait_logged(node: Any, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.text_log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} never appeared in the node's log:\n{node.text_log()}")
+        time.sleep(0.1)
+
+
 def advertised(redis_url: str, address: str) -> bool:
     """Whether ``address`` holds a live (unexpired) claim on some entry."""
     client = redis.Redis.from_url(redis_url)
@@ -151,7 +159,7 @@ def test_a_cold_node_fetches_from_its_peers_ram_not_the_origin(
     origin.reset_counters()
     assert b.client().get_object(Bucket=BUCKET, Key=MODEL)["Body"].read() == data
     assert origin.get_body_bytes == 0
-    assert f"from peer 127.0.0.1:{a.port}" in b.text_log()
+    wait_logged(b, f"from peer 127.0.0.1:{a.port}")  # logged when the fill ends: the client may be done first
     wait_advertised(redis_url, f"127.0.0.1:{b.port}")  # and now B holds it too
     assert a.stop(signal.SIGTERM) == 0  # a clean stop withdraws its claims
     assert not advertised(redis_url, f"127.0.0.1:{a.port}")
