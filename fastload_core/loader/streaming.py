@@ -3,10 +3,12 @@
 A cold start from S3 normally costs a download and then a load. Here the fetch runs as usual, watched
 by storage (``storage.streaming.watch_fetch``: which byte ranges of each file have landed), and this
 module turns the landed bytes into tensors: each safetensors header is parsed as soon as its first bytes
-are in, and each tensor is copied out (into private memory or onto the device) as soon as the contiguous
-prefix of its file covers it. The bytes are hot in the page cache, so the copy costs a memcpy that
-overlaps the rest of the download; the cold start costs about one download. The cache entry is published
-as usual, so the next start is a hit.
+are in, and each tensor is handed on (as private memory, or copied onto the device) as soon as the
+contiguous prefix of its file covers it. The S3 origin receives the bytes into the private memory the
+tensors are views of (a ``Mirror``) and writes the cache file from there, so on CPU there is no copy left
+to trail the download: the cold start costs about one fetch. Bytes that arrive another way are copied out
+of the landed file while they are hot in the page cache. The cache entry is published as usual, so the
+next start is a hit.
 
 The tensors are returned only after the whole fetch verified: a corrupt or changed object raises before
 any weight is handed out, exactly as a plain fetch would.
@@ -42,7 +44,7 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
     """
     stats = stats if stats is not None else {}
     stats["started"] = time.monotonic()
-    watch, future = watch_fetch(uri, tier=tier, store=store, stats=stats,
+    watch, future = watch_fetch(uri, tier=tier, store=store, stats=stats, mirror=True,
                                 wanted=lambda name: name.endswith(".safetensors"))
     watch.started_event.wait()
     try:
@@ -61,13 +63,16 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
 
 
 def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Copy one file's tensor bytes into one private buffer as its landed prefix grows, and yield each
-    tensor as soon as the copy has passed its end.
+    """Make sure one file's tensor bytes are in one private buffer as its landed prefix grows, and yield
+    each tensor as soon as its bytes are there.
 
-    The buffer is the local loader's (``cpu.allocate_private``, page-aligned with the file) and the tensors
-    are views of it, as a local ``copy=True`` load gives them: one allocation per file instead
-    of one zero-filled ``bytearray`` per tensor, and each copy takes everything that has landed (one
-    ``preadv`` per step, while the bytes are fresh in the page cache) instead of waiting tensor by tensor.
+    The buffer is the file's ``Mirror`` (storage.progress) where the watch has one: the origin receives the
+    bytes straight into it, so the ranges it filled need no copy at all and a tensor is ready when its range
+    lands. Whatever it did not fill (an origin that cannot, ranges resumed from an earlier attempt's
+    journal) is copied from the landed file, one ``preadv`` per step, while the bytes are fresh in the page
+    cache. Without a mirror the buffer is the local loader's (``cpu.allocate_private``, page-aligned with the
+    file) and everything is copied that way. Either way the tensors are views of one buffer per file, as a
+    local ``copy=True`` load gives them.
     """
     watch.wait_for(name, 8)
     (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
@@ -75,20 +80,28 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     header = parse_header(name, os.pread(fd, header_len, 8), size)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies
-    # 4 KiB pages: this copy runs in one thread beside a CPU-bound download (MD5, the server on small
-    # machines). With huge pages it fell 3 s behind a 1 GiB download on the 2-core VM, where their first
-    # touch costs 3x the system time (cpu.allocate_private says why).
-    base = cpu.allocate_private(end - start, huge_pages=False)
-    view = base.numpy().data if end > start else memoryview(b"")
+    mirror = watch.mirrors.get(name)
+    if mirror is not None:  # the whole file, from byte 0: offsets in it are file offsets
+        base = torch.frombuffer(mirror.memory, dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
+        base_offset = 0
+        view = mirror.view
+    else:
+        # 4 KiB pages: this copy runs in one thread beside a CPU-bound download (MD5, the server on small
+        # machines). With huge pages it fell 3 s behind a 1 GiB download on the 2-core VM, where their first
+        # touch costs 3x the system time (cpu.allocate_private says why).
+        base = cpu.allocate_private(end - start, huge_pages=False)
+        base_offset = start
+        view = base.numpy().data if end > start else memoryview(b"")
     entries = sorted(header.tensors, key=lambda e: e.end)
     copied, emitted = start, 0
     while True:
         while emitted < len(entries) and entries[emitted].end <= copied:
             entry = entries[emitted]
-            yield entry.name, cpu.typed_view(base, entry, entry.start - start)
+            yield entry.name, cpu.typed_view(base, entry, entry.start - base_offset)
             emitted += 1
         if copied >= end:
             return
         upto = min(end, copied + _STEP, watch.wait_for(name, copied + 1))
-        cpu.pread_exact(fd, view[copied - start:upto - start], copied, name)
+        for gap_start, gap_end in mirror.gaps(copied, upto) if mirror is not None else [(copied, upto)]:
+            cpu.pread_exact(fd, view[gap_start - base_offset:gap_end - base_offset], gap_start, name)
         copied = upto

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import sys
 import threading
 import time
@@ -17,13 +18,15 @@ RangeListener = Callable[[str, int, int], None]
 
 class Progress:
     """Thread-safe byte counter shared by a fetch's workers. ``listeners`` hear each completed byte range
-    ``(file name, start, end)``: the streaming loader uses them to load tensors as their bytes land."""
+    ``(file name, start, end)``: the streaming loader uses them to load tensors as their bytes land.
+    ``mirrors`` (file name -> ``Mirror``) are private copies an origin may fill as it downloads."""
 
     def __init__(self, label: str, total: int, *, enabled: bool = True, interval: float = 5.0) -> None:
         self.label = label
         self.total = total
         self.done = 0
         self.listeners: list[RangeListener] = []
+        self.mirrors: dict[str, Mirror] = {}
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._last_log = self._started
@@ -57,6 +60,47 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Mirror:
+    """Private memory the size of one file, which an origin may receive the file's bytes into before it
+    writes them to the file, and which ranges it has filled.
+
+    Why: the streaming load gives the caller private copies of the tensors (``copy=True``). Copying them out
+    of the landed file costs one more pass over every byte, in one thread, and on a small machine that pass
+    trailed the download by up to a second (docs/benchmarks.md, "S3 speed"). Received straight from the
+    socket into this memory, the bytes need no copy at all: the file is written from it, and the tensors are
+    views of it. An origin that does not fill it (another tier, a peer, a range resumed from the journal)
+    leaves gaps, which the reader copies from the file as before (``gaps``). Anonymous, 4 KiB pages, faulted
+    in by the receiving threads (see ``loader.cpu.allocate_private`` for why not huge pages here).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"a mirror needs a positive size, got {size}")
+        self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self.memory)
+        self._filled: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def filled(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` are in the mirror (called once the whole range is, before it is reported
+        landed, so a reader that sees it landed also sees it filled)."""
+        with self._lock:
+            self._filled[start] = end
+
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` not filled, in order."""
+        with self._lock:
+            filled = sorted((s, e) for s, e in self._filled.items() if s < end and e > start)
+        missing, position = [], start
+        for s, e in filled:
+            if s > position:
+                missing.append((position, s))
+            position = max(position, e)
+        if position < end:
+            missing.append((position, end))
+        return missing
 
 
 class Watermark:

@@ -71,9 +71,9 @@ def block_size_for(step: int) -> int:
 class _RangeHasher(ETagHasher):
     """What ``_get_into`` feeds a range's bytes to as they arrive: the range's CRC when ``crc`` names the
     object's checksum algorithm, else its MD5 (one part of a multipart ETag) when ``md5``, and always its
-    block digests. One pass over bytes still in the CPU cache, in the thread that downloaded them (awscrt's
-    CRCs and MD5 release the GIL on large buffers; CRC32C/CRC64NVME and XXH3 cost a few hundredths of a CPU
-    second per GiB, CRC32 about 0.6, MD5 1.5-2)."""
+    block digests. One pass over bytes still in the CPU cache, in the thread that downloaded them (the CRCs
+    and MD5 release the GIL on large buffers; CRC32C/CRC64NVME and XXH3 cost a few hundredths of a CPU
+    second per GiB, CRC32 (zlib's) about 0.16, MD5 1.5-2)."""
 
     def __init__(self, *, md5: bool, crc: str | None, block_size: int) -> None:
         super().__init__(None)
@@ -498,6 +498,9 @@ class S3Origin(Origin):
         elif hasher.md5:
             plan.part_md5s[index] = bytes.fromhex(hasher.hexdigest())
         journal.record(item.name, start, end, hasher.journal_digest(), (plan.block_size, hasher.blocks.hexdigest()))
+        mirror = progress.mirrors.get(item.name)
+        if mirror is not None:  # every byte of the range was received into it (_get_into), before it is reported
+            mirror.filled(start, end)
         plan.tracker.complete(start, end)
         progress.range_done(item.name, start, end)
 
@@ -530,9 +533,15 @@ class S3Origin(Origin):
             elif position != 0:
                 raise IntegrityError(uri, item.name, "server ignored the Range header")
             raw = _socket_stream(body)
-            view = _buffer()
+            mirror = progress.mirrors.get(item.name)
+            # With a mirror (the streaming load's private copy of the file), the bytes are received straight
+            # into it and written to the file from there: the reader's tensors are views of it, no copy.
+            view = _buffer() if mirror is None else mirror.view
             while position < end:
-                want = view[:min(len(view), end - position)]
+                if mirror is None:
+                    want = view[:min(len(view), end - position)]
+                else:
+                    want = view[position:min(position + _CHUNK, end)]
                 count = raw.readinto(want) if raw is not None else _read_into(body, want)
                 if not count:
                     break

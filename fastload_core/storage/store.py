@@ -86,6 +86,8 @@ class FetchWatch(Protocol):
 
     def range_done(self, name: str, start: int, end: int) -> None: ...
 
+    # Optional: ``mirrors`` (file name -> progress.Mirror), private copies the origin may receive into.
+
 
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*$")
 
@@ -580,6 +582,7 @@ class TieredStore:
             if watch is not None:
                 watch.started(tier.name, partial / FILES_DIR, manifest)
                 progress.listeners.append(watch.range_done)
+                progress.mirrors.update(getattr(watch, "mirrors", None) or {})
             try:
                 checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
             except IntegrityError as exc:

@@ -18,15 +18,20 @@ from pathlib import Path
 
 from .eviction import Pin
 from .meta import Manifest
-from .progress import Watermark
+from .progress import Mirror, Watermark
 from .store import TieredStore, default_store
 
 
 class RangeWatch:
-    """A ``FetchWatch`` that keeps the watched files' descriptors and each one's landed prefix."""
+    """A ``FetchWatch`` that keeps the watched files' descriptors and each one's landed prefix, and with
+    ``mirror=True`` a ``Mirror`` of each watched file: private memory the origin receives the bytes into
+    (where it can: the S3 origin does) before writing them to the file, so a reader that wants a private
+    copy of them has it without copying."""
 
-    def __init__(self, wanted: Callable[[str], bool] = lambda name: True) -> None:
+    def __init__(self, wanted: Callable[[str], bool] = lambda name: True, *, mirror: bool = False) -> None:
         self.wanted = wanted
+        self.mirror = mirror
+        self.mirrors: dict[str, Mirror] = {}
         self.started_event = threading.Event()
         self.manifest: Manifest | None = None
         self.fds: dict[str, int] = {}
@@ -43,6 +48,8 @@ class RangeWatch:
                 self.fds[item.name] = os.open(files_dir.joinpath(*item.name.split("/")), os.O_RDONLY)
                 self.marks[item.name] = Watermark()
                 self.sizes[item.name] = item.size
+                if self.mirror and item.size > 0:
+                    self.mirrors[item.name] = Mirror(item.size)
         self.manifest = manifest
         self.started_event.set()
 
@@ -78,11 +85,12 @@ class RangeWatch:
 
 
 def watch_fetch(uri: str, *, tier: str | None = None, store: TieredStore | None = None,
-                wanted: Callable[[str], bool] = lambda name: True,
+                wanted: Callable[[str], bool] = lambda name: True, mirror: bool = False,
                 stats: dict[str, float] | None = None) -> tuple[RangeWatch, Future[Pin]]:
     """Start pinning ``uri`` in the background, watched. ``watch.started_event`` is set when the download
     begins, or when the fetch ends without one (a hit, or a failure); the future holds the pin, verified
-    and published. ``stats``, when given, receives ``fetch_done`` (monotonic time).
+    and published. ``stats``, when given, receives ``fetch_done`` (monotonic time). ``mirror``: keep a
+    ``Mirror`` of each wanted file (``RangeWatch``).
 
     With no ``tier``, a cold download lands in the fastest tier (RAM, when the shm tier is configured) and
     the default tier is written through from it after the pin: the reader copies the bytes out as they
@@ -90,7 +98,7 @@ def watch_fetch(uri: str, *, tier: str | None = None, store: TieredStore | None 
     critical path (1 GiB from SeaweedFS on the 2-core VM: 13.0 s into local_disk, 7.1 s into shm). A hit
     in any tier is read where it is."""
     store = store or default_store()
-    watch = RangeWatch(wanted)
+    watch = RangeWatch(wanted, mirror=mirror)
     executor = ThreadPoolExecutor(1, thread_name_prefix="fastload-stream-fetch")
     land = store.tiers[0].name if tier is None else None
     future = executor.submit(store.pin, uri, tier=tier, watch=watch, land=land)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastload_core.loader import cpu
+from fastload_core.loader import streaming as loader_streaming
 from fastload_core.loader.api import stream_state_dict
 from fastload_core.storage import default_store, fetch, writethrough
-from fastload_core.storage.errors import IntegrityError
+from fastload_core.storage.errors import IntegrityError, OriginError
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
 from tests.storage.conftest import BUCKET
@@ -91,3 +93,38 @@ def test_streaming_hands_out_nothing_when_verification_fails(s3: Any, proxy: Fau
     proxy.faults = []
     assert fetch(f"s3://{BUCKET}/bad/model.safetensors").read_bytes() == \
         (tmp_path / "model.safetensors").read_bytes()
+
+
+def test_streamed_tensors_are_received_in_place_and_only_resumed_ranges_are_copied(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The S3 origin receives the bytes straight into the tensors' private memory: a cold stream copies
+    # nothing out of the landed file. Ranges that arrive another way (here: resumed from the journal of a
+    # fetch that failed) are copied from the file, and the tensors are the same either way.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    size = os.path.getsize(tmp_path / "model.safetensors")
+    copied: list[int] = []
+    pread_exact = cpu.pread_exact
+
+    def counting_pread(fd: int, target: memoryview, offset: int, path: str) -> None:
+        copied.append(len(target))
+        pread_exact(fd, target, offset, path)
+
+    monkeypatch.setattr(loader_streaming.cpu, "pread_exact", counting_pread)
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "inplace/model.safetensors")
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/inplace/model.safetensors")
+    pinned.release()
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+    assert copied == []
+
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "resumed/model.safetensors")
+    monkeypatch.setenv("FASTLOAD_S3_MAX_ATTEMPTS", "2")
+    proxy.faults = ["ok"] * 3 + ["500"] * 200
+    with pytest.raises(OriginError):
+        stream_state_dict(f"s3://{BUCKET}/resumed/model.safetensors")
+    proxy.faults = []
+    proxy.reset_counters()
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/resumed/model.safetensors")
+    pinned.release()
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+    assert 0 < proxy.get_body_bytes < size  # the three ranges of the failed fetch were not fetched again
+    assert 0 < sum(copied) <= size - proxy.get_body_bytes + cpu.PAGE

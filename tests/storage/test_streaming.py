@@ -13,7 +13,7 @@ import pytest
 
 from fastload_core.storage.errors import IntegrityError
 from fastload_core.storage.meta import Manifest, RemoteFile
-from fastload_core.storage.progress import Watermark
+from fastload_core.storage.progress import Mirror, Watermark
 from fastload_core.storage.streaming import RangeWatch, watch_fetch
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET
@@ -72,6 +72,38 @@ def test_a_watched_fetch_reports_the_landed_prefix_as_it_downloads(s3: Any, prox
         with future.result(30) as path:
             assert (path / "a.bin").read_bytes() == data
         assert "fetch_done" in stats and watch.marks["a.bin"].position == len(data)
+    finally:
+        watch.close()
+
+
+def test_a_mirror_reports_the_parts_of_a_span_it_has_not_filled() -> None:
+    mirror = Mirror(100)
+    assert mirror.gaps(0, 100) == [(0, 100)]
+    mirror.filled(10, 20)
+    mirror.filled(40, 70)
+    mirror.filled(20, 30)
+    assert mirror.gaps(0, 100) == [(0, 10), (30, 40), (70, 100)]
+    assert mirror.gaps(15, 45) == [(30, 40)]
+    assert mirror.gaps(40, 70) == []
+    with pytest.raises(ValueError, match="positive size"):
+        Mirror(0)
+
+
+@pytest.mark.s3
+def test_a_mirrored_watched_fetch_receives_every_byte_into_the_mirror(s3: Any, proxy: FaultProxy) -> None:
+    # The S3 origin receives into the mirror and writes the file from it: the mirror holds the file, every
+    # range is marked filled, and the cut and reset bodies' retries resumed into it at the right offsets.
+    data = os.urandom(3 * MiB + 123)
+    s3.put_object(Bucket=BUCKET, Key="mirrored/a.bin", Body=data)
+    proxy.faults = ["ok", "short", "ok", "reset"]
+    watch, future = watch_fetch(f"s3://{BUCKET}/mirrored/a.bin", mirror=True)
+    watch.started_event.wait(30)
+    try:
+        with future.result(30) as path:
+            assert path.read_bytes() == data
+        mirror = watch.mirrors["a.bin"]
+        assert bytes(mirror.view) == data and mirror.gaps(0, len(data)) == []
+        assert proxy.applied == ["ok", "short", "ok", "reset"]
     finally:
         watch.close()
 
