@@ -16,17 +16,22 @@ any weight is handed out, exactly as a plain fetch would.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import torch
 
-from ..storage import Pin, TieredStore
-from ..storage.streaming import RangeWatch, watch_fetch
+from ..storage import Pin, TieredStore, writethrough
+from ..storage.progress import Mirror
+from ..storage.streaming import PendingPin, RangeWatch, watch_fetch
 from . import cpu
 from .header import parse_header
+
+log = logging.getLogger("fastload")
 
 # The most one copy step takes: tensors are handed on (to the device, or to the caller's stats) as each
 # step ends, so a prefix that jumps by a gigabyte at once is still copied in steps.
@@ -56,10 +61,27 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
                 tensors[tensor_name] = tensor.to(device) if device.type != "cpu" else tensor
                 stats.setdefault("first_tensor", time.monotonic())
                 stats["last_tensor"] = time.monotonic()
-        pinned = future.result()  # verified and published: only now are the weights handed out
-        return tensors, pinned
+        # Only once the whole download verified are the weights handed out. Into mirrors, that is before the
+        # RAM tier's files are written from them and published, on the fetch's thread (progress.Mirror says
+        # why); the pin then follows (PendingPin), and the copy counts as a pending write-through.
+        watch.settled.wait()
+        if not watch.is_verified or future.done():
+            return tensors, future.result()
+        tier = watch.tier
+        writethrough.track(uri, (tier,) if tier else (), future)
+        future.add_done_callback(lambda done: _report_unpublished(uri, tier, done))
+        return tensors, PendingPin(future, tier)
     finally:
         watch.close()
+
+
+def _report_unpublished(uri: str, tier: str | None, future: Future[Pin]) -> None:
+    """The tensors were handed out, verified; a publication that failed after that costs only the cache entry
+    (the next start downloads again), so it is logged, as a failed write-through is, not raised."""
+    error = future.exception()
+    if error is not None:
+        log.warning("%s: the streamed tensors are loaded, but their cache copy in %s was not published: %s",
+                    uri, tier, error)
 
 
 def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -74,13 +96,13 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     file) and everything is copied that way. Either way the tensors are views of one buffer per file, as a
     local ``copy=True`` load gives them.
     """
+    mirror = watch.mirrors.get(name)
     watch.wait_for(name, 8)
-    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (header_len,) = struct.unpack("<Q", _landed(mirror, fd, 0, 8))
     watch.wait_for(name, min(8 + header_len, size))
-    header = parse_header(name, os.pread(fd, header_len, 8), size)
+    header = parse_header(name, _landed(mirror, fd, 8, header_len), size)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies
-    mirror = watch.mirrors.get(name)
     if mirror is not None:  # the whole file, from byte 0: offsets in it are file offsets
         base = torch.frombuffer(mirror.memory, dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
         base_offset = 0
@@ -105,3 +127,11 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
         for gap_start, gap_end in mirror.gaps(copied, upto) if mirror is not None else [(copied, upto)]:
             cpu.pread_exact(fd, view[gap_start - base_offset:gap_end - base_offset], gap_start, name)
         copied = upto
+
+
+def _landed(mirror: Mirror | None, fd: int, offset: int, length: int) -> bytes:
+    """Landed bytes ``[offset, offset + length)``: from the mirror where the origin received them there (it
+    writes the file from it only after the download verified), else from the file."""
+    if mirror is not None and not mirror.gaps(offset, offset + length):
+        return bytes(mirror.view[offset:offset + length])
+    return os.pread(fd, length, offset)
