@@ -5,13 +5,14 @@ by storage (``storage.streaming.watch_fetch``: which byte ranges of each file ha
 module turns the landed bytes into tensors: each safetensors header is parsed as soon as its first bytes
 are in, and each tensor is handed on (as private memory, or copied onto the device) as soon as the
 contiguous prefix of its file covers it. The S3 origin receives the bytes into the private memory the
-tensors are views of (a ``Mirror``) and writes the cache file from there, so on CPU there is no copy left
-to trail the download: the cold start costs about one fetch. Bytes that arrive another way are copied out
-of the landed file while they are hot in the page cache. The cache entry is published as usual, so the
-next start is a hit.
+tensors are views of (a ``Mirror``), so on CPU there is no copy left to trail the download; the cache file
+is written from that memory after the download verified and the tensors were handed out (storage's
+``Mirror`` says why), so the cold start costs about one fetch. Bytes that arrive another way are copied
+out of the landed file while they are hot in the page cache. The cache entry is published as usual (its
+pin, a ``PendingPin``, follows the tensors), so the next start is a hit.
 
-The tensors are returned only after the whole fetch verified: a corrupt or changed object raises before
-any weight is handed out, exactly as a plain fetch would.
+The tensors are returned only after the whole download verified: a corrupt or changed object raises
+before any weight is handed out, exactly as a plain fetch would.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
     """Fetch ``uri`` and copy out every tensor of its safetensors files as their bytes land.
 
     Returns the tensors and the pin of the cached entry; the tensors are None when nothing was
-    downloaded (a cache hit: load the pinned files the usual way). ``stats`` receives monotonic times:
-    ``started``, ``first_tensor``, ``last_tensor``, ``fetch_done``.
+    downloaded (a cache hit: load the pinned files the usual way). After a download into mirrors the pin
+    is a ``PendingPin``: the entry is still being written from the tensors' memory and published (a
+    pending write-through until then; its failure is logged, the tensors stay good). ``stats`` receives
+    monotonic times: ``started``, ``first_tensor``, ``last_tensor``, ``verified`` (the download verified,
+    when it went into mirrors) and ``fetch_done`` (the entry published: possibly after this returns).
     """
     stats = stats if stats is not None else {}
     stats["started"] = time.monotonic()
