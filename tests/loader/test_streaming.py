@@ -21,6 +21,7 @@ from fastload_core.storage.streaming import PendingPin
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
 from tests.storage.conftest import BUCKET
+from tests.storage.helpers import spawn
 
 # The storage tests' S3 fixtures: the fault proxy, and small parts so a small checkpoint takes many GETs.
 proxy = storage_fixtures.proxy
@@ -207,3 +208,36 @@ def test_tensors_changed_before_the_ram_copy_is_written_are_not_cached(
     pinned.release()
     assert proxy.get_body_bytes == os.path.getsize(tmp_path / "model.safetensors")
     assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+
+
+STREAM_AND_EXIT = """
+import logging, os, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+import fastload_core.storage.store as store
+real = store._write_mirrors
+def slow(*args):  # the shm copy from the tensors' memory is slow: the load returns long before it is done
+    time.sleep(float(os.environ["SLEEP"]))
+    real(*args)
+store._write_mirrors = slow
+from fastload_core.loader.api import stream_state_dict
+tensors, pinned = stream_state_dict(os.environ["URI"])
+pinned.release()
+print(type(pinned).__name__, len(tensors), flush=True)
+"""
+
+
+def test_a_process_does_not_exit_before_its_streamed_entry_is_published(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, shm_root: Path) -> None:
+    checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "exit/model.safetensors")
+    uri = f"s3://{BUCKET}/exit/model.safetensors"
+    child = spawn(STREAM_AND_EXIT, {"URI": uri, "SLEEP": "1.5"})
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    assert out.split() == ["PendingPin", "11"]  # handed out before the entry was published
+    assert "waiting for 1 write-through(s) to finish before exit" in err
+    entries = default_store().ls()
+    assert [e.entry.tier for e in entries] == ["shm", "local_disk"]
+    for info in entries:
+        assert (info.entry.path / "files" / "model.safetensors").read_bytes() == \
+            (tmp_path / "model.safetensors").read_bytes()
