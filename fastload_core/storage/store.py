@@ -59,7 +59,7 @@ from .lease import RedisLease
 from .local_disk import LocalDiskTier
 from .meta import FILES_DIR, EntryMeta, Manifest
 from .peers import BUSY_PAUSE, Holders, PeerRegistry, PeerSettings, PeerSource
-from .progress import Mirror, Progress
+from .progress import DeferredRange, Mirror, Progress
 from .settings import VERIFY_MODES, StorageSettings
 from .shared_fs import SharedFsTier
 from .shm import ShmTier
@@ -708,7 +708,8 @@ class TieredStore:
 
 
 # --- files received into mirrors (progress.Mirror) ------------------------------------------------------
-_MIRROR_CHUNK = 8 * 1024 * 1024
+_MIRROR_CHUNK = 1024 * 1024
+_local = threading.local()
 
 
 def _write_mirrors(files_dir: Path, journal: Journal, mirrors: dict[str, Mirror], uri: str) -> None:
@@ -718,37 +719,54 @@ def _write_mirrors(files_dir: Path, journal: Journal, mirrors: dict[str, Mirror]
     Why the check: the mirror is the memory of tensors the reader may already have handed out (this runs
     after the download verified), and a caller may write to them. The file must get the verified bytes or
     nothing: a range that no longer matches is an ``IntegrityError``, and the store drops the partial entry
-    instead of publishing it (the next start downloads again). Reading the range back costs a copy out of the
-    page cache and XXH3 (about 0.1 CPU s per GiB), off the critical path."""
-    buffer = bytearray(_MIRROR_CHUNK)
-    for name, mirror in mirrors.items():
-        ranges = mirror.take_deferred()
-        if not ranges:
-            continue
-        try:
-            fd = open_file(confine(files_dir, name, uri=uri), os.O_RDWR)
-        except UnsafePath as exc:
-            raise UnsafeKeyError(exc.path, exc.problem, uri=uri) from None
-        try:
-            for deferred in ranges:
-                block_size, expected = deferred.blocks
-                blocks = BlockDigests(block_size)
-                for offset in range(deferred.start, deferred.end, _MIRROR_CHUNK):
-                    data = mirror.view[offset:min(offset + _MIRROR_CHUNK, deferred.end)]
-                    while len(data):
-                        written = os.pwrite(fd, data, offset)
-                        data, offset = data[written:], offset + written
-                for offset in range(deferred.start, deferred.end, _MIRROR_CHUNK):
-                    want = memoryview(buffer)[:min(_MIRROR_CHUNK, deferred.end - offset)]
-                    if os.preadv(fd, [want], offset) != len(want):
-                        raise IntegrityError(uri, name, f"short read back at byte {offset} of the cache copy")
-                    blocks.update(want)
-                if blocks.hexdigest() != expected:
-                    raise IntegrityError(uri, name, f"bytes {deferred.start}-{deferred.end} changed in memory "
-                                                    "before the cache copy was written from them (were the "
-                                                    "streamed tensors modified at once?)")
-                journal.record(name, deferred.start, deferred.end, deferred.digest, deferred.blocks)
-        finally:
+    instead of publishing it (the next start downloads again). Each 1 MiB is read back right after it is
+    written, while it is still in the CPU's cache, so the check costs XXH3 and a cache-hot copy. The ranges
+    are written by a few threads at once: the copy into tmpfs is mostly the kernel's page allocation, which
+    spreads over the cores, and a process that exits right after its load waits for it (writethrough)."""
+    fds: dict[str, int] = {}
+    jobs: list[tuple[str, Mirror, DeferredRange]] = []
+    try:
+        for name, mirror in mirrors.items():
+            ranges = mirror.take_deferred()
+            if not ranges:
+                continue
+            try:
+                fds[name] = open_file(confine(files_dir, name, uri=uri), os.O_RDWR)
+            except UnsafePath as exc:
+                raise UnsafeKeyError(exc.path, exc.problem, uri=uri) from None
+            jobs.extend((name, mirror, deferred) for deferred in ranges)
+
+        def one(job: tuple[str, Mirror, DeferredRange]) -> None:
+            name, mirror, deferred = job
+            fd = fds[name]
+            buffer: memoryview | None = getattr(_local, "buffer", None)
+            if buffer is None:
+                buffer = _local.buffer = memoryview(bytearray(_MIRROR_CHUNK))
+            block_size, expected = deferred.blocks
+            blocks = BlockDigests(block_size)
+            for offset in range(deferred.start, deferred.end, _MIRROR_CHUNK):
+                length = min(_MIRROR_CHUNK, deferred.end - offset)
+                data, position = mirror.view[offset:offset + length], offset
+                while len(data):
+                    written = os.pwrite(fd, data, position)
+                    data, position = data[written:], position + written
+                back = buffer[:length]
+                if os.preadv(fd, [back], offset) != length:
+                    raise IntegrityError(uri, name, f"short read back at byte {offset} of the cache copy")
+                blocks.update(back)
+            if blocks.hexdigest() != expected:
+                raise IntegrityError(uri, name, f"bytes {deferred.start}-{deferred.end} changed in memory before "
+                                                "the cache copy was written from them (were the streamed tensors "
+                                                "modified at once?)")
+            journal.record(name, deferred.start, deferred.end, deferred.digest, deferred.blocks)
+
+        if jobs:
+            workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="fastload-mirror-write") as pool:
+                for future in [pool.submit(one, job) for job in jobs]:
+                    future.result()
+    finally:
+        for fd in fds.values():
             os.close(fd)
 
 
