@@ -69,8 +69,12 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
         # RAM tier's files are written from them and published, on the fetch's thread (progress.Mirror says
         # why); the pin then follows (PendingPin), and the copy counts as a pending write-through.
         watch.settled.wait()
-        if not watch.is_verified or future.done():
+        if not watch.is_verified:
             return tensors, future.result()
+        if future.done() and future.exception() is None:
+            return tensors, future.result()
+        # Verified: the tensors are handed out even when the publication has already failed (whether it did by
+        # now is a race), so a failure after verification is always logged, never raised here.
         tier = watch.tier
         writethrough.track(uri, (tier,) if tier else (), future)
         future.add_done_callback(lambda done: _report_unpublished(uri, tier, done))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -241,3 +242,24 @@ def test_a_process_does_not_exit_before_its_streamed_entry_is_published(
     for info in entries:
         assert (info.entry.path / "files" / "model.safetensors").read_bytes() == \
             (tmp_path / "model.safetensors").read_bytes()
+
+
+def test_a_publication_that_fails_after_verification_costs_only_the_cache_entry(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # However fast the shm copy fails after the download verified, the verified tensors are handed out and the
+    # failure is logged, as a failed write-through is; the pin says what failed.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "unpublished/model.safetensors")
+
+    def broken(*args: Any) -> None:
+        raise OSError(errno.EIO, "the shm device failed")
+
+    monkeypatch.setattr(store_module, "_write_mirrors", broken)
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/unpublished/model.safetensors")
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+    writethrough.wait(timeout=60)
+    with pytest.raises(OSError, match="shm device failed"):
+        _ = pinned.path
+    pinned.release()
+    assert default_store().ls() == [] and "was not published" in caplog.text
