@@ -148,7 +148,9 @@ def stream_state_dict(uri: str, device: str | torch.device = "cpu", *, tier: str
     Returns the state dict and the pin of the cached entry (release it when the model is dropped; the
     tensors are private copies, so releasing early only lets the entry be evicted). On a cache hit this is
     a plain load of the cached files. ``stats``, when given, receives monotonic times: ``started``,
-    ``first_tensor``, ``last_tensor``, ``fetch_done`` (the overlap, for benchmarks and tests).
+    ``first_tensor``, ``last_tensor``, ``verified``, ``fetch_done`` (the overlap, for benchmarks and tests;
+    a cold stream returns once the download verified, and its entry may be published after: the pin is then
+    a ``storage.streaming.PendingPin``, whose ``path`` waits for it).
     """
     from .streaming import stream_tensors
 

@@ -5,28 +5,34 @@ by storage (``storage.streaming.watch_fetch``: which byte ranges of each file ha
 module turns the landed bytes into tensors: each safetensors header is parsed as soon as its first bytes
 are in, and each tensor is handed on (as private memory, or copied onto the device) as soon as the
 contiguous prefix of its file covers it. The S3 origin receives the bytes into the private memory the
-tensors are views of (a ``Mirror``) and writes the cache file from there, so on CPU there is no copy left
-to trail the download: the cold start costs about one fetch. Bytes that arrive another way are copied out
-of the landed file while they are hot in the page cache. The cache entry is published as usual, so the
-next start is a hit.
+tensors are views of (a ``Mirror``), so on CPU there is no copy left to trail the download; the cache file
+is written from that memory after the download verified and the tensors were handed out (storage's
+``Mirror`` says why), so the cold start costs about one fetch. Bytes that arrive another way are copied
+out of the landed file while they are hot in the page cache. The cache entry is published as usual (its
+pin, a ``PendingPin``, follows the tensors), so the next start is a hit.
 
-The tensors are returned only after the whole fetch verified: a corrupt or changed object raises before
-any weight is handed out, exactly as a plain fetch would.
+The tensors are returned only after the whole download verified: a corrupt or changed object raises
+before any weight is handed out, exactly as a plain fetch would.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import torch
 
-from ..storage import Pin, TieredStore
-from ..storage.streaming import RangeWatch, watch_fetch
+from ..storage import Pin, TieredStore, writethrough
+from ..storage.progress import Mirror
+from ..storage.streaming import PendingPin, RangeWatch, watch_fetch
 from . import cpu
 from .header import parse_header
+
+log = logging.getLogger("fastload")
 
 # The most one copy step takes: tensors are handed on (to the device, or to the caller's stats) as each
 # step ends, so a prefix that jumps by a gigabyte at once is still copied in steps.
@@ -39,8 +45,11 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
     """Fetch ``uri`` and copy out every tensor of its safetensors files as their bytes land.
 
     Returns the tensors and the pin of the cached entry; the tensors are None when nothing was
-    downloaded (a cache hit: load the pinned files the usual way). ``stats`` receives monotonic times:
-    ``started``, ``first_tensor``, ``last_tensor``, ``fetch_done``.
+    downloaded (a cache hit: load the pinned files the usual way). After a download into mirrors the pin
+    is a ``PendingPin``: the entry is still being written from the tensors' memory and published (a
+    pending write-through until then; its failure is logged, the tensors stay good). ``stats`` receives
+    monotonic times: ``started``, ``first_tensor``, ``last_tensor``, ``verified`` (the download verified,
+    when it went into mirrors) and ``fetch_done`` (the entry published: possibly after this returns).
     """
     stats = stats if stats is not None else {}
     stats["started"] = time.monotonic()
@@ -56,10 +65,31 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
                 tensors[tensor_name] = tensor.to(device) if device.type != "cpu" else tensor
                 stats.setdefault("first_tensor", time.monotonic())
                 stats["last_tensor"] = time.monotonic()
-        pinned = future.result()  # verified and published: only now are the weights handed out
-        return tensors, pinned
+        # Only once the whole download verified are the weights handed out. Into mirrors, that is before the
+        # RAM tier's files are written from them and published, on the fetch's thread (progress.Mirror says
+        # why); the pin then follows (PendingPin), and the copy counts as a pending write-through.
+        watch.settled.wait()
+        if not watch.is_verified:
+            return tensors, future.result()
+        if future.done() and future.exception() is None:
+            return tensors, future.result()
+        # Verified: the tensors are handed out even when the publication has already failed (whether it did by
+        # now is a race), so a failure after verification is always logged, never raised here.
+        tier = watch.tier
+        writethrough.track(uri, (tier,) if tier else (), future)
+        future.add_done_callback(lambda done: _report_unpublished(uri, tier, done))
+        return tensors, PendingPin(future, tier)
     finally:
         watch.close()
+
+
+def _report_unpublished(uri: str, tier: str | None, future: Future[Pin]) -> None:
+    """The tensors were handed out, verified; a publication that failed after that costs only the cache entry
+    (the next start downloads again), so it is logged, as a failed write-through is, not raised."""
+    error = future.exception()
+    if error is not None:
+        log.warning("%s: the streamed tensors are loaded, but their cache copy in %s was not published: %s",
+                    uri, tier, error)
 
 
 def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -74,13 +104,13 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     file) and everything is copied that way. Either way the tensors are views of one buffer per file, as a
     local ``copy=True`` load gives them.
     """
+    mirror = watch.mirrors.get(name)
     watch.wait_for(name, 8)
-    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (header_len,) = struct.unpack("<Q", _landed(mirror, fd, 0, 8))
     watch.wait_for(name, min(8 + header_len, size))
-    header = parse_header(name, os.pread(fd, header_len, 8), size)
+    header = parse_header(name, _landed(mirror, fd, 8, header_len), size)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies
-    mirror = watch.mirrors.get(name)
     if mirror is not None:  # the whole file, from byte 0: offsets in it are file offsets
         base = torch.frombuffer(mirror.memory, dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
         base_offset = 0
@@ -105,3 +135,11 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
         for gap_start, gap_end in mirror.gaps(copied, upto) if mirror is not None else [(copied, upto)]:
             cpu.pread_exact(fd, view[gap_start - base_offset:gap_end - base_offset], gap_start, name)
         copied = upto
+
+
+def _landed(mirror: Mirror | None, fd: int, offset: int, length: int) -> bytes:
+    """Landed bytes ``[offset, offset + length)``: from the mirror where the origin received them there (it
+    writes the file from it only after the download verified), else from the file."""
+    if mirror is not None and not mirror.gaps(offset, offset + length):
+        return bytes(mirror.view[offset:offset + length])
+    return os.pread(fd, length, offset)

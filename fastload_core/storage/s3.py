@@ -134,6 +134,12 @@ def _read_into(body: Any, view: memoryview) -> int:
     return len(chunk)
 
 
+def _defers(plan: _Plan) -> bool:
+    """Whether a range of ``plan``'s file received into a mirror may skip the file until the store writes it
+    from the mirror: every mode but ``sequential``, whose hasher reads the file as its prefix grows."""
+    return plan.mode != "sequential"
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         written = os.pwrite(fd, data, offset)
@@ -497,8 +503,12 @@ class S3Origin(Origin):
             plan.part_crcs[index] = hasher.crc
         elif hasher.md5:
             plan.part_md5s[index] = bytes.fromhex(hasher.hexdigest())
-        journal.record(item.name, start, end, hasher.journal_digest(), (plan.block_size, hasher.blocks.hexdigest()))
+        blocks = (plan.block_size, hasher.blocks.hexdigest())
         mirror = progress.mirrors.get(item.name)
+        if mirror is not None and _defers(plan):  # in the mirror only: journalled once the store writes it
+            mirror.defer(start, end, hasher.journal_digest(), blocks)
+        else:
+            journal.record(item.name, start, end, hasher.journal_digest(), blocks)
         if mirror is not None:  # every byte of the range was received into it (_get_into), before it is reported
             mirror.filled(start, end)
         plan.tracker.complete(start, end)
@@ -535,8 +545,10 @@ class S3Origin(Origin):
             raw = _socket_stream(body)
             mirror = progress.mirrors.get(item.name)
             # With a mirror (the streaming load's private copy of the file), the bytes are received straight
-            # into it and written to the file from there: the reader's tensors are views of it, no copy.
+            # into it: the reader's tensors are views of it, no copy. The file is written from it later, by the
+            # store, once the download verified (progress.Mirror), unless this file is hashed from the file.
             view = _buffer() if mirror is None else mirror.view
+            write = mirror is None or not _defers(plan)
             while position < end:
                 if mirror is None:
                     want = view[:min(len(view), end - position)]
@@ -548,7 +560,8 @@ class S3Origin(Origin):
                 chunk = want[:count]
                 if hasher is not None:
                     hasher.update(chunk)  # while the bytes are still in the CPU's cache
-                _pwrite_all(plan.fd, chunk, position)
+                if write:
+                    _pwrite_all(plan.fd, chunk, position)
                 position += count
                 cursor.position = position
                 progress.add(count)

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import filelock
 
+from .._safefs import UnsafePath, open_file
 from ..errors import PluginError
 from ..plugins import collect, notify
 from . import writethrough
@@ -41,6 +42,7 @@ from .errors import (
     OriginError,
     StorageError,
     TierFullError,
+    UnsafeKeyError,
 )
 from .eviction import (
     Pin,
@@ -57,12 +59,12 @@ from .lease import RedisLease
 from .local_disk import LocalDiskTier
 from .meta import FILES_DIR, EntryMeta, Manifest
 from .peers import BUSY_PAUSE, Holders, PeerRegistry, PeerSettings, PeerSource
-from .progress import Progress
+from .progress import DeferredRange, Mirror, Progress
 from .settings import VERIFY_MODES, StorageSettings
 from .shared_fs import SharedFsTier
 from .shm import ShmTier
-from .uri import ModelURI, is_uri, parse_uri
-from .verify import BLOCK_SIZE, file_digests
+from .uri import ModelURI, confine, is_uri, parse_uri
+from .verify import BLOCK_SIZE, BlockDigests, file_digests
 from .writeback import EarlyWriteback
 
 log = logging.getLogger("fastload.storage")
@@ -86,7 +88,9 @@ class FetchWatch(Protocol):
 
     def range_done(self, name: str, start: int, end: int) -> None: ...
 
-    # Optional: ``mirrors`` (file name -> progress.Mirror), private copies the origin may receive into.
+    # Optional: ``mirrors`` (file name -> progress.Mirror), private copies the origin may receive into, and
+    # ``verified()``, called when a download into mirrors has verified, before the files are written from
+    # them and the entry published (the reader may hand its tensors out from then on).
 
 
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*$")
@@ -579,12 +583,26 @@ class TieredStore:
             progress = Progress(what, nbytes, enabled=self.show_progress and not quiet)
             if tier.durable and EarlyWriteback.available():  # the publishing fsync finds the bytes mostly written
                 progress.listeners.append(EarlyWriteback(partial / FILES_DIR))
+            mirrors: dict[str, Mirror] = {}
             if watch is not None:
                 watch.started(tier.name, partial / FILES_DIR, manifest)
                 progress.listeners.append(watch.range_done)
-                progress.mirrors.update(getattr(watch, "mirrors", None) or {})
+                mirrors = dict(getattr(watch, "mirrors", None) or {})
+                progress.mirrors.update(mirrors)
             try:
-                checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
+                try:
+                    checksums = writer.download(manifest, partial / FILES_DIR, journal=journal, progress=progress)
+                except BaseException as exc:
+                    if mirrors and not isinstance(exc, IntegrityError):  # keep what arrived, for the resume
+                        _keep_received(partial / FILES_DIR, journal, mirrors, shown)
+                    raise
+                if mirrors:
+                    # Verified: the reader may hand the tensors out now, while the file is written from the
+                    # mirror (progress.Mirror says why then) and the entry published.
+                    verified = getattr(watch, "verified", None)
+                    if verified is not None:
+                        verified()
+                    _write_mirrors(partial / FILES_DIR, journal, mirrors, shown)
             except IntegrityError as exc:
                 tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
                 if isinstance(source, Pin) and source.entry is not None and source.tier in self._by_name:
@@ -687,6 +705,79 @@ class TieredStore:
                         counts["locks"] += 1
                 counts["evicted"] += shrink_to_budget(t)
         return counts
+
+
+# --- files received into mirrors (progress.Mirror) ------------------------------------------------------
+_MIRROR_CHUNK = 1024 * 1024
+_local = threading.local()
+
+
+def _write_mirrors(files_dir: Path, journal: Journal, mirrors: dict[str, Mirror], uri: str) -> None:
+    """Write each range an origin received into a mirror and deferred into its file, check what the file now
+    holds against the block digests computed as the range arrived, and only then journal it.
+
+    Why the check: the mirror is the memory of tensors the reader may already have handed out (this runs
+    after the download verified), and a caller may write to them. The file must get the verified bytes or
+    nothing: a range that no longer matches is an ``IntegrityError``, and the store drops the partial entry
+    instead of publishing it (the next start downloads again). Each 1 MiB is read back right after it is
+    written, while it is still in the CPU's cache, so the check costs XXH3 and a cache-hot copy. The ranges
+    are written by a few threads at once: the copy into tmpfs is mostly the kernel's page allocation, which
+    spreads over the cores, and a process that exits right after its load waits for it (writethrough)."""
+    fds: dict[str, int] = {}
+    jobs: list[tuple[str, Mirror, DeferredRange]] = []
+    try:
+        for name, mirror in mirrors.items():
+            ranges = mirror.take_deferred()
+            if not ranges:
+                continue
+            try:
+                fds[name] = open_file(confine(files_dir, name, uri=uri), os.O_RDWR)
+            except UnsafePath as exc:
+                raise UnsafeKeyError(exc.path, exc.problem, uri=uri) from None
+            jobs.extend((name, mirror, deferred) for deferred in ranges)
+
+        def one(job: tuple[str, Mirror, DeferredRange]) -> None:
+            name, mirror, deferred = job
+            fd = fds[name]
+            buffer: memoryview | None = getattr(_local, "buffer", None)
+            if buffer is None:
+                buffer = _local.buffer = memoryview(bytearray(_MIRROR_CHUNK))
+            block_size, expected = deferred.blocks
+            blocks = BlockDigests(block_size)
+            for offset in range(deferred.start, deferred.end, _MIRROR_CHUNK):
+                length = min(_MIRROR_CHUNK, deferred.end - offset)
+                data, position = mirror.view[offset:offset + length], offset
+                while len(data):
+                    written = os.pwrite(fd, data, position)
+                    data, position = data[written:], position + written
+                back = buffer[:length]
+                if os.preadv(fd, [back], offset) != length:
+                    raise IntegrityError(uri, name, f"short read back at byte {offset} of the cache copy")
+                blocks.update(back)
+            if blocks.hexdigest() != expected:
+                raise IntegrityError(uri, name, f"bytes {deferred.start}-{deferred.end} changed in memory before "
+                                                "the cache copy was written from them (were the streamed tensors "
+                                                "modified at once?)")
+            journal.record(name, deferred.start, deferred.end, deferred.digest, deferred.blocks)
+
+        if jobs:
+            workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="fastload-mirror-write") as pool:
+                for future in [pool.submit(one, job) for job in jobs]:
+                    future.result()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _keep_received(files_dir: Path, journal: Journal, mirrors: dict[str, Mirror], uri: str) -> None:
+    """A download that failed still keeps the ranges it received whole: they go to the file and the journal,
+    so the retry resumes after them as it would have without a mirror. Best effort: the fetch's own error is
+    the one raised."""
+    try:
+        _write_mirrors(files_dir, journal, mirrors, uri)
+    except Exception as exc:
+        log.debug("%s: the ranges received before the failure were not kept: %r", uri, exc)
 
 
 # --- the process-wide default store ------------------------------------------------------------------

@@ -39,8 +39,23 @@ class RangeWatch:
         self.sizes: dict[str, int] = {}
         self.failed: BaseException | None = None
         self.finished = False
+        self.tier: str | None = None
+        self.stats: dict[str, float] | None = None
+        # Set when the download into the mirrors verified (``verified``) or the fetch ended (``finish``):
+        # the reader may hand its tensors out after the first, and must raise what failed after the second.
+        self.settled = threading.Event()
+        self.is_verified = False
+        self.closed = False
 
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
+        self.tier = tier
+        if self.closed:
+            # The reader is done (a fill that failed after it handed the tensors out, writing the mirrors into a
+            # full tier, and the store now fills the next one): that download must not receive into the
+            # tensors' memory, nor open descriptors no one will close.
+            self.mirrors = {}
+            self.manifest = manifest
+            return
         # Opened now, before the download: the partial directory is renamed when it is published, and
         # an open descriptor follows the file wherever it goes.
         for item in manifest.files:
@@ -58,12 +73,20 @@ class RangeWatch:
         if mark is not None:
             mark.complete(start, end)
 
+    def verified(self) -> None:
+        """The store's call: the download into the mirrors verified (the files are written from them next)."""
+        if self.stats is not None:
+            self.stats["verified"] = time.monotonic()
+        self.is_verified = True
+        self.settled.set()
+
     def finish(self, future: Future[Pin]) -> None:
         self.failed = future.exception()
         self.finished = True
         for mark in self.marks.values():
             mark.wake()
         self.started_event.set()
+        self.settled.set()
 
     def wait_for(self, name: str, position: int) -> int:
         """Block until the first ``position`` bytes of ``name`` have landed; return how many have (at least
@@ -79,9 +102,71 @@ class RangeWatch:
         return max(position, self.sizes[name])
 
     def close(self) -> None:
+        self.closed = True
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+class PendingPin(Pin):
+    """The pin of a streamed load's cache entry when the tensors were handed out before it was published.
+
+    Why: the tensors are handed out once the download verified; the fetch's thread then writes the RAM
+    tier's files from the mirrors and publishes the entry (progress.Mirror says why that is off the critical
+    path). ``tier`` is known at once; ``path`` (and ``with``) waits for the publication and raises what
+    failed it; ``release`` never waits: the entry's own pin is released as soon as it exists."""
+
+    def __init__(self, future: Future[Pin], tier: str | None) -> None:
+        self._future = future
+        self._lock = threading.Lock()
+        self._released = False
+        self._settled = threading.Event()
+        super().__init__(Path(), tier=tier)
+        future.add_done_callback(self._publication_done)
+
+    @property
+    def path(self) -> Path:
+        return self.result().path
+
+    @path.setter
+    def path(self, value: Path) -> None:  # Pin.__init__ sets it; the published path comes from the future
+        pass
+
+    def result(self) -> Pin:
+        """The published entry's pin, once it is published (waiting for it); raises what failed it."""
+        self._settled.wait()
+        return self._future.result()
+
+    @property
+    def held(self) -> bool:
+        if self._released:
+            return False
+        if not self._future.done():
+            return True
+        return self._future.exception() is None and self._future.result().held
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            done = self._future.done()
+        if done and self._future.exception() is None:
+            self._future.result().release()
+
+    def _publication_done(self, future: Future[Pin]) -> None:
+        try:
+            error = future.exception()
+            with self._lock:
+                if error is None:
+                    pinned = future.result()
+                    self.tier, self.key, self.entry = pinned.tier, pinned.key, pinned.entry
+                    if self._released:
+                        pinned.release()
+        finally:
+            self._settled.set()
+
+    def __repr__(self) -> str:
+        state = "publishing" if not self._future.done() else "held" if self.held else "released"
+        return f"PendingPin(tier={self.tier!r}, {state})"
 
 
 def watch_fetch(uri: str, *, tier: str | None = None, store: TieredStore | None = None,
@@ -99,6 +184,7 @@ def watch_fetch(uri: str, *, tier: str | None = None, store: TieredStore | None 
     in any tier is read where it is."""
     store = store or default_store()
     watch = RangeWatch(wanted, mirror=mirror)
+    watch.stats = stats
     executor = ThreadPoolExecutor(1, thread_name_prefix="fastload-stream-fetch")
     land = store.tiers[0].name if tier is None else None
     future = executor.submit(store.pin, uri, tier=tier, watch=watch, land=land)
@@ -109,4 +195,4 @@ def watch_fetch(uri: str, *, tier: str | None = None, store: TieredStore | None 
     return watch, future
 
 
-__all__ = ["RangeWatch", "watch_fetch"]
+__all__ = ["PendingPin", "RangeWatch", "watch_fetch"]

@@ -28,7 +28,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("fastload.storage")
 
@@ -75,6 +77,34 @@ def start(uri: str, tiers: tuple[str, ...], run: Callable[[WriteThrough], None],
     return job
 
 
+def track(uri: str, tiers: tuple[str, ...], future: Future[Any]) -> WriteThrough:
+    """Count work already running on a thread of its own as a pending write-through until ``future`` is done:
+    ``wait`` and the exit hook wait for it too. A streamed load hands its tensors out once the download
+    verified, while its fetch thread still writes the RAM tier's copy from them and publishes it
+    (storage.streaming); that copy is a write-through in all but name."""
+    job = WriteThrough(uri, tiers)
+    with _lock:
+        _pending.add(job)
+        _hook_exit()
+
+    def done(finished: Future[Any]) -> None:
+        try:
+            error = finished.exception()
+        except BaseException as exc:  # cancelled
+            error = exc
+        if error is None:
+            job.published.extend(tiers)
+        else:
+            job.errors[tiers[0] if tiers else "*"] = error
+        job.finished = time.monotonic()
+        with _lock:
+            _pending.discard(job)
+        job.done.set()
+
+    future.add_done_callback(done)
+    return job
+
+
 def _run(job: WriteThrough, run: Callable[[WriteThrough], None], waited_on: bool) -> None:
     try:
         if not waited_on:
@@ -112,13 +142,20 @@ def pending() -> list[WriteThrough]:
 
 
 def wait(timeout: float | None = None) -> list[WriteThrough]:
-    """Wait for every write-through running now; return them (those still running after ``timeout`` have
-    ``finished`` None)."""
-    jobs = pending()
+    """Wait for every write-through running now, and for those they start (a streamed load's RAM copy starts
+    the write-through to the default tier when it is published); return them (those still running after
+    ``timeout`` have ``finished`` None)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    for job in jobs:
-        job.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-    return jobs
+    waited: list[WriteThrough] = []
+    while True:
+        jobs = [job for job in pending() if job not in waited]
+        if not jobs:
+            return waited
+        waited.extend(jobs)
+        for job in jobs:
+            job.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        if deadline is not None and time.monotonic() >= deadline:
+            return waited
 
 
 def _at_exit() -> None:
@@ -154,4 +191,4 @@ def _hook_exit() -> None:
     _hooked = True
 
 
-__all__ = ["NICE", "WriteThrough", "lower_priority", "pending", "start", "wait"]
+__all__ = ["NICE", "WriteThrough", "lower_priority", "pending", "start", "track", "wait"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,13 @@ from fastload_core.loader import cpu
 from fastload_core.loader import streaming as loader_streaming
 from fastload_core.loader.api import stream_state_dict
 from fastload_core.storage import default_store, fetch, writethrough
+from fastload_core.storage import store as store_module
 from fastload_core.storage.errors import IntegrityError, OriginError
+from fastload_core.storage.streaming import PendingPin
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
 from tests.storage.conftest import BUCKET
+from tests.storage.helpers import spawn
 
 # The storage tests' S3 fixtures: the fault proxy, and small parts so a small checkpoint takes many GETs.
 proxy = storage_fixtures.proxy
@@ -128,3 +133,133 @@ def test_streamed_tensors_are_received_in_place_and_only_resumed_ranges_are_copi
     assert all(torch.equal(tensors[n], t) for n, t in expected.items())
     assert 0 < proxy.get_body_bytes < size  # the three ranges of the failed fetch were not fetched again
     assert 0 < sum(copied) <= size - proxy.get_body_bytes + cpu.PAGE
+
+
+def _gate_mirror_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[set[str]]]:
+    """Hold the store's write of the RAM tier's files from the mirrors until the returned event is set; the
+    list gets, for each write, the files the journal named when it began."""
+    gate = threading.Event()
+    journalled: list[set[str]] = []
+    write_mirrors = store_module._write_mirrors
+
+    def gated(files_dir: Path, journal: Any, mirrors: Any, uri: str) -> None:
+        journalled.append({name for name, _, _ in journal.done})
+        assert gate.wait(60)
+        write_mirrors(files_dir, journal, mirrors, uri)
+
+    monkeypatch.setattr(store_module, "_write_mirrors", gated)
+    return gate, journalled
+
+
+def test_a_cold_stream_hands_out_verified_tensors_before_its_ram_copy_is_written(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once the download verified, the tensors (views of the memory it was received into) are handed out; the
+    # shm files are written from that memory afterwards, on the fetch's thread, and only then journalled and
+    # published, with the default tier written through after. Until then the copy is a pending write-through.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "deferred/model.safetensors")
+    uri = f"s3://{BUCKET}/deferred/model.safetensors"
+    gate, journalled = _gate_mirror_writes(monkeypatch)
+    try:
+        tensors, pinned = stream_state_dict(uri)
+        assert isinstance(pinned, PendingPin) and pinned.tier == "shm" and pinned.held
+        assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+        store = default_store()
+        assert store.ls() == [] and writethrough.pending()  # nothing published yet, and waited for
+        assert journalled == [set()]  # received into memory only: no journal line names bytes the file lacks
+    finally:
+        gate.set()
+    writethrough.wait(timeout=60)
+    assert [e.entry.tier for e in store.ls()] == ["shm", "local_disk"]
+    with pinned as path:
+        assert path.read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+        assert all(info.in_use == (info.entry.tier == "shm") for info in store.ls())
+    assert not pinned.held and not any(info.in_use for info in store.ls())
+    proxy.reset_counters()
+    again, hit = stream_state_dict(uri)
+    hit.release()
+    assert proxy.get_body_bytes == 0 and all(torch.equal(again[n], t) for n, t in expected.items())
+
+
+def test_tensors_changed_before_the_ram_copy_is_written_are_not_cached(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The caller owns the handed-out tensors at once, and they are the memory the shm files are written from:
+    # a write to them before that copy must not end up in the cache. The copy is checked against the digests
+    # taken as the bytes arrived, and an entry that does not match is dropped, not published.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "changed/model.safetensors")
+    uri = f"s3://{BUCKET}/changed/model.safetensors"
+    write_mirrors = store_module._write_mirrors
+    gate, _ = _gate_mirror_writes(monkeypatch)
+    try:
+        tensors, pinned = stream_state_dict(uri)
+        tensors["layers.3.weight"].mul_(2)
+    finally:
+        gate.set()
+    writethrough.wait(timeout=60)
+    with pytest.raises(IntegrityError, match="changed in memory"):
+        _ = pinned.path
+    pinned.release()
+    assert default_store().ls() == []
+    assert "was not published" in caplog.text
+    monkeypatch.setattr(store_module, "_write_mirrors", write_mirrors)
+    proxy.reset_counters()
+    tensors, pinned = stream_state_dict(uri)
+    pinned.release()
+    assert proxy.get_body_bytes == os.path.getsize(tmp_path / "model.safetensors")
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+
+
+STREAM_AND_EXIT = """
+import logging, os, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+import fastload_core.storage.store as store
+real = store._write_mirrors
+def slow(*args):  # the shm copy from the tensors' memory is slow: the load returns long before it is done
+    time.sleep(float(os.environ["SLEEP"]))
+    real(*args)
+store._write_mirrors = slow
+from fastload_core.loader.api import stream_state_dict
+tensors, pinned = stream_state_dict(os.environ["URI"])
+pinned.release()
+print(type(pinned).__name__, len(tensors), flush=True)
+"""
+
+
+def test_a_process_does_not_exit_before_its_streamed_entry_is_published(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, shm_root: Path) -> None:
+    checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "exit/model.safetensors")
+    uri = f"s3://{BUCKET}/exit/model.safetensors"
+    child = spawn(STREAM_AND_EXIT, {"URI": uri, "SLEEP": "1.5"})
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    assert out.split() == ["PendingPin", "11"]  # handed out before the entry was published
+    assert "waiting for 1 write-through(s) to finish before exit" in err
+    entries = default_store().ls()
+    assert [e.entry.tier for e in entries] == ["shm", "local_disk"]
+    for info in entries:
+        assert (info.entry.path / "files" / "model.safetensors").read_bytes() == \
+            (tmp_path / "model.safetensors").read_bytes()
+
+
+def test_a_publication_that_fails_after_verification_costs_only_the_cache_entry(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # However fast the shm copy fails after the download verified, the verified tensors are handed out and the
+    # failure is logged, as a failed write-through is; the pin says what failed.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "unpublished/model.safetensors")
+
+    def broken(*args: Any) -> None:
+        raise OSError(errno.EIO, "the shm device failed")
+
+    monkeypatch.setattr(store_module, "_write_mirrors", broken)
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/unpublished/model.safetensors")
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+    writethrough.wait(timeout=60)
+    with pytest.raises(OSError, match="shm device failed"):
+        _ = pinned.path
+    pinned.release()
+    assert default_store().ls() == [] and "was not published" in caplog.text
