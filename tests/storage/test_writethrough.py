@@ -288,26 +288,28 @@ def test_digest_blocks_follow_the_download_ranges() -> None:
     assert block_size_for(5 * MiB + 1) == 5 * MiB + 1  # nothing sensible divides it: a block per range
 
 
+def _niceness() -> int:
+    """The calling thread's own niceness (Linux: a thread id names one thread)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
 def test_the_write_through_runs_below_the_callers_priority_and_its_threads_inherit_it() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from fastload_core.storage.writethrough import NICE, start
 
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
     seen: dict[str, int] = {}
 
     def run(job: writethrough.WriteThrough) -> None:
-        seen["copy"] = niceness()
+        seen["copy"] = _niceness()
         with ThreadPoolExecutor(1) as pool:  # as the copy's own pool of file copiers
-            seen["pool"] = pool.submit(niceness).result()
+            seen["pool"] = pool.submit(_niceness).result()
 
-    caller = niceness()
+    caller = _niceness()
     assert start("file:///m", ("local_disk",), run).wait(30)
     assert seen == {"copy": max(caller, NICE), "pool": max(caller, NICE)}
-    assert niceness() == caller  # the caller's own thread is untouched
+    assert _niceness() == caller  # the caller's own thread is untouched
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
@@ -316,19 +318,16 @@ def test_a_write_through_others_wait_on_keeps_the_callers_priority_until_it_lowe
 
     from fastload_core.storage.writethrough import NICE, lower_priority, start
 
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
     seen: dict[str, int] = {}
 
     def run(job: writethrough.WriteThrough) -> None:
-        seen["waited on"] = niceness()
+        seen["waited on"] = _niceness()
         lower_priority()
-        seen["after"] = niceness()
+        seen["after"] = _niceness()
         with ThreadPoolExecutor(1) as pool:
-            seen["pool"] = pool.submit(niceness).result()
+            seen["pool"] = pool.submit(_niceness).result()
 
-    caller = niceness()
+    caller = _niceness()
     assert start("file:///m", ("shared_fs", "local_disk"), run, waited_on=True).wait(30)
     assert seen == {"waited on": caller, "after": max(caller, NICE), "pool": max(caller, NICE)}
 
