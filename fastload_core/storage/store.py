@@ -584,6 +584,7 @@ class TieredStore:
             if tier.durable and EarlyWriteback.available():  # the publishing fsync finds the bytes mostly written
                 progress.listeners.append(EarlyWriteback(partial / FILES_DIR))
             mirrors: dict[str, Mirror] = {}
+            handed_out = False  # a streamed load's tensors are out: this fill is only the cache copy now
             if watch is not None:
                 watch.started(tier.name, partial / FILES_DIR, manifest)
                 progress.listeners.append(watch.range_done)
@@ -602,6 +603,7 @@ class TieredStore:
                     verified = getattr(watch, "verified", None)
                     if verified is not None:
                         verified()
+                        handed_out = True
                     _write_mirrors(partial / FILES_DIR, journal, mirrors, shown)
             except IntegrityError as exc:
                 tier.discard(partial)  # bad bytes or a dead version: nothing worth resuming
@@ -614,6 +616,10 @@ class TieredStore:
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     tier.discard(partial)
+                    if handed_out:  # not the next tier: it would download the whole model again, for a cache copy
+                        raise StorageError(f"{shown}: tier {tier.name!r} filled up while the streamed model's cache "
+                                           "copy was written; the model is loaded, and the next start downloads it "
+                                           "again", tier=tier.name) from exc
                     raise TierFullError(tier.name, nbytes, 0, uri=shown) from exc
                 raise
             finally:

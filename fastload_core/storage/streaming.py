@@ -49,7 +49,7 @@ class RangeWatch:
 
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
         self.tier = tier
-        if self.closed:
+        if self.closed or self.is_verified:
             # The reader is done (a fill that failed after it handed the tensors out, writing the mirrors into a
             # full tier, and the store now fills the next one): that download must not receive into the
             # tensors' memory, nor open descriptors no one will close.
@@ -102,10 +102,14 @@ class RangeWatch:
         return max(position, self.sizes[name])
 
     def close(self) -> None:
+        """The reader is done: its descriptors close, and the watch lets go of the mirrors (the tensors, and
+        the store while it writes the files from them, hold their own references), so nothing that keeps the
+        watch (the fetch future's callbacks) keeps model-sized memory alive."""
         self.closed = True
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.mirrors = {}
 
 
 class PendingPin(Pin):
@@ -117,10 +121,13 @@ class PendingPin(Pin):
     failed it; ``release`` never waits: the entry's own pin is released as soon as it exists."""
 
     def __init__(self, future: Future[Pin], tier: str | None) -> None:
-        self._future = future
         self._lock = threading.Lock()
         self._released = False
         self._settled = threading.Event()
+        # The outcome, kept instead of the future: the future's done-callbacks reach the fetch's watch, and
+        # through it the mirrors (memory the size of the model), which must go with the tensors, not the pin.
+        self._pinned: Pin | None = None
+        self._error: BaseException | None = None
         super().__init__(Path(), tier=tier)
         future.add_done_callback(self._publication_done)
 
@@ -135,29 +142,34 @@ class PendingPin(Pin):
     def result(self) -> Pin:
         """The published entry's pin, once it is published (waiting for it); raises what failed it."""
         self._settled.wait()
-        return self._future.result()
+        if self._error is not None:
+            raise self._error
+        assert self._pinned is not None
+        return self._pinned
 
     @property
     def held(self) -> bool:
         if self._released:
             return False
-        if not self._future.done():
+        if not self._settled.is_set():
             return True
-        return self._future.exception() is None and self._future.result().held
+        return self._pinned is not None and self._pinned.held
 
     def release(self) -> None:
         with self._lock:
             self._released = True
-            done = self._future.done()
-        if done and self._future.exception() is None:
-            self._future.result().release()
+            pinned = self._pinned
+        if pinned is not None:
+            pinned.release()
 
     def _publication_done(self, future: Future[Pin]) -> None:
         try:
             error = future.exception()
             with self._lock:
-                if error is None:
-                    pinned = future.result()
+                if error is not None:
+                    self._error = error
+                else:
+                    pinned = self._pinned = future.result()
                     self.tier, self.key, self.entry = pinned.tier, pinned.key, pinned.entry
                     if self._released:
                         pinned.release()
@@ -165,7 +177,7 @@ class PendingPin(Pin):
             self._settled.set()
 
     def __repr__(self) -> str:
-        state = "publishing" if not self._future.done() else "held" if self.held else "released"
+        state = "publishing" if not self._settled.is_set() else "held" if self.held else "released"
         return f"PendingPin(tier={self.tier!r}, {state})"
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from fastload_core.loader import streaming as loader_streaming
 from fastload_core.loader.api import stream_state_dict
 from fastload_core.storage import default_store, fetch, writethrough
 from fastload_core.storage import store as store_module
-from fastload_core.storage.errors import IntegrityError, OriginError
+from fastload_core.storage.errors import IntegrityError, OriginError, StorageError
 from fastload_core.storage.streaming import PendingPin
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
@@ -263,3 +265,58 @@ def test_a_publication_that_fails_after_verification_costs_only_the_cache_entry(
         _ = pinned.path
     pinned.release()
     assert default_store().ls() == [] and "was not published" in caplog.text
+
+
+def test_a_full_ram_tier_after_verification_does_not_download_the_model_again(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # /dev/shm filling up while the cache copy is written from the handed-out tensors is the RAM tier's usual
+    # way to say it is full (it reserves nothing up front). The next tier down would mean a second download of
+    # the whole model, for a cache copy only: the fill ends there, logged, and the next start downloads again.
+    expected = checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "full/model.safetensors")
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_write_mirrors", full)
+    proxy.reset_counters()
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/full/model.safetensors")
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+    writethrough.wait(timeout=60)
+    assert proxy.get_body_bytes == os.path.getsize(tmp_path / "model.safetensors")  # once, not twice
+    with pytest.raises(StorageError, match="filled up while the streamed model's cache copy was written"):
+        _ = pinned.path
+    pinned.release()
+    assert default_store().ls() == [] and "was not published" in caplog.text
+
+
+def test_the_streamed_models_memory_goes_with_its_tensors_not_with_its_pin(
+        s3: Any, proxy: FaultProxy, tmp_path: Path) -> None:
+    # The tensors are views of the memory the download was received into; a caller keeps the pin for as long as
+    # it serves the model (the entry stays in RAM), and often copies the tensors into its module first. The pin
+    # must not keep that model-sized memory alive once the tensors are gone (no garbage collection needed).
+    checkpoint(tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "memory/model.safetensors")
+    seen: list[Any] = []
+    real = store_module._write_mirrors
+
+    def record(files_dir: Path, journal: Any, mirrors: dict[str, Any], uri: str) -> None:
+        seen.extend(weakref.ref(mirror) for mirror in mirrors.values())
+        real(files_dir, journal, mirrors, uri)
+
+    store_module._write_mirrors = record  # type: ignore[assignment]
+    try:
+        tensors, pinned = stream_state_dict(f"s3://{BUCKET}/memory/model.safetensors")
+        writethrough.wait(timeout=60)
+    finally:
+        store_module._write_mirrors = real  # type: ignore[assignment]
+    assert isinstance(pinned, PendingPin) and pinned.held and seen
+    gc.disable()
+    try:
+        del tensors
+        assert all(ref() is None for ref in seen)  # freed with the tensors, while the pin is still held
+    finally:
+        gc.enable()
+    assert pinned.path.is_file()
+    pinned.release()
