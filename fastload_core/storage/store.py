@@ -768,9 +768,12 @@ def _write_mirrors(files_dir: Path, journal: Journal, mirrors: dict[str, Mirror]
 
         if jobs:
             workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
-            with ThreadPoolExecutor(workers, thread_name_prefix="fastload-mirror-write") as pool:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="fastload-mirror-write")
+            try:
                 for future in [pool.submit(one, job) for job in jobs]:
                     future.result()
+            finally:  # after a failure the partial is dropped: the ranges not started yet need not be written
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         for fd in fds.values():
             os.close(fd)
