@@ -50,6 +50,13 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name)[:64] or "host"
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is at ``offset`` (a write may take fewer than asked)."""
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import tenacity
 
-from .base import Journal, Origin
+from .base import Journal, Origin, pwrite_all
 from .checksum import (
     CRC,
     ETagHasher,
@@ -138,12 +138,6 @@ def _defers(plan: _Plan) -> bool:
     """Whether a range of ``plan``'s file received into a mirror may skip the file until the store writes it
     from the mirror: every mode but ``sequential``, whose hasher reads the file as its prefix grows."""
     return plan.mode != "sequential"
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
 
 
 @dataclass
@@ -561,7 +555,7 @@ class S3Origin(Origin):
                 if hasher is not None:
                     hasher.update(chunk)  # while the bytes are still in the CPU's cache
                 if write:
-                    _pwrite_all(plan.fd, chunk, position)
+                    pwrite_all(plan.fd, chunk, position)
                 position += count
                 cursor.position = position
                 progress.add(count)

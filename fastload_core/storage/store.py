@@ -32,7 +32,18 @@ from .._safefs import UnsafePath, open_file
 from ..errors import PluginError
 from ..plugins import collect, notify
 from . import writethrough
-from .base import JOURNAL_NAME, Entry, Journal, Origin, Source, Tier, check_segment, parse_entry_key, tier_for_path
+from .base import (
+    JOURNAL_NAME,
+    Entry,
+    Journal,
+    Origin,
+    Source,
+    Tier,
+    check_segment,
+    parse_entry_key,
+    pwrite_all,
+    tier_for_path,
+)
 from .copy import EntrySource
 from .errors import (
     BadURIError,
@@ -752,10 +763,7 @@ def _write_mirrors(files_dir: Path, journal: Journal, mirrors: dict[str, Mirror]
             blocks = BlockDigests(block_size)
             for offset in range(deferred.start, deferred.end, _MIRROR_CHUNK):
                 length = min(_MIRROR_CHUNK, deferred.end - offset)
-                data, position = mirror.view[offset:offset + length], offset
-                while len(data):
-                    written = os.pwrite(fd, data, position)
-                    data, position = data[written:], position + written
+                pwrite_all(fd, mirror.view[offset:offset + length], offset)
                 back = buffer[:length]
                 if os.preadv(fd, [back], offset) != length:
                     raise IntegrityError(uri, name, f"short read back at byte {offset} of the cache copy")
