@@ -68,10 +68,7 @@ def start(uri: str, tiers: tuple[str, ...], run: Callable[[WriteThrough], None],
     The thread lowers its priority to ``NICE`` before ``run`` starts, unless ``waited_on``: then the copy
     begins with a part that others are waiting for (a shared tier), at the caller's priority, and ``run``
     calls ``lower_priority()`` once that part is done."""
-    job = WriteThrough(uri, tiers)
-    with _lock:
-        _pending.add(job)
-        _hook_exit()
+    job = _register(uri, tiers)
     thread = threading.Thread(target=_run, args=(job, run, waited_on), name="fastload-write-through")
     thread.start()
     return job
@@ -82,10 +79,7 @@ def track(uri: str, tiers: tuple[str, ...], future: Future[Any]) -> WriteThrough
     ``wait`` and the exit hook wait for it too. A streamed load hands its tensors out once the download
     verified, while its fetch thread still writes the RAM tier's copy from them and publishes it
     (storage.streaming); that copy is a write-through in all but name."""
-    job = WriteThrough(uri, tiers)
-    with _lock:
-        _pending.add(job)
-        _hook_exit()
+    job = _register(uri, tiers)
 
     def done(finished: Future[Any]) -> None:
         try:
@@ -96,10 +90,7 @@ def track(uri: str, tiers: tuple[str, ...], future: Future[Any]) -> WriteThrough
             job.published.extend(tiers)
         else:
             job.errors[tiers[0] if tiers else "*"] = error
-        job.finished = time.monotonic()
-        with _lock:
-            _pending.discard(job)
-        job.done.set()
+        _finish(job)
 
     future.add_done_callback(done)
     return job
@@ -114,10 +105,23 @@ def _run(job: WriteThrough, run: Callable[[WriteThrough], None], waited_on: bool
         log.exception("%s: write-through to %s failed", job.uri, ", ".join(job.tiers))
         job.errors.setdefault("*", exc)
     finally:
-        job.finished = time.monotonic()
-        with _lock:
-            _pending.discard(job)
-        job.done.set()
+        _finish(job)
+
+
+def _register(uri: str, tiers: tuple[str, ...]) -> WriteThrough:
+    """A new job, pending (``wait`` and the exit hook wait for it) until ``_finish``."""
+    job = WriteThrough(uri, tiers)
+    with _lock:
+        _pending.add(job)
+        _hook_exit()
+    return job
+
+
+def _finish(job: WriteThrough) -> None:
+    job.finished = time.monotonic()
+    with _lock:
+        _pending.discard(job)
+    job.done.set()
 
 
 def lower_priority() -> None:
