@@ -50,9 +50,10 @@ class RangeWatch:
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
         self.tier = tier
         if self.closed or self.is_verified:
-            # The reader is done (a fill that failed after it handed the tensors out, writing the mirrors into a
-            # full tier, and the store now fills the next one): that download must not receive into the
-            # tensors' memory, nor open descriptors no one will close.
+            # A later fill of this fetch (the next tier down, after the first one filled up) that no reader
+            # follows any more: the reader gave up, or it handed its tensors out already (the store does not
+            # fall through after that; a defence). It must not receive into the tensors' memory, nor open
+            # descriptors no one will close.
             self.mirrors = {}
             self.manifest = manifest
             return
