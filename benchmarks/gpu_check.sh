@@ -4,6 +4,8 @@
 #   2. side by side (none of them is a load figure): builds the 4 GiB checkpoint (safetensors only),
 #      runs the compile-cache check on cuda (bench_compile.py, file backend, one round: a cold and a
 #      warm replica; its times are not quiet-machine figures) and `pytest -m gpu`;
+#      then, alone, the set-up probe (benchmarks/gpu_probe.py: what pinning, the device allocation and
+#      the streams cost a fresh process; probe.json; a failed probe is a warning, not a failure);
 #   3. then, alone, the load benchmark's GPU scenarios, every run a fresh process, medians of ROUNDS,
 #      one benchmark run per scenario (a scenario cut short does not take the other's figures with it):
 #      gpu      (file in /dev/shm): safetensors, fastsafetensors, Run:ai, fastload (first load in a
@@ -26,8 +28,9 @@
 # Environment: PYTHON (python3), SIZE_GB (4), ROUNDS (3), BENCH_DIR (/tmp/fastload-bench: local disk),
 #   OUT_DIR (else $OUT, else bench-out/gpu), BUDGET_S (290), BENCH_S (170: kept for the benchmark),
 #   MARKDOWN (a docs file to update, optional), SCENARIOS (gpu,gpu-cold), METHODS (safetensors,
-#   fastsafetensors,runai,fastload,fastload-repeat; add fastload-alloc to compare the other pinning; the
-#   limits always run), SKIP_TESTS=1 / SKIP_COMPILE=1 (for a rerun of only what is missing).
+#   fastsafetensors,runai,fastload,fastload-repeat; add fastload-repin (a warm process re-pinning its staging),
+#   fastload-alloc, -buf4, -buf8, -buf32, -threads8 (other loader settings) to compare them; the limits
+#   always run), SKIP_TESTS=1 / SKIP_COMPILE=1 (for a rerun of only what is missing).
 # Output (OUT_DIR): summary.txt (each step's status, the GPU verdicts, the exit code), pytest.log,
 #   build.log, compile.md/.json/.log, and per scenario SCENARIO.md (tables and targets), SCENARIO.json
 #   (every run, with fastload's stages) and SCENARIO.log (per-run progress).
@@ -150,6 +153,20 @@ if ! wait "$build_pid"; then
     exit "$status"
 fi
 say "$(tail -n 1 "$OUT_DIR/build.log")"
+
+# The set-up cost model (pinning by registration and by allocation, from one thread and from 16, the device
+# allocation, registering the file's own mapping): alone, before the benchmark, so its figures are quiet.
+if [ "$DRY_RUN" = 1 ]; then
+    say "set-up probe: skipped in a dry run (it needs CUDA)"
+else
+    checkpoint=$(sed -n 's/^built \(.*\) in [0-9.]*s: .*/\1/p' "$OUT_DIR/build.log")
+    if timeout "$(limit 60)" "$PYTHON" benchmarks/gpu_probe.py "$checkpoint" --json "$OUT_DIR/probe.json" \
+        >"$OUT_DIR/probe.log" 2>&1; then
+        say "set-up probe: written to probe.json"
+    else
+        say "warning: the set-up probe failed (not a target; see probe.log): $(tail -n 1 "$OUT_DIR/probe.log")"
+    fi
+fi
 
 # One benchmark run per scenario, each with its own tables and verdicts, so a scenario cut short by the
 # budget does not take the other's figures with it.

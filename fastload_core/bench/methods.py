@@ -136,17 +136,23 @@ def _fastsafetensors(ctx: Context) -> Callable[[], Loaded]:
 # --- fastload ------------------------------------------------------------------------------------------
 
 
-def _fastload(*, copy: bool = False, repeat: bool = False, pinned: str | None = None) -> Prepare:
+def _fastload(*, copy: bool = False, repeat: bool = False, repin: bool = False,
+              env: dict[str, str] | None = None) -> Prepare:
     """fastload ``load_file``; ``repeat``: a first load (untimed) pays the one-time set-up, the second is
-    timed; ``pinned``: how the GPU staging buffers are pinned (``FASTLOAD_PINNED``)."""
+    timed; ``repin``: the same, but the staging buffers are released in between, so the timed load pays
+    pinning and nothing else of the set-up; ``env``: loader settings (``FASTLOAD_PINNED``, ...) for the
+    variants that a short GPU lease compares side by side."""
 
     def prepare(ctx: Context) -> Callable[[], Loaded]:
-        if pinned is not None:
-            os.environ["FASTLOAD_PINNED"] = pinned
+        os.environ.update(env or {})
         from fastload_core import LoadReport, load_file
 
-        if repeat:
+        if repeat or repin:
             touch(load_file(ctx.path, ctx.device, copy=copy))
+        if repin and ctx.device != "cpu":
+            from fastload_core.loader.cuda import release_staging
+
+            release_staging()
         report = LoadReport(source=ctx.path, device=ctx.device)
 
         def load() -> dict[str, torch.Tensor]:
@@ -160,10 +166,17 @@ def _fastload(*, copy: bool = False, repeat: bool = False, pinned: str | None = 
     return prepare
 
 
-def _gpu_fastload(*, repeat: bool = False, pinned: str | None = None) -> Prepare:
-    inner = {True: _fastload(copy=True, repeat=repeat, pinned=pinned),
-             False: _fastload(repeat=repeat, pinned=pinned)}
+def _gpu_fastload(*, repeat: bool = False, repin: bool = False, env: dict[str, str] | None = None) -> Prepare:
+    inner = {True: _fastload(copy=True, repeat=repeat, repin=repin, env=env),
+             False: _fastload(repeat=repeat, repin=repin, env=env)}
     return lambda ctx: inner[ctx.device == "cpu"](ctx)  # on the CPU (dry run) a private copy, as on a GPU
+
+
+def _gpu_variant(name: str, **env: str) -> Method:
+    """fastload's first GPU load in a fresh process with other loader settings: one lease compares them."""
+    settings = ", ".join(f"{key}={value}" for key, value in env.items())
+    return Method(f"cuda/fastload-{name}", f"fastload load_file(device=cuda), {settings}", "safetensors",
+                  _gpu_fastload(env=env), gpu=True)
 
 
 # --- model ready: build the module and load its weights ------------------------------------------------
@@ -302,8 +315,13 @@ GPU_METHODS = (
 GPU_EXTRA_METHODS = (
     Method("cuda/fastload-repeat", "fastload load_file(device=cuda), second load in the process", "safetensors",
            _gpu_fastload(repeat=True), gpu=True),
-    Method("cuda/fastload-alloc", "fastload load_file(device=cuda), FASTLOAD_PINNED=alloc", "safetensors",
-           _gpu_fastload(pinned="alloc"), gpu=True),
+    Method("cuda/fastload-repin", "fastload load_file(device=cuda), second load in the process, staging re-pinned",
+           "safetensors", _gpu_fastload(repin=True), gpu=True),
+    _gpu_variant("alloc", FASTLOAD_PINNED="alloc"),
+    _gpu_variant("buf4", FASTLOAD_GPU_BUFFER_MB="4"),
+    _gpu_variant("buf8", FASTLOAD_GPU_BUFFER_MB="8"),
+    _gpu_variant("buf32", FASTLOAD_GPU_BUFFER_MB="32"),
+    _gpu_variant("threads8", FASTLOAD_IO_THREADS="8"),
 )
 MODEL_METHODS = (
     Method("model/torch.load", "Model() + load_state_dict(torch.load)", "pickle",

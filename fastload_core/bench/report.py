@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def scenario_table(result: ScenarioResult) -> str:
                      f"{len(summary.ok)}/{len(summary.runs)} |")
     lines.append("")
     lines.append(f"Anchor: {anchor_label}. \"time ÷ X\" above 1 means slower than X.")
+    return "\n".join(lines)
+
+
+def stage_table(result: ScenarioResult) -> str:
+    """Median seconds of each stage fastload reported, per method: where a first load's time went (a
+    ``thread-s`` stage is summed over reader threads, so it can exceed the wall time). Empty when no
+    method reported stages."""
+    reporting = [s for s in result.summaries.values() if any(r.stages for r in s.ok)]
+    names = list(dict.fromkeys(name for s in reporting for r in s.ok for name in r.stages))
+    if not names:
+        return ""
+    lines = [f"| stages, median s | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
+    for summary in reporting:
+        cells = []
+        for name in names:
+            values = [r.stages[name] for r in summary.ok if name in r.stages]
+            cells.append(f"{statistics.median(values):.3f}" if values else "")
+        lines.append(f"| {summary.method.label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -79,6 +98,8 @@ def render(
                        f"{eviction.max_resident_after:.1%} of the file was resident when a run started (mincore).")
         out.append("")
         out.append(scenario_table(result))
+        if stages := stage_table(result):
+            out.extend(["", stages])
         for note in result.notes:
             out.append(f"\nCheck: {note}.")
         out.append("")

@@ -123,7 +123,7 @@ def _load_local(
             from . import cuda
 
             started = time.perf_counter()
-            bases = cuda.load_files([(handle.fileno(), str(p), header) for handle, p, header in opened], device)
+            bases = cuda.load_files([(handle.fileno(), str(p), header) for handle, p, header in opened], device, report)
             report.add_stage("read", time.perf_counter() - started)
             started = time.perf_counter()
             for (_, _, header), base in zip(opened, bases, strict=True):

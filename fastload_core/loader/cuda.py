@@ -21,11 +21,13 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
 
 from ..errors import LoaderSettingError
+from ..report import LoadReport
 from .cpu import io_threads
 from .header import Header
 from .pipeline import (
@@ -34,6 +36,7 @@ from .pipeline import (
     BufferPool,
     Chunk,
     Completion,
+    PipelineTimings,
     direct_reopen,
     plan_chunks,
     plan_staging,
@@ -162,13 +165,18 @@ def copy_streams(device: torch.device) -> list[torch.cuda.Stream]:
         return streams
 
 
-def load_files(files: Sequence[tuple[int, str, Header]], device: torch.device) -> list[torch.Tensor]:
+def load_files(files: Sequence[tuple[int, str, Header]], device: torch.device,
+               report: LoadReport | None = None) -> list[torch.Tensor]:
     """Copy the tensor bytes of each open file ``(fd, path, header)`` into one new uint8 allocation per
-    file on ``device``; byte 0 of each is its file's ``header.span[0]``."""
+    file on ``device``; byte 0 of each is its file's ``header.span[0]``. ``report`` gets the stages."""
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     spans = [header.span for _, _, header in files]
+    allocating = time.perf_counter()
     destinations = [torch.empty(end - start, dtype=torch.uint8, device=device) for start, end in spans]
+    preparing = time.perf_counter()
+    if report is not None:
+        report.add_stage("device alloc", preparing - allocating)
     total = sum(end - start for start, end in spans)
     if total == 0:
         return destinations
@@ -195,7 +203,13 @@ def load_files(files: Sequence[tuple[int, str, Header]], device: torch.device) -
             fd, path = descriptors[chunk.target]
             read_chunk(fd, buffer, chunk, path)
 
-        run_pipeline(chunks, pool, destinations, read, CudaCopyEngine(streams), plan.readers)
+        timings = PipelineTimings()
+        if report is not None:  # the streams (made once), and the residency check and O_DIRECT reopen
+            report.add_stage("prepare", time.perf_counter() - preparing)
+        run_pipeline(chunks, pool, destinations, read, CudaCopyEngine(streams), plan.readers, timings)
+        if report is not None:
+            for stage, seconds in timings.stages().items():
+                report.add_stage(stage, seconds)
     finally:
         for fd in opened:
             os.close(fd)

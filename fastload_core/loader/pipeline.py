@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -108,6 +109,34 @@ def plan_staging(total_bytes: int, readers: int, *, slot_bytes: int = 16 * MIB, 
     return StagingPlan(readers=readers, slots=readers + 2, chunk_bytes=chunk)
 
 
+@dataclass
+class PipelineTimings:
+    """Where a pipeline's readers spent their time, in seconds summed over the readers (``first_copy``:
+    wall time from the start to the first copy started).
+
+    A fresh process's first load pays set-up that a repeat load does not (pinning above all); these
+    say which part of a slow load was set-up, reading, or waiting for the copy engine, so a GPU run
+    that is rare and short yields a diagnosis and not just a total.
+    """
+
+    allocate: float = 0.0  # pinning staging buffers (first use of each slot)
+    wait: float = 0.0  # waiting for a free slot or for the last copy out of it
+    read: float = 0.0  # file reads into the buffers
+    launch: float = 0.0  # starting the asynchronous copies
+    first_copy: float = 0.0
+
+    def add(self, other: PipelineTimings) -> None:
+        for field in fields(self):
+            if field.name != "first_copy":
+                setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def stages(self) -> dict[str, float]:
+        """Named as ``LoadReport`` stages; the ``thread-s`` ones are summed over the readers, not wall time."""
+        return {"pin (thread-s)": self.allocate, "slot wait (thread-s)": self.wait,
+                "read (thread-s)": self.read, "copy launch (thread-s)": self.launch,
+                "to first copy": self.first_copy}
+
+
 class Completion(Protocol):
     def synchronize(self) -> None: ...
 
@@ -161,14 +190,20 @@ class BufferPool:
                 self._free.put(slot)
                 self._count += 1
 
-    def take(self) -> _Slot:
+    def take(self, timings: PipelineTimings | None = None) -> _Slot:
+        """A free slot, its buffer allocated and its last copy landed; ``timings`` gets the waits."""
+        started = time.perf_counter()
         slot = self._free.get()
         try:
             if slot.pending is not None:
                 slot.pending.synchronize()  # the buffer is free only once its last copy has landed
                 slot.pending = None
+            waited = time.perf_counter()
             if slot.buffer is None:
                 slot.buffer = self._allocate(self.slot_bytes)
+            if timings is not None:
+                timings.wait += waited - started
+                timings.allocate += time.perf_counter() - waited
         except BaseException:
             self._free.put(slot)
             raise
@@ -199,10 +234,12 @@ def run_pipeline(
     read: Callable[[torch.Tensor, Chunk], None],
     engine: CopyEngine,
     readers: int,
+    timings: PipelineTimings | None = None,
 ) -> None:
     """Stream ``chunks`` through ``pool`` into ``destinations`` (all bytes, ``uint8``) with ``readers``
     threads; returns once every copy has landed. The first error of any reader is raised, after the
-    copies already started have landed (so nothing writes into memory the caller may free)."""
+    copies already started have landed (so nothing writes into memory the caller may free).
+    ``timings``, when given, receives where the readers' time went."""
     if readers < 1:
         raise ValueError(f"the pipeline needs at least one reader, got {readers}")
     if not chunks:
@@ -216,8 +253,11 @@ def run_pipeline(
     started: list[Completion] = []
     errors: list[BaseException] = []
     stop = threading.Event()
+    began = time.perf_counter()
+    first_copy: list[float] = []
 
     def reader() -> None:
+        own = PipelineTimings()
         try:
             while not stop.is_set():
                 with lock:
@@ -225,21 +265,32 @@ def run_pipeline(
                 if index is None:
                     return
                 chunk = chunks[index]
-                slot = pool.take()
+                slot = pool.take(own)
                 done: Completion | None = None
                 try:
                     assert slot.buffer is not None
+                    read_at = time.perf_counter()
                     read(slot.buffer, chunk)
+                    launch_at = time.perf_counter()
                     target = destinations[chunk.target][chunk.dest_offset : chunk.dest_offset + chunk.length]
                     done = engine.copy(target, slot.buffer[chunk.skip : chunk.skip + chunk.length], index)
+                    launched_at = time.perf_counter()
+                    own.read += launch_at - read_at
+                    own.launch += launched_at - launch_at
                     with lock:
                         started.append(done)
+                        if not first_copy:
+                            first_copy.append(launched_at - began)
                 finally:
                     pool.give_back(slot, done)
         except BaseException as exc:  # handed to the caller's thread below
             with lock:
                 errors.append(exc)
             stop.set()
+        finally:
+            if timings is not None:
+                with lock:
+                    timings.add(own)
 
     threads = [threading.Thread(target=reader, name=f"fastload-read-{i}", daemon=True)
                for i in range(min(readers, len(chunks)))]
@@ -249,6 +300,8 @@ def run_pipeline(
         thread.join()
     for completion in started:
         completion.synchronize()
+    if timings is not None and first_copy:
+        timings.first_copy = first_copy[0]
     if errors:
         raise errors[0]
 

@@ -65,3 +65,19 @@ def test_verdicts_are_judged_only_at_a_meaningful_size(nbytes: int, judged: bool
         assert ratio.passed is False and faster.passed is False
     else:
         assert ratio.passed is None and faster.passed is None and "not judged" in ratio.measured
+
+
+def test_stage_table_gives_each_methods_median_stages() -> None:
+    """A GPU lease is short: the report must say where a first load's time went, not just its total."""
+    from fastload_core.bench.report import stage_table
+
+    result = _result("gpu", {"cuda/fastload": 0.3, "cuda/safetensors": 1.0})
+    runs = result.summaries["cuda/fastload"].runs
+    runs.append(Run("gpu", "cuda/fastload", 1, seconds=0.5, bytes=4 << 30))
+    runs[0].stages = {"pin (thread-s)": 0.2, "read": 0.25}
+    runs[1].stages = {"pin (thread-s)": 0.4, "read": 0.45}
+    table = stage_table(result).splitlines()
+    assert table[0] == "| stages, median s | pin (thread-s) | read |"
+    assert table[2] == "| fastload load_file(device=cuda) | 0.300 | 0.350 |"
+    assert len(table) == 3  # safetensors reports no stages: no row
+    assert stage_table(_result("gpu", {"cuda/safetensors": 1.0})) == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from fastload_core.loader.pipeline import (
     MIB,
     BufferPool,
     Chunk,
+    PipelineTimings,
     direct_reopen,
     plan_chunks,
     plan_staging,
@@ -162,6 +164,34 @@ def test_several_files_share_one_pipeline_and_a_reused_pool() -> None:
         run_pipeline(chunks, pool, destinations, read, DeferredEngine(), 2)
         assert all(torch.equal(d, s) for d, s in zip(destinations, sources, strict=True))
     assert len(allocated) <= 3
+
+
+def test_timings_say_where_the_readers_spent_their_time() -> None:
+    """A short GPU lease must yield a diagnosis: pinning, reading and waiting are told apart."""
+    pin_pause, read_pause = 0.02, 0.005
+
+    def allocate(size: int) -> torch.Tensor:
+        time.sleep(pin_pause)
+        return torch.empty(size, dtype=torch.uint8)
+
+    def read(buffer: torch.Tensor, piece: Chunk) -> None:
+        time.sleep(read_pause)
+        buffer[:piece.length] = 3
+
+    pool = BufferPool(100, allocate)
+    pool.ensure(2)
+    destination = torch.zeros(1000, dtype=torch.uint8)
+    timings = PipelineTimings()
+    run_pipeline(plan_chunks(0, 1000, 100), pool, [destination], read, DeferredEngine(), 2, timings)
+    assert bool((destination == 3).all())
+    assert 2 * pin_pause <= timings.allocate < 10 * pin_pause  # each of the two buffers pinned once
+    assert timings.read >= 10 * read_pause  # ten chunks
+    assert timings.first_copy >= pin_pause + read_pause  # the first copy waited for a pin and a read
+    stages = timings.stages()
+    assert stages["pin (thread-s)"] == timings.allocate and stages["to first copy"] == timings.first_copy
+    repeat = PipelineTimings()  # a second load finds the buffers pinned
+    run_pipeline(plan_chunks(0, 1000, 100), pool, [destination], read, DeferredEngine(), 2, repeat)
+    assert repeat.allocate < pin_pause
 
 
 def test_a_failed_read_propagates_after_started_copies_land() -> None:
