@@ -30,7 +30,8 @@
 #   MARKDOWN (a docs file to update, optional), SCENARIOS (gpu,gpu-cold), METHODS (safetensors,
 #   fastsafetensors,runai,fastload,fastload-repeat; add fastload-repin (a warm process re-pinning its staging),
 #   fastload-alloc, -buf4, -buf8, -buf32, -threads8 (other loader settings) to compare them; the limits
-#   always run), SKIP_TESTS=1 / SKIP_COMPILE=1 (for a rerun of only what is missing).
+#   always run), COLD_METHODS (the gpu-cold scenario's, else METHODS: a cold run costs a disk read),
+#   SKIP_TESTS=1 / SKIP_COMPILE=1 / SKIP_PROBE=1 (for a rerun of only what is missing).
 # Output (OUT_DIR): summary.txt (each step's status, the GPU verdicts, the exit code), pytest.log,
 #   build.log, compile.md/.json/.log, and per scenario SCENARIO.md (tables and targets), SCENARIO.json
 #   (every run, with fastload's stages) and SCENARIO.log (per-run progress).
@@ -50,6 +51,8 @@ BENCH_DIR=${BENCH_DIR:-/tmp/fastload-bench}
 OUT_DIR=${OUT_DIR:-${OUT:-bench-out/gpu}}
 SCENARIOS=${SCENARIOS:-gpu,gpu-cold}
 METHODS=${METHODS:-safetensors,fastsafetensors,runai,fastload,fastload-repeat}
+COLD_METHODS=${COLD_METHODS:-$METHODS}
+SKIP_PROBE=${SKIP_PROBE:-0}
 SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_COMPILE=${SKIP_COMPILE:-0}
 DEVICE=cuda:0
@@ -156,8 +159,8 @@ say "$(tail -n 1 "$OUT_DIR/build.log")"
 
 # The set-up cost model (pinning by registration and by allocation, from one thread and from 16, the device
 # allocation, registering the file's own mapping): alone, before the benchmark, so its figures are quiet.
-if [ "$DRY_RUN" = 1 ]; then
-    say "set-up probe: skipped in a dry run (it needs CUDA)"
+if [ "$DRY_RUN" = 1 ] || [ "$SKIP_PROBE" = 1 ]; then
+    say "set-up probe: skipped (a dry run, or SKIP_PROBE=1)"
 else
     checkpoint=$(sed -n 's/^built \(.*\) in [0-9.]*s: .*/\1/p' "$OUT_DIR/build.log")
     if timeout "$(limit 60)" "$PYTHON" benchmarks/gpu_probe.py "$checkpoint" --json "$OUT_DIR/probe.json" \
@@ -178,8 +181,10 @@ for index in "${!scenarios[@]}"; do
     if [ "$index" -lt $(( ${#scenarios[@]} - 1 )) ]; then cap=$(( $(left) * 55 / 100 )); else cap=$(left); fi
     echo "== load benchmark: $scenario (${SIZE_GB} GiB, ${ROUNDS} rounds, device ${DEVICE}, up to ${cap}s)"
     rm -f "$OUT_DIR/$scenario.md"
+    methods=$METHODS
+    if [ "$scenario" = gpu-cold ]; then methods=$COLD_METHODS; fi
     timeout "$(limit "$cap")" "$PYTHON" benchmarks/bench_load.py --scenarios "$scenario" --device "$DEVICE" \
-        --methods "$METHODS" --size-gb "$SIZE_GB" --rounds "$ROUNDS" --dir "$BENCH_DIR" --timeout 60 \
+        --methods "$methods" --size-gb "$SIZE_GB" --rounds "$ROUNDS" --dir "$BENCH_DIR" --timeout 60 \
         --json "$OUT_DIR/$scenario.json" --partial "$OUT_DIR/$scenario.md" \
         --note "benchmarks/gpu_check.sh on $(hostname), load average at start $(cut -d' ' -f1-3 /proc/loadavg)" \
         "${markdown_args[@]}" >"$OUT_DIR/$scenario.out" 2>"$OUT_DIR/$scenario.log"

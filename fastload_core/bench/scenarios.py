@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .methods import CPU_METHODS, GPU_EXTRA_METHODS, GPU_METHODS, LIMITS, MODEL_METHODS, Method
+from .methods import CPU_METHODS, GPU_EXTRA_METHODS, GPU_METHODS, GPU_VARIANTS, LIMITS, MODEL_METHODS, Method
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "gpu": Scenario(
         "gpu", "GPU: warm file (/dev/shm) to the device",
-        (*GPU_METHODS, *GPU_EXTRA_METHODS, LIMITS["pread-pinned"], LIMITS["h2d-pinned"]),
+        (*GPU_METHODS, *GPU_EXTRA_METHODS, *GPU_VARIANTS, LIMITS["pread-pinned"], LIMITS["h2d-pinned"]),
         fastload="cuda/fastload", anchor="cuda/fastsafetensors", needs_cuda=True,
     ),
     "gpu-cold": Scenario(
         "gpu-cold", "GPU cold: local disk to the device, page cache dropped before every run",
-        (*GPU_METHODS, LIMITS["odirect"]),
+        (*GPU_METHODS, *GPU_VARIANTS, LIMITS["odirect"]),
         fastload="cuda/fastload", anchor=None, cold=True, needs_cuda=True,
     ),
 }
