@@ -91,6 +91,11 @@ _pools: dict[tuple[int, str], BufferPool] = {}
 _streams: dict[int, list[torch.cuda.Stream]] = {}
 _registered: list[tuple[int, mmap.mmap]] = []
 _registration_refused = False  # once cudaHostRegister failed, every later buffer is allocated pinned
+# Readers fault their buffers in side by side but register them one at a time. On an H200 (gpu_probe.py,
+# docs/benchmarks.md), 16 registrations of 16 MiB took 7 ms one after another and 17 ms when 16 threads
+# issued them at once (6.4 ms each instead of 0.6): the driver serialises them and the overlap only adds
+# contention, which a fresh process's readers pay before their first copy.
+_registering = threading.Lock()
 
 
 def _pin_by_allocation(nbytes: int) -> torch.Tensor:
@@ -106,7 +111,8 @@ def _pin_by_registration(nbytes: int) -> torch.Tensor:
         buffer.madvise(mmap.MADV_HUGEPAGE)
     tensor = torch.frombuffer(buffer, dtype=torch.uint8)
     tensor[::mmap.PAGESIZE] = 0  # fault the pages in here, in the reader thread, not inside the driver
-    error = _host_register(tensor.data_ptr(), nbytes)
+    with _registering:  # one at a time: the driver serialises them anyway, and contends when they overlap
+        error = _host_register(tensor.data_ptr(), nbytes)
     if error != 0:
         # A locked-memory limit, or a platform without registration: pin the usual way from now on, instead
         # of failing the load (or faulting in and refusing every buffer). The runtime's "last error" this

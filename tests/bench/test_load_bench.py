@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,34 @@ def test_gpu_check_script_rejects_unknown_arguments() -> None:
                           text=True, timeout=60, check=False)
     assert done.returncode == 64
     assert "unknown argument '--fast'" in done.stderr and "--dry-run" in done.stderr
+
+
+# What a lent GPU machine lacks (its image has torch, pytest and pluggy; boto3, redis and the loaders travel
+# as wheels, benchmarks/gpu_check.sh): the servers and frameworks, too large to carry.
+NOT_ON_THE_GPU_MACHINE = ("bentoml", "ray", "ts", "moto", "uvicorn", "starlette", "fastapi", "awscrt")
+
+
+def test_gpu_tests_collect_without_the_frameworks(tmp_path: Path) -> None:
+    """``pytest -m gpu`` on the GPU machine must run the GPU tests, not stop at collection because a test
+    module imports a framework that is not there (a lease lost its GPU tests to exactly that)."""
+    (tmp_path / "without_frameworks.py").write_text(
+        "import sys\n"
+        f"MISSING = {NOT_ON_THE_GPU_MACHINE!r}\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in MISSING:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}{os.pathsep}{ROOT / 'integrations'}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "without_frameworks", "-m", "gpu", "--collect-only", "-q",
+         "-p", "no:cacheprovider", "tests"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert any("tests/loader/test_cuda.py::" in line for line in collected), done.stdout[-2000:]
 
 
 def test_sigterm_reports_the_runs_that_finished(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,3 +230,36 @@ def test_register_is_the_default_and_a_refused_registration_falls_back_to_alloc_
         pool.give_back(slot, None)
     cuda.release_staging()
     assert unregistered == [registered[0][0]]
+
+
+def test_registrations_are_issued_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, with the CUDA calls replaced: readers pin side by side, but never register at once
+    (the driver serialises registrations, and overlapping them made each 10x slower on an H200)."""
+    monkeypatch.setattr(cuda, "_registration_refused", False)
+    inside = peak = 0
+    lock = threading.Lock()
+
+    def register(address: int, nbytes: int) -> int:
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        time.sleep(0.01)
+        with lock:
+            inside -= 1
+        return 0
+
+    monkeypatch.setattr(cuda, "_host_register", register)
+    monkeypatch.setattr(cuda, "_host_unregister", lambda address: None)
+    pool = cuda.staging_pool(1 << 20)
+    pool.ensure(6)
+    slots: list[pipeline._Slot] = []
+    takers = [threading.Thread(target=lambda: slots.append(pool.take())) for _ in range(6)]
+    for taker in takers:
+        taker.start()
+    for taker in takers:
+        taker.join()
+    assert len(slots) == 6 and all(slot.buffer is not None for slot in slots)
+    assert peak == 1
+    for slot in slots:
+        pool.give_back(slot, None)
