@@ -32,9 +32,10 @@
 #   fastload-alloc, -buf4, -buf8, -buf32, -threads8 (other loader settings) to compare them; the limits
 #   always run), COLD_METHODS (the gpu-cold scenario's, else METHODS: a cold run costs a disk read),
 #   SKIP_TESTS=1 / SKIP_COMPILE=1 / SKIP_PROBE=1 (for a rerun of only what is missing).
-# Output (OUT_DIR): summary.txt (each step's status, the GPU verdicts, the exit code), pytest.log,
-#   build.log, compile.md/.json/.log, and per scenario SCENARIO.md (tables and targets), SCENARIO.json
-#   (every run, with fastload's stages) and SCENARIO.log (per-run progress).
+# Output (OUT_DIR, at most 8 files: what a lease returns): summary.txt (each step's status, the GPU verdicts,
+#   a failed pytest's last lines, the exit code), compile.md, probe.json, per scenario SCENARIO.md, and
+#   details.tar.gz with every log and JSON: pytest.log, build.log, compile.json/.log, probe.log, and per
+#   scenario SCENARIO.json (every run, with fastload's stages) and SCENARIO.log (per-run progress).
 # Exit status: 0 all passed; 1 no CUDA; 2 a GPU test failed; 3 a GPU target failed; 4 a benchmark step
 #   failed or produced no verdicts; 5 the compile-cache check failed; 6 a step ran out of time. The first
 #   failure's code is kept; every step runs regardless, so one lease yields every figure.
@@ -71,6 +72,12 @@ mkdir -p "$OUT_DIR" "$BENCH_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 SUMMARY="$OUT_DIR/summary.txt"
 : >"$SUMMARY"
+# A lease returns at most 8 files from $OUT: the readable ones (summary.txt, compile.md, probe.json, gpu.md,
+# gpu-cold.md) stay in OUT_DIR, and every log and JSON goes into details.tar.gz, packed after each step
+# and at exit, so a kill still leaves the steps before it.
+DETAILS=$(mktemp -d)
+pack() { tar -czf "$OUT_DIR/details.tar.gz" -C "$DETAILS" . 2>/dev/null; }
+trap 'pack; rm -rf "$DETAILS"' EXIT
 started=$SECONDS
 status=0
 
@@ -112,7 +119,7 @@ say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores; bu
 # Built, and the compile-cache check run, while the GPU tests run: none of the three is a load figure.
 # The load benchmark then runs alone. The compile check's times are therefore not quiet-machine figures;
 # what it checks is that a second process on cuda hits the cache.
-"$PYTHON" - "$BENCH_DIR" "$SIZE_GB" >"$OUT_DIR/build.log" 2>&1 <<'PY' &
+"$PYTHON" - "$BENCH_DIR" "$SIZE_GB" >"$DETAILS/build.log" 2>&1 <<'PY' &
 import sys, time
 from pathlib import Path
 from fastload_core.bench.checkpoints import GIB, describe, ensure_checkpoint
@@ -124,7 +131,7 @@ build_pid=$!
 compile_pid=
 if [ "$SKIP_COMPILE" != 1 ]; then
     timeout "$(before_bench "$COMPILE_CAP")" "$PYTHON" benchmarks/bench_compile.py --device "${DEVICE%%:*}" --backends file --rounds 1 \
-        --json "$OUT_DIR/compile.json" >"$OUT_DIR/compile.md" 2>"$OUT_DIR/compile.log" &
+        --json "$DETAILS/compile.json" >"$OUT_DIR/compile.md" 2>"$DETAILS/compile.log" &
     compile_pid=$!
 fi
 
@@ -132,12 +139,15 @@ if [ "$SKIP_TESTS" != 1 ]; then
     echo "== pytest -m gpu"
     if [ "$DRY_RUN" = 1 ]; then pytest_args=(--collect-only -q); else pytest_args=(-q); fi
     timeout "$(before_bench 120)" "$PYTHON" -m pytest -m gpu "${pytest_args[@]}" -p no:cacheprovider tests 2>&1 \
-        | tee "$OUT_DIR/pytest.log" | tail -n 25
+        | tee "$DETAILS/pytest.log" | tail -n 25
     code=${PIPESTATUS[0]}
     if [ "$code" -eq 5 ]; then say "warning: no GPU-marked tests were collected"
     elif [ "$code" -eq 124 ]; then fail 6 "pytest -m gpu ran out of time (see pytest.log)"
-    elif [ "$code" -ne 0 ]; then fail 2 "pytest -m gpu exited with $code (see pytest.log)"
-    else say "pytest -m gpu: passed ($(tail -n 1 "$OUT_DIR/pytest.log"))"; fi
+    elif [ "$code" -ne 0 ]; then
+        fail 2 "pytest -m gpu exited with $code; its last lines:"
+        tail -n 15 "$DETAILS/pytest.log" | sed 's/^/    /' >>"$SUMMARY"
+    else say "pytest -m gpu: passed ($(tail -n 1 "$DETAILS/pytest.log"))"; fi
+    pack
 fi
 
 if [ -n "$compile_pid" ]; then
@@ -146,28 +156,29 @@ if [ -n "$compile_pid" ]; then
     code=$?
     cat "$OUT_DIR/compile.md"
     if [ "$code" -eq 124 ]; then fail 6 "the compile-cache check ran out of time (see compile.log)"
-    elif [ "$code" -ne 0 ]; then fail 5 "the compile-cache check exited with $code: $(tail -n 1 "$OUT_DIR/compile.log")"
+    elif [ "$code" -ne 0 ]; then fail 5 "the compile-cache check exited with $code: $(tail -n 1 "$DETAILS/compile.log")"
     else say "compile-cache check: finished (ran beside pytest -m gpu and the checkpoint build)"; fi
+    pack
 fi
 
 if ! wait "$build_pid"; then
-    fail 4 "building the ${SIZE_GB} GiB checkpoint failed: $(tail -n 1 "$OUT_DIR/build.log")"
+    fail 4 "building the ${SIZE_GB} GiB checkpoint failed: $(tail -n 1 "$DETAILS/build.log")"
     say "finished in $((SECONDS - started))s, exit $status; outputs in $OUT_DIR"
     exit "$status"
 fi
-say "$(tail -n 1 "$OUT_DIR/build.log")"
+say "$(tail -n 1 "$DETAILS/build.log")"
 
 # The set-up cost model (pinning by registration and by allocation, from one thread and from 16, the device
 # allocation, registering the file's own mapping): alone, before the benchmark, so its figures are quiet.
 if [ "$DRY_RUN" = 1 ] || [ "$SKIP_PROBE" = 1 ]; then
     say "set-up probe: skipped (a dry run, or SKIP_PROBE=1)"
 else
-    checkpoint=$(sed -n 's/^built \(.*\) in [0-9.]*s: .*/\1/p' "$OUT_DIR/build.log")
+    checkpoint=$(sed -n 's/^built \(.*\) in [0-9.]*s: .*/\1/p' "$DETAILS/build.log")
     if timeout "$(limit 60)" "$PYTHON" benchmarks/gpu_probe.py "$checkpoint" --json "$OUT_DIR/probe.json" \
-        >"$OUT_DIR/probe.log" 2>&1; then
+        >"$DETAILS/probe.log" 2>&1; then
         say "set-up probe: written to probe.json"
     else
-        say "warning: the set-up probe failed (not a target; see probe.log): $(tail -n 1 "$OUT_DIR/probe.log")"
+        say "warning: the set-up probe failed (not a target; see probe.log): $(tail -n 1 "$DETAILS/probe.log")"
     fi
 fi
 
@@ -185,18 +196,19 @@ for index in "${!scenarios[@]}"; do
     if [ "$scenario" = gpu-cold ]; then methods=$COLD_METHODS; fi
     timeout "$(limit "$cap")" "$PYTHON" benchmarks/bench_load.py --scenarios "$scenario" --device "$DEVICE" \
         --methods "$methods" --size-gb "$SIZE_GB" --rounds "$ROUNDS" --dir "$BENCH_DIR" --timeout 60 \
-        --json "$OUT_DIR/$scenario.json" --partial "$OUT_DIR/$scenario.md" \
+        --json "$DETAILS/$scenario.json" --partial "$OUT_DIR/$scenario.md" \
         --note "benchmarks/gpu_check.sh on $(hostname), load average at start $(cut -d' ' -f1-3 /proc/loadavg)" \
-        "${markdown_args[@]}" >"$OUT_DIR/$scenario.out" 2>"$OUT_DIR/$scenario.log"
+        "${markdown_args[@]}" >"$DETAILS/$scenario.out" 2>"$DETAILS/$scenario.log"
     code=$?
     # The whole report (also one stopped by SIGTERM) replaces the partial one written after each round.
-    if grep -q '^## ' "$OUT_DIR/$scenario.out"; then mv "$OUT_DIR/$scenario.out" "$OUT_DIR/$scenario.md"; fi
+    if grep -q '^## ' "$DETAILS/$scenario.out"; then mv "$DETAILS/$scenario.out" "$OUT_DIR/$scenario.md"; fi
     touch "$OUT_DIR/$scenario.md"
+    pack
     cat "$OUT_DIR/$scenario.md"
     grep -E '^\| GPU .*\*\*(PASS|FAIL)\*\*' "$OUT_DIR/$scenario.md" >>"$SUMMARY"
     if [ "$code" -eq 124 ] || [ "$code" -eq 143 ]; then
         fail 6 "the $scenario benchmark ran out of time; $scenario.md holds the rounds that finished"
-    elif [ "$code" -ne 0 ]; then fail 4 "the $scenario benchmark exited with $code: $(tail -n 1 "$OUT_DIR/$scenario.log")"
+    elif [ "$code" -ne 0 ]; then fail 4 "the $scenario benchmark exited with $code: $(tail -n 1 "$DETAILS/$scenario.log")"
     elif grep -E '^\| GPU .*\*\*FAIL\*\*' "$OUT_DIR/$scenario.md" >/dev/null; then
         fail 3 "$scenario: a GPU target failed (see the Targets table in $scenario.md)"
     elif [ "$DRY_RUN" = 0 ] && ! grep -E '^\| GPU .*\*\*PASS\*\*' "$OUT_DIR/$scenario.md" >/dev/null; then
