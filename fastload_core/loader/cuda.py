@@ -9,8 +9,10 @@ process-wide and reused by every later load (``release_staging`` frees it), each
 the reader that first needs it while the others already read, and the copy streams are made once per
 device. How buffers are pinned is ``FASTLOAD_PINNED``: ``register`` (the default: an anonymous
 huge-page mapping, faulted in by the reader, then ``cudaHostRegister``; no allocator lock, fewer pages
-to pin: 0.300 s against 0.394 s for a fresh process's 4 GiB load on an H100, docs/benchmarks.md) or
-``alloc`` (``cudaHostAlloc`` through torch's pinned allocator). Where registration is refused (a
+to pin: 0.226 s against 0.360 s for a fresh process's 4 GiB load on an H200, 0.300 s against 0.394 s
+on an H100, docs/benchmarks.md) or ``alloc`` (``cudaHostAlloc`` through torch's pinned allocator).
+16 MiB buffers and 16 readers were the fastest of the sizes (4 to 32 MiB) and reader counts (16 to 32)
+tried on the H200. Where registration is refused (a
 locked-memory limit, a platform without it), the process falls back to ``alloc`` for good, with a
 debug log line.
 """
