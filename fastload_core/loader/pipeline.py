@@ -114,9 +114,9 @@ class PipelineTimings:
     """Where a pipeline's readers spent their time, in seconds summed over the readers (``first_copy``:
     wall time from the start to the first copy started).
 
-    A fresh process's first load pays set-up that a repeat load does not (pinning above all); these
-    say which part of a slow load was set-up, reading, or waiting for the copy engine, so a GPU run
-    that is rare and short yields a diagnosis and not just a total.
+    A fresh process's first load pays set-up that a repeat load does not; these say which part of a
+    slow load was pinning, reading, or waiting for the copy engine, so a GPU run that is rare and
+    short yields a diagnosis and not just a total.
     """
 
     allocate: float = 0.0  # pinning staging buffers (first use of each slot)
