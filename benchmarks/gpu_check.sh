@@ -31,8 +31,8 @@
 #   OUT_DIR (else $OUT, else bench-out/gpu), BUDGET_S (290), BENCH_S (170: kept for the benchmark),
 #   MARKDOWN (a docs file to update, optional), SCENARIOS (gpu,gpu-cold), METHODS (safetensors,
 #   fastsafetensors,runai,fastload,fastload-repeat; add fastload-repin (a warm process re-pinning its staging),
-#   fastload-alloc, -buf4, -buf8, -buf32, -threads8 (other loader settings) to compare them; the limits
-#   always run), COLD_METHODS (the gpu-cold scenario's, else METHODS: a cold run costs a disk read),
+#   fastload-alloc, -buf4, -buf8, -buf32, -buf64, -buffered (cold reads through the page cache), -threads8,
+#   -threads24, -threads32 (other loader settings) to compare them; the limits always run), COLD_METHODS (the gpu-cold scenario's, else METHODS: a cold run costs a disk read),
 #   SKIP_TESTS=1 / SKIP_COMPILE=1 / SKIP_PROBE=1 (for a rerun of only what is missing).
 # Output (OUT_DIR, at most 8 files: what a lease returns): summary.txt (each step's status, the GPU verdicts,
 #   a failed pytest's last lines, the exit code), compile.md, probe.json, per scenario SCENARIO.md, and
