@@ -3,7 +3,8 @@
 boto3 talks to the proxy (AWS_ENDPOINT_URL_S3 points at it); the proxy forwards to moto and, for ranged
 GETs, applies the next queued fault: an S3 error status, a dropped connection before any response, a
 connection reset or a short body part-way through, or a corrupted byte. It also counts the body bytes of
-ranged GETs (object bytes, not listings): "bytes the origin served" for the single-flight tests.
+ranged GETs (object bytes, not listings): "bytes the origin served" for the single-flight tests, and the
+requests by method ("how often was the origin asked", for the tests that a miss resolves once).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class FaultProxy:
         self.ranged_gets = 0
         self.get_body_bytes = 0
         self.connections = 0  # TCP connections accepted: clients that reuse theirs keep this low
+        self.requests: dict[str, int] = {}  # by method: HEAD, GET, ...
         self.applied: list[str] = []
         self._lock = threading.Lock()
         proxy = self
@@ -71,6 +73,7 @@ class FaultProxy:
             self.ranged_gets = 0
             self.get_body_bytes = 0
             self.connections = 0
+            self.requests.clear()
             self.applied.clear()
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
@@ -79,6 +82,8 @@ class FaultProxy:
         fault = None
         hook = None
         count = 0
+        with self._lock:
+            self.requests[handler.command] = self.requests.get(handler.command, 0) + 1
         if handler.command == "GET" and "Range" in handler.headers:
             with self._lock:
                 self.ranged_gets += 1

@@ -13,7 +13,9 @@ object runs through the store (the usual single flight, into ``tier``), and ever
 object streams from the partial file as the ranges land, before the entry is published.
 
 The origin's identity of a key (its ETag) is looked up at most once per ``resolve_ttl`` seconds, so a
-client's many ranged GETs of one object cost the origin one HEAD, not one each.
+client's many ranged GETs of one object cost the origin one HEAD, not one each: requests that arrive while
+that HEAD is in flight wait for it rather than send their own (a parallel reader's first requests all
+arrive at once), and the fetch a miss starts reuses it rather than resolving again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,9 +208,9 @@ class _Flight:
         mark = self.marks.get(name)
         return mark is not None and mark.position >= end
 
-    def run(self, store: TieredStore, uri: str, tier: str) -> None:
+    def run(self, store: TieredStore, uri: str, tier: str, manifest: Manifest | None = None) -> None:
         try:
-            self.pin = store.pin(uri, tier=tier, watch=self)
+            self.pin = store.pin(uri, tier=tier, watch=self, manifest=manifest)
         except BaseException as exc:  # handed to every waiting request
             self.error = exc
         finally:
@@ -240,6 +243,7 @@ class ServeApp:
     on_filled: Callable[[], None] | None = None  # told after a miss was published (re-advertise)
     uploads: UploadLimit = field(default_factory=UploadLimit)
     _resolved: dict[str, _Resolved] = field(default_factory=dict)
+    _resolving: dict[str, Future[Manifest]] = field(default_factory=dict)  # HEADs in flight, by URI
     _flights: dict[str, _Flight] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -335,7 +339,7 @@ class ServeApp:
             await self._send_file(method, None, manifest, headers, send, outcome)
             return
         outcome.source = "miss"
-        flight = self._flight(str(parsed))
+        flight = self._flight(str(parsed), manifest)
         await asyncio.to_thread(flight.wait_started)
         if flight.finished and flight.pin is not None:
             await self._send_file(method, flight.pin.path, _manifest_of(flight.pin, manifest), headers, send,
@@ -348,14 +352,35 @@ class ServeApp:
                               send, outcome, flight=flight)
 
     def _manifest(self, parsed: ModelURI) -> Manifest:
-        """The object's current manifest, from the origin at most once per ``resolve_ttl``; when the origin
-        cannot be reached, the newest cached version (as ``fetch`` does)."""
+        """The object's current manifest, from the origin at most once per ``resolve_ttl`` (one request asks,
+        the ones arriving meanwhile wait for its answer, or its error); when the origin cannot be reached,
+        the newest cached version (as ``fetch`` does)."""
         uri = str(parsed)
-        now = time.monotonic()
         with self._lock:
             known = self._resolved.get(uri)
-        if known is not None and known.expires > now:
-            return known.manifest
+            if known is not None and known.expires > time.monotonic():
+                return known.manifest
+            pending = self._resolving.get(uri)
+            asking = pending is None
+            if pending is None:
+                pending = self._resolving[uri] = Future()
+        if not asking:
+            return pending.result()
+        try:
+            manifest = self._ask_origin(parsed)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(manifest)
+            return manifest
+        finally:
+            with self._lock:
+                self._resolving.pop(uri, None)
+
+    def _ask_origin(self, parsed: ModelURI) -> Manifest:
+        uri = str(parsed)
+        now = time.monotonic()
         origin = self.store.origin(parsed.scheme, uri=uri)
         try:
             manifest = origin.resolve(parsed, None)
@@ -387,7 +412,7 @@ class ServeApp:
                 return pinned
         return None
 
-    def _flight(self, uri: str) -> _Flight:
+    def _flight(self, uri: str, manifest: Manifest) -> _Flight:
         with self._lock:
             flight = self._flights.get(uri)
             if flight is not None and not flight.finished:
@@ -395,7 +420,7 @@ class ServeApp:
             flight = self._flights[uri] = _Flight()
 
         def run() -> None:
-            flight.run(self.store, uri, self.tier)
+            flight.run(self.store, uri, self.tier, manifest)
             with self._lock:
                 if self._flights.get(uri) is flight:
                     del self._flights[uri]

@@ -227,7 +227,8 @@ class TieredStore:
             return path
 
     def pin(self, uri: str | os.PathLike[str], *, tier: str | None = None,
-            revision: str | None = None, watch: FetchWatch | None = None, land: str | None = None) -> Pin:
+            revision: str | None = None, watch: FetchWatch | None = None, land: str | None = None,
+            manifest: Manifest | None = None) -> Pin:
         """Like ``fetch``, but the entry stays marked in use (never evicted) until the pin is released.
         ``watch`` hears where a download from the origin lands and its progress (none on a hit). ``land``,
         with no ``tier``, is where a model found in no tier lands first (the default tier and the others below
@@ -235,17 +236,23 @@ class TieredStore:
         streaming reader passes the fastest tier: it copies the bytes out as they land, and a download into
         RAM does not wait on a disk. A damaged
         entry met on the way (a hit that fails its checks, a promotion source whose bytes do not match their
-        digests) is dropped and the model fetched again from further down."""
+        digests) is dropped and the model fetched again from further down. ``manifest``: what the caller
+        resolved for ``uri`` a moment ago (``resolve``), used instead of asking the origin again: ``fastload
+        serve`` resolves each key before it knows it has a miss, and a second HEAD per miss was a round trip
+        on the miss's critical path. The download is still pinned to its ETag, so an object overwritten since
+        fails the fetch rather than mixing versions."""
+        if manifest is not None and revision is not None:
+            raise StorageError("pin: pass a resolved manifest or a revision, not both")
         for attempt in range(_DAMAGED_RETRIES + 1):
             try:
-                return self._pin(uri, tier=tier, revision=revision, watch=watch, land=land)
+                return self._pin(uri, tier=tier, revision=revision, watch=watch, land=land, resolved=manifest)
             except _DamagedSource as damaged:
                 if attempt == _DAMAGED_RETRIES:
                     raise damaged.error from None
         raise AssertionError("unreachable")
 
     def _pin(self, uri: str | os.PathLike[str], *, tier: str | None, revision: str | None,
-             watch: FetchWatch | None, land: str | None = None) -> Pin:
+             watch: FetchWatch | None, land: str | None = None, resolved: Manifest | None = None) -> Pin:
         parsed = parse_uri(uri)
         target = self._tier(tier or self.default_tier)
         if parsed.bare and tier is None:
@@ -255,7 +262,9 @@ class TieredStore:
                 raise OriginError(parsed.path, "directory is empty", code="NotFound")  # as file:// says
             return Pin(Path(parsed.path))
         origin = self.origin(parsed.scheme, uri=str(parsed))
-        manifest = self._resolve(parsed, origin, revision)
+        if resolved is not None and resolved.uri != str(parsed):
+            raise StorageError(f"pin({str(parsed)!r}) was given the manifest of {resolved.uri!r}")
+        manifest = resolved if resolved is not None else self._resolve(parsed, origin, revision)
         shown = str(parsed)
         target_index = self.tiers.index(target)
         scan = range(len(self.tiers)) if tier is None else range(target_index, len(self.tiers))

@@ -135,6 +135,8 @@ def test_parallel_requests_on_a_miss_share_one_download(make_node: Any, data: by
         parts = list(pool.map(get, ranges))
     assert b"".join(parts) == data
     assert origin.get_body_bytes == SIZE
+    # asked once what the object is: not once per request arriving together, nor again by the fetch itself
+    assert origin.requests.get("HEAD") == 1, origin.requests
 
 
 def test_list_objects_v2_through_a_node(make_node: Any, data: bytes, s3: Any) -> None:
