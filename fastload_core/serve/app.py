@@ -21,6 +21,7 @@ arrive at once), and the fetch a miss starts reuses it rather than resolving aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -190,6 +191,8 @@ class _Flight:
         self.pin: Pin | None = None
         self.error: BaseException | None = None
         self.finished = False
+        # requests waiting on the event loop for bytes to land: (file, end, loop, future)
+        self._waiters: list[tuple[str, int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     # FetchWatch
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
@@ -202,9 +205,44 @@ class _Flight:
         mark = self.marks.get(name)
         if mark is not None:
             mark.complete(start, end)
+            self._wake(name, mark.position)
+
+    def _wake(self, name: str | None, position: int) -> None:
+        """Wake the requests waiting for bytes of ``name`` below ``position`` (all of them when ``name`` is
+        None: the fetch is over). Called from the download's threads: the loop is told thread-safely."""
+        with self.cond:
+            if name is None:
+                due, self._waiters = self._waiters, []
+            else:
+                due = [w for w in self._waiters if w[0] == name and w[1] <= position]
+                if due:
+                    self._waiters = [w for w in self._waiters if not (w[0] == name and w[1] <= position)]
+        for _, _, loop, future in due:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+                loop.call_soon_threadsafe(_set_done, future)
+
+    async def until_landed(self, name: str, end: int) -> None:
+        """Wait until the first ``end`` bytes of ``name`` have landed, or the fetch is over (its error is raised
+        if it failed). Waits on the event loop, not in a thread: a parallel reader's requests all wait here at
+        once, and the loop's default executor has only a handful of threads (cpu count + 4), so waiting in
+        them queued requests whose bytes had landed behind requests whose bytes had not."""
+        mark = self.marks[name]
+        loop = asyncio.get_running_loop()
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            with self.cond:
+                if mark.position >= end:
+                    return
+                if self.finished:
+                    break
+                self._waiters.append((name, end, loop, future))
+            await future
+        if self.pin is None:
+            raise _as_s3_error(self.error or RuntimeError("fetch failed"))
+        # published: every byte is there
 
     def landed(self, name: str, end: int) -> bool:
-        """Whether the first ``end`` bytes of ``name`` are there already (no need to wait on a thread)."""
+        """Whether the first ``end`` bytes of ``name`` are there already (no need to wait)."""
         mark = self.marks.get(name)
         return mark is not None and mark.position >= end
 
@@ -219,6 +257,7 @@ class _Flight:
                 self.cond.notify_all()
             for mark in list(self.marks.values()):
                 mark.wake()
+            self._wake(None, 0)
 
     def wait_started(self) -> None:
         with self.cond:
@@ -529,7 +568,7 @@ class ServeApp:
             while position < wanted.end:
                 count = min(CHUNK, wanted.end - position)
                 if flight is not None and not flight.landed(item.name, position + count):
-                    await asyncio.to_thread(_wait_landed, flight, item.name, position + count)
+                    await flight.until_landed(item.name, position + count)
                 data = await asyncio.to_thread(os.pread, fd, count, position) if blocking else \
                     os.pread(fd, count, position)
                 if len(data) != count:
@@ -602,13 +641,9 @@ def _open(path: Path, flight: _Flight | None) -> int:
         raise S3Error(403, "AccessDenied", "the cached file is unsafe (a link?) and is not served") from None
 
 
-def _wait_landed(flight: _Flight, name: str, end: int) -> None:
-    mark = flight.marks[name]
-    while mark.wait_until(end, lambda: flight.finished, 0.5) < end:
-        if flight.finished:
-            if flight.pin is None:
-                raise _as_s3_error(flight.error or RuntimeError("fetch failed"))
-            return  # published: every byte is there
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a request whose client went away was cancelled meanwhile
+        future.set_result(None)
 
 
 def render_list(page: dict[str, Any], *, url_encode: bool) -> str:

@@ -65,3 +65,47 @@ def test_a_node_without_an_s3_origin_still_starts(tmp_path: Path) -> None:
     warm_origin(store)
     with pytest.raises(StorageError, match="no storage backend"):
         store.origin("s3")
+
+
+def test_requests_waiting_for_a_miss_wake_on_the_event_loop_as_ranges_land_or_the_fetch_fails() -> None:
+    """A parallel reader's requests wait for their bytes on the loop (no executor thread each); each wakes
+    when the contiguous prefix covers it, not before, and all of them when the fetch is over."""
+    import asyncio
+    import threading
+
+    from fastload_core.serve.app import _Flight
+    from fastload_core.storage.errors import OriginError
+    from fastload_core.storage.meta import Manifest, RemoteFile
+
+    flight = _Flight()
+    flight.started("shm", Path("/nonexistent"), Manifest("s3://b/k", (RemoteFile("k", 300, "k", None, None),),
+                                                         single=True))
+
+    async def scenario() -> list[int]:
+        woke: list[int] = []
+
+        async def wait(end: int) -> None:
+            await flight.until_landed("k", end)
+            woke.append(end)
+
+        first, second = asyncio.ensure_future(wait(100)), asyncio.ensure_future(wait(200))
+        await asyncio.sleep(0.05)
+        assert woke == []
+        await asyncio.to_thread(flight.range_done, "k", 100, 200)  # not contiguous yet: nobody wakes
+        await asyncio.sleep(0.05)
+        assert woke == []
+        threading.Thread(target=flight.range_done, args=("k", 0, 100)).start()  # from a download thread
+        await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+        third = asyncio.ensure_future(flight.until_landed("k", 300))
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        flight.error = OriginError("s3://b/k", "gone", code="NotFound")
+        with flight.cond:
+            flight.finished = True
+        await asyncio.to_thread(flight._wake, None, 0)
+        with pytest.raises(S3Error) as failed:  # the fetch's error, as the request answers it
+            await asyncio.wait_for(third, timeout=5)
+        assert failed.value.status == 404
+        return woke
+
+    assert sorted(asyncio.run(scenario())) == [100, 200]
