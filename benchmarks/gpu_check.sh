@@ -3,9 +3,9 @@
 #   1. refuses to run (exit 1) where torch sees no CUDA device: a silent skip would read as a pass;
 #   2. side by side (none of them is a load figure): builds the 4 GiB checkpoint (safetensors only),
 #      runs the compile-cache check on cuda (bench_compile.py, file backend, one round: a cold and a
-#      warm replica; its times are not quiet-machine figures; the export path first, because on an H200
-#      a 120 s cap stopped the check inside it, and its log keeps every block that finished) and
-#      `pytest -m gpu`;
+#      warm replica; its times are not quiet-machine figures; on an H200 the compile path took 22 s and
+#      the export path did not finish inside a 120 s cap: give it BUDGET_S - BENCH_S of 180 s or more)
+#      and `pytest -m gpu`;
 #      then, alone, the set-up probe (benchmarks/gpu_probe.py: what pinning, the device allocation and
 #      the streams cost a fresh process; probe.json; a failed probe is a warning, not a failure);
 #   3. then, alone, the load benchmark's GPU scenarios, every run a fresh process, medians of ROUNDS,
@@ -78,7 +78,10 @@ SUMMARY="$OUT_DIR/summary.txt"
 # gpu-cold.md) stay in OUT_DIR, and every log and JSON goes into details.tar.gz, packed after each step
 # and at exit, so a kill still leaves the steps before it.
 DETAILS=$(mktemp -d)
-pack() { tar -czf "$OUT_DIR/details.tar.gz" -C "$DETAILS" . 2>/dev/null; }
+pack() {  # written aside, then renamed: a kill mid-write leaves the previous complete archive
+    tar -czf "$OUT_DIR/.details.tar.gz.part" -C "$DETAILS" . 2>/dev/null \
+        && mv "$OUT_DIR/.details.tar.gz.part" "$OUT_DIR/details.tar.gz"
+}
 trap 'pack; rm -rf "$DETAILS"' EXIT
 started=$SECONDS
 status=0
@@ -132,7 +135,7 @@ PY
 build_pid=$!
 compile_pid=
 if [ "$SKIP_COMPILE" != 1 ]; then
-    timeout "$(before_bench "$COMPILE_CAP")" "$PYTHON" benchmarks/bench_compile.py --device "${DEVICE%%:*}" --backends file --rounds 1 --paths export,compile \
+    timeout "$(before_bench "$COMPILE_CAP")" "$PYTHON" benchmarks/bench_compile.py --device "${DEVICE%%:*}" --backends file --rounds 1 \
         --json "$DETAILS/compile.json" >"$OUT_DIR/compile.md" 2>"$DETAILS/compile.log" &
     compile_pid=$!
 fi
@@ -144,7 +147,7 @@ if [ "$SKIP_TESTS" != 1 ]; then
         | tee "$DETAILS/pytest.log" | tail -n 25
     code=${PIPESTATUS[0]}
     if [ "$code" -eq 5 ]; then say "warning: no GPU-marked tests were collected"
-    elif [ "$code" -eq 124 ]; then fail 6 "pytest -m gpu ran out of time (see pytest.log)"
+    elif [ "$code" -eq 124 ]; then fail 6 "pytest -m gpu ran out of time (see pytest.log in details.tar.gz)"
     elif [ "$code" -ne 0 ]; then
         fail 2 "pytest -m gpu exited with $code; its last lines:"
         tail -n 15 "$DETAILS/pytest.log" | sed 's/^/    /' >>"$SUMMARY"
@@ -157,7 +160,7 @@ if [ -n "$compile_pid" ]; then
     wait "$compile_pid"
     code=$?
     cat "$OUT_DIR/compile.md"
-    if [ "$code" -eq 124 ]; then fail 6 "the compile-cache check ran out of time (see compile.log)"
+    if [ "$code" -eq 124 ]; then fail 6 "the compile-cache check ran out of time (see compile.log in details.tar.gz)"
     elif [ "$code" -ne 0 ]; then fail 5 "the compile-cache check exited with $code: $(tail -n 1 "$DETAILS/compile.log")"
     else say "compile-cache check: finished (ran beside pytest -m gpu and the checkpoint build)"; fi
     pack
@@ -176,11 +179,11 @@ if [ "$DRY_RUN" = 1 ] || [ "$SKIP_PROBE" = 1 ]; then
     say "set-up probe: skipped (a dry run, or SKIP_PROBE=1)"
 else
     checkpoint=$(sed -n 's/^built \(.*\) in [0-9.]*s: .*/\1/p' "$DETAILS/build.log")
-    if timeout "$(limit 60)" "$PYTHON" benchmarks/gpu_probe.py "$checkpoint" --json "$OUT_DIR/probe.json" \
+    if timeout "$(before_bench 60)" "$PYTHON" benchmarks/gpu_probe.py "$checkpoint" --json "$OUT_DIR/probe.json" \
         >"$DETAILS/probe.log" 2>&1; then
         say "set-up probe: written to probe.json"
     else
-        say "warning: the set-up probe failed (not a target; see probe.log): $(tail -n 1 "$DETAILS/probe.log")"
+        say "warning: the set-up probe failed (not a target; see probe.log in details.tar.gz): $(tail -n 1 "$DETAILS/probe.log")"
     fi
 fi
 
@@ -214,7 +217,7 @@ for index in "${!scenarios[@]}"; do
     elif grep -E '^\| GPU .*\*\*FAIL\*\*' "$OUT_DIR/$scenario.md" >/dev/null; then
         fail 3 "$scenario: a GPU target failed (see the Targets table in $scenario.md)"
     elif [ "$DRY_RUN" = 0 ] && ! grep -E '^\| GPU .*\*\*PASS\*\*' "$OUT_DIR/$scenario.md" >/dev/null; then
-        fail 4 "$scenario produced no GPU verdicts (see $scenario.md and $scenario.log)"
+        fail 4 "$scenario produced no GPU verdicts (see $scenario.md, and $scenario.log in details.tar.gz)"
     else
         say "$scenario: $(grep -cE '^\| GPU .*\*\*PASS\*\*' "$OUT_DIR/$scenario.md") GPU target(s) passed"
     fi

@@ -5,8 +5,9 @@ first, not timed), it times what fastload's GPU path pays once: pinning staging 
 ``cudaHostRegister`` of faulted-in huge pages and by ``cudaHostAlloc`` at several sizes, the same
 registrations from 16 threads at once (does the driver serialise them?), faulting the pages in, the
 copy streams and the device allocation. It also asks whether the driver registers a read-only
-mapping of the checkpoint in /dev/shm itself (copying from the page cache with no staging at all),
-and what that costs per GiB. Every figure is a median of ``--repeats`` fresh buffers.
+mapping of the checkpoint's page-cache pages itself (copying from the page cache with no staging at
+all), and what that costs per GiB. The pinning figures are medians of ``--repeats`` fresh buffers; the
+concurrent registrations and the file registration are one sample each.
 
 Usage: python benchmarks/gpu_probe.py FILE [--json OUT] [--repeats 5]
 Needs CUDA; exits 1 with a message where there is none.
@@ -92,7 +93,7 @@ def probe_concurrent_registration(threads: int, size_mib: int) -> dict[str, Any]
     for _, tensor in buffers[:threads]:
         cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
     serial = time.perf_counter() - serial_started
-    barrier = threading.Barrier(threads)
+    barrier = threading.Barrier(threads + 1)  # the clock starts when this thread releases them all
     each: list[float] = []
 
     def register(tensor: torch.Tensor) -> None:
@@ -102,9 +103,10 @@ def probe_concurrent_registration(threads: int, size_mib: int) -> dict[str, Any]
         each.append(time.perf_counter() - started)
 
     workers = [threading.Thread(target=register, args=(tensor,)) for _, tensor in buffers[threads:]]
-    parallel_started = time.perf_counter()
     for worker in workers:
         worker.start()
+    barrier.wait()
+    parallel_started = time.perf_counter()
     for worker in workers:
         worker.join()
     parallel = time.perf_counter() - parallel_started
@@ -156,7 +158,7 @@ def probe_device_setup(device: torch.device, nbytes: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="the checkpoint (in /dev/shm for the file-registration probe)")
+    parser.add_argument("file", help="the checkpoint (read once into the page cache, e.g. just written)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

@@ -24,6 +24,8 @@ class Run:
     peak_rss_bytes: int | None = None
     anon_huge_bytes: int | None = None
     stages: dict[str, float] = field(default_factory=dict)
+    load_seconds: float | None = None  # the loader's call alone
+    touch_seconds: float | None = None  # the checksum pass (inside ``seconds`` unless the scenario is a GPU one)
     error: str | None = None
 
 

@@ -67,10 +67,14 @@ class BenchConfig:
     device: str = "cuda:0"  # the GPU scenarios' target; "cpu" runs them as a dry run of the harness
 
 
-def run_method(bench: BenchConfig, method: Method, path: Path, config: TransformerConfig) -> dict[str, Any]:
-    """Spawn the worker for one run; an error of any kind comes back as ``{"error": ...}``."""
+def run_method(bench: BenchConfig, method: Method, path: Path, config: TransformerConfig, *,
+               untimed_touch: bool = False) -> dict[str, Any]:
+    """Spawn the worker for one run; an error of any kind comes back as ``{"error": ...}``.
+    ``untimed_touch``: the clock stops before the checksum pass (a GPU scenario, every method alike)."""
     command = [bench.python, "-m", "fastload_core.bench.worker", "--worker", method.id, "--file", str(path),
                "--config", json.dumps(asdict(config)), "--device", bench.device]
+    if untimed_touch:
+        command.append("--untimed-touch")
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     started = time.perf_counter()
@@ -163,7 +167,7 @@ def _run_rounds(
                     progress(f"  {scenario.name} round {round_index + 1}/{bench.rounds} {method.id}: skipped, "
                              f"{run.error}")
                     continue
-            result = run_method(bench, method, path, checkpoint.config)
+            result = run_method(bench, method, path, checkpoint.config, untimed_touch=scenario.needs_cuda)
             run.process_seconds = result.get("process_seconds", 0.0)
             if "error" in result:
                 run.error = result["error"]
@@ -174,6 +178,7 @@ def _run_rounds(
                 run.peak_rss_bytes = result.get("peak_rss_bytes")
                 run.anon_huge_bytes = result.get("anon_huge_bytes")
                 run.stages = result.get("stages", {})
+                run.load_seconds, run.touch_seconds = result.get("load_seconds"), result.get("touch_seconds")
             runs[method.id].append(run)
             shown = f"{run.seconds:.3f}s" if run.seconds is not None else f"n/a ({run.error})"
             progress(f"  {scenario.name} round {round_index + 1}/{bench.rounds} {method.id}: {shown}")

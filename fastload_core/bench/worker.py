@@ -3,11 +3,12 @@
 A loader that ran before in the same process finds warm allocator pools, a populated CUDA context
 and already-imported libraries; a server cold start has none of that. So every run is a new
 process: the method's ``prepare`` (imports, CUDA context, a limit's buffers) is recorded as
-``setup`` but not counted; the load and the touch of every page are timed, except on a GPU: there
-the clock stops at ``torch.cuda.synchronize()`` after the load (device memory is resident once its
-copy has landed, and the touch's hundreds of small kernels, the first of them loading their module
-in a fresh process, would add ~0.05 s that has nothing to do with loading), and the touch that
-checks the bytes runs after it. The parent records the
+``setup`` but not counted; the load and the touch of every page are timed, except in a GPU
+scenario (``--untimed-touch``, every method alike, the CPU-resident limits included): there the
+clock stops at ``torch.cuda.synchronize()`` after the load (device memory is resident once its
+copies have landed, and the touch's hundreds of small kernels, the first of them loading their
+module in a fresh process, added 0.03-0.06 s on an H200 that has nothing to do with loading), and
+the touch that checks the bytes runs after it. The parent records the
 whole process as well. The result is one JSON line on stdout after ``RESULT_PREFIX``.
 """
 
@@ -30,9 +31,10 @@ from .methods import METHODS, Context, tensors_of, touch
 RESULT_PREFIX = "FASTLOAD-BENCH "
 
 
-def run_worker(method_id: str, path: str, config: TransformerConfig, device: str = "cuda:0") -> dict[str, Any]:
-    """One timed run in this process: prepare (untimed), load + touch (timed; on a GPU load +
-    synchronize, then the touch untimed). ``device`` is where a
+def run_worker(method_id: str, path: str, config: TransformerConfig, device: str = "cuda:0", *,
+               untimed_touch: bool = False) -> dict[str, Any]:
+    """One timed run in this process: prepare (untimed), load + touch (timed; with ``untimed_touch``
+    load + synchronize, then the touch untimed). ``device`` is where a
     GPU method loads to: an indexed CUDA device (``cuda`` becomes ``cuda:0``: fastsafetensors and
     Run:ai need the index), or ``cpu`` for a dry run of the harness without a GPU."""
     method = METHODS.get(method_id)
@@ -50,15 +52,14 @@ def run_worker(method_id: str, path: str, config: TransformerConfig, device: str
     started = time.perf_counter()
     loaded = load()
     loaded_at = time.perf_counter()
-    on_device = _on_cuda(loaded)
-    if on_device:  # device memory is resident once its copy has landed: the clock stops here
-        torch.cuda.synchronize()
+    for index in _cuda_devices(loaded):  # device memory is resident once its copies have landed
+        torch.cuda.synchronize(index)
     synchronized_at = time.perf_counter()
     nbytes, tensors, checksum = touch(loaded)
     finished = time.perf_counter()
     return {
         "method": method_id,
-        "seconds": (synchronized_at if on_device else finished) - started,
+        "seconds": (synchronized_at if untimed_touch else finished) - started,
         "load_seconds": loaded_at - started,
         "touch_seconds": finished - synchronized_at,
         "setup_seconds": setup,
@@ -70,8 +71,8 @@ def run_worker(method_id: str, path: str, config: TransformerConfig, device: str
     }
 
 
-def _on_cuda(loaded: object) -> bool:
-    return any(tensor.is_cuda for tensor in tensors_of(loaded))
+def _cuda_devices(loaded: object) -> set[int]:
+    return {tensor.device.index or 0 for tensor in tensors_of(loaded) if tensor.is_cuda}
 
 
 def _indexed(device: str) -> str:
@@ -98,10 +99,13 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--file", required=True)
     parser.add_argument("--config", required=True, help="TransformerConfig as JSON")
     parser.add_argument("--device", default="cuda:0", help="where the GPU scenarios' methods load to")
+    parser.add_argument("--untimed-touch", action="store_true",
+                        help="stop the clock after the load (and CUDA synchronize), before the checksum pass")
     args = parser.parse_args(argv)
     interpreter_started = time.perf_counter()
     try:
-        result = run_worker(args.worker, args.file, TransformerConfig(**json.loads(args.config)), args.device)
+        result = run_worker(args.worker, args.file, TransformerConfig(**json.loads(args.config)), args.device,
+                            untimed_touch=args.untimed_touch)
     except Exception as exc:
         result = {"method": args.worker, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     result["since_main_seconds"] = time.perf_counter() - interpreter_started

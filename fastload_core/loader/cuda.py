@@ -11,10 +11,10 @@ device. How buffers are pinned is ``FASTLOAD_PINNED``: ``register`` (the default
 huge-page mapping, faulted in by the reader, then ``cudaHostRegister``; no allocator lock, fewer pages
 to pin: 0.226 s against 0.360 s for a fresh process's 4 GiB load on an H200, 0.300 s against 0.394 s
 on an H100, docs/benchmarks.md) or ``alloc`` (``cudaHostAlloc`` through torch's pinned allocator).
-16 MiB buffers and 16 readers were the fastest of the sizes (4 to 32 MiB) and reader counts (16 to 32)
-tried on the H200. Where registration is refused (a
-locked-memory limit, a platform without it), the process falls back to ``alloc`` for good, with a
-debug log line.
+Where registration is refused (a locked-memory limit, a platform without it), the process falls back
+to ``alloc`` for good, with a debug log line. 16 MiB buffers and 16 readers were the fastest warm of
+the settings tried on the H200 (8 and 32 MiB within noise; 4 MiB, 24 and 32 readers clearly slower);
+cold, 32 MiB reads were 4% faster, also within noise.
 """
 
 from __future__ import annotations
@@ -114,6 +114,9 @@ def _pin_by_registration(nbytes: int) -> torch.Tensor:
     tensor = torch.frombuffer(buffer, dtype=torch.uint8)
     tensor[::mmap.PAGESIZE] = 0  # fault the pages in here, in the reader thread, not inside the driver
     with _registering:  # one at a time: the driver serialises them anyway, and contends when they overlap
+        if _registration_refused:  # refused while this reader waited: do not ask again
+            del tensor, buffer
+            return _pin_by_allocation(nbytes)
         error = _host_register(tensor.data_ptr(), nbytes)
     if error != 0:
         # A locked-memory limit, or a platform without registration: pin the usual way from now on, instead

@@ -279,8 +279,7 @@ def run_pipeline(
                     own.launch += launched_at - launch_at
                     with lock:
                         started.append(done)
-                        if not first_copy:
-                            first_copy.append(launched_at - began)
+                        first_copy.append(launched_at - began)
                 finally:
                     pool.give_back(slot, done)
         except BaseException as exc:  # handed to the caller's thread below
@@ -301,7 +300,7 @@ def run_pipeline(
     for completion in started:
         completion.synchronize()
     if timings is not None and first_copy:
-        timings.first_copy = first_copy[0]
+        timings.first_copy = min(first_copy)
     if errors:
         raise errors[0]
 

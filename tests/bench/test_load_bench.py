@@ -117,6 +117,20 @@ def test_gpu_methods_load_the_same_bytes(tmp_path: Path) -> None:
     assert limit["bytes"] == checkpoint.safetensors.stat().st_size and limit["seconds"] > 0
 
 
+def test_a_gpu_scenario_stops_the_clock_before_the_checksum(tmp_path: Path) -> None:
+    """In a GPU scenario every method, the CPU-resident limits included, is timed to the end of its load
+    (and the CUDA synchronize); the checksum pass runs after the clock and still checks the bytes."""
+    checkpoint = ensure_checkpoint(tmp_path, 8 << 20)
+    path = str(checkpoint.safetensors)
+    for method_id in ("cuda/fastload", "limit/pread-pinned"):
+        timed = run_worker(method_id, path, checkpoint.config, "cpu")
+        untimed = run_worker(method_id, path, checkpoint.config, "cpu", untimed_touch=True)
+        assert timed["seconds"] >= timed["touch_seconds"] > 0  # the checksum pass inside the clock
+        assert untimed["seconds"] < untimed["load_seconds"] + untimed["touch_seconds"]
+        assert untimed["seconds"] == pytest.approx(untimed["load_seconds"], abs=0.01)
+        assert untimed["checksum"] == timed["checksum"] and untimed["bytes"] == timed["bytes"]
+
+
 def test_gpu_scenarios_dry_run_on_the_cpu(tmp_path: Path) -> None:
     """``--device cpu`` runs the GPU scenarios' methods and limits on the CPU: the harness that a GPU
     lease depends on is exercised here, and its verdicts say they do not apply."""

@@ -251,7 +251,7 @@ def test_registrations_are_issued_one_at_a_time(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(cuda, "_host_register", register)
     monkeypatch.setattr(cuda, "_host_unregister", lambda address: None)
-    pool = cuda.staging_pool(1 << 20)
+    pool = cuda.staging_pool(1 << 20, mode="register")
     pool.ensure(6)
     slots: list[pipeline._Slot] = []
     takers = [threading.Thread(target=lambda: slots.append(pool.take())) for _ in range(6)]
@@ -263,3 +263,4 @@ def test_registrations_are_issued_one_at_a_time(monkeypatch: pytest.MonkeyPatch)
     assert peak == 1
     for slot in slots:
         pool.give_back(slot, None)
+    cuda.release_staging()  # while the CUDA calls are still replaced
