@@ -27,17 +27,10 @@ from typing import Any
 
 import torch
 
+from fastload_core.loader.cuda import faulted_mapping
+
 MIB = 1 << 20
 REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
-
-
-def _faulted(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    tensor = torch.frombuffer(buffer, dtype=torch.uint8)
-    tensor[:: mmap.PAGESIZE] = 0
-    return buffer, tensor
 
 
 def _empty_host_cache() -> bool:
@@ -61,7 +54,7 @@ def probe_pinning(repeats: int) -> dict[str, Any]:
         alloc: list[float] = []
         for _ in range(repeats):
             started = time.perf_counter()
-            mapping, tensor = _faulted(nbytes)
+            mapping, tensor = faulted_mapping(nbytes)
             registering = time.perf_counter()
             error = int(cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0))
             registered = time.perf_counter()
@@ -88,7 +81,7 @@ def probe_concurrent_registration(threads: int, size_mib: int) -> dict[str, Any]
     """The same registrations one after another and from ``threads`` threads at once."""
     cudart = torch.cuda.cudart()
     nbytes = size_mib * MIB
-    buffers = [_faulted(nbytes) for _ in range(2 * threads)]
+    buffers = [faulted_mapping(nbytes) for _ in range(2 * threads)]
     serial_started = time.perf_counter()
     for _, tensor in buffers[:threads]:
         cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)

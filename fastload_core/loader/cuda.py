@@ -104,15 +104,24 @@ def _pin_by_allocation(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
-def _pin_by_registration(nbytes: int) -> torch.Tensor:
-    global _registration_refused
-    if _registration_refused:
-        return _pin_by_allocation(nbytes)
+def faulted_mapping(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """An anonymous huge-page mapping of ``nbytes`` with every page faulted in, and a uint8 tensor over it:
+    what ``register`` pinning hands the driver (benchmarks/gpu_probe.py times the same thing). Faulted in
+    here, in the calling reader's thread, so that the driver's registration, which readers take turns at,
+    only pins pages that exist."""
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     tensor = torch.frombuffer(buffer, dtype=torch.uint8)
-    tensor[::mmap.PAGESIZE] = 0  # fault the pages in here, in the reader thread, not inside the driver
+    tensor[::mmap.PAGESIZE] = 0
+    return buffer, tensor
+
+
+def _pin_by_registration(nbytes: int) -> torch.Tensor:
+    global _registration_refused
+    if _registration_refused:
+        return _pin_by_allocation(nbytes)
+    buffer, tensor = faulted_mapping(nbytes)
     with _registering:  # one at a time: the driver serialises them anyway, and contends when they overlap
         if _registration_refused:  # refused while this reader waited: do not ask again
             del tensor, buffer

@@ -192,6 +192,19 @@ def test_gpu_tests_collect_without_the_frameworks(tmp_path: Path) -> None:
     assert any("tests/loader/test_cuda.py::" in line for line in collected), done.stdout[-2000:]
 
 
+def test_gpu_probe_refuses_to_run_without_cuda(tmp_path: Path) -> None:
+    """The set-up probe is a GPU lease's step: on a machine without CUDA it says so and exits 1."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the probe would run")
+    checkpoint = tmp_path / "x.safetensors"
+    checkpoint.write_bytes(b"0" * 4096)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'integrations'}"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_probe.py"), str(checkpoint)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and "torch.cuda.is_available() is False" in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
 def test_sigterm_reports_the_runs_that_finished(tmp_path: Path) -> None:
     """gpu_check.sh bounds each step with ``timeout``: a benchmark stopped by SIGTERM still prints and
     writes what finished (and exits 143), so a lease that runs short keeps its figures."""

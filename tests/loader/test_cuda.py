@@ -264,3 +264,13 @@ def test_registrations_are_issued_one_at_a_time(monkeypatch: pytest.MonkeyPatch)
     for slot in slots:
         pool.give_back(slot, None)
     cuda.release_staging()  # while the CUDA calls are still replaced
+
+
+def test_faulted_mapping_is_resident_before_registration() -> None:
+    """The buffer the driver registers has every page faulted in already (by the reader, not the driver)."""
+    from fastload_core.loader.pagecache import resident_fraction_at
+
+    nbytes = 4 << 20
+    mapping, tensor = cuda.faulted_mapping(nbytes)
+    assert len(mapping) == tensor.numel() == nbytes and not bool(tensor.any())
+    assert resident_fraction_at(tensor.data_ptr(), nbytes, windows=None) == 1.0
