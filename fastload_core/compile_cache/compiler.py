@@ -139,7 +139,8 @@ def compile(
     ``torch.no_grad()``) serves the example's signature from an AOTInductor package instead: built with
     ``torch.export`` on a miss, stored in the same cache, and loaded on a hit by torch's C++ runner
     without importing dynamo or inductor, which is most of a warm start through torch.compile. Other
-    calls, and models the package path cannot take, go through torch.compile as without it; the
+    calls, and models the package path cannot take (a CUDA model too, unless ``FASTLOAD_EXPORT_ON_CUDA=1``:
+    torch 2.11's loader crashed on CUDA), go through torch.compile as without it; the
     report's ``served_by`` says which path served and its notes say why (see docs/compile_cache.md).
 
     The report is at ``report_of(compiled)`` once the first compile has happened. The cache never makes
@@ -207,7 +208,8 @@ def _compile_exported(model: Any, cache: CompileCache, compile_kwargs: dict[str,
 
     options = dict(compile_kwargs.get("options") or {})
     reason = ("export=True needs an nn.Module" if not isinstance(model, torch.nn.Module) else
-              exported.unsupported_reason(compile_kwargs, example_inputs is not None, bool(more_example_inputs)))
+              exported.unsupported_reason(compile_kwargs, example_inputs is not None, bool(more_example_inputs),
+                                          exported.model_device(model)))
     if reason is None:
         args, kwargs = _in_current_mode(*_split_inputs(example_inputs))
         # Freezing spelled out: the key would otherwise ask inductor's config, importing dynamo.

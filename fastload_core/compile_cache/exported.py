@@ -24,8 +24,9 @@ What keeps it correct:
   runner records no autograd graph). Anything else goes to an ordinary ``fastload_core.compile`` of the
   same model, made on first need, with one warning.
 - Whatever stops the package from being built or used (a model ``torch.export`` rejects, grad mode on,
-  ``dynamic=True``, freezing, another backend, a package the runner refuses) falls back to the
-  torch.compile path, and the report says which path served and why.
+  ``dynamic=True``, freezing, another backend, a package the runner refuses, a CUDA model without
+  ``FASTLOAD_EXPORT_ON_CUDA=1``) falls back to the torch.compile path, and the report says which path
+  served and why.
 """
 
 from __future__ import annotations
@@ -59,15 +60,27 @@ PACKAGE = "model.pt2"
 #: What ``CompileReport.served_by`` says for each path.
 SERVED_BY_PACKAGE = "aoti-package"
 SERVED_BY_COMPILE = "torch.compile"
+#: Set to 1 to serve CUDA models from packages. Off by default because a failure there is a crash, not an
+#: error: on torch 2.11.0+cu130 (an H200, driver 580.159.04, 2026-11-28) the package loader segfaulted the
+#: process on a package built a moment before, in fastload's GPU test and in torch's own
+#: ``aoti_load_package`` of a two-layer model alike. A replica that dies on start-up is worse than one
+#: that compiles, so CUDA models take the torch.compile path unless the operator has seen
+#: ``test_gpu_fresh_replica_is_served_by_the_package`` pass on their torch build.
+EXPORT_ON_CUDA_ENV = "FASTLOAD_EXPORT_ON_CUDA"
 
 
 class ExportUnsupported(Exception):
     """This model or call cannot be served from a package; the message says why (for the report)."""
 
 
-def unsupported_reason(compile_kwargs: Mapping[str, Any], has_examples: bool, has_more: bool) -> str | None:
-    """Why the package path cannot serve this ``compile()`` call, or None if it can try."""
+def unsupported_reason(compile_kwargs: Mapping[str, Any], has_examples: bool, has_more: bool,
+                       device: torch.device) -> str | None:
+    """Why the package path cannot serve this ``compile()`` call on ``device``, or None if it can try."""
     options = compile_kwargs.get("options") or {}
+    if device.type == "cuda" and os.environ.get(EXPORT_ON_CUDA_ENV) != "1":
+        return (f"packages on CUDA are off unless {EXPORT_ON_CUDA_ENV}=1: torch 2.11.0+cu130's package loader "
+                "crashed the process (segfault) in fastload's GPU check; set it where "
+                "tests/compile_cache/test_exported.py's GPU test passes on your torch build")
     if not has_examples:
         return "export=True needs example_inputs (the package is built for their signature)"
     if has_more:
@@ -180,9 +193,14 @@ class _WeightsAsInputs(torch.nn.Module):
         return torch.func.functional_call(self.wrapped[0], tensors, args, kwargs)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the package must run: the device of the model's first weight (CPU for a weightless model)."""
+    return next((t.device for t in weights_of(model).values()), torch.device("cpu"))
+
+
 def load_runner(path: Path, model: torch.nn.Module) -> Any:
     """Load a package with the C++ runner on the model's device; ExportUnsupported if it cannot."""
-    device = next((t.device for t in weights_of(model).values()), torch.device("cpu"))
+    device = model_device(model)
     index = device.index if device.index is not None else -1  # cuda:1 stays cuda:1; -1: the default
     try:
         # (path, model name, run_single_threaded, num_runners, device_index)
