@@ -18,7 +18,8 @@ median wall time of the whole process (imports included: what a user waits for),
 per GB over the operation (getrusage) and, for fastload's rows, until its cache copies are written too
 (the write-through, and a streamed load's shm copy, run after the call returns), and the server's CPU
 seconds per GB over the same run (its process's utime + stime from /proc): on a small machine the server
-competes for the same cores.
+competes for the same cores. The report also gives the server's CPU at idle, measured before the rounds
+(that column includes it, for as long as each row takes).
 
 Usage: python benchmarks/bench_s3.py [--servers seaweed,moto] [--size 2GiB] [--rounds 3] [--quick]
        [--out bench-out/s3.md] [--json bench-out/s3.json]
@@ -179,6 +180,17 @@ def _process_cpu(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def _idle_cpu(pid: int | None, seconds: float = 2.0) -> float:
+    """The server's CPU, in cores, while nobody asks it anything (after the uploads). The *server CPU s/GB*
+    column counts any such background work too, for as long as a row takes, so a slow row would be charged
+    more of it than a fast one; this says how much there is (``weed mini``: none measurable, 0.00 cores)."""
+    if not pid:
+        return float("nan")
+    before = _process_cpu(pid)
+    time.sleep(seconds)
+    return (_process_cpu(pid) - before) / seconds
+
+
 def _run_child(method: str, env: dict[str, str], server_pid: int | None) -> dict[str, float]:
     server_before = _process_cpu(server_pid) if server_pid else 0.0
     started = time.monotonic()
@@ -257,7 +269,9 @@ def bench_server(server_name: str, args: argparse.Namespace, size: int, part: in
                                ExtraArgs={"ChecksumAlgorithm": "CRC64NVME"})
             objects[KEY_CRC64] = _checksum_of(client, bucket, KEY_CRC64)
         source.unlink()
-        print(f"{server_name}: {size / MiB:.0f} MiB at {server.endpoint_url}; objects: {objects}", flush=True)
+        idle = _idle_cpu(getattr(server, "pid", None))
+        print(f"{server_name}: {size / MiB:.0f} MiB at {server.endpoint_url}; objects: {objects}; server CPU at "
+              f"idle {idle:.2f} cores", flush=True)
         results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         failed: dict[str, str] = {}
         shuffler = random.Random(args.rounds)
@@ -281,7 +295,8 @@ def bench_server(server_name: str, args: argparse.Namespace, size: int, part: in
                       f"{result['server_cpu']:.2f} s)", flush=True)
         if args.processes:
             notes.append(_n_processes(args.processes, server, env, bucket, size, disk_work))
-        return {"server": server_name, "size": size, "results": results, "notes": notes, "objects": objects}
+        return {"server": server_name, "size": size, "results": results, "notes": notes, "objects": objects,
+                "server_idle_cpu": idle}
     finally:
         server.stop()
         shutil.rmtree(shm_work, ignore_errors=True)
@@ -351,6 +366,7 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
                          f"{_median(rows, 'cpu') / gb:.2f} | {_median(rows, 'cpu_all') / gb:.2f} | "
                          f"{_median(rows, 'server_cpu') / gb:.2f} |")
         lines += ["", *[f"- object `{key}`: {what}" for key, what in run.get("objects", {}).items()],
+                  f"- server CPU at idle (before the rounds): {run.get('server_idle_cpu', float('nan')):.2f} cores",
                   *[f"- {note}" for note in run["notes"]], ""]
     lines.append("× columns: the other method's seconds over this one's (above 1 = faster than it).")
     return "\n".join(lines)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -93,15 +94,26 @@ def crc_function(algorithm: str) -> Callable[[Buffer, int], int]:
     """The CRC for ``algorithm``: ``fn(data, previous) -> crc``. Each releases the GIL on large buffers, so
     the download threads compute it in parallel.
 
-    CRC32 is zlib's (the standard library's): awscrt's CRC32 is not hardware-accelerated on x86-64, and
-    measured on the 2-core VM (1 MiB buffers, one thread) it cost 0.33 CPU s per GiB against zlib's 0.16;
-    zlib's releases the GIL above 5 KiB (CPython's ``zlib.crc32``). CRC32C and CRC64NVME stay awscrt's
-    (0.02 CPU s per GiB: it uses the CPU's carry-less multiply for those)."""
+    CRC32 is ISA-L's (``isal``, in the ``s3`` extra) where it is installed, else zlib's (the standard
+    library's). Measured on the 2-core VM (1 MiB buffers, one thread): ISA-L 0.02 CPU s per GiB (carry-less
+    multiply), zlib 0.35 (table-driven), awscrt 0.33 (not hardware-accelerated on x86-64). On a small
+    machine that difference is a fifth of a verified fetch's CPU per byte (docs/benchmarks.md, "S3 speed").
+    Both release the GIL on large buffers. CRC32C and CRC64NVME stay awscrt's (0.02 CPU s per GiB: it uses
+    the CPU's carry-less multiply for those)."""
     if algorithm == "crc32":
-        return zlib.crc32
+        return _crc32()
     from awscrt import checksums
 
     return {"crc32c": checksums.crc32c, "crc64nvme": checksums.crc64nvme}[algorithm]
+
+
+@functools.cache
+def _crc32() -> Callable[[Buffer, int], int]:
+    try:
+        from isal.isal_zlib import crc32
+    except ImportError:  # the s3 extra not installed, or no wheel for this platform: zlib's is the same CRC
+        return zlib.crc32
+    return cast("Callable[[Buffer, int], int]", crc32)
 
 
 def crc_combine(algorithm: str, first: int, second: int, second_length: int) -> int:

@@ -60,6 +60,35 @@ def test_crcs_are_the_standard_ones(algorithm: str) -> None:
         assert crc_function(algorithm)(memoryview(data), 0) == zlib.crc32(data)
 
 
+def test_crc32_is_the_accelerated_one_and_falls_back_to_zlibs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ISA-L's CRC32 (0.02 CPU s per GiB here, zlib's 0.35) where the s3 extra installed it; zlib's, the same
+    values, where it did not."""
+    import builtins
+
+    from fastload_core.storage import checksum
+
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    checksum._crc32.cache_clear()
+    assert crc_function("crc32") is isal_zlib.crc32
+    real_import = builtins.__import__
+
+    def no_isal(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("isal"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    checksum._crc32.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_isal)
+    try:
+        assert crc_function("crc32") is zlib.crc32
+    finally:
+        monkeypatch.undo()
+        checksum._crc32.cache_clear()
+    data = memoryview(os.urandom(3 * MiB + 5))
+    assert crc_function("crc32") is isal_zlib.crc32
+    assert isal_zlib.crc32(data, 7) == zlib.crc32(data, 7)
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_combine_gives_the_crc_of_the_concatenation(algorithm: str) -> None:
     fn = crc_function(algorithm)
