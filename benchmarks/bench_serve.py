@@ -16,7 +16,7 @@ One run, every source side by side, rounds in a shuffled order, medians reported
 Cold-node rows report the fetch itself (timed inside the fresh process, after the plugin manager has
 loaded, which imports torch) and the whole process (interpreter, imports and all); for the peer row the
 notes also give the transfer alone (the peer's log line: its ranged GETs, writes and block checks).
-Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--out bench-out/serve.md]
+Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--rows peer,origin,miss] [--out bench-out/serve.md]
 """
 
 from __future__ import annotations
