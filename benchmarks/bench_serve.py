@@ -16,7 +16,7 @@ One run, every source side by side, rounds in a shuffled order, medians reported
 Cold-node rows report the fetch itself (timed inside the fresh process, after the plugin manager has
 loaded, which imports torch) and the whole process (interpreter, imports and all); for the peer row the
 notes also give the transfer alone (the peer's log line: its ranged GETs, writes and block checks).
-Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--out bench-out/serve.md]
+Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--rows peer,origin,miss] [--out bench-out/serve.md]
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ class Serve:
         shutil.rmtree(self.disk, ignore_errors=True)
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def parallel_read(client: Any, size: int, part: int, workers: int) -> None:
     """What a parallel S3 reader does: ranged GETs of ``part`` bytes, ``workers`` at a time, bodies discarded."""
     def get(start: int) -> int:
@@ -209,6 +215,8 @@ def main() -> int:
     parser.add_argument("--part-size", default="16MiB")
     parser.add_argument("--peer-part-size", default="64MiB", help="FASTLOAD_PEER_PART_SIZE for the peer fetch")
     parser.add_argument("--out", default=str(REPO / "bench-out" / "serve.md"))
+    parser.add_argument("--rows", default="", help="comma-separated words: run only the rows whose name contains "
+                                                   "one (e.g. 'peer,origin,miss' for an A/B of those); all by default")
     args = parser.parse_args()
     # Every row starts fresh processes, and a cold node's fetch imports most of fastload inside the timed call.
     # An installed fastload has its bytecode compiled (pip does it at install); a checkout run where
@@ -240,6 +248,7 @@ def main() -> int:
     timings: dict[str, list[float]] = {}
     walls: dict[str, list[float]] = {}
     transfers: dict[str, list[float]] = {}  # the peer's part of a cold fetch, from its log line
+    server_cpu: dict[str, list[float]] = {}  # CPU seconds the serving node spent during a row's reads
     try:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -273,15 +282,26 @@ def main() -> int:
         if nginx is None:
             notes.append("nginx is not installed (apt-get install nginx-light): its ceiling row is missing")
 
+        wanted = [word.strip() for word in args.rows.split(",") if word.strip()]
+
+        def selected(name: str) -> bool:
+            return not wanted or any(word in name for word in wanted)
+
         shared = disk / "shared"
         shared_env = {**no_peers, "FASTLOAD_SHARED_DIR": str(shared)}
-        cold_fetch(shared_env, disk / "fill-shared", work / "cold-shm")  # fills the shared tier on the way
+        shared_row = "cold node <- shared directory (fastload fetch, peers off)"
+        if selected(shared_row):
+            cold_fetch(shared_env, disk / "fill-shared", work / "cold-shm")  # fills the shared tier on the way
 
-        def engine(client: Any, part: int = part) -> Callable[[], float]:
+        def engine(client: Any, part: int = part, name: str = "", pid: int = 0) -> Callable[[], float]:
             def run() -> float:
+                cpu = process_cpu(pid) if pid else 0.0
                 started = time.monotonic()
                 parallel_read(client, size, part, args.concurrency)
-                return time.monotonic() - started
+                seconds = time.monotonic() - started
+                if pid:
+                    server_cpu.setdefault(name, []).append(process_cpu(pid) - cpu)
+                return seconds
             return run
 
         def cold(env: dict[str, str], name: str) -> Callable[[], float]:
@@ -296,9 +316,13 @@ def main() -> int:
         def miss_through_endpoint() -> float:
             node = Serve(work, disk, "cold-c", no_peers, advertise=False)
             try:
+                client = node.client()
+                cpu = process_cpu(node.process.pid)
                 started = time.monotonic()
-                parallel_read(node.client(), size, part, args.concurrency)
-                return time.monotonic() - started
+                parallel_read(client, size, part, args.concurrency)
+                seconds = time.monotonic() - started
+                server_cpu.setdefault(through, []).append(process_cpu(node.process.pid) - cpu)
+                return seconds
             finally:
                 node.stop()
 
@@ -322,10 +346,10 @@ def main() -> int:
         from_origin = "cold node <- S3 origin (fastload fetch, peers off)"
         through = "miss through a cold fastload serve (parallel ranged GETs)"
         methods: dict[str, Callable[[], float]] = {
-            ceiling_serve: engine(peer.client()),
-            ceiling_peer_part: engine(peer.client(), peer_part),
+            ceiling_serve: engine(peer.client(), name=ceiling_serve, pid=peer.process.pid),
+            ceiling_peer_part: engine(peer.client(), peer_part, name=ceiling_peer_part, pid=peer.process.pid),
             from_peer: cold(base, from_peer),
-            "cold node <- shared directory (fastload fetch, peers off)": cold(shared_env, "shared"),
+            shared_row: cold(shared_env, "shared"),
             from_origin: cold(no_peers, from_origin),
             through: miss_through_endpoint,
         }
@@ -343,6 +367,7 @@ def main() -> int:
             methods["Run:ai Model Streamer through fastload serve A (hit)"] = runai
         except ImportError:
             notes.append("Run:ai Model Streamer is not installed: its row is missing")
+        methods = {name: run for name, run in methods.items() if selected(name)}
         failed: set[str] = set()
         shuffler = random.Random(args.rounds)
         for round_index in range(args.rounds):
@@ -394,6 +419,9 @@ def main() -> int:
                      + (f" ({100 * medians[ceiling_peer_part] / transfer:.0f}% of the one at its range size)"
                         if ceiling_peer_part in medians else "")
                      + "; the rest is imports, resolving at the origin, the peer lookup, preparing the destination")
+    for name, values in server_cpu.items():
+        notes.append(f"CPU of the serving fastload serve node during '{name}': "
+                     + ", ".join(f"{value:.2f}" for value in values) + f" s ({size / MiB:.0f} MiB)")
     if ceiling and ceiling_nginx in medians:
         notes.append(f"nginx ceiling / fastload serve ceiling: {ceiling / medians[ceiling_nginx]:.2f}x")
     text = "\n".join([f"Checkpoint {size / MiB:.0f} MiB; origin SeaweedFS on loopback; {args.concurrency} parallel "
