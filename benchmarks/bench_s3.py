@@ -174,7 +174,7 @@ def _child(method: str) -> None:
 
 
 # --- the parent ------------------------------------------------------------------------------------------
-def _process_cpu(pid: int) -> float:
+def process_cpu(pid: int) -> float:
     """utime + stime of ``pid`` and its waited-for children, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
@@ -186,19 +186,19 @@ def _idle_cpu(pid: int | None, seconds: float = 2.0) -> float:
     more of it than a fast one; this says how much there is (``weed mini``: none measurable, 0.00 cores)."""
     if not pid:
         return float("nan")
-    before = _process_cpu(pid)
+    before = process_cpu(pid)
     time.sleep(seconds)
-    return (_process_cpu(pid) - before) / seconds
+    return (process_cpu(pid) - before) / seconds
 
 
 def _run_child(method: str, env: dict[str, str], server_pid: int | None) -> dict[str, float]:
-    server_before = _process_cpu(server_pid) if server_pid else 0.0
+    server_before = process_cpu(server_pid) if server_pid else 0.0
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, __file__, "--child", method], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     out, err = process.communicate()
     wall = time.monotonic() - started
-    server_cpu = _process_cpu(server_pid) - server_before if server_pid else float("nan")
+    server_cpu = process_cpu(server_pid) - server_before if server_pid else float("nan")
     lines = [line for line in out.splitlines() if line.startswith("BENCH ")]
     if process.returncode or not lines:
         raise RuntimeError(f"exit {process.returncode}: {(err or out).strip()[-400:]}")

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_s3 import make_checkpoint  # noqa: E402
+from bench_s3 import make_checkpoint, process_cpu  # noqa: E402
 
 from fastload_core.storage.settings import parse_size  # noqa: E402
 from fastload_devservices._process import free_port  # noqa: E402
@@ -128,12 +128,6 @@ class Serve:
             self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.disk, ignore_errors=True)
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parallel_read(client: Any, size: int, part: int, workers: int) -> None:
