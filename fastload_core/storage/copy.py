@@ -23,11 +23,7 @@ from .progress import Progress
 from .uri import confine, safe_relpath
 from .verify import BlockDigests
 
-#: Small enough to stay in the CPU's L2 cache between the read, the hash and the write of each chunk: copying
-#: 1 GiB from /dev/shm to local disk with block checks (a write-through) cost 0.40-0.47 CPU s in 1 MiB
-#: chunks against 0.44-0.74 in 8 MiB ones (wall 0.61-0.76 s against 0.73-0.98; 4 alternating runs each,
-#: docs/benchmarks.md "S3 speed"), where each 8 MiB chunk went to memory and back three times.
-_CHUNK = 1024 * 1024
+_CHUNK = 8 * 1024 * 1024
 
 
 def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | None] | None, uri: str,
