@@ -106,12 +106,10 @@ class Warming:
     """
 
     def __init__(self, uri: Source, *, tier: str | None = "shm", revision: str | None = None,
-                 before: Callable[[], object] | None = None,
                  on_done: Callable[[Warming], None] | None = None) -> None:
         self.uri = os.fspath(uri)
         self.tier = tier
         self.revision = revision
-        self._before = before
         self._on_done = on_done
         self._future: Future[Path] = Future()
         self._future.set_running_or_notify_cancel()
@@ -120,8 +118,6 @@ class Warming:
 
     def _run(self) -> None:
         try:
-            if self._before is not None:
-                self._before()
             (path,) = warm(self.uri, tier=self.tier, revision=self.revision)
         except BaseException as exc:  # handed to the waiter, whatever it is: nobody waits forever
             self._future.set_exception(exc)
@@ -147,13 +143,11 @@ class Warming:
         return self._future.exception(timeout)
 
 
-def start_warm(uri: Source, *, tier: str | None = "shm", revision: str | None = None,
-               before: Callable[[], object] | None = None) -> Warming:
+def start_warm(uri: Source, *, tier: str | None = "shm", revision: str | None = None) -> Warming:
     """Start ``warm(uri, tier=..., revision=...)`` on a daemon thread of this process and return at once;
-    ``Warming.result()`` waits for it. ``before`` runs first on that thread (set-up the download needs but
-    the caller should not wait for). Nothing is checked before it returns: every error, a missing model
+    ``Warming.result()`` waits for it. Nothing is checked before it returns: every error, a missing model
     included, comes out of ``result()``."""
-    return Warming(uri, tier=tier, revision=revision, before=before)
+    return Warming(uri, tier=tier, revision=revision)
 
 
 def warm_in_background(uri: Source, *, tier: str | None = "shm", revision: str | None = None,

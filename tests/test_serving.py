@@ -266,15 +266,20 @@ def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Pa
 
 
 # --- start_warm --------------------------------------------------------------------------------------------
-def test_start_warm_returns_at_once_and_hands_over_the_warmed_copy(tmp_path: Path, shm_root: Path) -> None:
+def test_start_warm_returns_at_once_and_hands_over_the_warmed_copy(
+    tmp_path: Path, shm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source, _ = make_model(tmp_path / "origin" / "m1")
     gate, ran_on = threading.Event(), []
+    real_warm = serving.warm
 
-    def before() -> None:  # set-up that belongs on the warm's thread; held here to show start_warm does not wait
+    def held(*args: Any, **kwargs: Any) -> Any:  # the download, held here to show start_warm does not wait for it
         ran_on.append(threading.current_thread().name)
         gate.wait(30)
+        return real_warm(*args, **kwargs)
 
-    warming = start_warm(source.as_uri(), before=before)
+    monkeypatch.setattr(serving, "warm", held)
+    warming = start_warm(source.as_uri())
     assert not warming.done()
     gate.set()
     path = warming.result(timeout=30)
@@ -288,11 +293,12 @@ def test_start_warm_hands_its_error_to_the_waiter(tmp_path: Path, monkeypatch: p
     with pytest.raises(WeightsUnavailableError, match=f"cannot fetch the weights at {missing}"):
         warming.result(timeout=30)
 
-    def crash() -> None:  # not a FastloadError: still handed over, never a thread that dies and a waiter that hangs
+    def crash(*args: Any, **kwargs: Any) -> Any:  # not a FastloadError: still handed over, never a dead thread
         raise KeyError("a bug")
 
+    monkeypatch.setattr(serving, "warm", crash)
     with pytest.raises(KeyError, match="a bug"):
-        start_warm(missing, before=crash).result(timeout=30)
+        start_warm(missing).result(timeout=30)
 
 
 # --- warm_in_background --------------------------------------------------------------------------------

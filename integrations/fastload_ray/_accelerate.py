@@ -204,9 +204,9 @@ class _ReplicaWeights:
             target = self.target_for(config)
         except UserConfigError:
             return
-        before = _reserve_object_store_once if self.spec.prefetch == "shm" else None
-        self.early = (target, start_warm(target.uri, tier=self.spec.prefetch, revision=target.revision,
-                                         before=before))
+        if self.spec.prefetch == "shm":
+            _reserve_object_store_once()
+        self.early = (target, start_warm(target.uri, tier=self.spec.prefetch, revision=target.revision))
         log.debug("fastload: deployment %s started fetching %s in __init__", self.deployment, redact(target.uri))
 
     def target_for(self, user_config: Any) -> Target:
@@ -253,6 +253,8 @@ class _ReplicaWeights:
             early, self.early = self.early, None
             if early is not None and early[0] != target:
                 early = None  # the replica was reconfigured before its first load: that download is not needed
+            if early is None and self.spec.prefetch == "shm":
+                _reserve_object_store_once()
             model, pin = await asyncio.to_thread(self._load, target, early[1] if early is not None else None)
             self.loaded_early = early is not None
             old = owner.__dict__.get(self.spec.attr) if self.target is not None else None
@@ -277,8 +279,6 @@ class _ReplicaWeights:
             # the download __init__ started; its failure (a WeightsUnavailableError naming the URI) is raised here
             revision = version_of(early.result()) or revision
         elif spec.prefetch is not None:
-            if spec.prefetch == "shm":
-                _reserve_object_store_once()
             (warmed,) = warm(target.uri, tier=spec.prefetch, revision=target.revision)
             # exactly the version just warmed, without asking the origin again
             revision = version_of(warmed) or revision
@@ -304,10 +304,16 @@ def replica_device() -> torch.device:
 
 
 _reserved = False
-_reserving = threading.Lock()  # the early download's thread and a later reconfigure may both get here
+_reserving = threading.Lock()  # __init__ and a later reconfigure may run on different threads
 
 
 def _reserve_object_store_once() -> None:
+    """Fit the shm tier beside Ray's object store, once per process, before any download or user code runs.
+
+    It sets ``FASTLOAD_SHM_CAPACITY`` in the environment, so it runs on the thread that calls it, never on a
+    download's thread: a setenv while other threads read the environment from C (torch's import does, and
+    the user's ``__init__`` imports whatever it likes) is a data race in libc. It costs about 2 ms (one
+    lookup of the node's resources in Ray's control store, measured in a local cluster)."""
     global _reserved
     with _reserving:
         if not _reserved:

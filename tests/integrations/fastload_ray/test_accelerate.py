@@ -216,6 +216,52 @@ def test_a_replica_starts_fetching_before_its_own_init_runs_and_reconfigure_load
     assert replica.model is model
 
 
+def test_the_shm_budget_is_set_in_init_before_any_download_or_user_code(
+    tmp_path: Path, shm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reservation writes the environment: on the calling thread, before the download's thread exists and
+    before the user's __init__ (a setenv racing C code that reads the environment is a libc data race)."""
+    from fastload_ray import _accelerate
+
+    uri = write_weights(tmp_path / "m", seed=9)
+    config = {"fastload": {"uri": uri}}
+    in_replica(monkeypatch, config)
+    monkeypatch.setattr(_accelerate, "_reserved", False)
+    events: list[tuple[str, str]] = []
+    real_warm = serving.warm
+
+    def reserve() -> None:
+        events.append(("reserve", threading.current_thread().name))
+
+    def warm(*args: Any, **kwargs: Any) -> Any:
+        events.append(("download", threading.current_thread().name))
+        return real_warm(*args, **kwargs)
+
+    monkeypatch.setattr(_accelerate, "reserve_object_store", reserve)
+    monkeypatch.setattr(serving, "warm", warm)
+
+    class Embedder:
+        def __init__(self) -> None:
+            events.append(("user __init__", threading.current_thread().name))
+
+    replica = fastload_ray.accelerate(Hooked)(Embedder)()
+    run(replica.reconfigure(config))
+    here = threading.current_thread().name
+    assert events[0] == ("reserve", here)  # before the download's thread and the user's __init__, both of
+    assert sorted(events[1:]) == [("download", "fastload-warm"), ("user __init__", here)]  # which then overlap
+
+    # Outside a replica nothing is known in __init__: the first reconfigure reserves, on the event loop's
+    # thread, then downloads on a worker thread.
+    monkeypatch.setattr(_accelerate, "_reserved", False)
+    monkeypatch.setattr(_accelerate, "_initial_user_config", lambda: _accelerate._UNKNOWN)
+    monkeypatch.setattr(_accelerate, "warm", warm)
+    events.clear()
+    late = fastload_ray.accelerate(Hooked)(Embedder)()
+    run(late.reconfigure(config))
+    assert events[:2] == [("user __init__", here), ("reserve", here)]
+    assert len(events) == 3 and events[2][0] == "download" and events[2][1] != here
+
+
 def test_a_failed_early_fetch_fails_the_replicas_start_with_the_usual_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
