@@ -17,6 +17,8 @@ Cold-node rows report the fetch itself (timed inside the fresh process, after th
 loaded, which imports torch) and the whole process (interpreter, imports and all); for the peer row the
 notes also give the transfer alone (the peer's log line: its ranged GETs, writes and block checks).
 Usage: python benchmarks/bench_serve.py [--size 2GiB] [--rounds 3] [--rows peer,origin,miss] [--out bench-out/serve.md]
+--rows runs only the rows named (ids: ceiling, ceiling-peer-part, peer, shared, origin, miss, nginx, runai); the
+ceiling row always runs, since every percentage is of it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from bench_s3 import make_checkpoint, process_cpu  # noqa: E402
 
 from fastload_core.storage.settings import parse_size  # noqa: E402
 from fastload_devservices._process import free_port  # noqa: E402
+
+ROW_IDS = ("ceiling", "ceiling-peer-part", "peer", "shared", "origin", "miss", "nginx", "runai")
 
 BUCKET = "models"  # SeaweedServer's bucket
 KEY = "model/model.safetensors"
@@ -209,9 +213,13 @@ def main() -> int:
     parser.add_argument("--part-size", default="16MiB")
     parser.add_argument("--peer-part-size", default="64MiB", help="FASTLOAD_PEER_PART_SIZE for the peer fetch")
     parser.add_argument("--out", default=str(REPO / "bench-out" / "serve.md"))
-    parser.add_argument("--rows", default="", help="comma-separated words: run only the rows whose name contains "
-                                                   "one (e.g. 'peer,origin,miss' for an A/B of those); all by default")
+    parser.add_argument("--rows", default="", help=f"comma-separated row ids ({', '.join(ROW_IDS)}): only those and "
+                                                   "the ceiling (e.g. 'peer,origin,miss' for an A/B); all by default")
     args = parser.parse_args()
+    wanted = {word.strip() for word in args.rows.split(",") if word.strip()}
+    if wanted - set(ROW_IDS):
+        parser.error(f"--rows: unknown row id(s) {', '.join(sorted(wanted - set(ROW_IDS)))}; "
+                     f"the ids are {', '.join(ROW_IDS)}")
     # Every row starts fresh processes, and a cold node's fetch imports most of fastload inside the timed call.
     # An installed fastload has its bytecode compiled (pip does it at install); a checkout run where
     # PYTHONDONTWRITEBYTECODE is set (this project's VMs) compiles those modules from source in every process,
@@ -276,15 +284,13 @@ def main() -> int:
         if nginx is None:
             notes.append("nginx is not installed (apt-get install nginx-light): its ceiling row is missing")
 
-        wanted = [word.strip() for word in args.rows.split(",") if word.strip()]
-
-        def selected(name: str) -> bool:
-            return not wanted or any(word in name for word in wanted)
+        def selected(row_id: str) -> bool:
+            return not wanted or row_id in wanted or row_id == "ceiling"
 
         shared = disk / "shared"
         shared_env = {**no_peers, "FASTLOAD_SHARED_DIR": str(shared)}
         shared_row = "cold node <- shared directory (fastload fetch, peers off)"
-        if selected(shared_row):
+        if selected("shared"):
             cold_fetch(shared_env, disk / "fill-shared", work / "cold-shm")  # fills the shared tier on the way
 
         def engine(client: Any, part: int = part, name: str = "", pid: int = 0) -> Callable[[], float]:
@@ -339,6 +345,7 @@ def main() -> int:
         from_peer = "cold node <- peer A's RAM (fastload fetch, verified)"
         from_origin = "cold node <- S3 origin (fastload fetch, peers off)"
         through = "miss through a cold fastload serve (parallel ranged GETs)"
+        runai_row = "Run:ai Model Streamer through fastload serve A (hit)"
         methods: dict[str, Callable[[], float]] = {
             ceiling_serve: engine(peer.client(), name=ceiling_serve, pid=peer.process.pid),
             ceiling_peer_part: engine(peer.client(), peer_part, name=ceiling_peer_part, pid=peer.process.pid),
@@ -358,10 +365,13 @@ def main() -> int:
         try:
             import runai_model_streamer  # noqa: F401
 
-            methods["Run:ai Model Streamer through fastload serve A (hit)"] = runai
+            methods[runai_row] = runai
         except ImportError:
             notes.append("Run:ai Model Streamer is not installed: its row is missing")
-        methods = {name: run for name, run in methods.items() if selected(name)}
+        row_ids = {ceiling_serve: "ceiling", ceiling_peer_part: "ceiling-peer-part", from_peer: "peer",
+                   shared_row: "shared", from_origin: "origin", through: "miss", ceiling_nginx: "nginx",
+                   runai_row: "runai"}
+        methods = {name: run for name, run in methods.items() if selected(row_ids[name])}
         failed: set[str] = set()
         shuffler = random.Random(args.rounds)
         for round_index in range(args.rounds):

@@ -209,7 +209,7 @@ def _compile_exported(model: Any, cache: CompileCache, compile_kwargs: dict[str,
     options = dict(compile_kwargs.get("options") or {})
     reason = ("export=True needs an nn.Module" if not isinstance(model, torch.nn.Module) else
               exported.unsupported_reason(compile_kwargs, example_inputs is not None, bool(more_example_inputs),
-                                          exported.model_device(model)))
+                                          exported.touches_cuda(model, example_inputs)))
     if reason is None:
         args, kwargs = _in_current_mode(*_split_inputs(example_inputs))
         # Freezing spelled out: the key would otherwise ask inductor's config, importing dynamo.

@@ -74,10 +74,11 @@ class ExportUnsupported(Exception):
 
 
 def unsupported_reason(compile_kwargs: Mapping[str, Any], has_examples: bool, has_more: bool,
-                       device: torch.device) -> str | None:
-    """Why the package path cannot serve this ``compile()`` call on ``device``, or None if it can try."""
+                       on_cuda: bool) -> str | None:
+    """Why the package path cannot serve this ``compile()`` call, or None if it can try. ``on_cuda``: the
+    package would run on CUDA (``touches_cuda``)."""
     options = compile_kwargs.get("options") or {}
-    if device.type == "cuda" and os.environ.get(EXPORT_ON_CUDA_ENV) != "1":
+    if on_cuda and os.environ.get(EXPORT_ON_CUDA_ENV) != "1":
         return (f"packages on CUDA are off unless {EXPORT_ON_CUDA_ENV}=1: torch 2.11.0+cu130's package loader "
                 "crashed the process (segfault) in fastload's GPU check; set it where "
                 "tests/compile_cache/test_exported.py's GPU test passes on your torch build")
@@ -193,14 +194,17 @@ class _WeightsAsInputs(torch.nn.Module):
         return torch.func.functional_call(self.wrapped[0], tensors, args, kwargs)
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the package must run: the device of the model's first weight (CPU for a weightless model)."""
-    return next((t.device for t in weights_of(model).values()), torch.device("cpu"))
+def touches_cuda(model: torch.nn.Module, example_inputs: Any) -> bool:
+    """Whether a package of ``model`` traced on ``example_inputs`` would hold CUDA kernels: the package is built
+    for the devices of every tensor it traces, weights and inputs alike (a weightless model on CUDA inputs, or
+    a model with one layer offloaded to the CPU, counts)."""
+    tensors = [*weights_of(model).values(), *pytree.tree_leaves(example_inputs)]
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in tensors)
 
 
 def load_runner(path: Path, model: torch.nn.Module) -> Any:
     """Load a package with the C++ runner on the model's device; ExportUnsupported if it cannot."""
-    device = model_device(model)
+    device = next((t.device for t in weights_of(model).values()), torch.device("cpu"))
     index = device.index if device.index is not None else -1  # cuda:1 stays cuda:1; -1: the default
     try:
         # (path, model name, run_single_threaded, num_runners, device_index)

@@ -111,7 +111,7 @@ def crc_function(algorithm: str) -> Callable[[Buffer, int], int]:
 def _crc32() -> Callable[[Buffer, int], int]:
     try:
         from isal.isal_zlib import crc32
-    except ImportError:  # the s3 extra not installed, or no wheel for this platform: zlib's is the same CRC
+    except ImportError:  # no s3 extra, or a machine it leaves isal out on (no wheel there): zlib's is the same CRC
         return zlib.crc32
     return cast("Callable[[Buffer, int], int]", crc32)
 

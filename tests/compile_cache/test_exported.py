@@ -7,7 +7,9 @@ machine); the others check the rules that decide whether a call may use the pack
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,13 +17,12 @@ from torch import nn
 
 import fastload_core.compile_cache as compile_cache
 from fastload_core.compile_cache import blob as blobfmt
+from fastload_core.compile_cache import exported
 from fastload_core.compile_cache.exported import EXPORT_ON_CUDA_ENV, PACKAGE, Signature, unsupported_reason
 from fastload_core.compile_cache.keys import key_from_fields
 from fastload_core.compile_cache.registry import open_backend
 
 from .conftest import run_child
-
-CPU = torch.device("cpu")
 
 
 class Tiny(nn.Module):
@@ -74,12 +75,19 @@ def test_gpu_export_is_off_by_default_and_served_by_torch_compile(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(strict=False, reason="torch 2.11.0+cu130's AOTIModelPackageLoader segfaulted on CUDA (H200, "
-                                        "2026-11-28), as torch's own aoti_load_package did; passes where it is fixed")
 def test_gpu_fresh_replica_is_served_by_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``FASTLOAD_EXPORT_ON_CUDA=1`` needs: it passes on a torch whose package loader works on CUDA, and
+    is an expected failure only for the known crash (torch 2.11.0+cu130 on an H200: SIGSEGV in
+    ``AOTIModelPackageLoader``, as in torch's own ``aoti_load_package``); anything else fails."""
     monkeypatch.setenv(EXPORT_ON_CUDA_ENV, "1")
     store = (tmp_path / "store").as_uri()
-    cold = run_child(tmp_path, "cold", store, "--export", "--device", "cuda", timeout=600)
+    try:
+        cold = run_child(tmp_path, "cold", store, "--export", "--device", "cuda", timeout=600)
+    except pytest.fail.Exception as exc:
+        if f"exited {-signal.SIGSEGV}:" in str(exc):
+            pytest.xfail(f"torch {torch.__version__}: the AOTInductor package loader segfaults on CUDA; keep "
+                         f"{EXPORT_ON_CUDA_ENV} unset")
+        raise
     warm = run_child(tmp_path, "warm", store, "--export", "--device", "cuda")
     assert (cold["status"], warm["status"], warm["served_by"]) == ("miss", "hit", "aoti-package")
     assert warm["compiler_imported"] == []
@@ -217,30 +225,51 @@ def test_a_model_torch_export_rejects_falls_back_to_torch_compile(
 
 def test_reasons_the_package_path_is_not_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.inference_mode():
-        assert unsupported_reason({}, True, False, CPU) is None
-        assert "example_inputs" in (unsupported_reason({}, False, False, CPU) or "")
-        assert "more_example_inputs" in (unsupported_reason({}, True, True, CPU) or "")
-        assert "backend" in (unsupported_reason({"backend": "eager"}, True, False, CPU) or "")
-        assert "dynamic" in (unsupported_reason({"dynamic": True}, True, False, CPU) or "")
-        assert "freezing" in (unsupported_reason({"options": {"freezing": True}}, True, False, CPU) or "")
+        assert unsupported_reason({}, True, False, False) is None
+        assert "example_inputs" in (unsupported_reason({}, False, False, False) or "")
+        assert "more_example_inputs" in (unsupported_reason({}, True, True, False) or "")
+        assert "backend" in (unsupported_reason({"backend": "eager"}, True, False, False) or "")
+        assert "dynamic" in (unsupported_reason({"dynamic": True}, True, False, False) or "")
+        assert "freezing" in (unsupported_reason({"options": {"freezing": True}}, True, False, False) or "")
         monkeypatch.setenv("TORCHINDUCTOR_FREEZING", "1")
-        assert "freezing" in (unsupported_reason({}, True, False, CPU) or "")
+        assert "freezing" in (unsupported_reason({}, True, False, False) or "")
     with torch.no_grad():
         monkeypatch.delenv("TORCHINDUCTOR_FREEZING")
-        assert unsupported_reason({}, True, False, CPU) is None
-    assert "grad mode" in (unsupported_reason({}, True, False, CPU) or "")
+        assert unsupported_reason({}, True, False, False) is None
+    assert "grad mode" in (unsupported_reason({}, True, False, False) or "")
 
 
 def test_packages_on_cuda_wait_for_the_operators_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """A loader crash on CUDA kills the replica, so CUDA takes the package path only when asked to."""
-    cuda = torch.device("cuda", 0)
     monkeypatch.delenv(EXPORT_ON_CUDA_ENV, raising=False)
     with torch.inference_mode():
-        reason = unsupported_reason({}, True, False, cuda) or ""
+        reason = unsupported_reason({}, True, False, True) or ""
         assert f"{EXPORT_ON_CUDA_ENV}=1" in reason and "segfault" in reason
         monkeypatch.setenv(EXPORT_ON_CUDA_ENV, "1")
-        assert unsupported_reason({}, True, False, cuda) is None
-        assert unsupported_reason({}, True, False, CPU) is None
+        assert unsupported_reason({}, True, False, True) is None
+    assert not exported.touches_cuda(Tiny(), (torch.randn(3, 8),))
+
+
+def test_a_cuda_model_is_served_by_torch_compile_with_a_note_naming_the_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring in compile(): what ``touches_cuda`` says decides (patched here: no GPU on this machine)."""
+    seen: list[Any] = []
+
+    def on_cuda(model: nn.Module, example_inputs: Any) -> bool:
+        seen.append(example_inputs)
+        return True
+
+    monkeypatch.delenv(EXPORT_ON_CUDA_ENV, raising=False)
+    monkeypatch.setattr(exported, "touches_cuda", on_cuda)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        served = compile_cache.compile(Tiny().eval(), cache=(tmp_path / "s").as_uri(), example_inputs=(x,),
+                                       export=True, backend="eager")  # eager: no inductor compile to wait for
+        report = compile_cache.report_of(served)
+        assert report is not None and report.served_by == "torch.compile"
+        assert any(f"{EXPORT_ON_CUDA_ENV}=1" in note for note in report.notes)
+        assert seen == [(x,)]
 
 
 def test_a_path_it_cannot_take_falls_back_with_one_warning_and_a_note(

@@ -78,11 +78,11 @@ def test_crc32_is_the_accelerated_one_and_falls_back_to_zlibs(monkeypatch: pytes
         return real_import(name, *args, **kwargs)
 
     checksum._crc32.cache_clear()
-    monkeypatch.setattr(builtins, "__import__", no_isal)
     try:
-        assert crc_function("crc32") is zlib.crc32
+        with monkeypatch.context() as patch:  # only this patch is undone after it, not the autouse fixtures'
+            patch.setattr(builtins, "__import__", no_isal)
+            assert crc_function("crc32") is zlib.crc32
     finally:
-        monkeypatch.undo()
         checksum._crc32.cache_clear()
     data = memoryview(os.urandom(3 * MiB + 5))
     assert crc_function("crc32") is isal_zlib.crc32
