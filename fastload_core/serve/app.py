@@ -255,8 +255,6 @@ class _Flight:
             with self.cond:
                 self.finished = True
                 self.cond.notify_all()
-            for mark in list(self.marks.values()):
-                mark.wake()
             self._wake(None, 0)
 
     def wait_started(self) -> None:
