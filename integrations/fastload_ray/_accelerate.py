@@ -253,8 +253,8 @@ class _ReplicaWeights:
             early, self.early = self.early, None
             if early is not None and early[0] != target:
                 early = None  # the replica was reconfigured before its first load: that download is not needed
-            if early is None and self.spec.prefetch == "shm":
-                _reserve_object_store_once()
+            if self.spec.prefetch == "shm":
+                _reserve_object_store_once()  # a no-op where __init__ did it already
             model, pin = await asyncio.to_thread(self._load, target, early[1] if early is not None else None)
             self.loaded_early = early is not None
             old = owner.__dict__.get(self.spec.attr) if self.target is not None else None
