@@ -6,7 +6,8 @@
 #      warm replica; its times are not quiet-machine figures; on an H200 the compile path took 22 s and
 #      the export path did not finish inside a 120 s cap: give it BUDGET_S - BENCH_S of 180 s or more)
 #      and `pytest -m "$PYTEST_MARKS"` (default "gpu and not slow": the 4 slow GPU tests compile on cuda,
-#      about 3.5 min together on an H200, past a 120 s cap; PYTEST_MARKS=gpu runs them, with a bigger BUDGET_S);
+#      about 3.5 min together on an H200, past a 120 s cap; PYTEST_MARKS=gpu runs them, with a bigger
+#      BUDGET_S);
 #      then, alone, the set-up probe (benchmarks/gpu_probe.py: what pinning, the device allocation and
 #      the streams cost a fresh process; probe.json; a failed probe is a warning, not a failure);
 #   3. then, alone, the load benchmark's GPU scenarios, every run a fresh process, medians of ROUNDS,
@@ -33,7 +34,8 @@
 #   MARKDOWN (a docs file to update, optional), SCENARIOS (gpu,gpu-cold), METHODS (safetensors,
 #   fastsafetensors,runai,fastload,fastload-repeat; add fastload-repin (a warm process re-pinning its staging),
 #   fastload-alloc, -buf4, -buf8, -buf32, -buf64, -buffered (cold reads through the page cache), -threads8,
-#   -threads24, -threads32 (other loader settings) to compare them; the limits always run), COLD_METHODS (the gpu-cold scenario's, else METHODS: a cold run costs a disk read),
+#   -threads24, -threads32 (other loader settings) to compare them; the limits always run), COLD_METHODS
+#   (the gpu-cold scenario's, else METHODS: a cold run costs a disk read),
 #   SKIP_TESTS=1 / SKIP_COMPILE=1 / SKIP_PROBE=1 (for a rerun of only what is missing).
 # Output (OUT_DIR, at most 8 files: what a lease returns): summary.txt (each step's status, the GPU verdicts,
 #   a failed pytest's last lines, the exit code), compile.md, probe.json, per scenario SCENARIO.md, and
