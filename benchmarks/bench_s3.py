@@ -5,6 +5,9 @@ origin of the tests but is bounded by one Python process), one object of random 
 ``--part-size`` parts, and every round runs, in a shuffled order and each in a new process:
 
   * ceiling:   ``--concurrency`` threads of plain ranged GETs (one per part) read into memory;
+  * floor shm: the same GETs, each part CRC32'd and XXH3'd as it arrives and written into one /dev/shm file,
+    checked against the object's checksum: the least any verified download into RAM does, without fastload's
+    fetch around it (no journal, no resume, no publishing), so the gap to fetch shm is fastload's own cost;
   * boto3:     ``download_file`` tuned to ``--concurrency`` x ``--part-size``, into /dev/shm;
   * runai:     Run:ai Model Streamer's ``SafetensorsStreamer`` from S3 into CPU tensors (when installed);
   * fetch shm: ``fastload_core.fetch(uri, tier="shm")``, cold, verified, the cache dir on local disk;
@@ -59,6 +62,7 @@ GB = 1e9
 # name -> label, in the order of the report
 METHODS = {
     "ceiling": "ceiling: {c} threads of ranged GETs into memory",
+    "floor_shm": "floor: the same GETs, CRC32 + XXH3, written into /dev/shm (no fastload)",
     "boto3": "boto3 download_file ({c} x {p}) into /dev/shm",
     "runai": "Run:ai Model Streamer (S3 -> CPU tensors)",
     "fetch_shm": 'fastload fetch(tier="shm"), cold, verified',
@@ -94,7 +98,7 @@ def _child(method: str) -> None:
     key = {"fetch_shm_md5": KEY_MD5, "fetch_shm_crc64nvme": KEY_CRC64}.get(method, KEY)
     uri = f"s3://{bucket}/{key}"
     action: Callable[[], Any]
-    if method in ("ceiling", "boto3"):
+    if method in ("ceiling", "floor_shm", "boto3"):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -109,6 +113,8 @@ def _child(method: str) -> None:
 
                 with ThreadPoolExecutor(concurrency) as pool:
                     assert sum(pool.map(get, range(0, size, part))) == size
+        elif method == "floor_shm":
+            action = _floor_shm(client, bucket, size, concurrency, work / "floor.bin")
         else:
             tuned = TransferConfig(max_concurrency=concurrency, multipart_chunksize=part, multipart_threshold=part)
 
@@ -171,6 +177,56 @@ def _child(method: str) -> None:
         done = resource.getrusage(resource.RUSAGE_SELF)
         cpu_all = (done.ru_utime - before.ru_utime) + (done.ru_stime - before.ru_stime)
     print("BENCH " + json.dumps({"seconds": seconds, "cpu": cpu, "cpu_all": cpu_all}), flush=True)
+
+
+def _floor_shm(client: Any, bucket: str, size: int, concurrency: int, path: Path) -> Callable[[], None]:
+    """The bare verified download into /dev/shm: what fastload's fetch costs beyond it is its own. Received
+    with the socket-level ``readinto`` fastload uses (botocore's ``read`` would add a copy per chunk)."""
+    import threading
+
+    from fastload_core.storage.checksum import CRC, composite, crc_function, normalize_etag
+    from fastload_core.storage.s3 import _socket_stream
+    from fastload_core.storage.verify import BlockDigests
+
+    crc32 = crc_function("crc32")
+    head = client.head_object(Bucket=bucket, Key=KEY, ChecksumMode="ENABLED")
+    # None where the server's HEAD leaves the checksum ambiguous (moto drops a multipart CRC's type): the floor
+    # still does the same work, with nothing to compare its result to
+    expected = CRC.from_s3(head, normalize_etag(head.get("ETag")))
+    # the ranges follow the upload's parts (S3 makes them at least 5 MiB, whatever --part-size asks), as fastload's
+    part = client.head_object(Bucket=bucket, Key=KEY, PartNumber=1)["ContentLength"]
+    buffers = threading.local()
+
+    def get(fd: int, start: int) -> int:
+        end = min(start + part, size)
+        body = client.get_object(Bucket=bucket, Key=KEY, Range=f"bytes={start}-{end - 1}")["Body"]
+        stream = _socket_stream(body)
+        assert stream is not None, "botocore's body is not over http.client here"
+        view = getattr(buffers, "view", None) or memoryview(bytearray(MiB))
+        buffers.view = view
+        crc, blocks, position = 0, BlockDigests(), start
+        while position < end:
+            count = stream.readinto(view[:min(MiB, end - position)])
+            assert count, f"body ended at {position} of {end}"
+            crc = crc32(view[:count], crc)
+            blocks.update(view[:count])
+            os.pwrite(fd, view[:count], position)
+            position += count
+        if stream.isclosed():  # read to its end: the connection goes back to the pool, as fastload's do
+            body._raw_stream.release_conn()
+        body.close()
+        return crc
+
+    def action() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with ThreadPoolExecutor(concurrency) as pool:
+                crcs = list(pool.map(lambda start: get(fd, start), range(0, size, part)))
+        finally:
+            os.close(fd)
+        assert expected is None or composite("crc32", crcs) == expected, "the floor's bytes do not verify"
+
+    return action
 
 
 # --- the parent ------------------------------------------------------------------------------------------

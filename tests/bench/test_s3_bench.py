@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 def test_quick_run_reports_every_method_against_both_servers(tmp_path: Path) -> None:
-    methods = ["ceiling", "fetch_shm", "fetch_shm_md5", "disk_write", "stream"]
+    methods = ["ceiling", "floor_shm", "fetch_shm", "fetch_shm_md5", "disk_write", "stream"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_s3.py"), "--quick", "--servers", "seaweed,moto",
          "--methods", ",".join(methods), "--disk", str(tmp_path), "--out", str(tmp_path / "s3.md"),
