@@ -105,10 +105,8 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     local ``copy=True`` load gives them.
     """
     mirror = watch.mirrors.get(name)
-    watch.wait_for(name, 8)
-    (header_len,) = struct.unpack("<Q", _landed(mirror, fd, 0, 8))
-    watch.wait_for(name, min(8 + header_len, size))
-    header = parse_header(name, _landed(mirror, fd, 8, header_len), size)
+    (header_len,) = struct.unpack("<Q", _landed(watch, name, mirror, fd, 0, 8))
+    header = parse_header(name, _landed(watch, name, mirror, fd, 8, header_len), size)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies
     if mirror is not None:  # the whole file, from byte 0: offsets in it are file offsets
@@ -131,15 +129,24 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
             emitted += 1
         if copied >= end:
             return
+        generation = watch.generation
         upto = min(end, copied + _STEP, watch.wait_for(name, copied + 1))
         for gap_start, gap_end in mirror.gaps(copied, upto) if mirror is not None else [(copied, upto)]:
             cpu.pread_exact(fd, view[gap_start - base_offset:gap_end - base_offset], gap_start, name)
-        copied = upto
+        if watch.generation == generation:  # else the fill restarted in the next tier meanwhile: read it again
+            copied = upto
 
 
-def _landed(mirror: Mirror | None, fd: int, offset: int, length: int) -> bytes:
-    """Landed bytes ``[offset, offset + length)``: from the mirror where the origin received them there (it
-    writes the file from it only after the download verified), else from the file."""
-    if mirror is not None and not mirror.gaps(offset, offset + length):
-        return bytes(mirror.view[offset:offset + length])
-    return os.pread(fd, length, offset)
+def _landed(watch: RangeWatch, name: str, mirror: Mirror | None, fd: int, offset: int, length: int) -> bytes:
+    """Bytes ``[offset, offset + length)`` once landed: from the mirror where the origin received them there
+    (it writes the file from it only after the download verified), else from the file; read again if the
+    fill restarted in the next tier meanwhile (``RangeWatch.started``: ``fd`` then names that tier's file)."""
+    while True:
+        generation = watch.generation
+        watch.wait_for(name, min(offset + length, watch.sizes[name]))
+        if mirror is not None and not mirror.gaps(offset, offset + length):
+            data = bytes(mirror.view[offset:offset + length])
+        else:
+            data = os.pread(fd, length, offset)
+        if watch.generation == generation:
+            return data

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from .eviction import Pin
@@ -46,6 +47,8 @@ class RangeWatch:
         self.settled = threading.Event()
         self.is_verified = False
         self.closed = False
+        # Counts the fills this watch followed after the first: a reader that read while it changed reads again.
+        self.generation = 0
 
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
         self.tier = tier
@@ -59,13 +62,26 @@ class RangeWatch:
             return
         # Opened now, before the download: the partial directory is renamed when it is published, and
         # an open descriptor follows the file wherever it goes.
+        replaced = list(self.marks.values())
+        if self.manifest is not None:
+            self.generation += 1  # before the descriptors change: a reader that then sees it reads again
         for item in manifest.files:
             if self.wanted(item.name):
-                self.fds[item.name] = os.open(files_dir.joinpath(*item.name.split("/")), os.O_RDONLY)
-                self.marks[item.name] = Watermark()
+                fd = os.open(files_dir.joinpath(*item.name.split("/")), os.O_RDONLY)
+                if item.name in self.fds:
+                    # A fill before this one gave up (its tier filled up) and this tier starts over: the reader
+                    # took the descriptor once, so its number now names this tier's file, not the discarded one
+                    os.dup2(fd, self.fds[item.name])
+                    os.close(fd)
+                else:
+                    self.fds[item.name] = fd
+                self.marks[item.name] = Watermark()  # this file's landed prefix, from its first byte again
                 self.sizes[item.name] = item.size
                 if self.mirror and item.size > 0:
-                    self.mirrors[item.name] = Mirror(item.size)
+                    # the same memory on a restart: the reader's tensors are views of it
+                    self.mirrors.setdefault(item.name, Mirror(item.size))
+        for mark in replaced:  # a reader waiting on a discarded file's prefix moves to the new one (wait_for)
+            mark.wake()
         self.manifest = manifest
         self.started_event.set()
 
@@ -93,14 +109,20 @@ class RangeWatch:
         """Block until the first ``position`` bytes of ``name`` have landed; return how many have (at least
         ``position``: a reader takes everything that is there, not only what it asked for). Raise what
         failed the fetch."""
-        mark = self.marks[name]
-        reached = mark.wait_until(position, lambda: self.failed is not None or self.finished, 0.5)
+        while True:  # again when a restarted fill replaces the mark: the file it described was discarded
+            mark = self.marks[name]
+            reached = mark.wait_until(position, partial(self._stop_waiting, name, mark), 0.5)
+            if self.marks[name] is mark:
+                break
         if reached >= position:
             return reached
         if self.failed is not None:
             raise self.failed
         # The fetch finished: every byte is there (the ranges of a resumed download are not reported again).
         return max(position, self.sizes[name])
+
+    def _stop_waiting(self, name: str, mark: Watermark) -> bool:
+        return self.failed is not None or self.finished or self.marks[name] is not mark
 
     def close(self) -> None:
         """The reader is done: its descriptors close, and the watch lets go of the mirrors (the tensors, and

@@ -306,3 +306,39 @@ def test_the_streamed_models_memory_goes_with_its_tensors_not_with_its_pin(
         gc.enable()
     assert pinned.path.is_file()
     pinned.release()
+
+
+def test_a_ram_tier_that_fills_up_mid_stream_hands_out_the_next_tiers_bytes(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, shm_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An object without an additional checksum is hashed from its file as it lands, so the download writes into
+    # /dev/shm as it goes and a full tmpfs shows mid-download (ENOSPC). The fill restarts in the next tier down
+    # while the reader is following the first: it must read that tier's file from then on (not the discarded
+    # one, whose unwritten bytes read as zeros), and keep no descriptor of the discarded file open.
+    import boto3
+    from botocore.config import Config
+
+    expected = checkpoint(tmp_path / "model.safetensors")
+    plain = boto3.client("s3", endpoint_url=s3.meta.endpoint_url,
+                         config=Config(request_checksum_calculation="when_required"))
+    plain.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "fills/model.safetensors")
+    real = os.pwrite
+    shm_writes: list[int] = []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(shm_root)):
+            shm_writes.append(offset)
+            if len(shm_writes) > 4:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    proxy.delay = 0.02
+    tensors, pinned = stream_state_dict(f"s3://{BUCKET}/fills/model.safetensors")
+    with pinned as path:
+        assert len(shm_writes) > 4 and pinned.tier == "local_disk"
+        assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+        assert path.read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+    writethrough.wait(timeout=60)
+    assert not [link for link in (os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                                  if os.path.exists(f"/proc/self/fd/{fd}"))
+                if link.startswith(str(shm_root))]
