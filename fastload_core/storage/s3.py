@@ -374,35 +374,40 @@ class S3Origin(Origin):
             # A listing does not give checksum values: each file's plan asks for it (one HEAD each, in parallel)
             plans = list(pool.map(lambda item: self._plan(client, bucket, item, dest, manifest.uri,
                                                           lookup=not manifest.single), manifest.files))
+            futures: list[Future[Any]] = []
             try:
                 for plan in plans:
                     plan.fd = os.open(plan.path, os.O_RDWR | os.O_NOFOLLOW)  # prepare() checked the path
-                futures: list[Future[Any]] = []
                 with ThreadPoolExecutor(2, thread_name_prefix="fastload-hash") as hashers:
                     hash_futures = {plan.item.name: hashers.submit(self._hash_sequential, plan, abort)
                                     for plan in plans if plan.mode == "sequential"}
-                    for plan in plans:  # in file order, so contiguous prefixes (and hashing) advance early
-                        for index, (start, end) in enumerate(plan.ranges):
-                            if journal.has(plan.item.name, start, end) and \
-                                    plan.resume(index, journal.done[(plan.item.name, start, end)]):
-                                progress.add(end - start)
-                                plan.tracker.complete(start, end)
-                                continue
-                            futures.append(pool.submit(self._fetch_range, client, bucket, plan, index, start,
-                                                       end, manifest.uri, journal, progress, abort))
-                    done, _ = wait(futures + list(hash_futures.values()), return_when=FIRST_EXCEPTION)
-                    failed = [f for f in done if f.exception() is not None]
-                    if failed:
-                        abort.set()
-                        for future in futures:
-                            future.cancel()
-                        errors = [f.exception() for f in failed]
-                        real = [e for e in errors if not isinstance(e, _Aborted)]
-                        raise (real or errors)[0]  # type: ignore[misc]
-                    return {plan.item.name: self._verify(plan, hash_futures, manifest.uri) for plan in plans
-                            if plan.mode != "none" and (plan.crc is not None or not plan.unverifiable)}
+                    try:
+                        for plan in plans:  # in file order, so contiguous prefixes (and hashing) advance early
+                            for index, (start, end) in enumerate(plan.ranges):
+                                if journal.has(plan.item.name, start, end) and \
+                                        plan.resume(index, journal.done[(plan.item.name, start, end)]):
+                                    progress.add(end - start)
+                                    plan.tracker.complete(start, end)
+                                    continue
+                                futures.append(pool.submit(self._fetch_range, client, bucket, plan, index, start,
+                                                           end, manifest.uri, journal, progress, abort))
+                        done, _ = wait(futures + list(hash_futures.values()), return_when=FIRST_EXCEPTION)
+                        failed = [f for f in done if f.exception() is not None]
+                        if failed:
+                            errors = [f.exception() for f in failed]
+                            real = [e for e in errors if not isinstance(e, _Aborted)]
+                            raise (real or errors)[0]  # type: ignore[misc]
+                        return {plan.item.name: self._verify(plan, hash_futures, manifest.uri) for plan in plans
+                                if plan.mode != "none" and (plan.crc is not None or not plan.unverifiable)}
+                    finally:
+                        abort.set()  # however this ends, before the hashers' pool waits for them
             finally:
+                # Every range stops before the descriptors close: a worker still writing after that would write
+                # into whatever file this process opens next under the same number (another fetch's, a journal)
                 abort.set()
+                for future in futures:
+                    future.cancel()
+                wait(futures)
                 for plan in plans:
                     if plan.fd >= 0:
                         os.close(plan.fd)
@@ -484,7 +489,7 @@ class S3Origin(Origin):
                 with attempt:
                     if abort.is_set():
                         raise _Aborted
-                    self._get_into(client, bucket, plan, cursor, end, extra, hasher, progress, uri)
+                    self._get_into(client, bucket, plan, cursor, end, extra, hasher, progress, uri, abort)
         except (_Aborted, StorageError):
             raise
         except OSError as exc:
@@ -509,7 +514,7 @@ class S3Origin(Origin):
         progress.range_done(item.name, start, end)
 
     def _get_into(self, client: Any, bucket: str, plan: _Plan, cursor: _Cursor, end: int, extra: dict[str, Any],
-                  hasher: ETagHasher | None, progress: Progress, uri: str) -> None:
+                  hasher: ETagHasher | None, progress: Progress, uri: str, abort: threading.Event) -> None:
         """One GET of ``[cursor.position, end)``, advancing the cursor past every chunk kept (written and
         hashed). A body that ends early or breaks (``_ShortRead``, a reset) leaves the cursor where its bytes
         ended, so the retry asks only for the rest and the range's hash sees every byte once."""
@@ -544,6 +549,8 @@ class S3Origin(Origin):
             view = _buffer() if mirror is None else mirror.view
             write = mirror is None or not _defers(plan)
             while position < end:
+                if abort.is_set():  # another range failed: the download is over, this range's bytes are not wanted
+                    raise _Aborted
                 if mirror is None:
                     want = view[:min(len(view), end - position)]
                 else:

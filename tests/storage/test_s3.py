@@ -216,6 +216,45 @@ def test_missing_object_and_bucket_say_so(s3: Any, proxy: FaultProxy) -> None:
         fetch("s3://no-such-bucket/x.bin")
 
 
+def test_a_failed_download_stops_its_ranges_before_closing_their_files(s3: Any, proxy: FaultProxy, shm_root: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One range failing for good (a full tmpfs) ends the download while the others are mid-write. Their files'
+    descriptors must stay open until every range has stopped: a number closed early is the next file's this
+    process opens (here the next tier's download), which would then receive the stragglers' bytes."""
+    import errno
+    import threading
+    import time
+
+    data = os.urandom(4 * MiB)  # 16 ranges of 256 KiB on 4 threads
+    put(s3, "stragglers/w.bin", data)
+    real = os.pwrite
+    lock = threading.Lock()
+    shm_writes: list[int] = []
+    misdirected: list[str] = []
+
+    def pwrite(fd: int, buffer: Any, offset: int) -> int:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.startswith(str(shm_root)):
+            with lock:
+                shm_writes.append(offset)
+                failing = len(shm_writes) == 2
+            if failing:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            time.sleep(0.3)  # the other ranges are still writing when the failure ends the download
+            try:
+                now = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                now = "(closed)"
+            if now != target:
+                misdirected.append(f"{target} -> {now}")
+        return real(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    path = fetch(f"s3://{BUCKET}/stragglers/w.bin", tier="shm")
+    assert not path.is_relative_to(shm_root) and path.read_bytes() == data
+    assert len(shm_writes) >= 2 and misdirected == []
+
+
 def test_failed_downloads_finish_their_fetch_events(s3: Any, proxy: FaultProxy) -> None:
     from prometheus_client import REGISTRY
 
