@@ -41,7 +41,11 @@ def copy_file(src: Path, dst: Path, *, size: int, expected: tuple[str, int | Non
     copied = 0
     try:
         src_fd = open_file(src, os.O_RDONLY) if from_tier else os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        dst_fd = open_file(dst, os.O_RDWR)
+        try:
+            dst_fd = open_file(dst, os.O_RDWR)
+        except BaseException:
+            os.close(src_fd)
+            raise
     except UnsafePath as exc:
         raise UnsafeKeyError(exc.path, exc.problem, uri=uri) from None
     with open(src_fd, "rb", buffering=0) as reader, open(dst_fd, "r+b", buffering=0) as writer:
