@@ -3,6 +3,7 @@ server (shm under /dev/shm, local disk under the fastload cache dir, no shared t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,11 +59,18 @@ def _env_int(variable: str, default: int) -> int:
 
 
 def _env_float(variable: str, default: float) -> float:
+    """A number of seconds, finite and above zero: a negative lock timeout means "wait forever" to filelock,
+    and a zero lease TTL a Redis lock that never expires."""
     raw = os.environ.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
     try:
-        return float(raw) if raw else default
+        value = float(raw)
     except ValueError:
         raise StorageError(f"{variable}={raw!r}: expected a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise StorageError(f"{variable}={raw!r}: expected a number of seconds above zero")
+    return value
 
 
 def _default_shm_dir() -> Path | None:

@@ -10,6 +10,7 @@ import pytest
 
 from fastload_core.storage import parse_uri, pin
 from fastload_core.storage.commands import add_commands
+from fastload_core.storage.errors import StorageError
 
 
 def run(argv: list[str]) -> int:
@@ -79,3 +80,23 @@ def test_cli_refuses_a_planted_link_and_a_bad_verify_mode(tmp_path: Path) -> Non
     assert done.returncode == 2 and "Traceback" not in done.stderr and "FASTLOAD_VERIFY='maybe'" in done.stderr
     done = _cli(["fetch", uri], {"FASTLOAD_VERIFY": "full"})
     assert done.returncode == 0 and Path(done.stdout.strip()).read_bytes() == b"x" * 100
+
+
+@pytest.mark.parametrize("variable", ["FASTLOAD_FETCH_TIMEOUT", "FASTLOAD_LEASE_TTL", "FASTLOAD_REDIS_TIMEOUT"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused(variable: str, value: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # -1 reached filelock as "wait forever", 0 made a Redis lease that never expires
+    from fastload_core.storage.settings import StorageSettings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(StorageError, match=f"{variable}='{value}': expected a number of seconds"):
+        StorageSettings.from_env()
+
+
+def test_the_cli_says_which_timeout_is_wrong(tmp_path: Path) -> None:
+    model = tmp_path / "w.bin"
+    model.write_bytes(b"x" * 100)
+    done = _cli(["fetch", f"file://{model}"], {"FASTLOAD_FETCH_TIMEOUT": "-1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "FASTLOAD_FETCH_TIMEOUT='-1': expected a number of seconds above zero" in done.stderr
