@@ -141,6 +141,10 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        # uvicorn exits (status 3) when it cannot bind: said below, as every other usage error is
     finally:
         if advertiser is not None:
             advertiser.stop()

@@ -258,6 +258,20 @@ def test_serve_refuses_to_start_without_credentials(node_env: dict[str, str], tm
     assert "FASTLOAD_SERVE_ACCESS_KEY_ID" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_on_a_port_in_use_says_so(node_env: dict[str, str], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "fastload_core", "serve", "--port", str(port)],
+                              env={**node_env, "FASTLOAD_CACHE_DIR": str(tmp_path)}, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"fastload: error: could not listen on 127.0.0.1:{port}" in done.stderr
+
+
 def test_doctor_checks_the_endpoint(make_node: Any, node_env: dict[str, str]) -> None:
     node = make_node("a", advertise=False)
 
