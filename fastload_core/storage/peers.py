@@ -387,7 +387,8 @@ class PeerSource(Origin):
                 if isinstance(candidate, _Connected):
                     peer = candidate
                 elif index == 0 and self._first is not None and self._first[0] is manifest:
-                    peer = self._first[1].result()
+                    first, self._first = self._first, None  # ended below, not again by close()
+                    peer = first[1].result()
                 else:
                     peer = self._connect(address, manifest)
                 checksums = self._transfer(peer, manifest, dest, progress)

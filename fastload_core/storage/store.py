@@ -385,7 +385,6 @@ class TieredStore:
         try:
             pinned = self._fill(target, parsed, manifest, peers, watch, slower)
         except TierFullError:
-            peers.close()  # a peer that took the fill frees its slot
             return None  # ``source`` is still held: the usual chain serves from it
         except IntegrityError as exc:  # peers' bad bytes never get here: the shared entry failed its digests
             if source is not None and source.entry is not None and source.tier in self._by_name:
@@ -397,6 +396,10 @@ class TieredStore:
             if source is not None:
                 source.release()
             raise
+        finally:
+            # A peer connection the download never took up (the tier was full, or another process on this node
+            # filled the entry while this one waited for its lock) frees that peer's upload slot now
+            peers.close()
         if source is not None:
             source.release()
         return pinned

@@ -253,3 +253,51 @@ def test_without_peer_settings_a_lease_waiter_sees_no_holders() -> None:
     assert holders.live() == [] and holders.free([]) == []
     with pytest.raises(StorageError, match="not configured"):
         holders.source(["a:1"], Fallback())
+
+
+def test_a_fill_another_process_finished_meanwhile_frees_the_peers_slot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A miss connects to the first peer while it waits for the entry's lock; when another process on this node
+    # publishes the entry meanwhile (every TorchServe worker asks at once), the download never runs, and the
+    # peer's upload slot must be freed now, not after its idle time (with 2 slots, N-1 workers would hold it).
+    from fastload_core.storage.base import Origin
+    from fastload_core.storage.local_disk import LocalDiskTier
+    from fastload_core.storage.store import TieredStore
+    from fastload_core.storage.uri import parse_uri
+
+    class Writer(Origin):
+        scheme = "s3"
+
+        def resolve(self, uri: Any, revision: str | None) -> Manifest:
+            return MANIFEST
+
+        def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+            (dest / "model.safetensors").write_bytes(b"w" * SIZE)
+            return {}
+
+    events: list[threading.Event] = []
+
+    class Client(EndingPeerClient):
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            return {"Body": io.BytesIO(self.meta.to_json().encode())}
+
+    client = Client(peer_meta(), events)
+
+    def make(address: str, _settings: PeerSettings, _fill: str, ending: threading.Event) -> Client:
+        events.append(ending)
+        return client
+
+    monkeypatch.setattr(peers, "fill_client", make)
+    origin = Writer()
+    store = TieredStore([LocalDiskTier(tmp_path / "local")], origins={"s3": origin}, peers=settings(),
+                        show_progress=False)
+    store._registry = FakeRegistry(["peer:1"])  # type: ignore[assignment]
+    tier, parsed = store.tiers[0], parse_uri(MANIFEST.uri)
+    store._fill(tier, parsed, MANIFEST, origin).release()  # the other process's fill, published
+    pinned = store._from_peers(parsed, MANIFEST, origin, None, tier, None, [])
+    assert pinned is not None and pinned.path.is_file()
+    pinned.release()
+    deadline = time.monotonic() + 10
+    while client.ended == 0 and time.monotonic() < deadline:  # the early connect ends once it has connected
+        time.sleep(0.01)
+    assert len(events) == 1 and client.ended == 1
