@@ -162,6 +162,14 @@ class Journal:
     def has(self, name: str, start: int, end: int) -> bool:
         return (name, start, end) in self.done
 
+    def forget(self) -> None:
+        """Drop every recorded range: something this journal did not follow wrote into the files (a peer
+        transfer that failed part-way), so no range can be trusted to hold what was recorded for it."""
+        with self._lock:
+            self.done.clear()
+            self.digests.clear()
+            self.path.unlink(missing_ok=True)
+
     def file_digests(self, name: str, size: int) -> tuple[int, str] | None:
         """The block digests of the whole file ``name``, joined from its recorded ranges; None unless they
         cover it from byte 0 to ``size`` in ranges that start on block boundaries of one block size."""

@@ -378,6 +378,7 @@ class PeerSource(Origin):
         candidates: list[str | _Connected] = [self._ready] if self._ready is not None else []
         candidates += [address for address in self.peers if address not in self._tried]
         self._ready = None
+        written = False
         for index, candidate in enumerate(candidates):
             started = time.monotonic()
             address = candidate if isinstance(candidate, str) else candidate.address
@@ -391,6 +392,7 @@ class PeerSource(Origin):
                     peer = first[1].result()
                 else:
                     peer = self._connect(address, manifest)
+                written = True
                 checksums = self._transfer(peer, manifest, dest, progress)
             except Exception as exc:
                 self._skip(manifest, address, exc, started)
@@ -404,6 +406,10 @@ class PeerSource(Origin):
                    error=None)
             self.used = address
             return checksums
+        if written:
+            # A peer wrote into the files, possibly over ranges an earlier download's journal records (a resumed
+            # partial): the fallback must not trust those, or a range that failed its digests could be published
+            journal.forget()
         checksums = self.fallback.download(manifest, dest, journal=journal, progress=progress)
         self.digests = dict(getattr(self.fallback, "digests", None) or {})
         return checksums

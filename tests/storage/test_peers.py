@@ -301,3 +301,38 @@ def test_a_fill_another_process_finished_meanwhile_frees_the_peers_slot(
     while client.ended == 0 and time.monotonic() < deadline:  # the early connect ends once it has connected
         time.sleep(0.01)
     assert len(events) == 1 and client.ended == 1
+
+
+def test_after_a_peer_wrote_into_a_resumed_partial_the_fallback_trusts_no_journalled_range(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The partial holds an interrupted origin download and its journal; a peer's transfer then writes into the
+    # same files and fails its digests part-way. Ranges the journal records may now hold the peer's bad bytes:
+    # the fallback must fetch them again (here: it must see an empty journal, in memory and on disk).
+    journal = Journal(tmp_path / "journal")
+    journal.record("model.safetensors", 0, BLOCK_SIZE, "crc32:1")
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(peer_meta()))
+
+    def bad_transfer(self: PeerSource, peer: peers._Connected, manifest: Manifest, dest: Path,
+                     progress: Progress) -> Checksums:
+        (dest / "model.safetensors").write_bytes(b"bad" * 100)
+        raise IntegrityError(manifest.uri, "model.safetensors", "bytes 0-4194304 from the peer do not match")
+
+    seen: list[dict[Any, Any]] = []
+
+    class Recording(Fallback):
+        def download(self, manifest: Manifest, dest: Path, *, journal: Journal,
+                     progress: Progress) -> Checksums:
+            seen.append(dict(journal.done))
+            return super().download(manifest, dest, journal=journal, progress=progress)
+
+    monkeypatch.setattr(PeerSource, "_transfer", bad_transfer)
+    source = PeerSource(settings(), ["peer:1"], "slug", VERSION, Recording())
+    source.download(MANIFEST, tmp_path, journal=journal, progress=Progress("t", SIZE, enabled=False))
+    assert seen == [{}] and Journal(tmp_path / "journal").done == {}
+
+    untouched = Journal(tmp_path / "other")  # a peer that could not even connect wrote nothing: resume as usual
+    untouched.record("model.safetensors", 0, BLOCK_SIZE, "crc32:1")
+    monkeypatch.setattr(peers, "fill_client", lambda address, _settings, _fill, _ending: FakePeerClient(None))
+    PeerSource(settings(), ["peer:1"], "slug", VERSION, Recording()).download(
+        MANIFEST, tmp_path, journal=untouched, progress=Progress("t", SIZE, enabled=False))
+    assert seen[-1] == {("model.safetensors", 0, BLOCK_SIZE): "crc32:1"}
