@@ -65,12 +65,22 @@ class ObjectChangedError(IntegrityError):
 class TierFullError(StorageError):
     """A tier cannot take a model even after evicting everything no process is using."""
 
-    def __init__(self, tier: str, needed: int, available: int, *, uri: str | None = None) -> None:
+    def __init__(self, tier: str, needed: int, available: int, *, uri: str | None = None,
+                 filesystem_full: bool = False) -> None:
+        """``filesystem_full``: the filesystem itself ran out of space (ENOSPC) while the model was written,
+        whatever the tier's capacity allowed; ``available`` is then meaningless, and raising the capacity no
+        remedy."""
         self.needed = needed
         self.available = available
+        if filesystem_full:
+            problem = (f"tier {tier!r} ran out of space writing {needed} bytes: its filesystem is full (other files, "
+                       "or a capacity above what the filesystem holds); free space there or lower "
+                       f"FASTLOAD_{tier.upper()}_CAPACITY")
+        else:
+            problem = (f"tier {tier!r} cannot take {needed} bytes (at most {available} bytes can be freed); "
+                       f"raise its capacity (FASTLOAD_{tier.upper()}_CAPACITY) or release models in use")
         super().__init__(
-            f"tier {tier!r} cannot take {needed} bytes (at most {available} bytes can be freed); "
-            f"raise its capacity (FASTLOAD_{tier.upper()}_CAPACITY) or release models in use"
+            problem
             + (" (in a container /dev/shm is Docker's 64 MiB unless it runs with `docker run --shm-size=<size>`)"
                if tier == "shm" else ""),
             uri=uri,

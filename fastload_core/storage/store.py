@@ -643,7 +643,7 @@ class TieredStore:
                         raise StorageError(f"{shown}: tier {tier.name!r} filled up while the streamed model's cache "
                                            "copy was written; the model is loaded, and the next start downloads it "
                                            "again", tier=tier.name) from exc
-                    raise TierFullError(tier.name, nbytes, 0, uri=shown) from exc
+                    raise TierFullError(tier.name, nbytes, 0, uri=shown, filesystem_full=True) from exc
                 raise
             finally:
                 progress.close()
