@@ -129,11 +129,11 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
             emitted += 1
         if copied >= end:
             return
-        generation = watch.generation
+        generation = watch.snapshot()
         upto = min(end, copied + _STEP, watch.wait_for(name, copied + 1))
         for gap_start, gap_end in mirror.gaps(copied, upto) if mirror is not None else [(copied, upto)]:
             cpu.pread_exact(fd, view[gap_start - base_offset:gap_end - base_offset], gap_start, name)
-        if watch.generation == generation:  # else the fill restarted in the next tier meanwhile: read it again
+        if watch.snapshot() == generation:  # else the fill restarted in the next tier meanwhile: read it again
             copied = upto
 
 
@@ -142,11 +142,11 @@ def _landed(watch: RangeWatch, name: str, mirror: Mirror | None, fd: int, offset
     (it writes the file from it only after the download verified), else from the file; read again if the
     fill restarted in the next tier meanwhile (``RangeWatch.started``: ``fd`` then names that tier's file)."""
     while True:
-        generation = watch.generation
+        generation = watch.snapshot()
         watch.wait_for(name, min(offset + length, watch.sizes[name]))
         if mirror is not None and not mirror.gaps(offset, offset + length):
             data = bytes(mirror.view[offset:offset + length])
         else:
             data = os.pread(fd, length, offset)
-        if watch.generation == generation:
+        if watch.snapshot() == generation:
             return data

@@ -47,10 +47,23 @@ class RangeWatch:
         self.settled = threading.Event()
         self.is_verified = False
         self.closed = False
-        # Counts the fills this watch followed after the first: a reader that read while it changed reads again.
-        self.generation = 0
+        # Counts the fills this watch followed after the first (``snapshot``); ``_switch`` makes a fill's start
+        # (descriptors, marks) one step for the reader, and keeps ``close`` from freeing a number it replaces.
+        self._generation = 0
+        self._switch = threading.Lock()
+
+    def snapshot(self) -> int:
+        """What a reader takes before a step (``wait_for``, then reading): if this differs after the step, a
+        fill restarted in the next tier meanwhile, and what the step read may be that file's unlanded bytes."""
+        with self._switch:
+            return self._generation
 
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
+        with self._switch:
+            self._start(tier, files_dir, manifest)
+        self.started_event.set()
+
+    def _start(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
         self.tier = tier
         if self.closed or self.is_verified:
             # A later fill of this fetch (the next tier down, after the first one filled up) that no reader
@@ -64,7 +77,7 @@ class RangeWatch:
         # an open descriptor follows the file wherever it goes.
         replaced = list(self.marks.values())
         if self.manifest is not None:
-            self.generation += 1  # before the descriptors change: a reader that then sees it reads again
+            self._generation += 1
         for item in manifest.files:
             if self.wanted(item.name):
                 fd = os.open(files_dir.joinpath(*item.name.split("/")), os.O_RDONLY)
@@ -83,7 +96,6 @@ class RangeWatch:
         for mark in replaced:  # a reader waiting on a discarded file's prefix moves to the new one (wait_for)
             mark.wake()
         self.manifest = manifest
-        self.started_event.set()
 
     def range_done(self, name: str, start: int, end: int) -> None:
         mark = self.marks.get(name)
@@ -128,11 +140,12 @@ class RangeWatch:
         """The reader is done: its descriptors close, and the watch lets go of the mirrors (the tensors, and
         the store while it writes the files from them, hold their own references), so nothing that keeps the
         watch (the fetch future's callbacks) keeps model-sized memory alive."""
-        self.closed = True
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-        self.mirrors = {}
+        with self._switch:
+            self.closed = True
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+            self.mirrors = {}
 
 
 class PendingPin(Pin):

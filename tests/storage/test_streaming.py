@@ -138,3 +138,49 @@ def test_a_waiter_gets_everything_that_landed_and_the_whole_file_once_the_fetch_
         assert watch.wait_for("a.bin", 71) == 100
     finally:
         watch.close()
+
+
+def test_a_fill_restarted_in_the_next_tier_is_one_step_for_the_reader(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first tier's file had fully landed when it filled up; the next tier's is still empty. A reader step
+    # (snapshot, wait_for, pread, snapshot again) that overlaps the switch must see it and read again, and no
+    # step may begin in the middle of it (the new descriptor with the old file's landed prefix).
+    manifest = Manifest("s3://b/m", (RemoteFile("m.safetensors", 4096, "m.safetensors"),), single=True)
+    for tier, fill in (("shm", b"\x11"), ("local_disk", b"\x00")):
+        (tmp_path / tier).mkdir()
+        (tmp_path / tier / "m.safetensors").write_bytes(fill * 4096)
+    watch = RangeWatch()
+    watch.started("shm", tmp_path / "shm", manifest)
+    watch.range_done("m.safetensors", 0, 4096)
+    fd = watch.fds["m.safetensors"]
+    before = watch.snapshot()
+    assert watch.wait_for("m.safetensors", 1) == 4096  # the step's wait: the first tier's file landed whole
+
+    real_open = os.open
+    during: list[int] = []
+
+    def open_mid_switch(*args: Any, **kwargs: Any) -> int:
+        reader = threading.Thread(target=lambda: during.append(watch.snapshot()))
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()  # a step cannot start while the descriptors and marks change
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_mid_switch)
+    watch.started("local_disk", tmp_path / "local_disk", manifest)
+    monkeypatch.setattr(os, "open", real_open)
+    assert os.pread(fd, 4096, 0) == b"\x00" * 4096  # the reader's number now names the next tier's file
+    assert watch.snapshot() != before  # so the step above is read again...
+    deadline = 50
+    while not during and deadline:
+        threading.Event().wait(0.01)
+        deadline -= 1
+    assert during == [watch.snapshot()]  # ...and the step that waited starts on the new file and its new mark
+    waiter = threading.Thread(target=lambda: watch.wait_for("m.safetensors", 1))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # nothing of the next tier's file has landed
+    watch.range_done("m.safetensors", 0, 4096)
+    waiter.join(5)
+    assert not waiter.is_alive()
+    watch.close()
