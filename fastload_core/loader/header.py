@@ -84,16 +84,17 @@ def read_header_from(file: BinaryIO, path: str | os.PathLike[str]) -> Header:
     """Validate the header of an open file: loading then reads the same inode, even if ``path``
     is replaced by a newer version in the meantime."""
     file_size = os.fstat(file.fileno()).st_size
-    prefix = os.pread(file.fileno(), 8, 0)
-    if len(prefix) < 8:
-        raise TruncatedFileError(path, f"only {file_size} bytes: too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", prefix)
-    _check_header_len(path, header_len, file_size)
+    header_len = header_length(path, os.pread(file.fileno(), 8, 0), file_size)
     raw = os.pread(file.fileno(), header_len, 8)
     return parse_header(path, raw, file_size)
 
 
-def _check_header_len(path: str | os.PathLike[str], header_len: int, file_size: int) -> None:
+def header_length(path: str | os.PathLike[str], prefix: bytes, file_size: int) -> int:
+    """The header length the file's first 8 bytes give, checked before anything that size is read or waited
+    for (a hostile or damaged length must be an error that names the file, not a huge allocation)."""
+    if len(prefix) < 8:
+        raise TruncatedFileError(path, f"only {file_size} bytes: too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", prefix)
     if header_len > MAX_HEADER_BYTES:
         raise HeaderError(
             path,
@@ -106,6 +107,7 @@ def _check_header_len(path: str | os.PathLike[str], header_len: int, file_size: 
             f"header length {header_len} runs past the end of the {file_size}-byte file; "
             "the file is truncated or not a safetensors file",
         )
+    return int(header_len)
 
 
 def parse_header(path: str | os.PathLike[str], raw: bytes, file_size: int) -> Header:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -30,7 +29,7 @@ from ..storage import Pin, TieredStore, writethrough
 from ..storage.progress import Mirror
 from ..storage.streaming import PendingPin, RangeWatch, watch_fetch
 from . import cpu
-from .header import parse_header
+from .header import header_length, parse_header
 
 log = logging.getLogger("fastload")
 
@@ -105,7 +104,7 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     local ``copy=True`` load gives them.
     """
     mirror = watch.mirrors.get(name)
-    (header_len,) = struct.unpack("<Q", _landed(watch, name, mirror, fd, 0, 8))
+    header_len = header_length(name, _landed(watch, name, mirror, fd, 0, 8), size)
     header = parse_header(name, _landed(watch, name, mirror, fd, 8, header_len), size)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies

@@ -342,3 +342,21 @@ def test_a_ram_tier_that_fills_up_mid_stream_hands_out_the_next_tiers_bytes(
     assert not [link for link in (os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
                                   if os.path.exists(f"/proc/self/fd/{fd}"))
                 if link.startswith(str(shm_root))]
+
+
+@pytest.mark.parametrize(("header_len", "message"), [
+    (2**64 - 1, "exceeds the 100000000-byte limit"),
+    (2**40, "exceeds the 100000000-byte limit"),
+    (10**6, "runs past the end of the"),
+], ids=["max-u64", "1-TiB", "past-the-end"])
+def test_a_streamed_object_with_a_bad_header_length_is_a_header_error(
+        s3: Any, proxy: FaultProxy, header_len: int, message: str) -> None:
+    # The same checks as a local file's, before anything of that size is read or waited for
+    import struct
+
+    from fastload_core.errors import CheckpointError
+
+    s3.put_object(Bucket=BUCKET, Key="badlen/model.safetensors", Body=struct.pack("<Q", header_len) + b"{}" * 64)
+    with pytest.raises(CheckpointError, match=message):
+        stream_state_dict(f"s3://{BUCKET}/badlen/model.safetensors")
+    writethrough.wait(timeout=60)
