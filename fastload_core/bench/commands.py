@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -60,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rounds < 1 or args.size_gb <= 0:
-        print("fastload bench: --rounds must be ≥ 1 and --size-gb > 0", file=sys.stderr)
+    if args.rounds < 1 or not (math.isfinite(args.size_gb) and args.size_gb > 0) or \
+            not (math.isfinite(args.timeout) and args.timeout > 0):
+        print("fastload bench: --rounds must be ≥ 1, and --size-gb and --timeout numbers above 0", file=sys.stderr)
         return 2
     bench = BenchConfig(
         size_bytes=int(args.size_gb * GIB),

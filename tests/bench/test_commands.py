@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_missing_third_party_loaders_come_with_a_hint(tmp_path: Path) -> None:
     done = subprocess.run(
@@ -24,7 +26,11 @@ def test_missing_third_party_loaders_come_with_a_hint(tmp_path: Path) -> None:
     assert "**PASS**" not in done.stdout and "**FAIL**" not in done.stdout  # 8 MiB: verdicts not judged
 
 
-def test_bad_sizes_are_refused_with_exit_2(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "fastload_core", "bench", "--size-gb", "0", "--dir", str(tmp_path)],
+@pytest.mark.parametrize("bad", [["--size-gb", "0"], ["--size-gb", "nan"], ["--size-gb", "inf"],
+                                 ["--timeout", "0"], ["--timeout", "-5"], ["--timeout", "nan"]])
+def test_bad_sizes_and_timeouts_are_refused_with_exit_2_before_anything_is_written(tmp_path: Path,
+                                                                                  bad: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "fastload_core", "bench", *bad, "--dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 2 and "size-gb" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and bad[0] in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.startswith("fastload bench: ") and list(tmp_path.iterdir()) == []
