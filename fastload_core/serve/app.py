@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -54,6 +55,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CHUNK = 4 * 1024 * 1024
+_DIGITS = re.compile(r"[0-9]*")
 _MAX_LIST_KEYS = 1000
 
 
@@ -161,19 +163,17 @@ def parse_range(header: str | None, size: int) -> _Range:
     unit, _, spec = header.strip().partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return _Range(0, size, False)
-    first, dash, last = spec.strip().partition("-")
-    try:
-        if not dash:
-            raise ValueError
-        if first == "":
-            count = int(last)
-            if count <= 0:
-                raise S3Error(416, "InvalidRange", "the requested range is not satisfiable")
-            return _Range(max(0, size - count), size, True)
-        start = int(first)
-        end = int(last) + 1 if last else size
-    except ValueError:
+    first, dash, last = (part.strip() for part in spec.strip().partition("-"))
+    # S3's syntax only (int() would also take "1_0" and "+1"); anything else means the header is ignored
+    if not dash or not (first or last) or not all(_DIGITS.fullmatch(part) for part in (first, last)):
         return _Range(0, size, False)
+    if first == "":
+        count = int(last)
+        if count <= 0 or size == 0:  # no byte of an empty object can be asked for
+            raise S3Error(416, "InvalidRange", "the requested range is not satisfiable")
+        return _Range(max(0, size - count), size, True)
+    start = int(first)
+    end = int(last) + 1 if last else size
     if start >= size or end <= start:
         raise S3Error(416, "InvalidRange", "the requested range is not satisfiable")
     return _Range(start, min(end, size), True)
@@ -191,15 +191,22 @@ class _Flight:
         self.pin: Pin | None = None
         self.error: BaseException | None = None
         self.finished = False
-        # requests waiting on the event loop for bytes to land: (file, end, loop, future)
-        self._waiters: list[tuple[str, int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # Counts the fills after the first (the next tier down, after one filled up): a request reading the
+        # file of an earlier one stops (``_send_file``), since that file was discarded.
+        self.generation = 0
+        # requests waiting on the event loop: for bytes of a file to land (file, end, loop, future), or for the
+        # fetch to start (None, 0, loop, future)
+        self._waiters: list[tuple[str | None, int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     # FetchWatch
     def started(self, tier: str, files_dir: Path, manifest: Manifest) -> None:
         with self.cond:
+            if self.manifest is not None:
+                self.generation += 1  # before the marks change: a request that sees the new marks sees this
             self.tier, self.files_dir, self.manifest = tier, files_dir, manifest
             self.marks = {item.name: Watermark() for item in manifest.files}
             self.cond.notify_all()
+        self._wake(None, 0)  # requests waiting for the start, and any waiting on a discarded file's marks
 
     def range_done(self, name: str, start: int, end: int) -> None:
         mark = self.marks.get(name)
@@ -226,12 +233,11 @@ class _Flight:
         if it failed). Waits on the event loop, not in a thread: a parallel reader's requests all wait here at
         once, and the loop's default executor has only a handful of threads (cpu count + 4), so waiting in
         them queued requests whose bytes had landed behind requests whose bytes had not."""
-        mark = self.marks[name]
         loop = asyncio.get_running_loop()
         while True:
             future: asyncio.Future[None] = loop.create_future()
             with self.cond:
-                if mark.position >= end:
+                if self.marks[name].position >= end:  # the current fill's marks (``started``)
                     return
                 if self.finished:
                     break
@@ -257,10 +263,18 @@ class _Flight:
                 self.cond.notify_all()
             self._wake(None, 0)
 
-    def wait_started(self) -> None:
-        with self.cond:
-            while self.manifest is None and not self.finished:
-                self.cond.wait(1.0)
+    async def until_started(self) -> None:
+        """Wait, on the event loop, until the fetch writes into a tier or is over. Not in an executor thread:
+        while another process on this node fills the same entry, every request for it waits here, and the
+        loop's few executor threads are what every other request needs (``until_landed`` says more)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            with self.cond:
+                if self.manifest is not None or self.finished:
+                    return
+                self._waiters.append((None, 0, loop, future))
+            await future
 
 
 @dataclass
@@ -377,16 +391,27 @@ class ServeApp:
             return
         outcome.source = "miss"
         flight = self._flight(str(parsed), manifest)
-        await asyncio.to_thread(flight.wait_started)
+        await flight.until_started()
         if flight.finished and flight.pin is not None:
-            await self._send_file(method, flight.pin.path, _manifest_of(flight.pin, manifest), headers, send,
-                                  outcome, tier=flight.pin.tier)
+            # Published already: read under a pin of this request's own (the flight lets go of its pin when it
+            # ends, and eviction may then remove an entry nobody pins)
+            pin = await asyncio.to_thread(self._held, parsed.slug, manifest.version)
+            if pin is None:
+                raise S3Error(503, "SlowDown", "the object was evicted as it was fetched; ask again",
+                              headers=((b"retry-after", b"1"),))
+            try:
+                await self._send_file(method, pin.path, _manifest_of(pin, manifest), headers, send, outcome,
+                                      tier=pin.tier)
+            finally:
+                pin.release()
             return
         if flight.error is not None:
             raise _as_s3_error(flight.error)
-        assert flight.manifest is not None and flight.files_dir is not None
-        await self._send_file(method, flight.files_dir / flight.manifest.files[0].name, flight.manifest, headers,
-                              send, outcome, flight=flight)
+        with flight.cond:  # one fill's file, manifest and generation together
+            generation, files_dir, landing = flight.generation, flight.files_dir, flight.manifest
+        assert landing is not None and files_dir is not None
+        await self._send_file(method, files_dir / landing.files[0].name, landing, headers, send, outcome,
+                              flight=flight, generation=generation)
 
     def _manifest(self, parsed: ModelURI) -> Manifest:
         """The object's current manifest, from the origin at most once per ``resolve_ttl`` (one request asks,
@@ -535,7 +560,8 @@ class ServeApp:
     # --- responses -------------------------------------------------------------------------------
     async def _send_file(self, method: str, path: Path | None, manifest: Manifest, headers: dict[str, str],
                          send: Send, outcome: _Outcome, *, tier: str | None = None,
-                         flight: _Flight | None = None) -> None:
+                         flight: _Flight | None = None, generation: int = 0) -> None:
+        """``flight``: the fetch ``path`` is landing from, whose ``generation`` named that file."""
         item = manifest.files[0]
         etag = f'"{item.etag}"' if item.etag else None
         if etag and headers.get("if-match") and headers["if-match"].strip() not in (etag, "*"):
@@ -555,7 +581,9 @@ class ServeApp:
             await self._start(send, 206 if wanted.partial else 200, response, outcome)
             await self._body(send, b"", outcome, more=False)
             return
-        fd = await asyncio.to_thread(_open, path, flight)
+        fd, published = await asyncio.to_thread(_open, path, flight)
+        if published:  # the fetch is over: the published copy holds every byte
+            flight = None
         try:
             await self._start(send, 206 if wanted.partial else 200, response, outcome)
             position = wanted.start
@@ -571,6 +599,11 @@ class ServeApp:
                     os.pread(fd, count, position)
                 if len(data) != count:
                     raise S3Error(500, "InternalError", f"short read at byte {position} of {path}")
+                if flight is not None and flight.generation != generation:
+                    # The fill restarted in the next tier: this file was discarded, and what was read may be a
+                    # hole. Before the headers the client is told to ask again; after them the connection is cut.
+                    raise S3Error(503, "SlowDown", "the fetch moved to another tier; ask again",
+                                  headers=((b"retry-after", b"1"),))
                 position += count
                 await self._body(send, data, outcome, more=position < wanted.end)
         finally:
@@ -620,11 +653,11 @@ def _as_s3_error(exc: BaseException) -> S3Error:
     return S3Error(500, "InternalError", f"fetching the object failed: {type(exc).__name__}")
 
 
-def _open(path: Path, flight: _Flight | None) -> int:
+def _open(path: Path, flight: _Flight | None) -> tuple[int, bool]:
     """Open a file served from a tier, or from a fetch in flight: when the partial file was published (renamed)
-    meanwhile, the published copy."""
+    or discarded meanwhile, the published copy once the fetch is over. True with it: every byte is there."""
     try:
-        return open_file(path, os.O_RDONLY)
+        return open_file(path, os.O_RDONLY), False
     except FileNotFoundError:
         if flight is None:
             raise
@@ -633,7 +666,7 @@ def _open(path: Path, flight: _Flight | None) -> int:
                 flight.cond.wait(1.0)
         if flight.pin is None:
             raise _as_s3_error(flight.error or RuntimeError("fetch failed")) from None
-        return open_file(flight.pin.path, os.O_RDONLY)
+        return open_file(flight.pin.path, os.O_RDONLY), True
     except UnsafePath as exc:
         log.warning("refusing to serve %s: %s", exc.path, exc.problem)
         raise S3Error(403, "AccessDenied", "the cached file is unsafe (a link?) and is not served") from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,7 @@ def test_a_plain_key_is_decoded() -> None:
     (None, (0, 100, False)), ("bytes=0-9", (0, 10, True)), ("bytes=90-", (90, 100, True)),
     ("bytes=-10", (90, 100, True)), ("bytes=50-500", (50, 100, True)), ("bytes=-500", (0, 100, True)),
     ("items=0-9", (0, 100, False)), ("bytes=0-1,5-6", (0, 100, False)), ("bytes=x-y", (0, 100, False)),
+    ("bytes=1_0-20", (0, 100, False)), ("bytes=+1-2", (0, 100, False)), ("bytes=-", (0, 100, False)),
 ])
 def test_ranges_follow_s3(header: str | None, expected: tuple[int, int, bool]) -> None:
     got = parse_range(header, 100)
@@ -39,6 +42,13 @@ def test_ranges_follow_s3(header: str | None, expected: tuple[int, int, bool]) -
 def test_unsatisfiable_ranges_are_416(header: str) -> None:
     with pytest.raises(S3Error) as caught:
         parse_range(header, 100)
+    assert caught.value.status == 416
+
+
+@pytest.mark.parametrize("header", ["bytes=-5", "bytes=0-", "bytes=0-0"])
+def test_no_range_of_an_empty_object_is_satisfiable(header: str) -> None:
+    with pytest.raises(S3Error) as caught:  # not "Content-Range: bytes 0--1/0"
+        parse_range(header, 0)
     assert caught.value.status == 416
 
 
@@ -109,3 +119,99 @@ def test_requests_waiting_for_a_miss_wake_on_the_event_loop_as_ranges_land_or_th
         return woke
 
     assert sorted(asyncio.run(scenario())) == [100, 200]
+
+
+def test_requests_waiting_for_a_miss_to_start_hold_no_executor_thread() -> None:
+    """While another process on the node fills an entry, its requests wait for the fetch to start; the loop's
+    few executor threads must stay free for every other request (hits, listings, other misses)."""
+    import asyncio
+
+    from fastload_core.serve.app import _Flight
+
+    flight = _Flight()
+
+    async def scenario() -> None:
+        waiting = [asyncio.ensure_future(flight.until_started()) for _ in range(32)]
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "answered"), timeout=2) == "answered"
+        assert not any(task.done() for task in waiting)
+        await asyncio.to_thread(flight.started, "shm", Path("/nonexistent"), Manifest(
+            "s3://b/k", (RemoteFile("k", 1, "k", None, None),), single=True))
+        await asyncio.wait_for(asyncio.gather(*waiting), timeout=5)
+
+    from fastload_core.storage.meta import Manifest, RemoteFile
+
+    asyncio.run(scenario())
+
+
+def test_a_request_streaming_a_miss_whose_fill_moves_to_the_next_tier_never_gets_wrong_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RAM tier fills up mid-download (its file is sparse: unwritten bytes read as zeros) and the fill
+    starts over in the next tier. A request that opened the first file must not send its holes as the
+    object: it stops (503 before the headers; a cut connection after them), and the client asks again."""
+    import asyncio
+    import threading
+
+    from fastload_core.serve import app as app_module
+    from fastload_core.serve.app import ServeApp, _Flight, _Outcome
+    from fastload_core.storage.eviction import Pin
+    from fastload_core.storage.meta import Manifest, RemoteFile
+
+    size = 8 * 1024 * 1024
+    data = bytes(range(256)) * (size // 256)
+    manifest = Manifest("s3://b/k", (RemoteFile("k", size, "k", etag="e"),), single=True)
+    opened = threading.Event()
+    real_open = app_module._open
+
+    def open_and_tell(path: Path, flight: Any) -> Any:
+        result = real_open(path, flight)
+        opened.set()
+        return result
+
+    monkeypatch.setattr(app_module, "_open", open_and_tell)
+
+    class RestartingStore:
+        def pin(self, uri: str, tier: str, watch: Any, manifest: Manifest) -> Pin:
+            first, second = tmp_path / "shm", tmp_path / "local_disk"
+            first.mkdir()
+            with open(first / "k", "wb") as handle:
+                handle.truncate(size)  # sparse, as the RAM tier leaves it
+            watch.started("shm", first, manifest)
+            with open(first / "k", "r+b") as handle:
+                handle.write(data[:size // 4])
+            watch.range_done("k", 0, size // 4)
+            assert opened.wait(10)  # the request has the first file open
+            os.unlink(first / "k")  # ENOSPC: discarded, and the next tier starts over
+            second.mkdir()
+            (second / "k").write_bytes(data)
+            watch.started("local_disk", second, manifest)
+            watch.range_done("k", 0, size)
+            return Pin(second / "k", fd=os.open(second / "k", os.O_RDONLY), tier="local_disk")
+
+    async def scenario() -> tuple[list[int], bytes, BaseException | None]:
+        flight = _Flight()
+        threading.Thread(target=flight.run, args=(RestartingStore(), "s3://b/k", "shm", manifest),
+                         daemon=True).start()
+        await flight.until_started()
+        statuses: list[int] = []
+        body = bytearray()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            else:
+                body.extend(message.get("body", b""))
+
+        assert flight.files_dir is not None and flight.manifest is not None
+        error = None
+        try:
+            await ServeApp._send_file(ServeApp.__new__(ServeApp), "GET", flight.files_dir / "k", flight.manifest,
+                                      {}, send, _Outcome(), flight=flight, generation=flight.generation)
+        except S3Error as exc:
+            error = exc
+        return statuses, bytes(body), error
+
+    statuses, body, error = asyncio.run(scenario())
+    # the headers go out before the first bytes are awaited: the request ends mid-body (the server cuts the
+    # connection, the client asks again), having sent only the object's own bytes
+    assert isinstance(error, S3Error) and error.status == 503 and statuses == [200] and data.startswith(body)
