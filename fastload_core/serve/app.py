@@ -304,8 +304,11 @@ class ServeApp:
         method = scope["method"]
         started = time.monotonic()
         outcome = _Outcome()
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, outcome.gone))
         try:
             await self._handle(scope, method, send, outcome)
+        except _ClientGone:
+            outcome.source = "gone"
         except S3Error as exc:
             outcome.source = outcome.source if exc.status in (404, 412, 416) or outcome.source == "busy" else \
                 ("denied" if exc.status == 403 else "error")
@@ -320,6 +323,7 @@ class ServeApp:
             await self._error(send, method, S3Error(500, "InternalError", "fastload serve failed; see its log"),
                               outcome)
         finally:
+            watcher.cancel()
             log.debug("%s %s %s %d bytes %s %.3fs", method, scope.get("raw_path", b"").decode("latin-1"),
                       outcome.status, outcome.nbytes, outcome.source, time.monotonic() - started)
             notify("on_serve_request", method=method, status=outcome.status, nbytes=outcome.nbytes,
@@ -594,7 +598,9 @@ class ServeApp:
             while position < wanted.end:
                 count = min(CHUNK, wanted.end - position)
                 if flight is not None and not flight.landed(item.name, position + count):
-                    await flight.until_landed(item.name, position + count)
+                    await _unless_gone(flight.until_landed(item.name, position + count), outcome.gone)
+                if outcome.gone.is_set():
+                    raise _ClientGone
                 data = await asyncio.to_thread(os.pread, fd, count, position) if blocking else \
                     os.pread(fd, count, position)
                 if len(data) != count:
@@ -638,6 +644,35 @@ class _Outcome:
     nbytes: int = 0
     source: str = "error"
     sent_headers: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # the client disconnected
+
+
+class _ClientGone(Exception):
+    """The client went away mid-response: stop reading for it (uvicorn's ``send`` then drops what it is given
+    without a word), so a peer fill's upload slot and a miss's wait for its bytes end now."""
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def _unless_gone(waiting: Awaitable[None], gone: asyncio.Event) -> None:
+    """``waiting``, or ``_ClientGone`` as soon as the client disconnects."""
+    task = asyncio.ensure_future(waiting)
+    if gone.is_set():
+        task.cancel()
+        raise _ClientGone
+    watcher = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise _ClientGone
+    task.result()
 
 
 def _manifest_of(pin: Pin, fallback: Manifest) -> Manifest:

@@ -215,3 +215,59 @@ def test_a_request_streaming_a_miss_whose_fill_moves_to_the_next_tier_never_gets
     # the headers go out before the first bytes are awaited: the request ends mid-body (the server cuts the
     # connection, the client asks again), having sent only the object's own bytes
     assert isinstance(error, S3Error) and error.status == 503 and statuses == [200] and data.startswith(body)
+
+
+def test_a_client_that_disconnects_stops_the_response_at_once(tmp_path: Path) -> None:
+    """uvicorn's send drops the body of a gone client without a word: the server must notice the disconnect
+    itself, or it reads (a hit) or waits for (a miss) every remaining byte, holding a peer fill's slot."""
+    import asyncio
+    import threading
+
+    from fastload_core.serve.app import CHUNK, ServeApp, _ClientGone, _Flight, _Outcome, _watch_disconnect
+    from fastload_core.storage.meta import Manifest, RemoteFile
+
+    path = tmp_path / "k"
+    path.write_bytes(os.urandom(4 * CHUNK))
+    manifest = Manifest("s3://b/k", (RemoteFile("k", 4 * CHUNK, "k", etag="e"),), single=True)
+    app = ServeApp.__new__(ServeApp)
+
+    async def hit() -> int:
+        outcome, sent = _Outcome(), []
+        messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages, None)
+            if message is not None:
+                return message
+            while len(sent) < 2:  # the client leaves after the headers and the first chunk
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            await asyncio.sleep(0.1)
+
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, outcome.gone))
+        with pytest.raises(_ClientGone):
+            await app._send_file("GET", path, manifest, {}, send, outcome)
+        watcher.cancel()
+        return len([m for m in sent if m["type"] == "http.response.body"])
+
+    assert asyncio.run(hit()) < 4
+
+    flight = _Flight()  # a miss whose bytes never land: the request must not wait for them
+    flight.started("shm", tmp_path, manifest)
+
+    async def miss() -> None:
+        outcome = _Outcome()
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        asyncio.get_running_loop().call_later(0.2, outcome.gone.set)
+        with pytest.raises(_ClientGone):
+            await asyncio.wait_for(app._send_file("GET", path, manifest, {}, send, outcome, flight=flight,
+                                                  generation=flight.generation), timeout=10)
+
+    asyncio.run(miss())
+    threading.Thread(target=flight._wake, args=(None, 0)).start()
