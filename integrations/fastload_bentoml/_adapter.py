@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -96,10 +97,12 @@ class Weights:
             return pinned
 
     def _pin(self) -> Pin:
-        handoff = os.environ.get(self.handoff_variable)
+        handoff, warmed = os.environ.get(self.handoff_variable), os.environ.get(self.version_variable)
+        if handoff is None and warmed is None:  # a dependency's worker? BentoML made its environment before the hook
+            handoff, warmed = _handed_down(self.version_variable)
         if handoff:  # the deployment hook's download may still be running: wait for it, do not start another
             serving.wait_for_warm(handoff)
-        warmed = os.environ.get(self.version_variable) if self.revision is None else None
+        warmed = warmed if self.revision is None else None
         if warmed:
             try:
                 return serving.hold_weights(self.uri, revision=warmed)
@@ -237,18 +240,58 @@ def _prefetch_hook(cls: type, tier: str) -> Callable[[], None]:
         imports and framework start-up overlap it. Each worker then waits for that download (a file lock
         named in its environment) before it maps the weights."""
         _share_metrics_with_workers()
-        handoffs = Path(tempfile.mkdtemp(prefix="fastload-bentoml-"))
-        atexit.register(shutil.rmtree, handoffs, True)
-        for index, weights in enumerate(weights_of(cls)):
-            handoff = handoffs / f"{index}.lock"
+        handoffs = _own_handoff_dir()
+        for weights in weights_of(cls):
+            handoff = handoffs / f"{weights.version_variable}.lock"
+            if os.environ.get(weights.handoff_variable) == str(handoff):
+                continue  # another service of this ``bentoml serve`` warms the same weights already
             version, _ = _bentoml_error(serving.warm_in_background, weights.uri, tier=tier,
                                         revision=weights.revision, handoff=handoff)
-            # BentoML starts its workers with this process's environment
+            # BentoML starts a service's workers with this process's environment; a dependency's (a service
+            # another one names in bentoml.depends) it prepares before this hook runs, so they find the same
+            # in the directory named after this process (_handed_down)
             os.environ[weights.version_variable] = version
             os.environ[weights.handoff_variable] = str(handoff)
+            (handoffs / f"{weights.version_variable}.version").write_text(version)
 
     fastload_prefetch.__qualname__ = f"{cls.__qualname__}.{_HOOK}"
     return fastload_prefetch
+
+
+def _handoff_dir(pid: int | None = None) -> Path:
+    """Where the ``bentoml serve`` process ``pid`` (this one by default) leaves its deployment hooks' handoffs:
+    named after it, so its workers find it from their parent's pid alone. Private to this user."""
+    return Path(tempfile.gettempdir()) / f"fastload-bentoml-{os.getuid()}-{pid or os.getpid()}"
+
+
+@functools.cache
+def _own_handoff_dir() -> Path:
+    """This process's handoff directory, made fresh (a stale one of an earlier process with the same pid is
+    ours to remove) and removed at exit."""
+    path = _handoff_dir()
+    if path.is_symlink() or (path.exists() and path.stat().st_uid != os.getuid()):
+        raise BentoMLException(f"{path} exists and is not this user's directory; remove it")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _handed_down(version_variable: str) -> tuple[str | None, str | None]:
+    """The handoff lock and the warmed version the serve process (this worker's parent) left for these weights,
+    when it did: (None, None) outside ``bentoml serve`` or without a prefetch."""
+    directory = _handoff_dir(os.getppid())
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return None, None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return None, None
+    try:
+        version = (directory / f"{version_variable}.version").read_text()
+    except FileNotFoundError:
+        return None, None
+    return str(directory / f"{version_variable}.lock"), version
 
 
 def _share_metrics_with_workers() -> None:

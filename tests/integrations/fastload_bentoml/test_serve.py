@@ -207,3 +207,43 @@ def test_the_built_bento_serves(
         server.wait_until(lambda: server.initialized() == 2)
         check_predictions(server, reference)
     assert len(re.findall(r"from tier shm", server.output())) == 2
+
+
+FRONT = '''
+import bentoml
+from service import Demo
+
+
+@bentoml.service
+class Front:
+    demo = bentoml.depends(Demo)
+
+    @bentoml.api
+    def load_report(self) -> dict:
+        return self.demo.load_report()
+
+    @bentoml.api
+    def predict(self, x: list[float]) -> list[float]:
+        return self.demo.predict(x)
+'''
+
+
+def test_an_accelerated_service_used_as_a_dependency_still_downloads_once(
+    tmp_path: Path, s3: Any, origin: FaultProxy, reference: tuple[list[float], torch.Tensor], shm_root: Path
+) -> None:
+    """BentoML builds a dependency's workers (and their environment) before it runs that service's
+    on_deployment hook: its workers must still find the hook's download and the version it warmed."""
+    import shutil
+
+    service_dir = tmp_path / "front"
+    shutil.copytree(EXAMPLE, service_dir)
+    (service_dir / "front.py").write_text(FRONT)
+    origin.delay = 8.0  # the hook's download is still running when the workers start
+    with serve(tmp_path, origin, "front", target="front:Front", cwd=service_dir) as server:
+        server.wait_until(lambda: server.initialized() == 3)  # Front's worker and Demo's two
+        check_predictions(server, reference)
+        reports = both_workers(server)
+        assert {r["tier"] for r in reports.values()} == {"shm"}
+        assert all(Path(r["path"]).is_relative_to(shm_root) for r in reports.values())
+        assert origin.get_body_bytes == model_size(s3)  # the whole service downloaded the model once
+    assert "Traceback" not in server.output()
