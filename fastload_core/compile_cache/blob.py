@@ -105,7 +105,7 @@ def read_header(blob: bytes, key: str = "?") -> dict[str, Any]:
         raise CorruptEntryError(key, f"header of {length} bytes is cut short at {len(blob)} bytes")
     try:
         header = json.loads(blob[_PREFIX.size:end])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python can parse
         raise CorruptEntryError(key, f"header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptEntryError(key, "header is not a JSON object")

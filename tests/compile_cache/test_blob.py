@@ -90,6 +90,14 @@ def test_not_an_entry(tmp_path: Path) -> None:
         blob.verify(b"GIF89a" + bytes(100), KEY)
 
 
+def test_a_header_nested_deeper_than_python_parses_is_a_corrupt_entry() -> None:
+    # parsed before the checksum is checked, so a hostile or garbled entry must not escape as RecursionError
+    nested = b"[" * 200_000
+    entry = blob._PREFIX.pack(blob.MAGIC, blob.FORMAT_VERSION, len(nested), bytes(32)) + nested
+    with pytest.raises(CorruptEntryError, match="not valid JSON"):
+        blob.verify(entry, KEY)
+
+
 def _forge(members: list[tarfile.TarInfo], contents: dict[str, bytes]) -> bytes:
     """An entry with a valid checksum around a hostile tar: the checksum proves integrity, not intent."""
     payload = io.BytesIO()
