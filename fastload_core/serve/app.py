@@ -233,19 +233,10 @@ class _Flight:
         if it failed). Waits on the event loop, not in a thread: a parallel reader's requests all wait here at
         once, and the loop's default executor has only a handful of threads (cpu count + 4), so waiting in
         them queued requests whose bytes had landed behind requests whose bytes had not."""
-        loop = asyncio.get_running_loop()
-        while True:
-            future: asyncio.Future[None] = loop.create_future()
-            with self.cond:
-                if self.marks[name].position >= end:  # the current fill's marks (``started``)
-                    return
-                if self.finished:
-                    break
-                self._waiters.append((name, end, loop, future))
-            await future
-        if self.pin is None:
+        # the current fill's marks (``started``)
+        if not await self._until(name, end, lambda: self.marks[name].position >= end) and self.pin is None:
             raise _as_s3_error(self.error or RuntimeError("fetch failed"))
-        # published: every byte is there
+        # landed, or published: every byte is there
 
     def landed(self, name: str, end: int) -> bool:
         """Whether the first ``end`` bytes of ``name`` are there already (no need to wait)."""
@@ -267,13 +258,20 @@ class _Flight:
         """Wait, on the event loop, until the fetch writes into a tier or is over. Not in an executor thread:
         while another process on this node fills the same entry, every request for it waits here, and the
         loop's few executor threads are what every other request needs (``until_landed`` says more)."""
+        await self._until(None, 0, lambda: self.manifest is not None)
+
+    async def _until(self, name: str | None, end: int, ready: Callable[[], bool]) -> bool:
+        """Wait on the event loop until ``ready()`` (True) or the fetch is over (False). ``_wake`` releases the
+        wait when bytes of ``name`` up to ``end`` land (``name`` None: when the fetch starts or ends)."""
         loop = asyncio.get_running_loop()
         while True:
             future: asyncio.Future[None] = loop.create_future()
             with self.cond:
-                if self.manifest is not None or self.finished:
-                    return
-                self._waiters.append((None, 0, loop, future))
+                if ready():
+                    return True
+                if self.finished:
+                    return False
+                self._waiters.append((name, end, loop, future))
             await future
 
 
@@ -384,10 +382,7 @@ class ServeApp:
         pin = await asyncio.to_thread(self._held, parsed.slug, manifest.version)
         if pin is not None:
             outcome.source = "hit"
-            try:
-                await self._send_file(method, pin.path, manifest, headers, send, outcome, tier=pin.tier)
-            finally:
-                pin.release()
+            await self._send_pinned(method, pin, manifest, headers, send, outcome)
             return
         if method == "HEAD":  # never start a download for a HEAD: it may be an existence check
             outcome.source = "miss"
@@ -403,11 +398,7 @@ class ServeApp:
             if pin is None:
                 raise S3Error(503, "SlowDown", "the object was evicted as it was fetched; ask again",
                               headers=((b"retry-after", b"1"),))
-            try:
-                await self._send_file(method, pin.path, _manifest_of(pin, manifest), headers, send, outcome,
-                                      tier=pin.tier)
-            finally:
-                pin.release()
+            await self._send_pinned(method, pin, _manifest_of(pin, manifest), headers, send, outcome)
             return
         if flight.error is not None:
             raise _as_s3_error(flight.error)
@@ -562,6 +553,14 @@ class ServeApp:
         await self._body(send, body, outcome, more=False)
 
     # --- responses -------------------------------------------------------------------------------
+    async def _send_pinned(self, method: str, pin: Pin, manifest: Manifest, headers: dict[str, str], send: Send,
+                           outcome: _Outcome) -> None:
+        """Send a published file, holding its pin until the last byte is out."""
+        try:
+            await self._send_file(method, pin.path, manifest, headers, send, outcome, tier=pin.tier)
+        finally:
+            pin.release()
+
     async def _send_file(self, method: str, path: Path | None, manifest: Manifest, headers: dict[str, str],
                          send: Send, outcome: _Outcome, *, tier: str | None = None,
                          flight: _Flight | None = None, generation: int = 0) -> None:

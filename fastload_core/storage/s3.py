@@ -402,9 +402,8 @@ class S3Origin(Origin):
                     finally:
                         abort.set()  # however this ends, before the hashers' pool waits for them
             finally:
-                # Every range stops before the descriptors close: a worker still writing after that would write
-                # into whatever file this process opens next under the same number (another fetch's, a journal)
-                abort.set()
+                # Every range stops (the abort is set above) before the descriptors close: a worker still writing
+                # after that would write into whatever file this process opens next under the same number
                 for future in futures:
                     future.cancel()
                 wait(futures)
