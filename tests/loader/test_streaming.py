@@ -24,7 +24,7 @@ from fastload_core.storage.streaming import PendingPin
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage import conftest as storage_fixtures
 from tests.storage.conftest import BUCKET
-from tests.storage.helpers import spawn
+from tests.storage.helpers import fill_up_after, spawn
 
 # The storage tests' S3 fixtures: the fault proxy, and small parts so a small checkpoint takes many GETs.
 proxy = storage_fixtures.proxy
@@ -321,17 +321,7 @@ def test_a_ram_tier_that_fills_up_mid_stream_hands_out_the_next_tiers_bytes(
     plain = boto3.client("s3", endpoint_url=s3.meta.endpoint_url,
                          config=Config(request_checksum_calculation="when_required"))
     plain.upload_file(str(tmp_path / "model.safetensors"), BUCKET, "fills/model.safetensors")
-    real = os.pwrite
-    shm_writes: list[int] = []
-
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(shm_root)):
-            shm_writes.append(offset)
-            if len(shm_writes) > 4:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    shm_writes = fill_up_after(monkeypatch, shm_root, 4)
     proxy.delay = 0.02
     tensors, pinned = stream_state_dict(f"s3://{BUCKET}/fills/model.safetensors")
     with pinned as path:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from fastload_core.hookspecs import hookimpl
 from fastload_core.plugins import get_plugin_manager
@@ -63,3 +66,20 @@ def spawn(code: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
     full_env.update(env or {})
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def fill_up_after(monkeypatch: pytest.MonkeyPatch, root: Path, writes: int) -> list[int]:
+    """Make every ``os.pwrite`` into a file under ``root`` after the first ``writes`` fail with ENOSPC, as a
+    tmpfs that fills up mid-download does; returns the offsets of every write tried there, as they happen."""
+    real = os.pwrite
+    tried: list[int] = []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root)):
+            tried.append(offset)
+            if len(tried) > writes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return tried

@@ -18,6 +18,7 @@ from fastload_core.storage.errors import IntegrityError, ObjectChangedError, Ori
 from fastload_core.storage.meta import EntryMeta
 from fastload_devservices.faultproxy import FaultProxy
 from tests.storage.conftest import BUCKET, leftovers
+from tests.storage.helpers import fill_up_after
 
 pytestmark = pytest.mark.s3
 
@@ -280,21 +281,9 @@ def test_a_tmpfs_that_fills_up_during_the_download_falls_through(s3: Any, proxy:
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """The shm tier does not reserve its pages up front (see ShmTier.preallocate): a full tmpfs shows as
     ENOSPC from a download's write, and the model lands in the next tier down, nothing left in shm."""
-    import errno
-
     data = os.urandom(2 * MiB)
     put(s3, "full/w.bin", data)
-    real = os.pwrite
-    writes: list[int] = []
-
-    def pwrite(fd: int, buffer: Any, offset: int) -> int:
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(shm_root)):
-            writes.append(offset)
-            if len(writes) > 3:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, buffer, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    writes = fill_up_after(monkeypatch, shm_root, 3)
     path = fetch(f"s3://{BUCKET}/full/w.bin", tier="shm")
     assert not path.is_relative_to(shm_root) and path.read_bytes() == data
     assert len(writes) > 3 and leftovers(shm_root) == [] and not list(shm_root.rglob("w.bin"))
