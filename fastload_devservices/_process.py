@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
+_handed_out: set[int] = set()
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, also_free_at: int = 0) -> int:
+    """A loopback port nobody listens on, for a server started moments later.
+
+    It is drawn outside the kernel's ephemeral range: a port from ``bind(0)`` comes from that range, and
+    so does the local port of every outgoing connection, so one of the suite's many connections can take
+    it before the server binds (CI saw ``weed`` refuse its master port so). No port is handed out twice
+    in a process. With ``also_free_at=k``, port + k is free and outside that range too (a weed server
+    listens on p and p + 10000)."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(1000):
+        port = random.randrange(10_000, 65_536 - also_free_at)
+        wanted = {port, port + also_free_at}
+        if any(p in ephemeral or p in _handed_out for p in wanted) or not all(map(_bindable, wanted)):
+            continue
+        _handed_out.update(wanted)
+        return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 class ServerProcess:
@@ -40,6 +74,7 @@ class ServerProcess:
             if self._process.poll() is not None:
                 self._log.seek(0)
                 stderr = self._log.read().decode(errors="replace")
+                self.stop()
                 raise RuntimeError(f"{self._command(self.port)[0]} exited early: {stderr[-2000:]}")
             if self._ready(self.port):
                 return

@@ -21,17 +21,7 @@ BUCKET = "models"
 
 def _free_port_pair() -> int:
     """A port p where p + 10000 is free too: each weed server listens on HTTP p and gRPC p + 10000."""
-    for _ in range(100):
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair (p, p + 10000) on 127.0.0.1")
+    return free_port(also_free_at=10_000)
 
 
 def weed_binary() -> str:
