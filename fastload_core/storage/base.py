@@ -424,8 +424,8 @@ class Tier:
             raise self.unsafe(exc) from None
         return filelock.FileLock(path)
 
-    def use_lock_path(self, slug: str, version: str) -> Path:
-        return self.checked_dir(".locks", create=True) / f"use-{slug}-{version}.lock"
+    def use_lock_path(self, slug: str, version: str, *, create: bool = True) -> Path:
+        return self.checked_dir(".locks", create=create) / f"use-{slug}-{version}.lock"
 
     # --- writing ---------------------------------------------------------------------------------
     def prepare(self, slug: str, version: str, manifest: Manifest, *,

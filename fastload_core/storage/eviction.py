@@ -11,6 +11,7 @@ since an unlinked but mapped file still occupies /dev/shm until unmapped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -68,10 +69,26 @@ class Pin:
         return f"Pin({str(self.path)!r}, tier={self.tier!r}, {state})"
 
 
-def _open_lock(path: Path) -> int:
-    """Open (creating) a use-lock file in its checked ``.locks`` directory, never through a link."""
+def _open_lock(tier: Tier, slug: str, version: str) -> tuple[Path, int] | None:
+    """Open (creating) an entry's use-lock file in its checked ``.locks`` directory, never through a link.
+
+    On a mount this process may only read (a shared mount exported read-only to serving nodes) an existing
+    lock file is opened read-only, as ``flock`` needs no write access, so nodes that can evict still see
+    the pin. Where there is none, None: nothing here can evict from such a mount, so there is nothing to
+    pin against, and the entry still serves."""
     try:
-        return open_file(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path = tier.use_lock_path(slug, version)
+        return path, open_file(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except UnsafePath as exc:
+        raise UnsafeKeyError(exc.path, exc.problem) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    try:
+        path = tier.use_lock_path(slug, version, create=False)
+        return path, open_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
     except UnsafePath as exc:
         raise UnsafeKeyError(exc.path, exc.problem) from None
 
@@ -91,9 +108,12 @@ def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> P
     caller fetches it again."""
     if tier.lookup(slug, version) is None:
         return None
-    lock_path = tier.use_lock_path(slug, version)
     while True:
-        fd = _open_lock(lock_path)
+        opened = _open_lock(tier, slug, version)
+        if opened is None:  # a read-only mount: see _open_lock
+            entry = tier.lookup(slug, version)
+            return Pin(entry.data_path, tier=tier.name, key=entry.key, entry=entry) if entry is not None else None
+        lock_path, fd = opened
         fcntl.flock(fd, fcntl.LOCK_SH)  # an evictor holds it exclusively only for a rename
         if _same_file(fd, lock_path):
             break
@@ -145,10 +165,15 @@ def drop_damaged(tier: Tier, entry: Entry, problem: str) -> None:
 
 def in_use(tier: Tier, entry: Entry) -> bool:
     """Whether some process holds ``entry`` pinned (a momentary probe, for ``cache ls``)."""
-    lock_path = tier.use_lock_path(entry.slug, entry.version)
-    if not lock_path.exists():
+    try:
+        if not tier.use_lock_path(entry.slug, entry.version, create=False).exists():
+            return False
+    except FileNotFoundError:  # no .locks directory: nobody ever pinned anything here
         return False
-    fd = _open_lock(lock_path)
+    opened = _open_lock(tier, entry.slug, entry.version)
+    if opened is None:
+        return False
+    fd = opened[1]
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -160,8 +185,10 @@ def in_use(tier: Tier, entry: Entry) -> bool:
 
 def try_evict(tier: Tier, entry: Entry) -> bool:
     """Remove ``entry`` unless some process holds it in use. Returns whether it was removed."""
-    lock_path = tier.use_lock_path(entry.slug, entry.version)
-    fd = _open_lock(lock_path)
+    opened = _open_lock(tier, entry.slug, entry.version)
+    if opened is None:
+        return False
+    lock_path, fd = opened
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

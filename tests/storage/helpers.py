@@ -83,3 +83,44 @@ def fill_up_after(monkeypatch: pytest.MonkeyPatch, root: Path, writes: int) -> l
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     return tried
+
+
+def read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make every write under ``root`` fail as on a read-only mount (EROFS), as a shared cache exported
+    read-only to serving nodes does; reads go through. Covers what the storage code writes with: ``os.open``
+    for writing or creating, ``os.mkdir``, ``os.utime`` and ``os.rename``."""
+    real_open, real_mkdir, real_utime, real_rename = os.open, os.mkdir, os.utime, os.rename
+    top = os.path.realpath(root)
+
+    def under_root(path: Any, dir_fd: int | None = None) -> bool:
+        base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.getcwd()
+        where = os.path.join(base, os.fspath(path))
+        return where == top or where.startswith(top + os.sep)
+
+    def refuse(path: Any) -> OSError:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC) and under_root(path, dir_fd):
+            raise refuse(path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        if under_root(path, dir_fd):
+            raise refuse(path)
+        real_mkdir(path, mode, dir_fd=dir_fd)
+
+    def utime(path: Any, *args: Any, **kwargs: Any) -> None:
+        if under_root(path):
+            raise refuse(path)
+        real_utime(path, *args, **kwargs)
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if under_root(src) or under_root(dst):
+            raise refuse(src)
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "utime", utime)
+    monkeypatch.setattr(os, "rename", rename)

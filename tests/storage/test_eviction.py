@@ -4,12 +4,14 @@ is deleted only while gc holds it (so an entry pinned meanwhile keeps its lock).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from fastload_core.storage import LocalDiskTier, TieredStore
+from fastload_core.storage import LocalDiskTier, SharedFsTier, TieredStore
 from fastload_core.storage.base import Entry, Tier
+from tests.storage.helpers import read_only
 
 MiB = 1024 * 1024
 
@@ -73,3 +75,23 @@ def test_gc_removes_the_lock_of_an_entry_that_is_gone(tmp_path: Path) -> None:
     tier.discard(entry.path)  # removed behind the store's back: its lock file is an orphan
     assert store.gc()["locks"] == 1
     assert not tier.use_lock_path(entry.slug, entry.version).exists()
+
+
+@pytest.mark.parametrize("locks", ["made by a writer node", "never made"])
+def test_a_read_only_shared_mount_still_serves_and_lists_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str
+) -> None:
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(os.urandom(MiB))
+    uri, shared = f"file://{model}", tmp_path / "shared"
+    filled = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False).fetch(uri)
+    if locks == "never made":
+        shutil.rmtree(shared / ".locks")
+    read_only(monkeypatch, shared)
+    store = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False)
+    assert store.fetch(uri) == filled
+    with store.pin(uri) as path:
+        assert path == filled
+        assert [info.in_use for info in store.ls()] == [locks == "made by a writer node"]
+    assert [info.in_use for info in store.ls()] == [False]
