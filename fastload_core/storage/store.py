@@ -637,7 +637,7 @@ class TieredStore:
                     raise _DamagedSource(exc) from exc
                 raise
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a tmpfs with quotas, or a user's disk quota
                     tier.discard(partial)
                     if handed_out:  # not the next tier: it would download the whole model again, for a cache copy
                         raise StorageError(f"{shown}: tier {tier.name!r} filled up while the streamed model's cache "

@@ -68,9 +68,10 @@ def spawn(code: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
                             stderr=subprocess.PIPE, text=True)
 
 
-def fill_up_after(monkeypatch: pytest.MonkeyPatch, root: Path, writes: int) -> list[int]:
-    """Make every ``os.pwrite`` into a file under ``root`` after the first ``writes`` fail with ENOSPC, as a
-    tmpfs that fills up mid-download does; returns the offsets of every write tried there, as they happen."""
+def fill_up_after(monkeypatch: pytest.MonkeyPatch, root: Path, writes: int, error: int = errno.ENOSPC) -> list[int]:
+    """Make every ``os.pwrite`` into a file under ``root`` after the first ``writes`` fail with ENOSPC (or
+    ``error``: EDQUOT for a tmpfs with quotas), as a tmpfs that fills up mid-download does; returns the
+    offsets of every write tried there, as they happen."""
     real = os.pwrite
     tried: list[int] = []
 
@@ -78,7 +79,7 @@ def fill_up_after(monkeypatch: pytest.MonkeyPatch, root: Path, writes: int) -> l
         if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root)):
             tried.append(offset)
             if len(tried) > writes:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise OSError(error, os.strerror(error))
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)

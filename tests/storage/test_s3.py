@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -276,14 +277,16 @@ def test_failed_downloads_finish_their_fetch_events(s3: Any, proxy: FaultProxy) 
     assert REGISTRY.get_sample_value("fastload_fetches_in_progress", {"tier": "local_disk"}) == 0
 
 
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT], ids=["full", "over-quota"])
 def test_a_tmpfs_that_fills_up_during_the_download_falls_through(s3: Any, proxy: FaultProxy, shm_root: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+                                                                  caplog: pytest.LogCaptureFixture, error: int) -> None:
     """The shm tier does not reserve its pages up front (see ShmTier.preallocate): a full tmpfs shows as
-    ENOSPC from a download's write, and the model lands in the next tier down, nothing left in shm."""
+    ENOSPC (EDQUOT with quotas) from a download's write, and the model lands in the next tier down, nothing
+    left in shm."""
     data = os.urandom(2 * MiB)
     put(s3, "full/w.bin", data)
-    writes = fill_up_after(monkeypatch, shm_root, 3)
+    writes = fill_up_after(monkeypatch, shm_root, 3, error)
     path = fetch(f"s3://{BUCKET}/full/w.bin", tier="shm")
     assert not path.is_relative_to(shm_root) and path.read_bytes() == data
     assert len(writes) > 3 and leftovers(shm_root) == [] and not list(shm_root.rglob("w.bin"))
