@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 import filelock
 
 from .._safefs import UnsafePath, check_path, open_dir, open_file, scan_tree, secure_dir
-from .errors import TierFullError, UnsafeKeyError
+from .errors import StorageError, TierFullError, UnsafeKeyError
 from .meta import FILES_DIR, META_NAME, Checksums, EntryMeta, Manifest
 from .uri import ModelURI, confine, safe_relpath
 
@@ -229,13 +229,28 @@ class Tier:
         lock_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(root)
-        self._capacity = capacity
+        self._capacity = self._checked_capacity(capacity)
         self.lock_dir = Path(lock_dir) if lock_dir is not None else self.root / ".locks"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, capacity={self.capacity()!r})"
 
     # --- budget ----------------------------------------------------------------------------------
+    @classmethod
+    def _checked_capacity(cls, capacity: int | float | None) -> int | float | None:
+        """A float is a share of the filesystem, so ``1.5 * 2**30`` would mean a billion filesystems: a whole
+        float is taken as bytes, and any other float outside (0, 1] is refused."""
+        if isinstance(capacity, float):
+            if capacity.is_integer() and capacity > 1:
+                return int(capacity)
+            if not 0 < capacity <= 1:
+                raise StorageError(f"tier {cls.name!r}: capacity={capacity!r} is neither a number of bytes (an int) "
+                                   "nor a share of the filesystem (a float in (0, 1], such as 0.5)")
+        elif capacity is not None and capacity < 0:
+            raise StorageError(f"tier {cls.name!r}: capacity={capacity!r} is negative; give bytes, a share of the "
+                               "filesystem in (0, 1], or None for no budget")
+        return capacity
+
     def capacity(self) -> int | None:
         """Bytes this tier may hold; a fractional setting is a share of its filesystem's size."""
         if isinstance(self._capacity, float):

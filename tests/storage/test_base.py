@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastload_core import load_file
-from fastload_core.storage import LocalDiskTier, ShmTier, TieredStore, UnsafeKeyError, parse_uri
+from fastload_core.storage import LocalDiskTier, ShmTier, StorageError, TieredStore, UnsafeKeyError, parse_uri
 from fastload_core.storage.base import _host
 from tests.storage.conftest import leftovers
 
@@ -225,3 +225,14 @@ def test_ls_and_gc_skip_a_planted_link_and_delete_nothing_behind_it(
     store.gc()
     assert (victim / "precious.bin").read_bytes() == b"keep me"  # gc did not sweep "partials" behind the link
     assert any("symbolic link" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("capacity", [1.5, 0.0, -0.5, float("nan"), -1])
+def test_a_capacity_that_is_neither_bytes_nor_a_share_is_refused(tmp_path: Path, capacity: float) -> None:
+    with pytest.raises(StorageError, match=r"tier 'shm': capacity="):
+        ShmTier(tmp_path, capacity=capacity)
+
+
+def test_a_whole_float_capacity_is_bytes_not_a_share_of_the_filesystem(tmp_path: Path) -> None:
+    assert ShmTier(tmp_path, capacity=1.5 * 2**30).capacity() == 3 * 2**29
+    assert ShmTier(tmp_path, capacity=1.0).capacity() == LocalDiskTier(tmp_path, capacity=1.0).capacity() > 1
