@@ -561,11 +561,13 @@ def _preallocate(fd: int, size: int) -> None:
 
 
 def tier_for_path(tiers: list[Tier], path: Path) -> tuple[Tier, str, str] | None:
-    """Which tier entry a path handed out by ``fetch`` belongs to (for ``pin(path)``)."""
-    resolved = path.absolute()
+    """Which tier entry a path handed out by ``fetch`` belongs to (for ``pin(path)``). Both sides are
+    resolved: a cache directory reached through a link (``/cache`` → ``/mnt/nvme/cache``) hands out paths
+    that callers may resolve, and a path not matched would go unpinned, so evictable while mapped."""
+    resolved = path.resolve()
     for tier in tiers:
         try:
-            relative = resolved.relative_to(tier.root.absolute())
+            relative = resolved.relative_to(tier.root.resolve())
         except ValueError:
             continue
         parts = relative.parts

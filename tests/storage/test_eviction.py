@@ -95,3 +95,17 @@ def test_a_read_only_shared_mount_still_serves_and_lists_what_it_holds(
         assert path == filled
         assert [info.in_use for info in store.ls()] == [locks == "made by a writer node"]
     assert [info.in_use for info in store.ls()] == [False]
+
+
+@pytest.mark.parametrize("given", ["as fetched", "resolved"])
+def test_pin_path_holds_an_entry_under_a_cache_directory_reached_through_a_link(tmp_path: Path, given: str) -> None:
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(os.urandom(MiB))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "cache").symlink_to(tmp_path / "real")
+    store = TieredStore([LocalDiskTier(tmp_path / "cache" / "local", capacity=None)], show_progress=False)
+    path = store.fetch(f"file://{model}")
+    with store.pin_path(path if given == "as fetched" else path.resolve()) as pinned:
+        assert pinned == (path if given == "as fetched" else path.resolve())
+        assert [info.in_use for info in store.ls()] == [True]
