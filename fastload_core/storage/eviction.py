@@ -294,9 +294,12 @@ def make_room(tier: Tier, need: int, *, keep: set[tuple[str, str]], uri: str | N
         available = room()
         if need <= available:
             return
-    for entry in sorted(tier.entries(), key=lambda e: e.last_used):
-        if (entry.slug, entry.version) in keep:
-            continue
+    candidates = [entry for entry in sorted(tier.entries(), key=lambda e: e.last_used)
+                  if (entry.slug, entry.version) not in keep and not in_use(tier, entry)]
+    if available + sum(entry.size for entry in candidates) < need:
+        # Evicting now would only empty the tier of models the next fetches promote again: it cannot fit.
+        raise TierFullError(tier.name, need, max(available, 0), uri=uri)
+    for entry in candidates:
         if try_evict(tier, entry):
             available = room()
             if need <= available:

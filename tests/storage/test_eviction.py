@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastload_core.storage import LocalDiskTier, SharedFsTier, TieredStore
+from fastload_core.storage import LocalDiskTier, SharedFsTier, ShmTier, TieredStore
 from fastload_core.storage.base import Entry, Tier
 from tests.storage.helpers import read_only
 
@@ -109,3 +109,22 @@ def test_pin_path_holds_an_entry_under_a_cache_directory_reached_through_a_link(
     with store.pin_path(path if given == "as fetched" else path.resolve()) as pinned:
         assert pinned == (path if given == "as fetched" else path.resolve())
         assert [info.in_use for info in store.ls()] == [True]
+
+
+def test_a_fill_that_cannot_fit_even_after_eviction_evicts_nothing(tmp_path: Path) -> None:
+    def model(name: str, size: int) -> str:
+        path = tmp_path / "models" / name
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(os.urandom(size))
+        return f"file://{path}"
+
+    fast = ShmTier(tmp_path / "shm", capacity=11 * MiB)
+    store = TieredStore([fast, LocalDiskTier(tmp_path / "disk", capacity=None)], show_progress=False)
+    big, small = model("a", 8 * MiB), [model("b", MiB), model("c", MiB)]
+    held = store.pin(big, tier="shm")
+    for uri in small:
+        store.fetch(uri, tier="shm")
+    landed = store.fetch(model("d", 3 * MiB), tier="shm")  # 3 MiB > 1 free + 2 evictable: it cannot fit
+    assert landed.is_relative_to(tmp_path / "disk")
+    assert sorted(entry.size for entry in fast.entries()) == [MiB, MiB, 8 * MiB], "idle entries evicted for nothing"
+    held.release()
