@@ -265,6 +265,25 @@ def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Pa
         assert held == path
 
 
+def test_a_pinned_version_no_tier_holds_is_never_replaced_by_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapters pin each worker to the version its node warmed (version_of → revision): once that one is
+    evicted, a worker must not silently load whatever the origin has now."""
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    evicted = "0123456789abcdef0123"  # a fastload version no tier holds
+    with pytest.raises(WeightsUnavailableError, match=f"no tier holds revision {evicted}"):
+        hold_weights(source.as_uri(), revision=evicted)
+    with pytest.raises(WeightsUnavailableError, match="no tier holds revision not-a-revision"):
+        hold_weights(source.as_uri(), revision="not-a-revision")  # a directory has no revisions
+    (path,) = warm(source.as_uri())
+    monkeypatch.setenv("FASTLOAD_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match=f"no tier holds its revision {evicted}"):
+        hold_weights(source.as_uri(), revision=evicted)
+    with hold_weights(source.as_uri()) as held:
+        assert held == path
+
+
 # --- start_warm --------------------------------------------------------------------------------------------
 def test_start_warm_returns_at_once_and_hands_over_the_warmed_copy(
     tmp_path: Path, shm_root: Path, monkeypatch: pytest.MonkeyPatch

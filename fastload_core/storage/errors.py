@@ -98,4 +98,5 @@ class OriginError(StorageError):
 
 
 class NotCachedError(StorageError):
-    """Offline mode (or an unreachable origin) and no tier holds a version of the model."""
+    """No tier holds the model (or the revision asked for), and the origin cannot give it: offline mode, an
+    unreachable origin, or an origin that has only a newer version."""

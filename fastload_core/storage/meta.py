@@ -60,6 +60,12 @@ class Manifest:
         )
 
 
+def is_version_digest(text: str) -> bool:
+    """Whether ``text`` has the form of a fastload version (rather than an origin's own revision, such as an
+    S3 VersionId)."""
+    return len(text) == 20 and all(c in "0123456789abcdef" for c in text)
+
+
 def version_digest(items: list[tuple[str, int, str, str, str]]) -> str:
     payload = json.dumps(sorted(items), separators=(",", ":")).encode()
     return hashlib.sha256(payload).hexdigest()[:20]

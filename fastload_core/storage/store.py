@@ -68,7 +68,7 @@ from .eviction import (
 )
 from .lease import RedisLease
 from .local_disk import LocalDiskTier
-from .meta import FILES_DIR, EntryMeta, Manifest
+from .meta import FILES_DIR, EntryMeta, Manifest, is_version_digest
 from .peers import BUSY_PAUSE, Holders, PeerRegistry, PeerSettings, PeerSource
 from .progress import DeferredRange, Mirror, Progress
 from .settings import VERIFY_MODES, StorageSettings
@@ -338,20 +338,31 @@ class TieredStore:
                 if entry is not None:
                     return entry.meta.as_manifest()
         if self.offline:
-            cached = self._newest_cached(parsed)
+            cached = self._newest_cached(parsed) if revision is None else None
             if cached is None:
-                raise NotCachedError(f"{parsed}: FASTLOAD_OFFLINE is set and no tier holds this model",
-                                     uri=str(parsed))
+                held = "this model" if revision is None else f"its revision {revision}"
+                raise NotCachedError(f"{parsed}: FASTLOAD_OFFLINE is set and no tier holds {held}", uri=str(parsed))
             return cached
+        # A fastload version is this store's name for what it cached, never the origin's: the origin is asked
+        # for its current version, which serves only when it is that one.
+        wanted = revision
+        if revision is not None and is_version_digest(revision):
+            revision = None
         try:
-            return origin.resolve(parsed, revision)
+            manifest = origin.resolve(parsed, revision)
         except OriginError as exc:
-            cached = self._newest_cached(parsed) if exc.code == "Unreachable" else None
+            cached = self._newest_cached(parsed) if exc.code == "Unreachable" and wanted is None else None
             if cached is None:
                 raise
             log.warning("%s: origin unreachable (%s); serving the newest cached version %s", parsed,
                         exc.problem, cached.version)
             return cached
+        if wanted is not None and wanted != manifest.version and all(f.version_id != wanted for f in manifest.files):
+            # The adapters pin every worker to the version a node warmed: another one, silently, would mix them.
+            raise NotCachedError(f"{parsed}: no tier holds revision {wanted} any more, and the origin has only "
+                                 f"version {manifest.version}; fetch without a revision to take that one",
+                                 uri=str(parsed))
+        return manifest
 
     def _newest_cached(self, parsed: ModelURI) -> Manifest | None:
         entries = [e for tier in self.tiers for e in tier.entries(parsed.slug)]

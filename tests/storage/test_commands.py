@@ -100,3 +100,12 @@ def test_the_cli_says_which_timeout_is_wrong(tmp_path: Path) -> None:
     done = _cli(["fetch", f"file://{model}"], {"FASTLOAD_FETCH_TIMEOUT": "-1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "FASTLOAD_FETCH_TIMEOUT='-1': expected a number of seconds above zero" in done.stderr
+
+
+def test_cli_fetch_of_a_revision_no_tier_holds_fails_instead_of_taking_the_current_version(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"x" * 100)
+    done = _cli(["fetch", f"file://{model}", "--revision", "0123456789abcdef0123"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
+    assert "no tier holds revision 0123456789abcdef0123" in done.stderr
