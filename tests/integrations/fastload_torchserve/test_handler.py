@@ -329,3 +329,26 @@ def test_without_example_inputs_the_first_request_compiles(
     assert report_of(handler.model) is None
     assert torch.equal(_outputs(handler), reference_outputs(example_weights, INPUTS))
     assert report_of(handler.model) is not None
+
+
+@pytest.mark.parametrize("warm_at_start", [False, True], ids=["compiled-at-first-request", "compiled-at-start-up"])
+def test_pt2_leaves_the_weights_ordinary_tensors(
+    make_context: MakeContext, model_dir: Path, example_weights: Path, warm_at_start: bool,
+) -> None:
+    """Only the compile and its warm-up run under inference_mode: weights loaded inside it would be inference
+    tensors, which backward (Captum's explain_handle) and in-place updates under no_grad refuse."""
+    (model_dir / "model.safetensors").write_bytes((example_weights / "model.safetensors").read_bytes())
+
+    class Warmed(FastloadHandler):
+        def example_inputs(self) -> Any:
+            return INPUTS if warm_at_start else None
+
+    handler = Warmed()
+    handler.initialize(make_context({"pt2": "eager"}, serialized="model.safetensors"))
+    model = handler.model
+    assert model is not None
+    assert not any(p.is_inference() for p in model.parameters())
+    inputs = INPUTS.clone().requires_grad_()
+    model(inputs).sum().backward()  # as Captum's attributions do
+    assert inputs.grad is not None and all(p.grad is not None for p in model.parameters())
+    assert torch.equal(_outputs(handler), reference_outputs(example_weights, INPUTS))
