@@ -9,6 +9,7 @@ TorchServe, so the checks are usable (and tested) without it.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from fastload_core.errors import FastloadError
 from fastload_core.serving import check_compile_cache_url
 from fastload_core.storage.settings import TIER_ORDER
 
-DEFAULT_STARTUP_TIMEOUT = 120.0  # TorchServe's own default for startupTimeout, in seconds
+DEFAULT_STARTUP_TIMEOUT = 120  # TorchServe's own default for startupTimeout, in seconds
 KEYS = ("uri", "revision", "prefetch", "compile_cache")
 
 
@@ -41,7 +42,7 @@ class HandlerConfig:
     prefetch: str | None = None
     compile_cache: str | None = None
     compile: dict[str, Any] | None = field(default=None)
-    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    startup_timeout: int = DEFAULT_STARTUP_TIMEOUT
 
     @classmethod
     def from_model_config(cls, model_yaml_config: Mapping[str, Any] | None) -> HandlerConfig:
@@ -60,10 +61,17 @@ class HandlerConfig:
         if unknown:
             raise HandlerConfigError(f"handler.fastload.{unknown[0]}",
                                      f"unknown setting; the settings are {', '.join(KEYS)}")
+        uri = _text(section, "uri")
+        revision = _text(section, "revision")
         prefetch = _text(section, "prefetch")
         if prefetch is not None and prefetch not in TIER_ORDER:
             raise HandlerConfigError("handler.fastload.prefetch",
                                      f"{prefetch!r} is not a tier; use one of {', '.join(TIER_ORDER)}")
+        if uri is None:  # the weights come from the archive, which has no versions and is already local
+            for key, value in (("revision", revision), ("prefetch", prefetch)):
+                if value is not None:
+                    raise HandlerConfigError(f"handler.fastload.{key}", "needs handler.fastload.uri (where to "
+                                             "fetch the weights from); set it, or remove this setting")
         compile_cache = _text(section, "compile_cache")
         if compile_cache is not None:  # a typo fails here, not after the download or as a cold compile
             try:
@@ -71,8 +79,8 @@ class HandlerConfig:
             except CacheURLError as exc:
                 raise HandlerConfigError("handler.fastload.compile_cache", str(exc)) from None
         return cls(
-            uri=_text(section, "uri"),
-            revision=_text(section, "revision"),
+            uri=uri,
+            revision=revision,
             prefetch=prefetch,
             compile_cache=compile_cache,
             compile=compile_arguments(config.get("pt2")),
@@ -127,7 +135,13 @@ def _text(section: Mapping[str, Any], key: str) -> str | None:
     return value.strip()
 
 
-def _startup_timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise HandlerConfigError("startupTimeout", f"expected a positive number of seconds, got {value!r}")
-    return float(value)
+def _startup_timeout(value: Any) -> int:
+    """TorchServe's frontend reads ``startupTimeout`` only as an integer: for ``300.0`` it logs a warning and
+    keeps its default, killing the worker at 120 s while fastload would still be waiting for the weights."""
+    if isinstance(value, float) and math.isfinite(value) and value > 0:
+        raise HandlerConfigError("startupTimeout", f"TorchServe ignores {value!r} (it reads only whole seconds) "
+                                 f"and keeps its default of {DEFAULT_STARTUP_TIMEOUT}; write startupTimeout: "
+                                 f"{math.ceil(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise HandlerConfigError("startupTimeout", f"expected a whole number of seconds above 0, got {value!r}")
+    return value

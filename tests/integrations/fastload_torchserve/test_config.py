@@ -19,7 +19,7 @@ def test_the_documented_section_parses() -> None:
                                  "compile_cache": "redis://cache:6379/0", "revision": "v1"}},
     })
     assert config == HandlerConfig(uri="s3://models/minilm/", revision="v1", prefetch="shm",
-                                   compile_cache="redis://cache:6379/0", compile=None, startup_timeout=300.0)
+                                   compile_cache="redis://cache:6379/0", compile=None, startup_timeout=300)
 
 
 @pytest.mark.parametrize("yaml_config", [None, {}, {"handler": {}}, {"handler": {"fastload": None}}])
@@ -36,8 +36,15 @@ def test_no_section_means_weights_from_the_archive(yaml_config: dict[str, Any] |
         ({"handler": {"fastload": {"uri": "  "}}}, "handler.fastload.uri", "non-empty string"),
         ({"handler": {"fastload": "s3://m/"}}, "handler.fastload", "expected a mapping"),
         ({"handler": ["fastload"]}, "handler", "expected a mapping"),
-        ({"startupTimeout": "soon"}, "startupTimeout", "positive number"),
-        ({"startupTimeout": 0}, "startupTimeout", "positive number"),
+        ({"startupTimeout": "soon"}, "startupTimeout", "a whole number of seconds above 0"),
+        ({"startupTimeout": 0}, "startupTimeout", "a whole number of seconds above 0"),
+        # TorchServe reads only an integer: it would ignore 300.0, keep 120 and kill the worker at 120 s.
+        ({"startupTimeout": 300.0}, "startupTimeout", "write startupTimeout: 300"),
+        ({"startupTimeout": 90.5}, "startupTimeout", "write startupTimeout: 91"),
+        ({"startupTimeout": True}, "startupTimeout", "a whole number of seconds above 0"),
+        # Without a uri the weights come from the archive, so these would be silently ignored.
+        ({"handler": {"fastload": {"revision": "v1"}}}, "handler.fastload.revision", "needs handler.fastload.uri"),
+        ({"handler": {"fastload": {"prefetch": "shm"}}}, "handler.fastload.prefetch", "needs handler.fastload.uri"),
         ({"pt2": {"compile": {"enable": "yes"}}}, "pt2.compile.enable", "true or false"),
         ({"pt2": {"export": {"aot_compile": True}}}, "pt2.export", "stock handler"),
         ({"pt2": 3}, "pt2", "backend name or a mapping"),
