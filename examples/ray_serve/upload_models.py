@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from examples.ray_serve.models import WIDTH, Adapter, Embedder
 
-    client = boto3.client("s3", endpoint_url=args.endpoint_url)
+    try:
+        client = boto3.client("s3", endpoint_url=args.endpoint_url)
+    except ValueError as exc:  # botocore checks the URL's form here (a missing scheme), before any request
+        parser.error(f"--endpoint-url {args.endpoint_url!r}: {exc}; write a URL, e.g. http://127.0.0.1:9000")
     try:
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         if args.bucket not in existing:

@@ -51,3 +51,10 @@ def test_an_unreachable_endpoint_is_one_clear_line() -> None:
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
     done = run(*args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_endpoint_without_a_scheme_is_a_usage_error() -> None:
+    done = run("--endpoint-url", "127.0.0.1:9000")
+    assert done.returncode == 2, done.stderr
+    assert "--endpoint-url '127.0.0.1:9000'" in done.stderr and "http://127.0.0.1:9000" in done.stderr
+    assert "Traceback" not in done.stderr
