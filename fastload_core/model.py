@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -119,36 +120,73 @@ _INIT_FUNCTIONS = (
 )  # fmt: skip
 
 
-def _skip_on_meta(function: Callable[..., Any]) -> Callable[..., Any]:
-    def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return tensor if tensor.is_meta else function(tensor, *args, **kwargs)
+class _MetaBuild:
+    """Like accelerate's ``init_empty_weights(include_buffers=False)``: parameters are born on meta, and
+    ``torch.nn.init`` skips them, for the thread building the model only.
 
-    return initialise
+    The hooks are process-wide (``nn.Module.register_parameter``), so they are installed by the first build
+    and restored by the last, under a lock: with each build saving and restoring them on its own, two
+    overlapping builds (a Ray replica's live swap beside a multiplexed load) restored each other's hooks and
+    left every later module on meta. A per-thread depth keeps modules other threads build meanwhile real."""
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._builds = 0
+        self._saved: tuple[Callable[..., None], dict[str, Callable[..., Any]]] | None = None
+        self._thread = threading.local()
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Like accelerate's ``init_empty_weights(include_buffers=False)``: parameters are born on meta,
-    and ``torch.nn.init`` skips them."""
-    original = nn.Module.register_parameter
-    initialisers = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    def _here(self) -> bool:
+        return getattr(self._thread, "depth", 0) > 0
 
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(self, name, param)
-        if param is not None and param.device.type != "meta":
-            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-            meta.__dict__.update(param.__dict__)
-            self._parameters[name] = meta
+    def _install(self) -> None:
+        original = nn.Module.register_parameter
+        initialisers = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        self._saved = (original, initialisers)
+        here = self._here
 
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    for name, function in initialisers.items():
-        setattr(nn.init, name, _skip_on_meta(function))
-    try:
-        yield
-    finally:
+        def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+            original(self, name, param)
+            if here() and param is not None and param.device.type != "meta":
+                meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+                meta.__dict__.update(param.__dict__)
+                self._parameters[name] = meta
+
+        def skip_on_meta(function: Callable[..., Any]) -> Callable[..., Any]:
+            def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                return tensor if here() and tensor.is_meta else function(tensor, *args, **kwargs)
+
+            return initialise
+
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        for name, function in initialisers.items():
+            setattr(nn.init, name, skip_on_meta(function))
+
+    def _restore(self) -> None:
+        assert self._saved is not None
+        original, initialisers = self._saved
         nn.Module.register_parameter = original  # type: ignore[method-assign]
         for name, function in initialisers.items():
             setattr(nn.init, name, function)
+        self._saved = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._builds == 0:
+                self._install()
+            self._builds += 1
+        self._thread.depth = getattr(self._thread, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._thread.depth -= 1
+            with self._lock:
+                self._builds -= 1
+                if self._builds == 0:
+                    self._restore()
+
+
+_parameters_on_meta = _MetaBuild()
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, device: torch.device) -> None:

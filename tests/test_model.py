@@ -244,3 +244,41 @@ def test_a_device_this_machine_lacks_is_a_fastload_error(tmp_path: Path) -> None
         assert isinstance(raised.value, fastload_core.FastloadError) and raised.value.device == "cuda:0"
         with pytest.raises(DeviceError):
             fastload_core.load_file(tmp_path / "m.safetensors", 0)
+
+
+def test_overlapping_loads_on_two_threads_leave_no_module_on_meta(tmp_path: Path) -> None:
+    """A Ray replica's live swap and a multiplexed load build models on two threads at once: their builds
+    overlap (A starts, B starts, A ends, B ends), and a thread building a module meanwhile gets real weights."""
+    import threading
+
+    path = tmp_path / "linear.safetensors"
+    save_model(nn.Linear(4, 4), str(path))
+    a_building, b_building, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen_meanwhile: list[torch.device] = []
+
+    def build_a() -> nn.Module:
+        a_building.set()
+        assert b_building.wait(10)
+        return nn.Linear(4, 4)
+
+    def build_b() -> nn.Module:
+        b_building.set()
+        assert a_done.wait(10)  # A's load ends while B is still building
+        seen_meanwhile.append(nn.Linear(2, 2).weight.device)  # the load thread's own modules are meta...
+        return nn.Linear(4, 4)
+
+    def load_a() -> None:
+        fastload_core.load_model(build_a, path)
+        a_done.set()
+
+    threads = [threading.Thread(target=load_a), threading.Thread(target=fastload_core.load_model, args=(build_b, path))]
+    threads[0].start()
+    assert a_building.wait(10)
+    threads[1].start()
+    assert b_building.wait(10)
+    elsewhere = nn.Linear(2, 2)  # ...but this thread's are not, while both loads build
+    for thread in threads:
+        thread.join(30)
+    assert elsewhere.weight.device.type == "cpu" and seen_meanwhile == [torch.device("meta")]
+    assert nn.Linear(2, 2).weight.device.type == "cpu", "a load left later modules on meta"
+    assert nn.init.normal_(torch.empty(3)).isfinite().all()
