@@ -143,22 +143,37 @@ class _Spec:
 def _wrap(cls: type, spec: _Spec) -> type:
     user_reconfigure = getattr(cls, "reconfigure", None)
     user_takes_rank = user_reconfigure is not None and "rank" in inspect.signature(user_reconfigure).parameters
+    # A sync one runs where Ray would have run it: in a thread pool, unless the user turned Ray's off.
+    user_reconfigure_is_sync = inspect.isfunction(user_reconfigure) and \
+        not inspect.iscoroutinefunction(user_reconfigure)
     user_init: Callable[..., Any] = cls.__init__  # type: ignore[misc]  # the class's own, whatever it inherits
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def sync_init(self: Any, *args: Any, **kwargs: Any) -> Any:
         _weights(self, spec).start_early()  # before the user's own __init__ and whatever it imports or builds
-        # returned, not dropped: Ray awaits what an ``async def __init__`` returns
+        # returned, not dropped: Ray awaits a coroutine that __init__ returns
         return user_init(self, *args, **kwargs)
 
+    async def async_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        _weights(self, spec).start_early()
+        await user_init(self, *args, **kwargs)
+
+    # An async __init__ (the user's, or @serve.ingress's wrapper's) needs an ``async def`` one: Ray's ingress
+    # wrapper awaits the class's __init__ only if it is a coroutine function, and refuses a subclass (this
+    # one, when written above @serve.ingress) whose __init__ is not.
+    __init__ = async_init if inspect.iscoroutinefunction(user_init) else sync_init
     if user_init is not object.__init__:
         functools.update_wrapper(__init__, user_init)  # the user's signature and docstring
+    __init__.__name__ = "__init__"
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
 
     async def reconfigure(self: Any, user_config: Any, rank: Any = None) -> None:
         await _weights(self, spec).apply(self, user_config)
         if user_reconfigure is not None and (user_config is not None or user_takes_rank):
-            result = user_reconfigure(self, user_config, rank=rank) if user_takes_rank else \
-                user_reconfigure(self, user_config)
+            call = functools.partial(user_reconfigure, self, user_config, **({"rank": rank} if user_takes_rank else {}))
+            if user_reconfigure_is_sync and _sync_methods_in_threadpool():
+                result = await asyncio.to_thread(call)
+            else:
+                result = call()
             if inspect.isawaitable(result):
                 await result
 
@@ -301,6 +316,17 @@ def replica_device() -> torch.device:
     if ray.is_initialized() and not ray.get_gpu_ids():
         return torch.device("cpu")
     return device_for_worker(0, first=0)
+
+
+def _sync_methods_in_threadpool() -> bool:
+    """Ray Serve's ``RAY_SERVE_RUN_SYNC_IN_THREADPOOL`` (on by default): whether Ray runs a replica's sync
+    methods, ``reconfigure`` among them, in a thread pool instead of on the replica's event loop. Read from
+    Ray, which parses the variable its own way; on where a Ray version no longer has it."""
+    try:
+        from ray.serve._private import constants
+    except ImportError:
+        return True
+    return bool(getattr(constants, "RAY_SERVE_RUN_SYNC_IN_THREADPOOL", True))
 
 
 _reserved = False

@@ -8,6 +8,7 @@ import gc
 import inspect
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -336,6 +337,106 @@ def test_an_explicit_uri_starts_early_and_an_async_init_is_still_awaited(
     run(start())
     assert ran == [True] and replica._fastload_weights.loaded_early
     torch.testing.assert_close(replica.model(X), expected(uri))
+
+
+def construct_as_ray_does(cls: type, *args: Any) -> Any:
+    """A replica's construction in Ray Serve 2.60 (``Replica.initialize_callable``): ``__new__``, then
+    ``__init__`` called on the event loop and its result awaited when it is a coroutine."""
+
+    async def build() -> Any:
+        replica = cls.__new__(cls)
+        result = replica.__init__(*args)
+        if inspect.iscoroutine(result):
+            await result
+        return replica
+
+    return run(build())
+
+
+# Ray awaits the ingress wrapper's ``async def __del__`` at shutdown; the collector's own call of it at the end of
+# the test only makes a coroutine that nobody awaits.
+@pytest.mark.filterwarnings(r"ignore:coroutine '.*ASGIIngressWrapper\.__del__' was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("user_init_is_async", [True, False], ids=["async-init", "sync-init"])
+@pytest.mark.parametrize("accelerate_above_ingress", [True, False], ids=["above-ingress", "below-ingress"])
+def test_it_composes_with_serve_ingress_in_either_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accelerate_above_ingress: bool, user_init_is_async: bool
+) -> None:
+    """``@serve.ingress`` wraps the class in one whose ``__init__`` is ``async def``, refuses a subclass with a
+    sync ``__init__``, and awaits the wrapped class's ``__init__`` only when it is a coroutine function."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    uri = write_weights(tmp_path / "m", seed=8)
+    in_replica(monkeypatch, None)
+
+    class SyncInit:
+        def __init__(self, greeting: str) -> None:
+            self.greeting = greeting
+
+    class AsyncInit:
+        async def __init__(self, greeting: str) -> None:
+            await asyncio.sleep(0)
+            self.greeting = greeting
+
+    user = AsyncInit if user_init_is_async else SyncInit
+    accelerate = fastload_ray.accelerate(Hooked, uri=uri, prefetch=None)
+    if accelerate_above_ingress:
+        wrapped = accelerate(serve.ingress(FastAPI())(user))
+    else:
+        wrapped = serve.ingress(FastAPI())(accelerate(user))
+
+    replica = construct_as_ray_does(wrapped, "hello")
+    assert replica.greeting == "hello"  # the user's __init__ ran to its end
+    assert replica.app is not None  # and so did the ingress wrapper's
+    run(replica.reconfigure(None, rank=0))
+    assert replica._fastload_weights.loaded_early
+    torch.testing.assert_close(replica.model(X), expected(uri))
+    del replica
+    gc.collect()  # here, under this test's warning filter
+
+
+def test_a_sync_reconfigure_runs_off_the_event_loop_as_ray_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray runs a sync ``reconfigure`` in a thread pool (``RAY_SERVE_RUN_SYNC_IN_THREADPOOL``, on by default)
+    so that a slow one does not stall the replica's requests; wrapped, it must not stall them either."""
+    from ray.serve._private import constants
+
+    uri = write_weights(tmp_path / "m", seed=10)
+    threads: list[threading.Thread] = []
+
+    class Slow:
+        def reconfigure(self, config: Any) -> None:
+            time.sleep(1.0)  # a slow client reconnecting, a cache warming
+            threads.append(threading.current_thread())
+
+    replica = fastload_ray.accelerate(Hooked, uri=uri, prefetch=None)(Slow)()
+    run(replica.reconfigure({"mine": 1}))  # the weights load; the slow reconfigure is not measured yet
+
+    async def worst_lag(config: Any) -> float:
+        lags: list[float] = []
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                started = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - started - 0.01)
+
+        task = asyncio.create_task(probe())
+        await asyncio.sleep(0.05)  # the probe is sleeping when reconfigure starts
+        await replica.reconfigure(config)
+        done.set()
+        await task
+        return max(lags)
+
+    assert run(worst_lag({"mine": 2})) < 0.5
+    assert threads[-1] is not threading.main_thread()
+
+    # With the thread pool turned off, Ray calls a sync reconfigure on the loop: so does the wrapper.
+    monkeypatch.setattr(constants, "RAY_SERVE_RUN_SYNC_IN_THREADPOOL", False)
+    run(replica.reconfigure({"mine": 3}))
+    assert threads[-1] is threading.main_thread()
 
 
 # --- configuration errors: one clear FastloadError ------------------------------------------------------
