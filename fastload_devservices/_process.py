@@ -63,6 +63,8 @@ class ServerProcess:
         self._log: IO[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
+        if self.running:
+            raise RuntimeError(f"{self._command(self.port)[0]} already runs on port {self.port}; stop() it first")
         # The server's log goes to a file, not a pipe: nobody reads a pipe while the server runs, and a
         # server that logs every request (moto) blocks for good once the pipe's 64 KiB buffer is full.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in stop)
@@ -81,6 +83,12 @@ class ServerProcess:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{self._command(self.port)[0]} did not answer on port {self.port} in {timeout}s")
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive: what a fixture asks before starting it again, as a ping can time out
+        on a loaded machine, and a second start on the same port would fail and orphan the first server."""
+        return self._process is not None and self._process.poll() is None
 
     @property
     def pid(self) -> int | None:

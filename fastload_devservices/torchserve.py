@@ -86,7 +86,9 @@ class TorchServe:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"torchserve exited early ({self.process.returncode}): {self.output()[-3000:]}")
+                code, output = self.process.returncode, self.output()[-3000:]
+                self.stop()  # closes the log, which a later test would otherwise collect (a ResourceWarning)
+                raise RuntimeError(f"torchserve exited early ({code}): {output}")
             try:
                 if self._request("GET", f"http://127.0.0.1:{self.inference_port}/ping", timeout=1)[0] == 200:
                     return
@@ -101,15 +103,17 @@ class TorchServe:
         the ``--foreground`` process. Kills it if it does not stop in ``timeout``."""
         if self.process is None:
             return 0
-        subprocess.run([_bin("torchserve"), "--stop"], env=self.env, cwd=self.root, capture_output=True,
-                       timeout=timeout)
         try:
+            if self.process.poll() is None:
+                subprocess.run([_bin("torchserve"), "--stop"], env=self.env, cwd=self.root, capture_output=True,
+                               timeout=timeout)
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self.process = None
-        self._stdout.close()
+        finally:
+            self.process = None
+            self._stdout.close()
         return code
 
     def output(self) -> str:

@@ -58,20 +58,13 @@ def _assert_close(actual: list[list[float]], expected: list[list[float]], *, tol
 @pytest.fixture(scope="module")
 def cold(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cold]:
     """A first replica: nothing cached anywhere, so it compiles and stores through Redis."""
-    if not _pings(redis_server):  # an earlier module may have stopped it
+    if not redis_server.running:  # an earlier module may have stopped it
         redis_server.start()
     redis_client.Redis.from_url(redis_server.url).flushall()
     result = run_child(tmp_path_factory.mktemp("cold"), "cold", redis_server.url)
     entry = redis_client.Redis.from_url(redis_server.url).get(_redis_key(result["key"]))
     assert isinstance(entry, bytes)
     yield Cold(result, entry)
-
-
-def _pings(server: RedisServer) -> bool:
-    try:
-        return bool(redis_client.Redis.from_url(server.url, socket_connect_timeout=0.5).ping())
-    except redis_client.ConnectionError:
-        return False
 
 
 @pytest.mark.slow

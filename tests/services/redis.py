@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastload_devservices.redis import RedisServer, answers_ping
+from fastload_devservices.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> Iterator[str]:
     """A running server's URL, emptied before each test (a test that stopped it gets it back)."""
-    if not answers_ping(redis_server.port):
+    if not redis_server.running:
         redis_server.start()
     import redis
 
