@@ -56,8 +56,10 @@ def test_demo_prints_each_step_as_it_ends(tmp_path: Path) -> None:
     """The first row reaches a pipe while later steps still run: no silence, then a whole table."""
     env = {**os.environ, "FASTLOAD_CACHE_DIR": str(tmp_path / "cache")}
     with subprocess.Popen(
-        [sys.executable, "-m", "fastload_core", "demo", "--size-gb", "0.01", "--dir", str(tmp_path),
-         "--no-compile", "--repeat", "3"],
+        # Enough left to do after the first row (4 steps x 5 loads of 30 MB) that a starved test process still
+        # reads that row before the demo ends.
+        [sys.executable, "-m", "fastload_core", "demo", "--size-gb", "0.03", "--dir", str(tmp_path),
+         "--no-compile", "--repeat", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     ) as process:
         assert process.stdout is not None

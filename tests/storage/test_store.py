@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -262,7 +263,8 @@ fetch(os.environ["URI"])
 def test_sigkill_mid_download_leaves_nothing_torn_and_the_retry_resumes(s3: Any, proxy: FaultProxy) -> None:
     data = os.urandom(4 * MiB)
     s3.put_object(Bucket=BUCKET, Key="killed/w.bin", Body=data)
-    proxy.delay = 0.1
+    gate = threading.Event()  # ranges after the 4th wait here, so the victim is surely mid-download when killed
+    proxy.before_ranged_get = lambda count: None if count <= 4 else gate.wait(60)
     victim = spawn(KILL_CODE, {"URI": f"s3://{BUCKET}/killed/w.bin", "FASTLOAD_S3_CONCURRENCY": "2"})
     deadline = time.monotonic() + 60
     journal: list[Path] = []
@@ -274,11 +276,12 @@ def test_sigkill_mid_download_leaves_nothing_torn_and_the_retry_resumes(s3: Any,
     assert journal, "the downloader never got going"
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
+    proxy.before_ranged_get = None
+    gate.set()
     assert not list(local_dir().rglob("meta.json"))  # nothing published
     partial_files = [p for p in local_dir().rglob("w.bin")]
     assert all(".partial-" in str(p) for p in partial_files)
 
-    proxy.delay = 0.0
     proxy.reset_counters()
     path = fetch(f"s3://{BUCKET}/killed/w.bin")
     assert path.read_bytes() == data

@@ -24,9 +24,10 @@ with warnings.catch_warnings():
 REPO = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[dict[str, Any]]:
-    """``ray.init`` on this machine: 2 CPUs (replicas ask for fractions), no dashboard, a small object
+    """``ray.init`` on this machine, for this package's tests only (a cluster left running would take CPU
+    and /dev/shm from every later test): 2 CPUs (replicas ask for fractions), no dashboard, a small object
     store (the machine is shared), its files under a short temporary path (Ray's socket paths must fit
     107 bytes), and Serve's HTTP proxy on a free loopback port. Yields the HTTP base URL under "http"."""
     import ray
