@@ -83,6 +83,19 @@ def hold_weights(uri: Source, *, revision: str | None = None, tier: str | None =
         raise WeightsUnavailableError(redact(os.fspath(uri)), _problem(exc)) from exc
 
 
+def hold_warmed(path: Source, uri: Source, *, revision: str | None = None) -> Pin:
+    """Pin the entry that ``warm`` (or a ``Warming``) just returned ``path`` of, for a worker's whole life.
+
+    Held by its path, not looked up again: a second lookup would count a second tier hit for one worker's
+    load (the warm counted its own), doubling the hit figures. Should the entry have gone in between (evicted
+    by another process), the version warmed is held through the tiers as ``hold_weights`` would; it is never
+    another version. Raises ``WeightsUnavailableError`` naming the URI when the weights cannot be had."""
+    try:
+        return storage.pin_path(path)
+    except storage.StorageError:
+        return hold_weights(uri, revision=version_of(path) or revision)
+
+
 def warm(uris: Source | Iterable[Source], *, tier: str | None = "shm",
          revision: str | None = None) -> list[Path]:
     """Prefetch models into ``tier`` once per node, before workers start (``tier=None``: the default tier).
@@ -260,6 +273,7 @@ __all__ = [
     "WeightsUnavailableError",
     "check_compile_cache_url",
     "device_for_worker",
+    "hold_warmed",
     "hold_weights",
     "set_default_compile_cache",
     "start_warm",

@@ -21,15 +21,18 @@ from fastload_core.report import LoadReport
 from fastload_core.serving import (
     WeightsUnavailableError,
     device_for_worker,
+    hold_warmed,
     hold_weights,
     set_default_compile_cache,
     start_warm,
+    version_of,
     wait_for_warm,
     warm,
     warm_in_background,
 )
-from fastload_core.storage import StorageError, default_store, writethrough
+from fastload_core.storage import StorageError, default_store, parse_uri, writethrough
 from fastload_devservices.s3 import BUCKET
+from tests.storage.helpers import record_events
 
 
 def make_model(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -282,6 +285,29 @@ def test_a_pinned_version_no_tier_holds_is_never_replaced_by_the_current_one(
         hold_weights(source.as_uri(), revision=evicted)
     with hold_weights(source.as_uri()) as held:
         assert held == path
+
+
+def test_each_worker_that_holds_a_warmed_copy_counts_one_tier_hit(tmp_path: Path) -> None:
+    """The adapters warm, then hold what was warmed: one worker's load is one hit, not two (the warm's and a
+    second lookup's), or the hit figures double."""
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    (path,) = warm(source.as_uri())  # the node's first worker
+    recorder = record_events()
+    for _ in range(2):  # two later workers
+        with hold_warmed(warm(source.as_uri())[0], source.as_uri()) as held:
+            assert held == path
+    assert [event["tier"] for event in recorder.names("hit")] == ["shm", "shm"]
+
+
+def test_a_warmed_copy_evicted_before_it_is_held_is_held_again_at_the_same_version(tmp_path: Path) -> None:
+    source, _ = make_model(tmp_path / "origin" / "m1")
+    (path,) = warm(source.as_uri())
+    version = version_of(path)
+    writethrough.wait(30)  # its copy onto local disk holds the shm entry until written
+    removed, _ = default_store().rm(f"{parse_uri(source.as_uri()).slug}/{version}", tier="shm")
+    assert removed  # another process evicted it between the warm and the hold
+    with hold_warmed(path, source.as_uri()) as held:
+        assert version_of(held) == version and held != path  # the same version, from the tier below
 
 
 # --- start_warm --------------------------------------------------------------------------------------------

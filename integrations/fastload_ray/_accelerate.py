@@ -35,9 +35,9 @@ from fastload_core.serving import (
     Warming,
     check_compile_cache_url,
     device_for_worker,
+    hold_warmed,
     hold_weights,
     start_warm,
-    version_of,
     warm,
 )
 from fastload_core.storage import Pin, redact
@@ -289,15 +289,14 @@ class _ReplicaWeights:
     def _load(self, target: Target, early: Warming | None = None) -> tuple[nn.Module, Pin | None]:
         spec = self.spec
         device = torch.device(spec.device) if spec.device is not None else replica_device()
-        revision = target.revision
         if early is not None:
             # the download __init__ started; its failure (a WeightsUnavailableError naming the URI) is raised here
-            revision = version_of(early.result()) or revision
+            pin = hold_warmed(early.result(), target.uri, revision=target.revision)
         elif spec.prefetch is not None:
             (warmed,) = warm(target.uri, tier=spec.prefetch, revision=target.revision)
-            # exactly the version just warmed, without asking the origin again
-            revision = version_of(warmed) or revision
-        pin = hold_weights(target.uri, revision=revision)
+            pin = hold_warmed(warmed, target.uri, revision=target.revision)  # the copy just warmed, no new lookup
+        else:
+            pin = hold_weights(target.uri, revision=target.revision)
         try:
             model = load_model(spec.model, pin.path, device, **spec.load_options)
         except BaseException:

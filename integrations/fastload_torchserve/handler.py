@@ -33,9 +33,9 @@ from fastload_core.errors import FastloadError
 from fastload_core.serving import (
     WeightsUnavailableError,
     device_for_worker,
+    hold_warmed,
     hold_weights,
     set_default_compile_cache,
-    version_of,
     warm,
 )
 from fastload_core.storage import Pin, redact
@@ -158,10 +158,9 @@ class FastloadHandler(BaseHandler):
         def fetch() -> Pin:
             if tier is None:
                 return hold_weights(uri, revision=revision)
-            # Promote into the tier once per node (a tier too small only warns), then hold exactly the version
-            # warmed: found in the tiers by its digest, with no second request to the origin.
-            warmed = warm(uri, tier=tier, revision=revision)[0]
-            return hold_weights(uri, revision=version_of(warmed) or revision)
+            # Promote into the tier once per node (a tier too small only warns), then hold exactly the copy
+            # warmed, with no second request to the origin.
+            return hold_warmed(warm(uri, tier=tier, revision=revision)[0], uri, revision=revision)
 
         try:
             self._pin = within(budget, fetch)
