@@ -15,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -205,14 +206,26 @@ def try_evict(tier: Tier, entry: Entry) -> bool:
     return True
 
 
-def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]]) -> int:
+def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]], *, foreign_idle: float | None = None) -> int:
     """Discard this host's partial downloads whose writer is gone (its fetch lock is free). Returns the
-    number removed. A partial of an entry in ``keep`` is about to be resumed and stays."""
+    number removed. A partial of an entry in ``keep`` is about to be resumed and stays.
+
+    Another host's partial has its fetch lock on that host, so only its age tells: with ``foreign_idle``, one
+    nothing was written into for that many seconds goes too. Without this, a pod killed mid-fill (pods get new
+    host names, so nobody resumes it) left a full-size partial on the shared mount, or on a node's disk,
+    that the budget charged forever."""
     removed = 0
     host = _host()
     for partial in list(tier.partials()):
         slug, version, partial_host = tier.partial_key(partial)
-        if partial_host != host or (slug, version) in keep:
+        if (slug, version) in keep:
+            continue
+        if partial_host != host:
+            if foreign_idle is not None and _idle_for(partial) > foreign_idle:
+                log.info("tier %s: removing %s, another host's download idle for over %.0f s", tier.name,
+                         partial, foreign_idle)
+                tier.discard(partial)
+                removed += 1
             continue
         lock = tier.fetch_lock(slug, version)
         try:
@@ -225,6 +238,16 @@ def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]]) -> int:
         finally:
             lock.release()
     return removed
+
+
+def _idle_for(partial: Path) -> float:
+    """Seconds since anything under ``partial`` was last written (its files' and directories' mtimes)."""
+    newest = 0.0
+    for dirpath, _, filenames in os.walk(partial):
+        for path in [dirpath, *(os.path.join(dirpath, name) for name in filenames)]:
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, os.stat(path, follow_symlinks=False).st_mtime)
+    return time.time() - newest
 
 
 def shrink_to_budget(tier: Tier) -> int:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -105,7 +105,10 @@ class EntryMeta:
     @classmethod
     def from_json(cls, text: str) -> EntryMeta:
         data = json.loads(text)
-        files = tuple(FileMeta(**item) for item in data["files"])
+        # Fields a newer fastload added are skipped: a mixed fleet shares one mount, and an entry an older
+        # reader cannot list is one it can neither use nor evict, yet its budget pays for it.
+        known = {f.name for f in fields(FileMeta)}
+        files = tuple(FileMeta(**{k: v for k, v in item.items() if k in known}) for item in data["files"])
         return cls(uri=data["uri"], version=data["version"], single=bool(data["single"]),
                    files=files, created=float(data["created"]))
 

@@ -735,7 +735,8 @@ class TieredStore:
             if not t.root.is_dir():
                 continue
             with t.tier_lock():
-                counts["partials"] += remove_stale_partials(t, keep=set())
+                # Another host's download idle for longer than any fetch waits for one has no writer left.
+                counts["partials"] += remove_stale_partials(t, keep=set(), foreign_idle=self.fetch_timeout)
                 for trash in t.trash():
                     t.discard(trash)
                     counts["trash"] += 1

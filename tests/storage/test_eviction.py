@@ -3,8 +3,10 @@ is deleted only while gc holds it (so an entry pinned meanwhile keeps its lock).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,36 @@ def test_a_fill_that_cannot_fit_even_after_eviction_evicts_nothing(tmp_path: Pat
     assert landed.is_relative_to(tmp_path / "disk")
     assert sorted(entry.size for entry in fast.entries()) == [MiB, MiB, 8 * MiB], "idle entries evicted for nothing"
     held.release()
+
+
+def test_gc_removes_another_hosts_download_idle_for_longer_than_any_fetch_waits(tmp_path: Path) -> None:
+    """A pod killed mid-fill left its partial under a host name nobody resumes: gc frees it once it has been
+    idle for longer than the fetch timeout, and leaves a live one (another node's download) alone."""
+    root = tmp_path / "tier"
+    store = TieredStore([LocalDiskTier(root, capacity=None)], fetch_timeout=60, show_progress=False)
+
+    def partial(version: str) -> Path:
+        path = root / "file-m-0123456789abcdef" / f".partial-{version}-pod-7f9c"
+        (path / "files").mkdir(parents=True)
+        (path / "files" / "w.bin").write_bytes(b"x" * MiB)
+        return path
+
+    dead, live = partial("a" * 20), partial("b" * 20)
+    an_hour_ago = time.time() - 3600
+    for path in [dead, dead / "files", dead / "files" / "w.bin"]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert store.gc()["partials"] == 1
+    assert not dead.exists() and live.exists()
+
+
+def test_an_entry_written_by_a_newer_fastload_is_listed_and_evictable(tmp_path: Path) -> None:
+    """A mixed fleet shares one mount: a sidecar with a field this version does not know still reads."""
+    root, _ = _three_entries(tmp_path)
+    tier = LocalDiskTier(root, capacity=None)
+    first = tier.entries()[0]
+    meta = json.loads((first.path / "meta.json").read_text())
+    meta["files"][0]["added_by_a_later_version"] = "anything"
+    (first.path / "meta.json").write_text(json.dumps(meta))
+    assert len(tier.entries()) == 3
+    store = TieredStore([LocalDiskTier(root, capacity=1)], show_progress=False)
+    assert store.gc()["evicted"] == 3 and store.tiers[0].usage() == 0
