@@ -11,6 +11,7 @@ reuses the same prepare → write → verify → publish path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -278,6 +279,11 @@ class Tier:
                     continue
         return total
 
+    def charged(self, entry: Entry) -> int:
+        """What evicting ``entry`` gives back to the budget: its blocks, sidecar included, as ``usage`` counts
+        them (block-rounded, so more than ``entry.size`` for small files)."""
+        return _allocated(entry.path, partial=False)
+
     def _existing_ancestor(self) -> Path:
         path = self.root
         while not path.exists() and path != path.parent:
@@ -540,13 +546,14 @@ def _charged(stat: os.stat_result, *, partial: bool) -> int:
     return max(allocated, -(-stat.st_size // 4096) * 4096) if partial else allocated
 
 
-def _allocated(path: Path) -> int:
-    """What the partial directory ``path`` is charged (see ``_charged``)."""
+def _allocated(path: Path, *, partial: bool = True) -> int:
+    """What the directory ``path`` (a partial one, or a published entry) is charged (see ``_charged``)."""
     total = 0
     if path.is_dir():
         for dirpath, _dirnames, filenames in os.walk(path):
             for name in filenames:
-                total += _charged(os.lstat(os.path.join(dirpath, name)), partial=True)
+                with contextlib.suppress(FileNotFoundError):
+                    total += _charged(os.lstat(os.path.join(dirpath, name)), partial=partial)
     return total
 
 

@@ -319,7 +319,7 @@ def make_room(tier: Tier, need: int, *, keep: set[tuple[str, str]], uri: str | N
             return
     candidates = [entry for entry in sorted(tier.entries(), key=lambda e: e.last_used)
                   if (entry.slug, entry.version) not in keep and not in_use(tier, entry)]
-    if available + sum(entry.size for entry in candidates) < need:
+    if available + sum(tier.charged(entry) for entry in candidates) < need:
         # Evicting now would only empty the tier of models the next fetches promote again: it cannot fit.
         raise TierFullError(tier.name, need, max(available, 0), uri=uri)
     for entry in candidates:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fastload_core.storage import LocalDiskTier, SharedFsTier, ShmTier, TieredStore
+from fastload_core.storage import LocalDiskTier, SharedFsTier, ShmTier, TieredStore, writethrough
 from fastload_core.storage.base import Entry, Tier
 from tests.storage.helpers import read_only
 
@@ -126,6 +126,7 @@ def test_a_fill_that_cannot_fit_even_after_eviction_evicts_nothing(tmp_path: Pat
     held = store.pin(big, tier="shm")
     for uri in small:
         store.fetch(uri, tier="shm")
+    writethrough.wait(30)  # their copies onto disk hold them until written: idle only after that
     landed = store.fetch(model("d", 3 * MiB), tier="shm")  # 3 MiB > 1 free + 2 evictable: it cannot fit
     assert landed.is_relative_to(tmp_path / "disk")
     assert sorted(entry.size for entry in fast.entries()) == [MiB, MiB, 8 * MiB], "idle entries evicted for nothing"
@@ -163,3 +164,23 @@ def test_an_entry_written_by_a_newer_fastload_is_listed_and_evictable(tmp_path: 
     assert len(tier.entries()) == 3
     store = TieredStore([LocalDiskTier(root, capacity=1)], show_progress=False)
     assert store.gc()["evicted"] == 3 and store.tiers[0].usage() == 0
+
+
+def test_a_fill_that_fits_once_small_files_are_evicted_is_not_refused(tmp_path: Path) -> None:
+    """What eviction gives back is counted in blocks, as the budget charges them: ten 1-byte files take
+    ten blocks, not ten bytes."""
+    def model(name: str, files: dict[str, int]) -> str:
+        path = tmp_path / "models" / name
+        path.mkdir(parents=True)
+        for file, size in files.items():
+            (path / file).write_bytes(os.urandom(size))
+        return f"file://{path}"
+
+    shm = ShmTier(tmp_path / "shm", capacity=100 * 1024)
+    store = TieredStore([shm, LocalDiskTier(tmp_path / "disk", capacity=None)], show_progress=False)
+    for name in ("a", "b"):
+        store.fetch(model(name, {f"f{i}.bin": 1 for i in range(10)}), tier="shm")
+    writethrough.wait(30)
+    landed = store.fetch(model("c", {"w.bin": 40_000}), tier="shm")
+    assert landed.is_relative_to(tmp_path / "shm"), "refused although evicting one small model made room"
+    assert len(shm.entries()) == 2
