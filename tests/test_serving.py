@@ -275,10 +275,10 @@ def test_a_pinned_version_no_tier_holds_is_never_replaced_by_the_current_one(
     evicted, a worker must not silently load whatever the origin has now."""
     source, _ = make_model(tmp_path / "origin" / "m1")
     evicted = "0123456789abcdef0123"  # a fastload version no tier holds
-    with pytest.raises(WeightsUnavailableError, match=f"no tier holds revision {evicted}"):
+    with pytest.raises(WeightsUnavailableError, match=f"no tier holds version {evicted}"):
         hold_weights(source.as_uri(), revision=evicted)
-    with pytest.raises(WeightsUnavailableError, match="no tier holds revision not-a-revision"):
-        hold_weights(source.as_uri(), revision="not-a-revision")  # a directory has no revisions
+    with pytest.raises(WeightsUnavailableError, match="a path has no revisions, so none is 'not-a-revision'"):
+        hold_weights(source.as_uri(), revision="not-a-revision")
     (path,) = warm(source.as_uri())
     monkeypatch.setenv("FASTLOAD_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError, match=f"no tier holds its revision {evicted}"):

@@ -24,6 +24,9 @@ class FileOrigin(Origin):
     def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
         root = Path(uri.path)
         shown = str(uri)
+        if revision is not None:  # taking the files as they are now would hand out another version silently
+            raise OriginError(shown, f"a path has no revisions, so none is {revision!r}; fetch without one",
+                              code="NoSuchVersion")
         if root.is_file():
             stat = root.stat()
             name = safe_relpath(root.name, uri=shown)

@@ -318,6 +318,10 @@ class S3Origin(Origin):
     def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
         shown = str(uri)
         if uri.is_prefix:
+            if revision:  # each object has its own VersionIds: listing the current ones would ignore it silently
+                raise OriginError(shown, f"revision {revision!r} is an object's VersionId, and a prefix names many "
+                                  "objects; name the object, or fetch the prefix without a revision",
+                                  code="NoSuchVersion")
             return self._list(uri)
         extra = {"VersionId": revision} if revision else {}
         try:

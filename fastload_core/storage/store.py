@@ -338,34 +338,36 @@ class TieredStore:
                 if entry is not None:
                     return entry.meta.as_manifest()
         if self.offline:
-            cached = self._newest_cached(parsed) if revision is None else None
+            cached = self._newest_cached(parsed, revision)
             if cached is None:
                 held = "this model" if revision is None else f"its revision {revision}"
                 raise NotCachedError(f"{parsed}: FASTLOAD_OFFLINE is set and no tier holds {held}", uri=str(parsed))
             return cached
-        # A fastload version is this store's name for what it cached, never the origin's: the origin is asked
-        # for its current version, which serves only when it is that one.
-        wanted = revision
-        if revision is not None and is_version_digest(revision):
-            revision = None
+        # A fastload version is this store's name for what it cached, never the origin's (an origin's own
+        # revision, an S3 VersionId, goes to the origin): the origin is asked for its current version, which
+        # serves only when it is that one. The adapters pin every worker to the version its node warmed, and
+        # another one, taken silently, would mix them.
+        ours = revision is not None and is_version_digest(revision)
         try:
-            manifest = origin.resolve(parsed, revision)
+            manifest = origin.resolve(parsed, None if ours else revision)
         except OriginError as exc:
-            cached = self._newest_cached(parsed) if exc.code == "Unreachable" and wanted is None else None
+            cached = self._newest_cached(parsed, revision) if exc.code == "Unreachable" else None
             if cached is None:
                 raise
             log.warning("%s: origin unreachable (%s); serving the newest cached version %s", parsed,
                         exc.problem, cached.version)
             return cached
-        if wanted is not None and wanted != manifest.version and all(f.version_id != wanted for f in manifest.files):
-            # The adapters pin every worker to the version a node warmed: another one, silently, would mix them.
-            raise NotCachedError(f"{parsed}: no tier holds revision {wanted} any more, and the origin has only "
+        if ours and manifest.version != revision:
+            raise NotCachedError(f"{parsed}: no tier holds version {revision} any more, and the origin has only "
                                  f"version {manifest.version}; fetch without a revision to take that one",
                                  uri=str(parsed))
         return manifest
 
-    def _newest_cached(self, parsed: ModelURI) -> Manifest | None:
-        entries = [e for tier in self.tiers for e in tier.entries(parsed.slug)]
+    def _newest_cached(self, parsed: ModelURI, revision: str | None = None) -> Manifest | None:
+        """The newest cached version, or with ``revision`` (an origin's own, such as an S3 VersionId) the
+        newest whose files are all at that revision."""
+        entries = [e for tier in self.tiers for e in tier.entries(parsed.slug)
+                   if revision is None or all(f.version_id == revision for f in e.meta.files)]
         if not entries:
             return None
         return max(entries, key=lambda e: e.meta.created).meta.as_manifest()

@@ -108,4 +108,4 @@ def test_cli_fetch_of_a_revision_no_tier_holds_fails_instead_of_taking_the_curre
     (model / "w.bin").write_bytes(b"x" * 100)
     done = _cli(["fetch", f"file://{model}", "--revision", "0123456789abcdef0123"])
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
-    assert "no tier holds revision 0123456789abcdef0123" in done.stderr
+    assert "no tier holds version 0123456789abcdef0123" in done.stderr

@@ -192,12 +192,18 @@ def test_a_changed_object_becomes_a_new_version(s3: Any, proxy: FaultProxy) -> N
     assert first != second and first.read_bytes() == b"one" * 1000 and second.read_bytes() == b"two" * 1000
 
 
-def test_versioned_bucket_revision_pins_a_version(s3: Any, proxy: FaultProxy) -> None:
+def test_versioned_bucket_revision_pins_a_version(s3: Any, proxy: FaultProxy,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
     v1 = s3.put_object(Bucket=BUCKET, Key="ver/w.bin", Body=b"first")["VersionId"]
     s3.put_object(Bucket=BUCKET, Key="ver/w.bin", Body=b"second")
     assert fetch(f"s3://{BUCKET}/ver/w.bin", revision=v1).read_bytes() == b"first"
     assert fetch(f"s3://{BUCKET}/ver/w.bin").read_bytes() == b"second"
+    monkeypatch.setenv("FASTLOAD_OFFLINE", "1")  # the VersionId still selects its cached copy, not the newest
+    assert fetch(f"s3://{BUCKET}/ver/w.bin", revision=v1).read_bytes() == b"first"
+    monkeypatch.delenv("FASTLOAD_OFFLINE")
+    with pytest.raises(OriginError, match="a prefix names many objects"):
+        fetch(f"s3://{BUCKET}/ver/", revision=v1)
 
 
 @pytest.mark.parametrize("key", ["odd/a/../../escape.txt", "odd//x.txt", "odd/a\\b.txt", "odd/ctl\x01.txt"])

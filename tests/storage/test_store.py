@@ -197,6 +197,35 @@ def test_plugins_add_schemes_through_the_hook() -> None:
     assert (root / "weights.bin").read_bytes() == b"w" * 5000
 
 
+class TaggedOrigin(MemoryOrigin):
+    """A plugin origin whose revisions are its own names (a git ref, a release tag)."""
+
+    scheme = "tagged"
+    releases: ClassVar[dict[str, bytes]] = {"v1.0": b"old", "v2.0": b"new"}
+
+    def resolve(self, uri: ModelURI, revision: str | None) -> Manifest:
+        tag = revision or "v2.0"
+        item = RemoteFile("w.bin", len(self.releases[tag]), tag, identity=tag)
+        return Manifest(str(uri), (item,), single=True)
+
+    def download(self, manifest: Manifest, dest: Path, *, journal: Journal, progress: Progress) -> Checksums:
+        (item,) = manifest.files
+        with open(dest / item.name, "r+b") as handle:
+            handle.write(self.releases[item.locator])
+        return {}
+
+
+def test_an_origin_that_honours_its_own_revision_names_serves_them() -> None:
+    class TaggedPlugin:
+        @hookimpl
+        def register_storage_schemes(self, register: Any) -> None:
+            register("tagged", TaggedOrigin)
+
+    get_plugin_manager().register(TaggedPlugin(), name="tagged-plugin")
+    assert fetch("tagged://model/w.bin", revision="v1.0").read_bytes() == b"old"
+    assert fetch("tagged://model/w.bin").read_bytes() == b"new"
+
+
 def test_prefetch_in_background(tmp_path: Path) -> None:
     a, _ = make_model(tmp_path, "a", 1000)
     b, _ = make_model(tmp_path, "b", 1000)
