@@ -70,6 +70,9 @@ class Pin:
         return f"Pin({str(self.path)!r}, tier={self.tier!r}, {state})"
 
 
+_CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a mount this process may only read
+
+
 def _open_lock(tier: Tier, slug: str, version: str) -> tuple[Path, int] | None:
     """Open (creating) an entry's use-lock file in its checked ``.locks`` directory, never through a link.
 
@@ -83,7 +86,7 @@ def _open_lock(tier: Tier, slug: str, version: str) -> tuple[Path, int] | None:
     except UnsafePath as exc:
         raise UnsafeKeyError(exc.path, exc.problem) from None
     except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if exc.errno not in _CANNOT_WRITE:
             raise
     try:
         path = tier.use_lock_path(slug, version, create=False)
@@ -109,11 +112,11 @@ def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> P
     caller fetches it again."""
     if tier.lookup(slug, version) is None:
         return None
+    fd: int | None = None
     while True:
         opened = _open_lock(tier, slug, version)
         if opened is None:  # a read-only mount: see _open_lock
-            entry = tier.lookup(slug, version)
-            return Pin(entry.data_path, tier=tier.name, key=entry.key, entry=entry) if entry is not None else None
+            break
         lock_path, fd = opened
         fcntl.flock(fd, fcntl.LOCK_SH)  # an evictor holds it exclusively only for a rename
         if _same_file(fd, lock_path):
@@ -123,10 +126,12 @@ def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> P
         entry = tier.lookup(slug, version)
         problem = damage(tier, entry, verify) if entry is not None else None
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         raise
     if entry is None or problem is not None:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if entry is not None and problem is not None:
             drop_damaged(tier, entry, problem)
         return None
@@ -160,7 +165,12 @@ def drop_damaged(tier: Tier, entry: Entry, problem: str) -> None:
     except StorageError:
         return
     if found is not None and found.meta.created == entry.meta.created:
-        tier.discard(entry.path)
+        try:
+            tier.discard(entry.path)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
+            return  # a read-only mount: skipped here (the caller falls through), repaired where it is written
         notify("on_evict", tier=tier.name, key=entry.key, nbytes=entry.size)
 
 

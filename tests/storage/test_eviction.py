@@ -184,3 +184,24 @@ def test_a_fill_that_fits_once_small_files_are_evicted_is_not_refused(tmp_path: 
     landed = store.fetch(model("c", {"w.bin": 40_000}), tier="shm")
     assert landed.is_relative_to(tmp_path / "shm"), "refused although evicting one small model made room"
     assert len(shm.entries()) == 2
+
+
+@pytest.mark.parametrize("locks", ["made by a writer node", "never made"])
+def test_a_damaged_entry_on_a_read_only_mount_is_passed_over_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str
+) -> None:
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    data = os.urandom(MiB)
+    (model / "model.safetensors").write_bytes(data)
+    uri, shared = f"file://{model}", tmp_path / "shared"
+    damaged = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False).fetch(uri)
+    os.truncate(damaged / "model.safetensors", 1000)
+    if locks == "never made":
+        shutil.rmtree(shared / ".locks")
+    read_only(monkeypatch, shared)
+    store = TieredStore([SharedFsTier(shared, capacity=None), LocalDiskTier(tmp_path / "disk", capacity=None)],
+                        default_tier="local_disk", show_progress=False)
+    path = store.fetch(uri)  # from the origin: the shared copy cannot be repaired from here
+    assert path.is_relative_to(tmp_path / "disk") and (path / "model.safetensors").read_bytes() == data
+    assert (damaged / "model.safetensors").stat().st_size == 1000  # left for a writer node to replace
