@@ -40,14 +40,23 @@ def free_port(*, also_free_at: int = 0) -> int:
     in a process. With ``also_free_at=k``, port + k is free and outside that range too (a weed server
     listens on p and p + 10000)."""
     ephemeral = _ephemeral_ports()
+    outside = [p for p in range(10_000, 65_536 - also_free_at)
+               if p not in ephemeral and p + also_free_at not in ephemeral]
     for _ in range(1000):
-        port = random.randrange(10_000, 65_536 - also_free_at)
+        # A host whose ephemeral range covers every port leaves no choice but the kernel's.
+        port = random.choice(outside) if outside else _kernel_port()
         wanted = {port, port + also_free_at}
-        if any(p in ephemeral or p in _handed_out for p in wanted) or not all(map(_bindable, wanted)):
+        if any(p in _handed_out or p > 65_535 for p in wanted) or not all(map(_bindable, wanted)):
             continue
         _handed_out.update(wanted)
         return port
-    raise RuntimeError("no free loopback port outside the ephemeral range")
+    raise RuntimeError("no free loopback port")
+
+
+def _kernel_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

@@ -32,3 +32,11 @@ def test_a_server_that_exits_at_start_raises_its_stderr_and_leaks_no_log_file() 
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert server.pid is None
+
+
+def test_a_host_whose_ephemeral_range_covers_every_port_still_gets_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastload_devservices import _process
+
+    monkeypatch.setattr(_process, "_ephemeral_ports", lambda: range(1024, 65536))
+    ports = [free_port() for _ in range(5)] + [free_port(also_free_at=10_000) for _ in range(3)]
+    assert len(set(ports)) == len(ports)
