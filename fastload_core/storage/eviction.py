@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -216,14 +217,16 @@ def try_evict(tier: Tier, entry: Entry) -> bool:
     return True
 
 
-def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]], *, foreign_idle: float | None = None) -> int:
+def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]], *, foreign_idle: float | None = None,
+                          leased: Callable[[str, str], bool] | None = None) -> int:
     """Discard this host's partial downloads whose writer is gone (its fetch lock is free). Returns the
     number removed. A partial of an entry in ``keep`` is about to be resumed and stays.
 
     Another host's partial has its fetch lock on that host, so only its age tells: with ``foreign_idle``, one
     nothing was written into for that many seconds goes too. Without this, a pod killed mid-fill (pods get new
     host names, so nobody resumes it) left a full-size partial on the shared mount, or on a node's disk,
-    that the budget charged forever."""
+    that the budget charged forever. ``leased(slug, version)`` says whether some node holds the fill's
+    cross-node lease (a shared tier with Redis): one resuming that partial right now, which keeps it."""
     removed = 0
     host = _host()
     for partial in list(tier.partials()):
@@ -231,7 +234,8 @@ def remove_stale_partials(tier: Tier, keep: set[tuple[str, str]], *, foreign_idl
         if (slug, version) in keep:
             continue
         if partial_host != host:
-            if foreign_idle is not None and _idle_for(partial) > foreign_idle:
+            idle = foreign_idle is not None and _idle_for(partial) > foreign_idle
+            if idle and not (leased is not None and leased(slug, version)):
                 log.info("tier %s: removing %s, another host's download idle for over %.0f s", tier.name,
                          partial, foreign_idle)
                 tier.discard(partial)

@@ -51,6 +51,17 @@ class RedisLease:
     def close(self) -> None:
         self._client.close()
 
+    def taken(self, key: str) -> bool:
+        """Whether some node holds the lease for ``key`` now. True as well while Redis cannot say: a caller
+        about to remove what that node may be writing had better wait for an answer."""
+        if time.monotonic() < self._unavailable_until:
+            return True
+        try:
+            return bool(self._client.exists(self.prefix + key))
+        except Exception as exc:  # redis-py's ConnectionError / TimeoutError, socket errors: an outage
+            self._outage(exc)
+            return True
+
     def _outage(self, exc: Exception) -> None:
         self._unavailable_until = time.monotonic() + _RETRY_AFTER
         shown = redact(self.url)

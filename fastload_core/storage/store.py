@@ -729,6 +729,13 @@ class TieredStore:
                     (removed if try_evict(t, entry) else busy).append(entry)
         return removed, busy
 
+    def _leased(self, tier: Tier) -> Callable[[str, str], bool] | None:
+        """Whether a node holds the cross-node lease on filling ``tier`` with a version (shared tiers, Redis)."""
+        lease = self.lease
+        if lease is None or not tier.shared:
+            return None
+        return lambda slug, version: lease.taken(f"{tier.name}:{slug}:{version}")
+
     def gc(self, *, tier: str | None = None) -> dict[str, int]:
         """Remove dead writers' partials, leftover trash and orphaned lock files, then evict LRU entries
         until each tier is within its budget. Returns counts by kind."""
@@ -737,8 +744,10 @@ class TieredStore:
             if not t.root.is_dir():
                 continue
             with t.tier_lock():
-                # Another host's download idle for longer than any fetch waits for one has no writer left.
-                counts["partials"] += remove_stale_partials(t, keep=set(), foreign_idle=self.fetch_timeout)
+                # Another host's download idle for longer than any fetch waits for one has no writer left,
+                # unless a node holds its lease (one resuming it after a reboot).
+                counts["partials"] += remove_stale_partials(t, keep=set(), foreign_idle=self.fetch_timeout,
+                                                            leased=self._leased(t))
                 for trash in t.trash():
                     t.discard(trash)
                     counts["trash"] += 1

@@ -133,24 +133,44 @@ def test_a_fill_that_cannot_fit_even_after_eviction_evicts_nothing(tmp_path: Pat
     held.release()
 
 
+def _foreign_partial(root: Path, version: str, *, idle: float = 0.0) -> Path:
+    """Another host's partial download (a pod's, named after it), nothing written into it for ``idle`` s."""
+    path = root / "file-m-0123456789abcdef" / f".partial-{version}-pod7f9c"
+    (path / "files").mkdir(parents=True)
+    (path / "files" / "w.bin").write_bytes(b"x" * MiB)
+    then = time.time() - idle
+    for written in [path, path / "files", path / "files" / "w.bin"]:
+        os.utime(written, (then, then))
+    return path
+
+
 def test_gc_removes_another_hosts_download_idle_for_longer_than_any_fetch_waits(tmp_path: Path) -> None:
     """A pod killed mid-fill left its partial under a host name nobody resumes: gc frees it once it has been
     idle for longer than the fetch timeout, and leaves a live one (another node's download) alone."""
     root = tmp_path / "tier"
     store = TieredStore([LocalDiskTier(root, capacity=None)], fetch_timeout=60, show_progress=False)
-
-    def partial(version: str) -> Path:
-        path = root / "file-m-0123456789abcdef" / f".partial-{version}-pod-7f9c"
-        (path / "files").mkdir(parents=True)
-        (path / "files" / "w.bin").write_bytes(b"x" * MiB)
-        return path
-
-    dead, live = partial("a" * 20), partial("b" * 20)
-    an_hour_ago = time.time() - 3600
-    for path in [dead, dead / "files", dead / "files" / "w.bin"]:
-        os.utime(path, (an_hour_ago, an_hour_ago))
+    dead, live = _foreign_partial(root, "a" * 20, idle=3600), _foreign_partial(root, "b" * 20)
     assert store.gc()["partials"] == 1
     assert not dead.exists() and live.exists()
+
+
+@pytest.mark.redis
+def test_gc_keeps_an_idle_shared_partial_whose_fill_lease_a_node_holds(tmp_path: Path, redis_url: str) -> None:
+    """A node resuming its partial on the shared mount after a reboot holds the fill's lease: gc on another
+    node leaves that partial alone, however old its last write."""
+    import redis
+
+    from fastload_core.storage.lease import RedisLease
+
+    root = tmp_path / "shared"
+    store = TieredStore([SharedFsTier(root, capacity=None)], fetch_timeout=60, lease=RedisLease(redis_url),
+                        show_progress=False)
+    partial = _foreign_partial(root, "c" * 20, idle=3600)
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"fastload:lease:shared_fs:file-m-0123456789abcdef:{'c' * 20}", "held", ex=60)
+    assert store.gc()["partials"] == 0 and partial.exists()
+    client.delete(f"fastload:lease:shared_fs:file-m-0123456789abcdef:{'c' * 20}")
+    assert store.gc()["partials"] == 1 and not partial.exists()
 
 
 def test_an_entry_written_by_a_newer_fastload_is_listed_and_evictable(tmp_path: Path) -> None:
