@@ -71,7 +71,7 @@ def load_model(
     report.add_stage("build", time.perf_counter() - started)
     state = load_state_dict(source, device, dtype=dtype, copy=copy, lazy=lazy, report=report)
     assigned_at = time.perf_counter()
-    _assign(module, state, strict=strict, device=_device(device))
+    _assign(module, state, strict=strict, device=_device(device), dtype=dtype)
     module.eval()  # a model loaded to serve; a warm-up call in train mode would also update BN statistics
     report.add_stage("assign", time.perf_counter() - assigned_at)
     if compile is not False:
@@ -189,7 +189,8 @@ class _MetaBuild:
 _parameters_on_meta = _MetaBuild()
 
 
-def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, device: torch.device) -> None:
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, device: torch.device,
+            dtype: torch.dtype | None) -> None:
     tied = _tied_groups(module)
     expected = module.state_dict(keep_vars=True)
     for group in tied:  # a checkpoint saved with tied weights deduplicated names only one of them
@@ -209,7 +210,7 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, 
     for name, _, _ in mismatched:
         del state[name]
     module.load_state_dict(state, strict=False, assign=True)
-    _materialize_missing(module, missing, device)
+    _materialize_missing(module, missing + [name for name, _, _ in mismatched], device, dtype)
     for group in tied:
         first = module.get_parameter(group[0])
         for name in group[1:]:
@@ -225,22 +226,30 @@ def _tied_groups(module: nn.Module) -> list[list[str]]:
     return [names for names in by_identity.values() if len(names) > 1]
 
 
-def _materialize_missing(module: nn.Module, missing: list[str], device: torch.device) -> None:
-    """Give keys absent from the checkpoint real memory: the module's own init where it owns only
-    missing tensors (a freshly added head, say), zeros otherwise, so nothing is left on meta."""
+def _materialize_missing(module: nn.Module, missing: list[str], device: torch.device,
+                         dtype: torch.dtype | None) -> None:
+    """Give keys the checkpoint did not fill (absent, or mis-shaped under ``strict=False``) real memory on
+    ``device``, floating point in ``dtype`` like the loaded ones, so the model runs in one place and one
+    precision: the module's own init where it owns only such tensors (a freshly added head, say), zeros
+    otherwise, so nothing is left on meta. A model passed built has them already: they are moved along."""
     if not missing:
         return
-    log.warning("fastload: %d key(s) missing from the checkpoint were initialised: %s",
+    log.warning("fastload: %d key(s) the checkpoint did not fill were initialised: %s",
                 len(missing), ", ".join(missing[:10]))
-    for submodule in module.modules():
+    wanted = set(missing)
+    for prefix, submodule in module.named_modules():
         slots = [(table, name) for table in (submodule._parameters, submodule._buffers) for name in table
                  if table[name] is not None]
-        empty = [(table, name) for table, name in slots if table[name].device.type == "meta"]  # type: ignore[union-attr]
-        for table, name in empty:
+        empty = [(table, name) for table, name in slots if table[name].device.type == "meta"]
+        for table, name in slots:
             old = table[name]
             assert old is not None
-            new = torch.zeros_like(old, device=device)
-            table[name] = nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new  # type: ignore[assignment]
+            if not old.is_meta and f"{prefix}.{name}".lstrip(".") not in wanted:
+                continue
+            kind = dtype if dtype is not None and old.is_floating_point() else old.dtype
+            new = torch.zeros_like(old, device=device, dtype=kind) if old.is_meta else \
+                old.detach().to(device=device, dtype=kind)
+            table[name] = nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new
         reset: Any = getattr(submodule, "reset_parameters", None)
         if empty and len(empty) == len(slots) and callable(reset):
             with torch.no_grad():

@@ -282,3 +282,38 @@ def test_overlapping_loads_on_two_threads_leave_no_module_on_meta(tmp_path: Path
     assert elsewhere.weight.device.type == "cpu" and seen_meanwhile == [torch.device("meta")]
     assert nn.Linear(2, 2).weight.device.type == "cpu", "a load left later modules on meta"
     assert nn.init.normal_(torch.empty(3)).isfinite().all()
+
+
+class _Grown(nn.Module):
+    """A checkpoint's two layers, the second now a different shape, and a head the checkpoint lacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("given", ["class", "instance"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_keys_the_checkpoint_did_not_fill_are_real_and_in_the_loaded_dtype(
+    tmp_path: Path, given: str, dtype: torch.dtype | None
+) -> None:
+    path = tmp_path / "old.safetensors"
+    old = nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 3))
+    save_file({f"body.{name}": tensor for name, tensor in old.state_dict().items()}, str(path))
+    model = fastload_core.load_model(_Grown if given == "class" else _Grown(), path, dtype=dtype, strict=False)
+    kinds = {name: (p.device.type, p.dtype) for name, p in model.named_parameters()}
+    assert set(kinds.values()) == {("cpu", dtype or torch.float32)}, kinds  # body.1 mis-shaped, head missing
+    assert model(torch.ones(1, 4, dtype=dtype or torch.float32)).shape == (1, 2)
+    torch.testing.assert_close(model.body[0].weight, old[0].weight.to(dtype or torch.float32))
+
+
+def test_a_mis_shaped_key_alone_is_not_left_on_meta(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    save_model(nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 3)), str(path))
+    model = fastload_core.load_model(lambda: nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path, strict=False)
+    assert not any(p.is_meta for p in model.parameters())
+    assert model(torch.ones(1, 4)).shape == (1, 2)
