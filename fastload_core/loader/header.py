@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -144,6 +143,9 @@ def _parse_header(path: str | os.PathLike[str], raw: bytes, file_size: int) -> H
     except DuplicateKeyError as exc:
         raise HeaderError(path, f"header names {exc.key!r} twice; safetensors refuses such a file and so does "
                                 "fastload (which copy would be meant?)") from None
+    except ValueError as exc:  # json's other refusal: an integer past Python's int-to-str digit limit
+        raise HeaderError(path, f"header holds a number too long to be a size or offset ({exc}); the file is "
+                                "corrupt or hostile") from None
     except RecursionError:
         raise HeaderError(path, "header nests arrays or objects too deeply to be a safetensors header; the file "
                                 "is corrupt or hostile") from None
@@ -200,20 +202,23 @@ def _parse_entry(
                 f"{data_len} data bytes; the file is truncated",
             )
         raise HeaderError(path, f"tensor {name!r} has data_offsets [{begin}, {end}] out of order")
-    dtype = DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype.itemsize
-    if expected != end - begin:
-        raise HeaderError(
-            path,
-            f"tensor {name!r} of shape {shape} and dtype {dtype_name} needs {expected} bytes "
-            f"but its data_offsets span {end - begin}",
-        )
+    # The overflow check comes first and stops at the first dimension past the limit: a hostile shape of
+    # hundreds of thousands of 2s would otherwise be multiplied out into an integer too long to even print.
     elements = 1
     for dim in shape:  # in order, as torch and safetensors multiply: a later 0 does not undo an overflow
         elements *= dim
         if elements > MAX_ELEMENTS:
-            raise HeaderError(path, f"tensor {name!r} has shape {shape!r:.120}, whose element count overflows a "
-                                    "64-bit integer; the file is corrupt or hostile")
+            raise HeaderError(path, f"tensor {name!r} has a shape of {len(shape)} dimensions, {shape[:8]!r:.120}, "
+                                    "which needs more elements than a 64-bit integer counts (it overflows); the "
+                                    "file is corrupt or hostile")
+    dtype = DTYPES[dtype_name]
+    expected = elements * dtype.itemsize
+    if expected != end - begin:
+        raise HeaderError(
+            path,
+            f"tensor {name!r} of shape {shape!r:.120} and dtype {dtype_name} needs {expected} bytes "
+            f"but its data_offsets span {end - begin}",
+        )
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 

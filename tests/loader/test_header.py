@@ -239,3 +239,21 @@ def test_parsing_pauses_the_garbage_collector_and_restores_it(tmp_path: Path) ->
             assert not gc.isenabled()  # a caller that had it off keeps it off
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        # 400,000 dimensions of 2: multiplying them all out (and printing the product) took seconds and ended in
+        # Python's int-to-str limit; the running product passes 2**63 after 63 of them.
+        {"dtype": "F32", "shape": [2] * 400_000, "data_offsets": [0, 16]},
+        # past the 4300 digits Python's JSON parser turns into an int: its ValueError, not a JSONDecodeError
+        b'{"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 16]}',
+    ],
+    ids=["huge-rank", "5000-digit-dim"],
+)
+def test_a_hostile_shape_is_a_header_error(tmp_path: Path, entry: dict[str, object] | bytes) -> None:
+    raw = b'{"w": ' + (entry if isinstance(entry, bytes) else json.dumps(entry).encode()) + b"}"
+    path = write_raw(tmp_path / "hostile.safetensors", raw, bytes(16))
+    with pytest.raises(HeaderError):
+        read_header(path)
