@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO, ParamSpec, TypeVar
 
@@ -116,9 +117,7 @@ def _load_local(
         for file_path, expected in files:
             file = stack.enter_context(open(file_path, "rb"))
             header = _timed(report, "header", read_header_from, file, file_path)
-            if expected is not None and (absent := expected - {entry.name for entry in header.tensors}):
-                raise CheckpointError(file_path, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
-            opened.append((file, file_path, header))
+            opened.append((file, file_path, indexed_part(file_path, header, expected)))
         if device.type == "cuda":  # every file through one pipeline: shards load concurrently
             from . import cuda
 
@@ -209,19 +208,16 @@ def _load_one(
 def _resolve(path: Path, report: LoadReport) -> tuple[list[tuple[Path, set[str] | None]], str]:
     """The safetensors files behind ``path``, each with the tensor names an index expects of it."""
     if path.is_dir():
-        index = path / INDEX_NAME
-        if index.exists():
-            return _shards(index), ""
-        if (path / SINGLE_NAME).exists():
-            return [(path / SINGLE_NAME, None)], ""
-        candidates = sorted(path.glob("*.safetensors"))
-        if len(candidates) == 1:
-            return [(candidates[0], None)], ""
+        names = {entry.name for entry in os.scandir(path) if entry.is_file()}
+        chosen = choose_files(path, names, (path / INDEX_NAME).read_bytes)
+        if chosen is not None:
+            return [(path / name, expected) for name, expected in chosen], ""
+        candidates = sorted(name for name in names if name.endswith(".safetensors"))
         from . import formats  # only here and for a legacy file: the converter's imports stay off the fast path
 
-        legacy = [p for p in sorted(path.iterdir()) if p.is_file() and formats.find_format(p)]
+        legacy = [path / name for name in sorted(names) if formats.find_format(path / name)]
         if len(candidates) > 1 or not legacy:
-            found = ", ".join(p.name for p in candidates) or "no checkpoint files"
+            found = ", ".join(candidates) or "no checkpoint files"
             raise CheckpointError(
                 path, f"cannot tell which checkpoint to load ({found}); expected {SINGLE_NAME} or {INDEX_NAME}"
             )
@@ -245,24 +241,64 @@ def _is_safetensors(path: Path) -> bool:
     return len(prefix) == 9 and prefix[8:9] == b"{" and int.from_bytes(prefix[:8], "little") <= MAX_HEADER_BYTES
 
 
-def _shards(index: Path) -> list[tuple[Path, set[str] | None]]:
+def choose_files(
+    where: str | os.PathLike[str], names: Collection[str], read_index: Callable[[], bytes]
+) -> list[tuple[str, set[str] | None]] | None:
+    """Which of the files directly in the model directory ``where`` (``names``) make up its checkpoint:
+    the shards its index names, else ``model.safetensors``, else its only ``.safetensors`` file. Each comes
+    with the tensor names the index maps to it (None: all of its tensors), which are all that is taken from
+    it (``indexed_part``). None when the names cannot tell (no ``.safetensors`` file, or several and neither
+    an index nor ``model.safetensors``): the local loader then looks inside the files, or refuses.
+
+    Decided by file names alone, and ``read_index`` called only when there is an index, so that a streamed
+    load can decide from a download's manifest before its files have landed: the first load of a URI and
+    every later one, from the cached files, take the same tensors."""
+    if INDEX_NAME in names:
+        index = os.path.join(where, INDEX_NAME)
+        shards = _index_shards(index, read_index())
+        missing = sorted(shard for shard in shards if shard not in names)
+        if missing:
+            raise MissingShardError(index, f"names shard(s) {missing} that are not in {os.fspath(where)}")
+        return [(shard, tensor_names) for shard, tensor_names in sorted(shards.items())]
+    if SINGLE_NAME in names:
+        return [(SINGLE_NAME, None)]
+    candidates = [name for name in names if name.endswith(".safetensors")]
+    return [(candidates[0], None)] if len(candidates) == 1 else None
+
+
+def _index_shards(index: str, text: bytes) -> dict[str, set[str]]:
+    """The shard files a sharded index's ``weight_map`` names, each with the tensor names mapped to it."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(text)["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(index, f"not a valid sharded index: {exc!r}") from None
+        raise CheckpointError(index, f"not a valid sharded index: {exc!r:.300}") from None
     except RecursionError:
         raise CheckpointError(index, "not a valid sharded index: it nests arrays or objects too deeply") from None
     expected: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard:
-            raise CheckpointError(index, f"tensor {name!r} maps to {shard!r}; a shard must be a file name, not a path")
+            raise CheckpointError(index, f"tensor {name!r} maps to {shard!r:.200}; a shard must be a file name, "
+                                         "not a path")
         expected.setdefault(shard, set()).add(name)
-    missing = [shard for shard in expected if not (index.parent / shard).is_file()]
-    if missing:
-        raise MissingShardError(index, f"names shard(s) {missing} that are not in {index.parent}")
-    return [(index.parent / shard, names) for shard, names in sorted(expected.items())]
+    return expected
+
+
+def indexed_part(path: str | os.PathLike[str], header: Header, expected: set[str] | None) -> Header:
+    """``header`` narrowed to the tensors the index maps to this shard (``expected``; None: all of them).
+
+    The index decides, as in transformers: a tensor a shard holds but the index maps elsewhere (a stale
+    shard left by a re-shard, say) is not taken, so which copy of a name is loaded never depends on the
+    order of file names. A tensor the index maps here that the shard lacks is an error naming it."""
+    if expected is None:
+        return header
+    held = {entry.name for entry in header.tensors}
+    if absent := expected - held:
+        raise CheckpointError(path, f"the index maps {sorted(absent)[:5]} to this shard but it lacks them")
+    if len(held) == len(expected):
+        return header
+    return dataclasses.replace(header, tensors=tuple(entry for entry in header.tensors if entry.name in expected))
 
 
 def _device(device: str | int | torch.device) -> torch.device:

@@ -26,9 +26,11 @@ from concurrent.futures import Future
 import torch
 
 from ..storage import Pin, TieredStore, writethrough
+from ..storage.meta import Manifest
 from ..storage.progress import Mirror
 from ..storage.streaming import PendingPin, RangeWatch, watch_fetch
 from . import cpu
+from .api import INDEX_NAME, choose_files, indexed_part
 from .header import header_length, parse_header
 
 log = logging.getLogger("fastload")
@@ -52,15 +54,19 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
     """
     stats = stats if stats is not None else {}
     stats["started"] = time.monotonic()
-    watch, future = watch_fetch(uri, tier=tier, store=store, stats=stats, mirror=True,
-                                wanted=lambda name: name.endswith(".safetensors"))
+    watch, future = watch_fetch(uri, tier=tier, store=store, stats=stats, mirror=True, wanted=_may_be_loaded)
     watch.started_event.wait()
     try:
-        if watch.manifest is None:  # a hit (or a failure before any download began)
+        manifest = watch.manifest
+        if manifest is None:  # a hit (or a failure before any download began)
+            return None, future.result()
+        chosen = _chosen_files(uri, watch, manifest)
+        if chosen is None:  # the names cannot tell (a legacy file, say): the local loader decides once all landed
             return None, future.result()
         tensors: dict[str, torch.Tensor] = {}
-        for name, fd in watch.fds.items():
-            for tensor_name, tensor in _copy_as_it_lands(watch, name, fd, watch.sizes[name]):
+        for name, expected in chosen:
+            fd = watch.fds[name]
+            for tensor_name, tensor in _copy_as_it_lands(watch, name, fd, watch.sizes[name], expected):
                 tensors[tensor_name] = tensor.to(device) if device.type != "cpu" else tensor
                 stats.setdefault("first_tensor", time.monotonic())
                 stats["last_tensor"] = time.monotonic()
@@ -82,6 +88,28 @@ def stream_tensors(uri: str, device: torch.device, *, tier: str | None = None,
         watch.close()
 
 
+def _may_be_loaded(name: str) -> bool:
+    """The files of a download worth watching: those ``choose_files`` may pick, and the index it reads.
+    Only the top level counts, as for a local directory."""
+    return "/" not in name and (name.endswith(".safetensors") or name == INDEX_NAME)
+
+
+def _chosen_files(uri: str, watch: RangeWatch, manifest: Manifest) -> list[tuple[str, set[str] | None]] | None:
+    """The files the local loader would take from the finished download, chosen from its manifest by the
+    same rules (``api.choose_files``), each with the tensor names to take from it; None when only the files'
+    contents can tell. So the first, streamed, load of a URI and every later one from the cache agree."""
+    if manifest.single:  # the URI names one file: safetensors by its name, else the local loader decides
+        name = manifest.files[0].name
+        return [(name, None)] if name in watch.fds and name.endswith(".safetensors") else None
+
+    def read_index() -> bytes:
+        fd = watch.fds[INDEX_NAME]
+        return _landed(watch, INDEX_NAME, watch.mirrors.get(INDEX_NAME), fd, 0, watch.sizes[INDEX_NAME])
+
+    top_level = {item.name for item in manifest.files if "/" not in item.name}
+    return choose_files(uri, top_level, read_index)
+
+
 def _report_unpublished(uri: str, tier: str | None, future: Future[Pin]) -> None:
     """The tensors were handed out, verified; a publication that failed after that costs only the cache entry
     (the next start downloads again), so it is logged, as a failed write-through is, not raised."""
@@ -91,9 +119,10 @@ def _report_unpublished(uri: str, tier: str | None, future: Future[Pin]) -> None
                     uri, tier, error)
 
 
-def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int,
+                      expected: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
     """Make sure one file's tensor bytes are in one private buffer as its landed prefix grows, and yield
-    each tensor as soon as its bytes are there.
+    each tensor as soon as its bytes are there: those an index maps to the file (``expected``), or all.
 
     The buffer is the file's ``Mirror`` (storage.progress) where the watch has one: the origin receives the
     bytes straight into it, so the ranges it filled need no copy at all and a tensor is ready when its range
@@ -105,7 +134,7 @@ def _copy_as_it_lands(watch: RangeWatch, name: str, fd: int, size: int) -> Itera
     """
     mirror = watch.mirrors.get(name)
     header_len = header_length(name, _landed(watch, name, mirror, fd, 0, 8), size)
-    header = parse_header(name, _landed(watch, name, mirror, fd, 8, header_len), size)
+    header = indexed_part(name, parse_header(name, _landed(watch, name, mirror, fd, 8, header_len), size), expected)
     start, end = header.span
     start -= start % cpu.PAGE  # whole pages, as the local loader copies
     if mirror is not None:  # the whole file, from byte 0: offsets in it are file offsets

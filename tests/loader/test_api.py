@@ -137,6 +137,22 @@ def test_sharded_index(tmp_path: Path) -> None:
         assert torch.equal(loaded[name], tensor)
 
 
+def test_the_index_decides_which_shard_a_tensor_comes_from(tmp_path: Path) -> None:
+    # A stale second shard that still holds "w" (as after a re-shard) must not override the shard the index
+    # maps "w" to, whatever the file names' order; a tensor no index entry names is not loaded.
+    save_file({"w": torch.ones(3)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"w": torch.zeros(3), "v": torch.ones(2), "stale": torch.ones(1)},
+              tmp_path / "model-00002-of-00002.safetensors")
+    weight_map = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for copy in (False, True):
+        report = LoadReport(source="", device="")
+        loaded = fastload_core.load_state_dict(tmp_path, copy=copy, report=report)
+        assert sorted(loaded) == ["v", "w"]
+        assert torch.equal(loaded["w"], torch.ones(3)) and torch.equal(loaded["v"], torch.ones(2))
+        assert report.tensors == 2 and report.nbytes == 3 * 4 + 2 * 4
+
+
 def test_missing_shard_is_named(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(1)}, tmp_path / "one.safetensors")
     weight_map = {"a": "one.safetensors", "b": "two.safetensors"}

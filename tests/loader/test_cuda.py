@@ -95,6 +95,20 @@ def test_sharded_checkpoint_loads_through_one_pipeline(tmp_path: Path, monkeypat
 
 
 @gpu
+def test_the_index_decides_which_shard_a_tensor_comes_from_on_cuda(tmp_path: Path) -> None:
+    # The pipeline reads each shard's span of the tensors the index maps to it; a stale copy elsewhere is left.
+    save_file({"w": torch.ones(3)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"w": torch.zeros(3), "v": torch.arange(5.0), "stale": torch.ones(1000)},
+              tmp_path / "model-00002-of-00002.safetensors")
+    weight_map = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    report = LoadReport(source="", device="")
+    loaded = fastload_core.load_state_dict(tmp_path, "cuda", report=report)
+    assert sorted(loaded) == ["v", "w"] and report.tensors == 2
+    assert torch.equal(loaded["w"].cpu(), torch.ones(3)) and torch.equal(loaded["v"].cpu(), torch.arange(5.0))
+
+
+@gpu
 def test_a_cold_file_is_read_with_direct_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tensors = {f"t{i}": torch.randn(500_000 + 7 * i) for i in range(6)}  # ~12 MB, an unaligned span
     path = tmp_path / "cold.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,35 @@ def test_file_uri_of_a_local_checkpoint(tmp_path: Path) -> None:
     save_file({"w": torch.arange(5.0)}, tmp_path / "model.safetensors")
     loaded = fastload_core.load_file(f"file://{tmp_path}/model.safetensors")
     assert torch.equal(loaded["w"], torch.arange(5.0))
+
+
+def test_a_cold_stream_and_a_warm_load_choose_the_same_files(tmp_path: Path) -> None:
+    # model.safetensors beside another .safetensors (a consolidated copy, say): a local load takes
+    # model.safetensors only, and so must the streamed first load of the same directory.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    save_file({"w": torch.ones(4)}, repo / "model.safetensors")
+    save_file({"layers.w_orig": torch.zeros(4)}, repo / "consolidated.safetensors")
+    cold_report, warm_report = LoadReport(source="", device=""), LoadReport(source="", device="")
+    cold = fastload_core.load_state_dict(f"file://{repo}", copy=True, report=cold_report)
+    warm = fastload_core.load_state_dict(f"file://{repo}", copy=True, report=warm_report)
+    assert cold_report.strategy == "stream+cpu-copy" and warm_report.strategy == "cpu-copy"
+    assert sorted(cold) == sorted(warm) == ["w"]
+    assert torch.equal(cold["w"], torch.ones(4)) and cold_report.nbytes == warm_report.nbytes == 16
+    writethrough.wait(timeout=60)
+
+
+def test_a_cold_stream_follows_the_shard_index(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    save_file({"w": torch.ones(3)}, repo / "model-00001-of-00002.safetensors")
+    save_file({"w": torch.zeros(3), "v": torch.ones(2)}, repo / "model-00002-of-00002.safetensors")
+    weight_map = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    report = LoadReport(source="", device="")
+    cold = fastload_core.load_state_dict(f"file://{repo}", copy=True, report=report)
+    assert report.strategy == "stream+cpu-copy"
+    warm = fastload_core.load_state_dict(f"file://{repo}", copy=True)
+    for loaded in (cold, warm):
+        assert sorted(loaded) == ["v", "w"] and torch.equal(loaded["w"], torch.ones(3))
+    writethrough.wait(timeout=60)
