@@ -4,9 +4,10 @@ A restored artifact that does not fit the process is worse than none: inductor m
 paid the download for nothing) or, for the parts it does not re-check, run code built for another
 machine. So the key names everything that changes generated code: the torch build, Triton, Python,
 the device (GPU name and capability; CPU instruction set and thread count, which inductor bakes into
-its C++ kernels), the compile options, the model's code and parameter layout, the warm-up inputs'
-shapes and grad mode, and a user-supplied extra. It deliberately leaves out host names and paths, so
-two replicas of one model on the same kind of node share an entry.
+its C++ kernels), the compile options, the model's code, structure (which module sits where, with
+its settings such as ``eps``) and parameter layout, the warm-up inputs' shapes and grad mode, and a
+user-supplied extra. It deliberately leaves out host names and paths, so two replicas of one model on
+the same kind of node share an entry.
 
 Every field is kept in readable form next to the digest: the packed entry records them, so a listing
 can say what an entry is for and a restore can refuse an entry whose recorded fields disagree.
@@ -14,6 +15,7 @@ can say what an entry is for and a restore can refuse an entry whose recorded fi
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import importlib.metadata
 import inspect
@@ -21,6 +23,7 @@ import json
 import marshal
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +40,11 @@ _ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_", "TRITON_")
 _ENV_IGNORED = frozenset(
     {"TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS", "TRITON_CACHE_DIR", "TRITON_HOME"}
 )
+# ``<object at 0x7f...>`` in a repr differs between processes; kept, it would give every replica its own key.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# What every ``nn.Module`` keeps in ``__dict__`` for torch's own bookkeeping: tensors and submodules are
+# covered by the layout and by the module list, hooks are described separately (their ids are counters).
+_MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module()))
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ def derive_key(
         "model": _qualname(type(model) if isinstance(model, torch.nn.Module) else model),
         "model_code": code_digest(model),
         "model_layout": layout_digest(model) if isinstance(model, torch.nn.Module) else "-",
+        "model_structure": structure_digest(model) if isinstance(model, torch.nn.Module) else "-",
         "inputs": _inputs_digest([(args, kwargs), *more_inputs]),
         "grad_mode": f"grad={torch.is_grad_enabled()},inference={torch.is_inference_mode_enabled()}",
         "extra": extra,
@@ -157,6 +166,48 @@ def layout_digest(model: torch.nn.Module) -> str:
     ]
     lines += [f"{name}:training={m.training}" for name, m in model.named_modules()]
     return _digest("\n".join(lines))
+
+
+def structure_digest(model: torch.nn.Module) -> str:
+    """Which module sits where, in order, with each one's non-tensor settings and hooks.
+
+    The code digest hashes the set of module classes and the layout only tensors, yet swapping a ReLU
+    and a GELU, or changing ``eps``, ``negative_slope`` or ``approximate``, changes the computation
+    without touching either; an AOTInductor package restored under such a key runs the other model's
+    code unchecked. So every module contributes its qualified name, class, ``extra_repr()`` and plain
+    attributes (what dynamo and ``torch.export`` bake into the graph as constants). Objects are described
+    by their type and addresses are stripped, so identical models give identical keys in any process.
+    Strings count as they are: a module that keeps a host's path in an attribute gets a key per host.
+    """
+    lines = []
+    for name, module in model.named_modules():
+        settings = {attribute: _setting(value) for attribute, value in vars(module).items()
+                    if attribute not in _MODULE_BOOKKEEPING}
+        hooks = {attribute: [_qualname(hook) for hook in value.values()]
+                 for attribute, value in vars(module).items()
+                 if attribute in _MODULE_BOOKKEEPING and attribute.endswith("hooks") and value}
+        line = f"{name}:{_qualname(type(module))}:{module.extra_repr()}:{_canonical(settings)}:{_canonical(hooks)}"
+        lines.append(_ADDRESS.sub("", line))
+    return _digest("\n".join(lines))
+
+
+def _setting(value: Any) -> Any:
+    """A module attribute as the key sees it: plain values exactly, anything else by its kind alone."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return f"{_qualname(type(value))}.{value.name}"
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [_setting(item) for item in value]]
+    if isinstance(value, dict):
+        return {str(key): _setting(item) for key, item in value.items()}
+    if isinstance(value, (torch.dtype, torch.device, torch.Size)):
+        return str(value)
+    if isinstance(value, torch.Tensor):  # a tensor attribute that is neither parameter nor buffer
+        return _signature(value)
+    if callable(value):
+        return _qualname(value)
+    return _qualname(type(value))
 
 
 def weights_digest(model: torch.nn.Module) -> str:

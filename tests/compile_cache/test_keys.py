@@ -137,3 +137,87 @@ def test_freezing_keys_on_weight_values_too() -> None:
     torch.manual_seed(1)
     b = Small()
     assert _key(a, options={"freezing": True}).digest != _key(b, options={"freezing": True}).digest
+
+
+# --- review: the key covers module order and non-tensor settings, which an AOTI package bakes in ---
+
+
+def _mlp(first: nn.Module, second: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), first, nn.Linear(8, 8), second).eval()
+
+
+def _package_key(model: nn.Module) -> CompileKey:
+    return derive_key(model, args=(torch.randn(2, 8),), kwargs={}, compile_kwargs={}, serve="aoti-package")
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        pytest.param(lambda: _mlp(nn.ReLU(), nn.GELU()), lambda: _mlp(nn.GELU(), nn.ReLU()), id="module-order"),
+        pytest.param(lambda: _mlp(nn.LeakyReLU(0.1), nn.ReLU()), lambda: _mlp(nn.LeakyReLU(0.5), nn.ReLU()),
+                     id="negative-slope"),
+        pytest.param(lambda: _mlp(nn.LayerNorm(8, eps=1e-5), nn.ReLU()),
+                     lambda: _mlp(nn.LayerNorm(8, eps=10.0), nn.ReLU()), id="layernorm-eps"),
+        pytest.param(lambda: _mlp(nn.GELU(), nn.ReLU()), lambda: _mlp(nn.GELU("tanh"), nn.ReLU()),
+                     id="gelu-approximate"),
+    ],
+)
+def test_models_that_compute_differently_get_different_package_keys(one: Any, other: Any) -> None:
+    # A restored AOTInductor package is run without any graph check: equal keys would run one model's code
+    # for the other.
+    assert _package_key(one()).digest != _package_key(other()).digest
+    assert _key(one()).digest != _key(other()).digest
+
+
+def test_identical_models_built_twice_share_a_key() -> None:
+    build = lambda: _mlp(nn.LeakyReLU(0.1), nn.LayerNorm(8, eps=1e-5))  # noqa: E731
+    assert _package_key(build()).digest == _package_key(build()).digest
+
+
+class _Settings:
+    """A non-tensor attribute whose default repr holds its address, which must not reach the key."""
+
+
+class WithObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = _Settings()
+        self.scale = 2.0
+        self.linear = nn.Linear(8, 8)
+
+    def extra_repr(self) -> str:
+        return f"settings={self.settings!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale
+
+
+def test_object_addresses_do_not_reach_the_key_but_plain_settings_do() -> None:
+    assert _package_key(WithObject()).digest == _package_key(WithObject()).digest
+    scaled = WithObject()
+    scaled.scale = 3.0
+    assert _package_key(scaled).digest != _package_key(WithObject()).digest
+
+
+def test_the_structure_part_of_the_key_is_the_same_in_a_fresh_process() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from fastload_core.compile_cache.keys import structure_digest\n"
+        "m = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.1), nn.LayerNorm(8, eps=1e-5), nn.GELU('tanh'),\n"
+        "                  nn.Dropout(0.25), nn.MultiheadAttention(8, 2, batch_first=True))\n"
+        "print(structure_digest(m))\n"
+    )
+    from fastload_core.compile_cache.keys import structure_digest
+
+    here = structure_digest(nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.1), nn.LayerNorm(8, eps=1e-5),
+                                          nn.GELU("tanh"), nn.Dropout(0.25),
+                                          nn.MultiheadAttention(8, 2, batch_first=True)))
+    root = Path(__file__).resolve().parents[2]
+    there = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                           check=True, timeout=120).stdout.strip()
+    assert there == here
