@@ -11,7 +11,8 @@ Query parameters (all optional), stripped before the URL reaches redis-py:
 - ``prefix`` (default ``fastload:compile:``): key namespace.
 
 ``SET NX`` makes racing replicas leave one entry; a large entry's blob is written before its pointer,
-so a pointer never names a blob that is not there yet.
+so a pointer never names a blob that is not there yet, and a replica whose blob lost the race points
+at the blob that won (its real size), so whichever pointer wins agrees with the stored blob.
 
 A pointer is followed only into the blob store this URL configures. Anything else under a key that
 looks like a pointer (not JSON, no URL, another store's URL — ``file:///etc``, ``bogus://``, a host
@@ -132,8 +133,17 @@ class RedisBackend(CompileCacheBackend):
             raise EntryTooLargeError(self.url, len(blob), self.max_inline)
         if not overwrite and self._client.exists(self._name(key)):
             return False  # skip uploading a large blob that would lose the race anyway
-        self.blob_backend.put(key, blob, overwrite=overwrite)
-        pointer = _POINTER_MAGIC + json.dumps({"url": self.blob_backend.url, "size": len(blob)}).encode()
+        size = len(blob)
+        if not self.blob_backend.put(key, blob, overwrite=overwrite):
+            # Another replica's blob is there and its pointer may not be yet. The pointer must describe the
+            # blob that is stored, not ours, or whichever pointer wins names a size the blob does not have
+            # and every replica reads a corrupt entry. (Returning False instead would leave a blob whose
+            # writer died before its pointer unreachable for good: every later store would lose to it.)
+            stored = self.blob_backend.get(key)
+            if stored is None:
+                return False  # removed meanwhile: no pointer rather than one to nothing
+            size = len(stored)
+        pointer = _POINTER_MAGIC + json.dumps({"url": self.blob_backend.url, "size": size}).encode()
         return bool(self._client.set(self._name(key), pointer, nx=not overwrite))
 
     def delete(self, key: str) -> bool:

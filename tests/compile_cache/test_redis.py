@@ -15,6 +15,7 @@ import redis as redis_client
 from fastload_core.compile_cache import CompileCache
 from fastload_core.compile_cache.errors import EntryTooLargeError
 from fastload_core.compile_cache.keys import key_from_fields
+from fastload_core.compile_cache.redis import RedisBackend
 from fastload_core.compile_cache.registry import open_backend
 from fastload_devservices.redis import RedisServer
 
@@ -200,3 +201,39 @@ def test_listing_and_removing_a_garbage_pointer_touch_nothing_it_names(redis_url
     assert entry.problem is not None and "not following it" in entry.problem
     assert remove_entry(url, KEY.digest) is True
     assert (victim / f"{KEY.digest}.flcc").read_bytes() == b"not yours"
+
+
+# --- review: a large entry's pointer must describe the blob that is actually stored ---
+
+
+def test_racing_large_stores_leave_a_pointer_that_matches_the_stored_blob(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay the race: A uploads its blob; B runs its whole store (its blob loses to A's); then A's pointer
+    loses to B's. The pointer that stays must describe A's blob, or every replica reads a corrupt entry."""
+    from fastload_core.compile_cache import blob as blobfmt
+
+    blobs = (tmp_path / "blobs").as_uri()
+    url = f"{redis_url}?max_inline=1000&blob={quote(blobs, safe='')}&prefix=race-{os.getpid()}:"
+    entry_a = blobfmt.pack(KEY, _inductor_dir(tmp_path / "a-src", size=8000), None)
+    entry_b = blobfmt.pack(KEY, _inductor_dir(tmp_path / "b-src", size=9000), None)
+    assert len(entry_a) != len(entry_b)
+    replica_a, replica_b = RedisBackend(url), RedisBackend(url)
+    a_blobs = replica_a.blob_backend
+    assert a_blobs is not None
+    upload = a_blobs.put
+    b_stored: list[bool] = []
+
+    def upload_then_let_b_run(key: str, data: bytes, *, overwrite: bool = False) -> bool:
+        stored = upload(key, data, overwrite=overwrite)
+        b_stored.append(replica_b.put(key, entry_b))
+        return stored
+
+    monkeypatch.setattr(a_blobs, "put", upload_then_let_b_run)
+    a_stored = replica_a.put(KEY.digest, entry_a)
+    assert a_stored != b_stored[0]  # exactly one replica reports the entry as its own
+    reader = open_backend(url)
+    assert reader.get(KEY.digest) == entry_a
+    blobfmt.verify(entry_a, KEY)
+    assert CompileCache(url).restore(KEY, tmp_path / "dest").status == "restored"
+    redis_client.Redis.from_url(redis_url).delete(f"race-{os.getpid()}:{KEY.digest}")
