@@ -12,11 +12,20 @@ most of the cold-start time.
 
 The checksum covers header and payload, and the header records the key's fields, so truncation, bit
 rot or an entry stored under the wrong key are caught before a single file is written.
+
+A checksum stops accidents, not people: anyone who can write to a shared Redis or bucket can store an
+entry whose checksum is right and whose kernels (or pickled mega-cache) run their code in every replica
+that restores it. With ``FASTLOAD_COMPILE_CACHE_SECRET`` set, the checksum slot holds an HMAC-SHA256
+under that secret instead and the header says ``"signed": true``; an entry that is unsigned or signed
+with another secret is then corrupt (a miss, replaced after the compile) and is rejected before a byte
+of its payload is unpacked or unpickled. A process without the secret cannot check a signed entry and
+treats it as built for another configuration, so set the secret on every replica or on none.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -33,6 +42,8 @@ from typing import Any
 from .errors import CorruptEntryError
 from .keys import FORMAT_VERSION, CompileKey
 
+#: A shared secret; when set, entries are signed on save and unsigned or wrongly signed ones are refused.
+SECRET_VARIABLE = "FASTLOAD_COMPILE_CACHE_SECRET"
 MAGIC = b"FLCC"
 _PREFIX = struct.Struct(">4sHI32s")
 #: Enough bytes to read any header we write; listings fetch only this much of each entry.
@@ -83,12 +94,41 @@ def pack(key: CompileKey, inductor_dir: Path, mega: bytes | None) -> bytes:
     return assemble(header, payload.getvalue())
 
 
+def signing_secret() -> bytes | None:
+    """The secret entries are signed and checked with, or None (read on every use, so tests and operators
+    can change it without a restart)."""
+    secret = os.environ.get(SECRET_VARIABLE, "")
+    return secret.encode() if secret else None
+
+
 def assemble(header: dict[str, Any], payload: bytes) -> bytes:
-    """Prefix, header and payload, with the checksum over everything after the prefix."""
-    encoded = json.dumps({**header, "payload_size": len(payload)}, sort_keys=True).encode()
-    digest = hashlib.sha256(encoded)
+    """Prefix, header and payload, with the checksum (or, with a secret, the signature) over everything
+    after the prefix."""
+    secret = signing_secret()
+    encoded = json.dumps({**header, "payload_size": len(payload), "signed": secret is not None},
+                         sort_keys=True).encode()
+    digest = hashlib.sha256(encoded) if secret is None else hmac.new(secret, encoded, hashlib.sha256)
     digest.update(payload)
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), digest.digest()) + encoded + payload
+
+
+def _check_integrity(blob: bytes, header: dict[str, Any], key: str) -> None:
+    """The checksum, or with a secret set the signature, over everything after the prefix."""
+    secret = signing_secret()
+    signed = header.get("signed") is True
+    if secret is None and signed:
+        raise EntryMismatchError(key, f"the entry is signed and {SECRET_VARIABLE} is not set here, so it "
+                                      "cannot be checked")
+    if secret is None:
+        if hashlib.sha256(memoryview(blob)[_PREFIX.size:]).digest() != header["_sha256"]:
+            raise CorruptEntryError(key, "sha256 does not match: the entry was altered or damaged")
+        return
+    if not signed:
+        raise CorruptEntryError(key, f"the entry is unsigned and {SECRET_VARIABLE} is set: not loading it")
+    expected = hmac.new(secret, memoryview(blob)[_PREFIX.size:], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, header["_sha256"]):
+        raise CorruptEntryError(key, "the signature does not match: the entry was altered, damaged or signed "
+                                     f"with another {SECRET_VARIABLE}")
 
 
 def read_header(blob: bytes, key: str = "?") -> dict[str, Any]:
@@ -115,15 +155,14 @@ def read_header(blob: bytes, key: str = "?") -> dict[str, Any]:
 
 
 def verify(blob: bytes, key: CompileKey) -> dict[str, Any]:
-    """Check length, checksum and that the entry was built for exactly this key's fields."""
+    """Check length, checksum or signature, and that the entry was built for exactly this key's fields."""
     header = read_header(blob, key.digest)
     payload_size = len(blob) - header["_payload_offset"]
     if payload_size != header.get("payload_size"):
         expected = header.get("payload_size")
         raise CorruptEntryError(key.digest, f"payload is {payload_size} bytes, header says {expected} "
                                             "(truncated?)")
-    if hashlib.sha256(memoryview(blob)[_PREFIX.size:]).digest() != header["_sha256"]:
-        raise CorruptEntryError(key.digest, "sha256 does not match: the entry was altered or damaged")
+    _check_integrity(blob, header, key.digest)
     recorded = header.get("fields") or {}
     differing = sorted(name for name in set(recorded) | set(key.fields)
                        if recorded.get(name) != key.fields.get(name))

@@ -5,6 +5,10 @@ process per URL, so a Redis outage does not flood the logs of a fleet); a corrup
 mismatched entry is a miss that gets replaced after the compile (warned each time, because it means
 something wrote garbage); an entry too large for its backend is simply not stored. Only a URL that no
 backend can serve raises, at construction, because that is a configuration mistake worth failing on.
+
+A cache that other machines can write (Redis, S3) is code those machines can run in this one: entries
+hold compiled kernels and pickled data. Without ``FASTLOAD_COMPILE_CACHE_SECRET`` (entries signed and
+checked, see ``blob``) that is said once per process, the first time such a cache is opened.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ _warned_lock = threading.Lock()
 # serialises compiles anyway; this only keeps two threads from pointing inductor at each other's keys.
 _env_lock = threading.RLock()
 _warned_unavailable: set[str] = set()
+#: Backends other machines write to; an unsigned entry from one of them is trusted only on a checksum.
+SHARED_SCHEMES = frozenset({"redis", "s3"})
+_unsigned_shared_warning = threading.Event()
 
 
 def default_url() -> str:
@@ -81,6 +88,8 @@ class CompileCache:
         (``/srv/compile-cache`` means ``file:///srv/compile-cache``); None for ``default_url()``."""
         self.backend = backend if backend is not None else open_backend(url or default_url())
         self.url = self.backend.url
+        if self.backend.scheme in SHARED_SCHEMES and blobfmt.signing_secret() is None:
+            _warn_unsigned_shared_once(self.url)
 
     def __repr__(self) -> str:
         return f"CompileCache({self.url!r})"
@@ -165,6 +174,16 @@ class CompileCache:
         else:
             log.debug("%s", message)
         return message
+
+
+def _warn_unsigned_shared_once(url: str) -> None:
+    with _warned_lock:
+        if _unsigned_shared_warning.is_set():
+            return
+        _unsigned_shared_warning.set()
+    log.warning("compile cache %s is shared and %s is not set: its entries (compiled kernels, pickled data) "
+                "are trusted on a checksum, so anyone who can write to it can run code in this process; set "
+                "the same secret on every replica to sign and check entries", url, blobfmt.SECRET_VARIABLE)
 
 
 @contextmanager

@@ -46,6 +46,11 @@ def main() -> None:
         compile_kwargs["export"] = True
     warnings = _Collect()
     logging.getLogger("fastload").addHandler(warnings)
+    # As in-process tests (conftest): the once-per-process "shared cache without a secret" warning is taken
+    # as given, so "warnings" holds only what the compile itself warned about.
+    from fastload_core.compile_cache import cache
+
+    cache._unsigned_shared_warning.set()
     torch.manual_seed(0)
     model = Block(32, 64, heads=2).eval().to(device)
     with torch.inference_mode():  # examples and requests made where they are served (see the README)

@@ -60,3 +60,15 @@ def blackhole_port() -> Iterator[int]:
     for conn in accepted:
         conn.close()
     server.close()
+
+
+@pytest.fixture(autouse=True)
+def _unsigned_shared_warning_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries unsigned, and the once-per-process "shared cache without a secret" warning already given, so
+    tests that count warnings see only their own; the tests of signing set the secret and a fresh flag."""
+    from fastload_core.compile_cache import cache
+
+    monkeypatch.delenv("FASTLOAD_COMPILE_CACHE_SECRET", raising=False)
+    given = threading.Event()
+    given.set()
+    monkeypatch.setattr(cache, "_unsigned_shared_warning", given)

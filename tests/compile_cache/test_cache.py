@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import struct
+import threading
 from pathlib import Path
 
 import pytest
 
 from fastload_core.compile_cache import CompileCache, default_url
 from fastload_core.compile_cache import blob as blobfmt
+from fastload_core.compile_cache import cache as cache_module
+from fastload_core.compile_cache.base import CompileCacheBackend, StoredEntry
 from fastload_core.compile_cache.keys import key_from_fields
 
 KEY = key_from_fields({"torch": "2.13.0+cpu", "model": "m"})
@@ -95,3 +101,100 @@ def test_a_node_that_cannot_write_the_files_compiles_instead(
     with caplog.at_level(logging.WARNING, logger="fastload"):
         assert cache.restore(KEY, tmp_path / "dest").status == "error"
     assert "No space left on device" in caplog.text
+
+
+# --- review: with FASTLOAD_COMPILE_CACHE_SECRET set, only entries signed with it are ever unpacked ---
+
+
+def _store_with_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secret: str | None) -> CompileCache:
+    if secret is None:
+        monkeypatch.delenv(blobfmt.SECRET_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(blobfmt.SECRET_VARIABLE, secret)
+    cache = CompileCache((tmp_path / "store").as_uri())
+    assert cache.save(KEY, _inductor_dir(tmp_path / f"src-{secret}"), b"mega", overwrite=True).status == "stored"
+    return cache
+
+
+def test_signed_entries_round_trip_with_the_same_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = _store_with_secret(tmp_path, monkeypatch, "s3cret")
+    assert blobfmt.read_header((tmp_path / "store" / f"{KEY.digest}.flcc").read_bytes())["signed"] is True
+    outcome = cache.restore(KEY, tmp_path / "dest")
+    assert outcome.status == "restored" and outcome.restored is not None and outcome.restored.mega == b"mega"
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader", "status", "problem"),
+    [
+        pytest.param(None, "s3cret", "corrupt", "unsigned", id="unsigned-entry"),
+        pytest.param("other", "s3cret", "corrupt", "signature does not match", id="other-secret"),
+        pytest.param("s3cret", None, "mismatch", "cannot be checked", id="reader-without-secret"),
+    ],
+)
+def test_an_entry_the_secret_does_not_vouch_for_is_a_miss_never_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    writer: str | None, reader: str | None, status: str, problem: str,
+) -> None:
+    cache = _store_with_secret(tmp_path, monkeypatch, writer)
+    if reader is None:
+        monkeypatch.delenv(blobfmt.SECRET_VARIABLE)
+    else:
+        monkeypatch.setenv(blobfmt.SECRET_VARIABLE, reader)
+    opened: list[object] = []
+    monkeypatch.setattr(blobfmt.tarfile, "open", lambda *a, **k: opened.append(a))
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        outcome = cache.restore(KEY, tmp_path / "dest")
+    assert (outcome.status, opened) == (status, [])
+    assert problem in caplog.text
+    assert not (tmp_path / "dest/cz").exists()
+
+
+def test_a_forged_entry_with_a_valid_checksum_is_refused_when_a_secret_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(blobfmt.SECRET_VARIABLE, "s3cret")
+    cache = CompileCache((tmp_path / "store").as_uri())
+    signed = blobfmt.pack(KEY, _inductor_dir(tmp_path / "src"), b"mega")
+    header = blobfmt.read_header(signed)
+    payload = signed[header.pop("_payload_offset"):]
+    header.pop("_sha256")
+    # What a writer without the secret can make: a header that claims a signature, and a correct sha256.
+    encoded = json.dumps({**header, "signed": True}, sort_keys=True).encode()
+    checksum = hashlib.sha256(encoded + payload).digest()
+    forged = struct.pack(">4sHI32s", blobfmt.MAGIC, blobfmt.FORMAT_VERSION, len(encoded), checksum) + encoded + payload
+    assert forged != signed
+    assert cache.backend.put(KEY.digest, forged)
+    monkeypatch.setenv(blobfmt.SECRET_VARIABLE, "s3cret")
+    outcome = cache.restore(KEY, tmp_path / "dest")
+    assert outcome.status == "corrupt" and "signature does not match" in outcome.message
+
+
+class _SharedBackend(CompileCacheBackend):
+    scheme = "s3"
+
+    def get(self, key: str) -> bytes | None:
+        return None
+
+    def put(self, key: str, blob: bytes, *, overwrite: bool = False) -> bool:
+        return True
+
+    def delete(self, key: str) -> bool:
+        return False
+
+    def entries(self) -> list[StoredEntry]:
+        return []
+
+
+def test_a_shared_cache_without_a_secret_is_warned_about_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cache_module, "_unsigned_shared_warning", threading.Event())
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        monkeypatch.setenv(blobfmt.SECRET_VARIABLE, "s3cret")
+        CompileCache(backend=_SharedBackend("s3://bucket/compile"))
+        assert caplog.records == []
+        monkeypatch.delenv(blobfmt.SECRET_VARIABLE)
+        CompileCache(backend=_SharedBackend("s3://bucket/compile"))
+        CompileCache(backend=_SharedBackend("s3://other/compile"))
+    assert len(caplog.records) == 1
+    assert blobfmt.SECRET_VARIABLE in caplog.text and "s3://bucket/compile" in caplog.text
