@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import hashlib
 import inspect
 import logging
@@ -37,7 +38,9 @@ log = logging.getLogger("fastload.bentoml")
 C = TypeVar("C")
 
 _READY = "_fastload_ready"
-_HOOK = "_fastload_prefetch"
+# BentoML runs a service's deployment hooks in dir() order, that is sorted by name: "~" sorts after every
+# identifier, so the service's own hooks (which may put the weights in place or set credentials) run first.
+_HOOK = "~fastload_prefetch"
 
 
 class WeightsUnavailableError(serving.WeightsUnavailableError, BentoMLException):
@@ -90,7 +93,9 @@ class Weights:
         tier (a worker restarted much later), it falls back to the origin's current one, with a warning.
         """
         key = (self.uri, self.revision)
-        with _held_lock:
+        with _held_lock:  # only to find this key's lock: one model's download never waits for another's
+            key_lock = _held_locks.setdefault(key, threading.Lock())
+        with key_lock:
             pinned = _held.get(key)
             if pinned is None or not pinned.held:
                 pinned = _held[key] = self._pin()
@@ -128,6 +133,7 @@ class Weights:
 
 
 _held_lock = threading.Lock()
+_held_locks: dict[tuple[str, str | None], threading.Lock] = {}
 _held: dict[tuple[str, str | None], Pin] = {}
 
 
@@ -159,7 +165,8 @@ def accelerate(
       ``@bentoml.on_deployment`` function; ``bentoml serve`` fails right there, with one message
       naming the URI, when weights cannot be fetched;
     - keeps ``__is_ready__`` false until the worker's ``__init__`` has finished (and the class's own
-      ``__is_ready__``, if it has one, returns true), so ``/readyz`` never counts a half-loaded worker;
+      ``__is_ready__``, if it has one, returns true), so ``/readyz`` never counts a half-loaded worker
+      (a subclass's ``__init__`` that does not call this class's is ready once it has returned);
     - makes ``compile_cache`` the default of ``fastload_core.compile`` / ``load_model(compile=True)``
       in each worker.
     """
@@ -179,7 +186,7 @@ def accelerate(
         _wrap_init(target, compile_cache)
         _wrap_is_ready(target)
         if prefetch is not None:
-            setattr(target, _HOOK, bentoml.on_deployment(_prefetch_hook(target, prefetch)))
+            setattr(target, _HOOK, _prefetch_hook(target, prefetch))
         return target
 
     return decorate(cls) if cls is not None else decorate
@@ -210,43 +217,50 @@ def _wrap_init(cls: type, compile_cache: str | None) -> None:
 
 
 def _wrap_is_ready(cls: type) -> None:
+    # The flag is missing where a subclass's own __init__ did not call the wrapped one: BentoML builds the
+    # instance in the worker's start-up, before it serves /readyz, so an instance it asks has been built.
     own = getattr(cls, "__is_ready__", None)
     if own is None:
 
         def __is_ready__(self: Any) -> bool:
-            return bool(getattr(self, _READY, False))
+            return bool(getattr(self, _READY, True))
 
         cls.__is_ready__ = __is_ready__  # type: ignore[attr-defined]
     elif inspect.iscoroutinefunction(own):
 
         async def __is_ready_async__(self: Any) -> bool:
-            return bool(getattr(self, _READY, False)) and bool(await own(self))
+            return bool(getattr(self, _READY, True)) and bool(await own(self))
 
         cls.__is_ready__ = functools.wraps(own)(__is_ready_async__)  # type: ignore[attr-defined]
     else:
 
         def __is_ready_sync__(self: Any) -> bool:
-            return bool(getattr(self, _READY, False)) and bool(own(self))
+            return bool(getattr(self, _READY, True)) and bool(own(self))
 
         cls.__is_ready__ = functools.wraps(own)(__is_ready_sync__)  # type: ignore[attr-defined]
 
 
-def _prefetch_hook(cls: type, tier: str) -> Callable[[], None]:
-    def fastload_prefetch() -> None:
+def _prefetch_hook(cls: type, tier: str) -> classmethod[Any, [], None]:
+    def fastload_prefetch(served: type) -> None:
         """Start warming the service's weights on this node before BentoML starts its workers.
 
         The weights' existence and version are checked here (a missing model fails ``bentoml serve`` at
         once); the download runs on a thread of the serve process while BentoML starts the workers, whose
         imports and framework start-up overlap it. Each worker then waits for that download (a file lock
-        named in its environment) before it maps the weights."""
+        named in its environment) before it maps the weights.
+
+        A class method, so that ``served`` is the class BentoML serves: a subclass of the decorated class
+        has its own ``Weights`` and its own ``bentoml.Service``."""
+        _apply_service_envs(served)
         _share_metrics_with_workers()
         handoffs = _own_handoff_dir()
-        for weights in weights_of(cls):
+        for weights in weights_of(served):
             handoff = handoffs / f"{weights.version_variable}.lock"
-            if os.environ.get(weights.handoff_variable) == str(handoff):
-                continue  # another service of this ``bentoml serve`` warms the same weights already
-            version, _ = _bentoml_error(serving.warm_in_background, weights.uri, tier=tier,
-                                        revision=weights.revision, handoff=handoff)
+            running = _warming.get(weights.version_variable)
+            if running is not None and running.is_alive():
+                continue  # another service of this ``bentoml serve`` is warming the same weights
+            version, _warming[weights.version_variable] = _bentoml_error(
+                serving.warm_in_background, weights.uri, tier=tier, revision=weights.revision, handoff=handoff)
             # BentoML starts a service's workers with this process's environment; a dependency's (a service
             # another one names in bentoml.depends) it prepares before this hook runs, so they find the same
             # in the directory named after this process (_handed_down)
@@ -255,7 +269,29 @@ def _prefetch_hook(cls: type, tier: str) -> Callable[[], None]:
             (handoffs / f"{weights.version_variable}.version").write_text(version)
 
     fastload_prefetch.__qualname__ = f"{cls.__qualname__}.{_HOOK}"
-    return fastload_prefetch
+    return classmethod(bentoml.on_deployment(fastload_prefetch).__func__)
+
+
+# The deployment hooks' downloads under way in this process. Only a running one is reused: a later
+# bentoml.serve() in the same process (whose variables and handoff directory outlive the first's stop())
+# asks the origin again.
+_warming: dict[str, threading.Thread] = {}
+
+
+def _apply_service_envs(served: type) -> None:
+    """Set the ``envs=`` of ``served``'s ``bentoml.Service`` that this process has not set (BentoML's own
+    precedence for its workers).
+
+    BentoML passes them to the service's workers only, while the deployment hook runs in the serve process:
+    without this, a ``FASTLOAD_SHM_DIR`` or ``AWS_*`` given there would make the hook warm another place
+    (or fail), and the workers download again. They stay set, not restored when the hook returns: the
+    download goes on in a thread afterwards, and the store follows the environment. BentoML keeps no link
+    from the class to its ``Service``, which refers to the class, so the garbage collector finds it."""
+    services = [r for r in gc.get_referrers(served) if isinstance(r, bentoml.Service) and r.inner is served]
+    for service in services[:1]:
+        for variable in service.envs:
+            if variable.stage != "build" and variable.value and variable.name not in os.environ:
+                os.environ[variable.name] = variable.value
 
 
 def _handoff_dir(pid: int | None = None) -> Path:

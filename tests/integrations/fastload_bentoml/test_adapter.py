@@ -198,6 +198,10 @@ def test_a_services_own_is_ready_is_kept_in_the_conjunction(own_answer: bool) ->
 def test_an_async_is_ready_stays_async(tmp_path: Path) -> None:
     @fastload_bentoml.accelerate(prefetch=None)
     class Service:
+        def __init__(self, fail: bool = False) -> None:
+            if fail:
+                raise RuntimeError("weights broke")
+
         async def __is_ready__(self) -> bool:
             return True
 
@@ -206,6 +210,8 @@ def test_an_async_is_ready_stays_async(tmp_path: Path) -> None:
     assert inspect.iscoroutinefunction(Service.__is_ready__)  # BentoML awaits it only if it is async
     assert asyncio.run(Service().__is_ready__()) is True
     half = Service.__new__(Service)
+    with pytest.raises(RuntimeError):
+        Service.__init__(half, fail=True)
     assert asyncio.run(half.__is_ready__()) is False
 
 
@@ -422,3 +428,132 @@ def test_on_a_gpu_machine_a_worker_loads_onto_its_own_gpu(tmp_path: Path, monkey
     loaded = fastload_core.load_file(Service().weights / "model.safetensors", device=device)
     assert loaded["weight"].device == device
     assert torch.equal(loaded["weight"].cpu(), torch.arange(16.0).reshape(4, 4))
+
+
+# --- what a real bentoml serve does around the hook -----------------------------------------------------
+def test_the_services_envs_configure_the_deployment_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shm_root: Path
+) -> None:
+    """BentoML puts ``envs=`` only into its workers' environment; the hook runs in the serve process and must
+    warm where those workers look."""
+    from _bentoml_impl.server.serving import server_on_deployment
+
+    source = make_model(tmp_path / "origin" / "m1")
+    declared_shm = shm_root.with_name(shm_root.name + "-from-envs")
+    monkeypatch.delenv("FASTLOAD_SHM_DIR")  # restored (and what the hook set, undone) after the test
+
+    @bentoml.service(envs=[{"name": "FASTLOAD_SHM_DIR", "value": str(declared_shm)}])
+    @fastload_bentoml.accelerate
+    class Service:
+        weights = fastload_bentoml.Weights(source.as_uri())
+
+    try:
+        server_on_deployment(Service)
+        wait_for_hook(Service.inner)
+        assert len(list(declared_shm.rglob("model.safetensors"))) == 1
+        assert list(shm_root.rglob("model.safetensors")) == []
+    finally:
+        shutil.rmtree(declared_shm, ignore_errors=True)
+
+
+def test_the_services_own_deployment_hooks_run_before_the_prefetch(tmp_path: Path) -> None:
+    """A service's hook that puts the weights in place (or sets credentials) must come first, and once."""
+    from _bentoml_impl.server.serving import server_on_deployment
+
+    source = tmp_path / "origin" / "m1"
+    calls: list[str] = []
+
+    @bentoml.service
+    @fastload_bentoml.accelerate
+    class Service:
+        weights = fastload_bentoml.Weights(source.as_uri())
+
+        @bentoml.on_deployment
+        def put_weights_in_place() -> None:
+            calls.append("put_weights_in_place")
+            make_model(source)
+
+    server_on_deployment(Service)
+    wait_for_hook(Service.inner)
+    assert calls == ["put_weights_in_place"]
+    assert [info.entry.tier for info in default_store().ls()] == ["shm", "local_disk"]
+
+
+def test_a_service_subclassing_an_accelerated_class_becomes_ready_and_warms_its_own_weights(
+    tmp_path: Path, shm_root: Path
+) -> None:
+    """The subclass's ``__init__`` need not call the accelerated base's: BentoML builds the instance (in the
+    worker's start-up, before it serves) and only then asks ``__is_ready__``."""
+    from _bentoml_impl.server.serving import server_on_deployment
+
+    first, second = make_model(tmp_path / "origin" / "m1"), make_model(tmp_path / "origin" / "m2")
+
+    @fastload_bentoml.accelerate
+    class WithWeights:
+        weights = fastload_bentoml.Weights(first.as_uri())
+
+    @bentoml.service
+    class Embedder(WithWeights):
+        extra = fastload_bentoml.Weights(second.as_uri())
+
+        def __init__(self) -> None:
+            self.paths = [self.weights, self.extra]
+
+    server_on_deployment(Embedder)
+    wait_for_hook(Embedder.inner)
+    assert sorted(info.entry.slug.split("-")[1] for info in default_store().ls(tier="shm")) == ["m1", "m2"]
+    assert Embedder().__is_ready__() is True
+
+
+def test_a_second_serve_in_the_same_process_warms_the_origins_new_version(tmp_path: Path) -> None:
+    """``bentoml.serve()`` twice in one process (a notebook, a test): the handoff directory and the variables
+    of the first survive its ``stop()``; the second must still ask the origin for its current version."""
+    source = make_model(tmp_path / "origin" / "m1")
+
+    @fastload_bentoml.accelerate
+    class Service:
+        weights = fastload_bentoml.Weights(source.as_uri())
+
+    run_hook(Service)
+    first = os.environ[Service.weights.version_variable]
+    save_file({"weight": torch.zeros(4, 4)}, source / "model.safetensors")  # the origin moves on
+    run_hook(Service)
+    second = os.environ[Service.weights.version_variable]
+    assert second != first
+    assert torch.equal(fastload_core.load_file(Service().weights / "model.safetensors")["weight"], torch.zeros(4, 4))
+
+
+class MeetInFetches:
+    """A plugin whose fetches into local disk each wait (up to 10 s) for the other's to start."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.met: list[bool] = []
+
+    @hookimpl
+    def on_fetch_start(self, uri: str, tier: str, nbytes: int) -> None:
+        if tier == "local_disk":
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                self.met.append(False)
+            else:
+                self.met.append(True)
+
+
+def test_two_models_are_fetched_at_the_same_time(tmp_path: Path) -> None:
+    first, second = make_model(tmp_path / "origin" / "m1"), make_model(tmp_path / "origin" / "m2")
+
+    class Service:
+        a = fastload_bentoml.Weights(first.as_uri())
+        b = fastload_bentoml.Weights(second.as_uri())
+
+    meet = MeetInFetches()
+    get_plugin_manager().register(meet, name="meet-in-fetches")
+    service = Service()
+    readers = [threading.Thread(target=lambda name=name: getattr(service, name)) for name in ("a", "b")]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    assert meet.met == [True, True]  # one model's download did not wait for the other's
