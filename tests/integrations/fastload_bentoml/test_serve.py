@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,8 @@ from tests.integrations.fastload_bentoml.test_adapter import BENTOML_WARNINGS
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, *BENTOML_WARNINGS]
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "bentoml"
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE = ROOT / "examples" / "bentoml"
 WIDTH, LAYERS = 64, 4
 PREFIX = "demo-mlp"
 
@@ -190,17 +192,42 @@ def test_a_shm_tier_too_small_falls_through_to_disk_with_one_warning(
     assert output.count("tier 'shm' cannot take") == 1 and "--shm-size" in output
 
 
+def build_fastload_wheel(into: Path, scratch: Path) -> None:
+    """fastload's wheel, as the example's bentofile.yaml asks (built from a copy of the sources, so that no
+    build/ directory appears in the checkout)."""
+    scratch.mkdir()
+    for name in ("pyproject.toml", "README.md", "fastload_core", "integrations"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, scratch / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, scratch / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(into),
+         str(scratch)], capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_built_bento_serves(
     tmp_path: Path, s3: Any, origin: FaultProxy, reference: tuple[list[float], torch.Tensor]
 ) -> None:
+    """Built as the example says: with fastload's own wheel inside (the name on PyPI is another project)."""
     home = tmp_path / "bentoml-home"
+    example = tmp_path / "example"
+    shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("__pycache__", "wheels", ".bentoml"))
+    build_fastload_wheel(example / "wheels", tmp_path / "fastload-src")
     built = subprocess.run(
-        [*bentoml_command(), "build", "--output", "tag"], cwd=EXAMPLE, capture_output=True, text=True,
+        [*bentoml_command(), "build", "--output", "tag"], cwd=example, capture_output=True, text=True,
         timeout=300, check=False, env={**serve(tmp_path, origin, "build").env, "BENTOML_HOME": str(home)},
     )
     assert built.returncode == 0, built.stdout + built.stderr
     (tag,) = re.findall(r"__tag__:(\S+)", built.stdout)
     assert tag.startswith("demo:") and (home / "bentos" / "demo").is_dir()
+    bento = home / "bentos" / "demo" / tag.split(":")[1]
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    (wheel,) = [line for line in requirements if "fastload" in line]
+    assert wheel.startswith("./wheels/fastload-") and (bento / "src" / wheel).is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     with serve(tmp_path, origin, "bento", target=tag, cwd=elsewhere) as server:
@@ -233,8 +260,6 @@ def test_an_accelerated_service_used_as_a_dependency_still_downloads_once(
 ) -> None:
     """BentoML builds a dependency's workers (and their environment) before it runs that service's
     on_deployment hook: its workers must still find the hook's download and the version it warmed."""
-    import shutil
-
     service_dir = tmp_path / "front"
     shutil.copytree(EXAMPLE, service_dir)
     (service_dir / "front.py").write_text(FRONT)
