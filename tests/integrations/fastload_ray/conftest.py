@@ -30,10 +30,13 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     and /dev/shm from every later test): 2 CPUs (replicas ask for fractions), no dashboard, a small object
     store (the machine is shared), its files under a short temporary path (Ray's socket paths must fit
     107 bytes), and Serve's HTTP proxy on a free loopback port. Yields the HTTP base URL under "http"."""
+    import builtins
+
     import ray
 
     from fastload_devservices._process import free_port
 
+    own_print = builtins.print  # Ray's progress bars may swap in their own, which the rest of the suite would see
     saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.5x turns token auth on for new local clusters
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -47,6 +50,7 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        builtins.print = own_print
         shutil.rmtree(temp, ignore_errors=True)
         for name, value in saved.items():
             if value is None:
