@@ -21,7 +21,8 @@ import torch
 
 from . import storage
 from .compile_cache.cache import URL_VARIABLE
-from .compile_cache.errors import CacheURLError
+from .compile_cache.errors import CacheURLError, CompileCacheError
+from .compile_cache.registry import open_backend as open_compile_cache_backend
 from .compile_cache.registry import schemes as compile_cache_schemes
 from .errors import FastloadError
 from .storage import Pin, redact
@@ -230,9 +231,11 @@ def set_default_compile_cache(url: str | None) -> None:
 
 
 def check_compile_cache_url(url: str) -> str:
-    """``url`` if a compile-cache backend serves its scheme, else ``CacheURLError`` naming the schemes on
-    offer. Adapters call it where their configuration is read, so a typo fails the deployment at start
-    rather than degrading every replica to a cold compile. Connects to nothing."""
+    """``url`` if a compile-cache backend serves its scheme and can be built here, else ``CacheURLError``
+    naming the problem (the schemes on offer, a malformed URL, a library the backend needs and this
+    environment lacks: redis-py, boto3). Adapters call it where their configuration is read, so a mistake
+    fails the deployment at start rather than in every worker's compile. Connects to nothing: building a
+    backend makes its client, which connects on first use."""
     if not isinstance(url, str):
         raise TypeError(f"a compile-cache URL is a string such as 'redis://cache:6379/0', not {type(url).__name__}")
     scheme = urlsplit(url).scheme.lower()
@@ -242,6 +245,12 @@ def check_compile_cache_url(url: str) -> str:
                             offered)
     if scheme not in offered:
         raise CacheURLError(url, f"no compile-cache backend serves {scheme}://", offered)
+    try:
+        open_compile_cache_backend(url).close()
+    except CacheURLError:
+        raise
+    except CompileCacheError as exc:
+        raise CacheURLError(url, str(exc).removeprefix(f"{url}: ")) from None
     return url
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,20 @@ def test_checking_a_url_connects_to_nothing() -> None:
     from fastload_core.serving import check_compile_cache_url
 
     assert check_compile_cache_url("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"  # nothing listens there
+
+
+def test_a_compile_cache_whose_library_is_missing_fails_the_check_not_every_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The documented install of an adapter need not hold redis-py: the check at configuration must say so,
+    or every worker's compile fails later."""
+    from fastload_core.serving import check_compile_cache_url
+
+    with pytest.raises(CacheURLError, match="expected redis://host:port/db"):
+        check_compile_cache_url("redis:///0")
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis raises ImportError
+    with pytest.raises(CacheURLError, match=r"'redis://cache:6379/0': the redis backend needs redis-py"):
+        check_compile_cache_url("redis://cache:6379/0")
 
 
 def test_the_version_of_a_warmed_path_selects_it_without_the_origin(tmp_path: Path) -> None:
