@@ -254,6 +254,15 @@ def test_checking_a_url_connects_to_nothing() -> None:
     assert check_compile_cache_url("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"  # nothing listens there
 
 
+def test_checking_an_s3_compile_cache_resolves_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapters check the URL where their configuration is read (a service module's import, bentoml build):
+    a profile or credential_process must not be looked up, let alone run, there."""
+    from fastload_core.serving import check_compile_cache_url
+
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")  # resolving credentials would raise ProfileNotFound
+    assert check_compile_cache_url("s3://bucket/compile") == "s3://bucket/compile"
+
+
 def test_a_compile_cache_whose_library_is_missing_fails_the_check_not_every_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

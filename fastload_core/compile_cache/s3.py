@@ -9,6 +9,7 @@ entry. Timeouts are short and retries few because a replica would rather compile
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,20 +32,25 @@ class S3Backend(CompileCacheBackend):
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
         try:
-            import boto3
+            import boto3  # noqa: F401  (checked here, used by _client)
             from botocore.config import Config
         except ImportError:
             raise CompileCacheError(
                 f"{url}: the s3 backend needs boto3: pip install 'fastload[s3]'"
             ) from None
-        self._client: Any = boto3.client(
-            "s3",
-            config=Config(
-                connect_timeout=float_param(url, "connect_timeout", 2.0),
-                read_timeout=float_param(url, "timeout", 30.0),
-                retries={"max_attempts": 2, "mode": "standard"},
-            ),
+        self._config = Config(
+            connect_timeout=float_param(url, "connect_timeout", 2.0),
+            read_timeout=float_param(url, "timeout", 30.0),
+            retries={"max_attempts": 2, "mode": "standard"},
         )
+
+    @functools.cached_property
+    def _client(self) -> Any:
+        """Made on first use: making it resolves credentials (a profile, a credential_process it runs),
+        which checking a URL where an adapter reads its configuration must not do."""
+        import boto3
+
+        return boto3.client("s3", config=self._config)
 
     def _object(self, key: str) -> str:
         if not key or "/" in key:
@@ -101,4 +107,5 @@ class S3Backend(CompileCacheBackend):
         return f"bucket {self.bucket} reachable, {len(self.entries())} entries under {self.prefix or '/'}"
 
     def close(self) -> None:
-        self._client.close()
+        if "_client" in self.__dict__:
+            self._client.close()
