@@ -30,7 +30,7 @@ from ..storage.meta import Manifest
 from ..storage.progress import Mirror
 from ..storage.streaming import PendingPin, RangeWatch, watch_fetch
 from . import cpu
-from .api import INDEX_NAME, choose_files, indexed_part
+from .checkpoint_files import INDEX_NAME, choose_files, indexed_part
 from .header import header_length, parse_header
 
 log = logging.getLogger("fastload")
@@ -96,8 +96,9 @@ def _may_be_loaded(name: str) -> bool:
 
 def _chosen_files(uri: str, watch: RangeWatch, manifest: Manifest) -> list[tuple[str, set[str] | None]] | None:
     """The files the local loader would take from the finished download, chosen from its manifest by the
-    same rules (``api.choose_files``), each with the tensor names to take from it; None when only the files'
-    contents can tell. So the first, streamed, load of a URI and every later one from the cache agree."""
+    same rules (``checkpoint_files.choose_files``), each with the tensor names to take from it; None when
+    only the files' contents can tell. So the first, streamed, load of a URI and every later one from the
+    cache agree."""
     if manifest.single:  # the URI names one file: safetensors by its name, else the local loader decides
         name = manifest.files[0].name
         return [(name, None)] if name in watch.fds and name.endswith(".safetensors") else None
