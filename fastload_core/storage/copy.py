@@ -97,7 +97,8 @@ def copy_manifest(manifest: Manifest, source_root: Path, dest: Path, *, expected
 
     workers = max(1, min(4, len(manifest.files), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="fastload-copy") as pool:
-        futures = [pool.submit(one, f.name, f.name if by_name else f.locator, f.size) for f in manifest.files]
+        futures = [pool.submit(one, f.name, f.name if by_name else f.locator, f.size)
+                   for f in manifest.in_download_order()]
         results = (future.result() for future in futures)
         return {name: checksum for name, checksum in results if checksum is not None}
 

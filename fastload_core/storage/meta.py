@@ -49,6 +49,13 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
+    def in_download_order(self) -> list[RemoteFile]:
+        """The files in the order an origin should fetch them: the small ones that say how to read the rest
+        (a shard index, a config) first, then the tensor files by name. A streamed load chooses its shards
+        from the index: fetched last (``-00001-`` sorts before ``.index``), it would hold back every tensor
+        until the download had finished."""
+        return sorted(self.files, key=lambda f: (f.name.endswith(".safetensors"), f.name))
+
     @property
     def version(self) -> str:
         """Digest of every file's name, size and remote identity: a changed object is a new version, so it

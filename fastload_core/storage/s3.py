@@ -377,7 +377,7 @@ class S3Origin(Origin):
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="fastload-s3") as pool:
             # A listing does not give checksum values: each file's plan asks for it (one HEAD each, in parallel)
             plans = list(pool.map(lambda item: self._plan(client, bucket, item, dest, manifest.uri,
-                                                          lookup=not manifest.single), manifest.files))
+                                                          lookup=not manifest.single), manifest.in_download_order()))
             futures: list[Future[Any]] = []
             try:
                 for plan in plans:

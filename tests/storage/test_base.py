@@ -236,3 +236,16 @@ def test_a_capacity_that_is_neither_bytes_nor_a_share_is_refused(tmp_path: Path,
 def test_a_whole_float_capacity_is_bytes_not_a_share_of_the_filesystem(tmp_path: Path) -> None:
     assert ShmTier(tmp_path, capacity=1.5 * 2**30).capacity() == 3 * 2**29
     assert ShmTier(tmp_path, capacity=1.0).capacity() == LocalDiskTier(tmp_path, capacity=1.0).capacity() > 1
+
+
+def test_the_index_and_config_are_fetched_before_the_shards() -> None:
+    """A streamed load reads the index to choose its shards: fetched after them (``-00001-`` sorts before
+    ``.index``), it would hold every tensor back until the whole download had landed."""
+    from fastload_core.storage.meta import Manifest, RemoteFile
+
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json",
+             "model.safetensors.index.json"]
+    manifest = Manifest("s3://b/m/", tuple(RemoteFile(name, 1, name) for name in sorted(names)), single=False)
+    assert [f.name for f in manifest.in_download_order()] == [
+        "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors"]
