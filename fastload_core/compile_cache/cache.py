@@ -13,8 +13,11 @@ checked, see ``blob``) that is said once per process, the first time such a cach
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -101,8 +104,11 @@ class CompileCache:
     def restore(self, key: CompileKey, dest: Path) -> RestoreOutcome:
         """Put the stored entry for ``key`` into ``dest`` if there is a valid one; never raises."""
         if (dest / _MARKER).is_file():
-            # Another replica on this node already restored or built this key: inductor finds it there.
-            return RestoreOutcome("local", message=f"{dest} already holds this key")
+            if _vouched(dest):
+                # Another replica on this node already restored or built this key: inductor finds it there.
+                return RestoreOutcome("local", message=f"{dest} already holds this key")
+            # Restored before FASTLOAD_COMPILE_CACHE_SECRET was set (or under another one): fetch and check it.
+            shutil.rmtree(dest, ignore_errors=True)
         started = time.perf_counter()
         try:
             data = self.backend.get(key.digest)
@@ -124,7 +130,7 @@ class CompileCache:
         except CorruptEntryError as exc:
             return self._corrupt(key, exc, entry_bytes=len(data), fetch_s=fetched - started,
                                  unpack_s=time.perf_counter() - fetched)
-        _mark(dest, key)
+        _mark(dest, key, _restored_under())
         return RestoreOutcome("restored", restored=restored, entry_bytes=len(data), fetch_s=fetched - started,
                               unpack_s=time.perf_counter() - fetched)
 
@@ -149,7 +155,7 @@ class CompileCache:
         except Exception as exc:
             return SaveOutcome("unavailable", len(data), packed - started, time.perf_counter() - packed,
                                self._unavailable("write", exc))
-        _mark(source, key)
+        _mark(source, key, _BUILT_HERE)
         return SaveOutcome("stored" if stored else "exists", len(data), packed - started,
                            time.perf_counter() - packed)
 
@@ -204,9 +210,34 @@ def inductor_cache_dir(path: Path) -> Iterator[None]:
                     os.environ[name] = value
 
 
-def _mark(dest: Path, key: CompileKey) -> None:
+_BUILT_HERE = "built"
+
+
+def _restored_under() -> str:
+    """What vouched for an entry restored now: the secret in force (named by an id derived from it, never the
+    secret itself), or nothing."""
+    secret = blobfmt.signing_secret()
+    if secret is None:
+        return "unsigned"
+    return "signed:" + hmac.new(secret, b"fastload compile-cache marker", hashlib.sha256).hexdigest()[:16]
+
+
+def _vouched(dest: Path) -> bool:
+    """Whether a local entry may be used as it is: built on this node, or restored under the secret in force
+    (any, when none is set). One restored unchecked stays a stranger's code once a secret is set."""
+    if blobfmt.signing_secret() is None:
+        return True
+    try:
+        lines = (dest / _MARKER).read_text().splitlines()
+    except OSError:
+        return False
+    trust = lines[1] if len(lines) > 1 else "unsigned"  # a marker from before entries were signed
+    return trust in (_BUILT_HERE, _restored_under())
+
+
+def _mark(dest: Path, key: CompileKey, trust: str) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / _MARKER).write_text(key.digest)
+        (dest / _MARKER).write_text(f"{key.digest}\n{trust}\n")
     except OSError as exc:  # the marker only saves a fetch; losing it costs nothing else
         log.debug("could not mark %s: %r", dest, exc)

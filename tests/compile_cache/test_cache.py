@@ -123,6 +123,25 @@ def test_signed_entries_round_trip_with_the_same_secret(tmp_path: Path, monkeypa
     assert outcome.status == "restored" and outcome.restored is not None and outcome.restored.mega == b"mega"
 
 
+def test_an_entry_restored_unchecked_is_not_used_once_a_secret_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that restored an unsigned entry keeps it on disk for inductor; setting the secret afterwards
+    must not leave that stranger's code in use: the entry is fetched and checked again (and refused)."""
+    cache = _store_with_secret(tmp_path, monkeypatch, None)
+    dest = tmp_path / "dest"
+    assert cache.restore(KEY, dest).status == "restored"
+    assert cache.restore(KEY, dest).status == "local"
+    monkeypatch.setenv(blobfmt.SECRET_VARIABLE, "s3cret")
+    assert cache.restore(KEY, dest).status == "corrupt"  # unsigned: refused, and nothing of it left in use
+    assert not (dest / "cz").exists()
+    built = tmp_path / "built"  # what this node compiled itself stays trusted
+    assert cache.save(KEY, _inductor_dir(built), b"mega", overwrite=True).status == "stored"
+    assert cache.restore(KEY, built).status == "local"
+    assert cache.restore(KEY, dest).status == "restored"  # the entry now signed under the secret
+    assert cache.restore(KEY, dest).status == "local"
+
+
 @pytest.mark.parametrize(
     ("writer", "reader", "status", "problem"),
     [
