@@ -16,6 +16,7 @@ can say what an entry is for and a restore can refuse an entry whose recorded fi
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -205,6 +206,8 @@ def _setting(value: Any) -> Any:
         return str(value)
     if isinstance(value, torch.Tensor):  # a tensor attribute that is neither parameter nor buffer
         return _signature(value)
+    if isinstance(value, functools.partial):  # partial(F.gelu, approximate="tanh"): its arguments count
+        return ["partial", _setting(value.func), _setting(list(value.args)), _setting(dict(value.keywords))]
     if callable(value):
         return _qualname(value)
     return _qualname(type(value))

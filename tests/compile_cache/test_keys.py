@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -142,6 +143,17 @@ def test_freezing_keys_on_weight_values_too() -> None:
 # --- review: the key covers module order and non-tensor settings, which an AOTI package bakes in ---
 
 
+class _Activation(nn.Module):
+    """An activation kept as a ``functools.partial``, as model code often holds one."""
+
+    def __init__(self, approximate: str) -> None:
+        super().__init__()
+        self.act = functools.partial(nn.functional.gelu, approximate=approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
 def _mlp(first: nn.Module, second: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 8), first, nn.Linear(8, 8), second).eval()
@@ -161,6 +173,8 @@ def _package_key(model: nn.Module) -> CompileKey:
                      lambda: _mlp(nn.LayerNorm(8, eps=10.0), nn.ReLU()), id="layernorm-eps"),
         pytest.param(lambda: _mlp(nn.GELU(), nn.ReLU()), lambda: _mlp(nn.GELU("tanh"), nn.ReLU()),
                      id="gelu-approximate"),
+        pytest.param(lambda: _mlp(_Activation(approximate="tanh"), nn.ReLU()),
+                     lambda: _mlp(_Activation(approximate="none"), nn.ReLU()), id="partial-keywords"),
     ],
 )
 def test_models_that_compute_differently_get_different_package_keys(one: Any, other: Any) -> None:
