@@ -216,7 +216,7 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool, 
         for name in group[1:]:
             owner, _, attribute = name.rpartition(".")
             setattr(module.get_submodule(owner), attribute, first)
-    _move_remaining(module, device)
+    _move_remaining(module, device, dtype)
 
 
 def _tied_groups(module: nn.Module) -> list[list[str]]:
@@ -256,9 +256,12 @@ def _materialize_missing(module: nn.Module, missing: list[str], device: torch.de
                 reset()
 
 
-def _move_remaining(module: nn.Module, device: torch.device) -> None:
-    """Buffers computed at build time (non-persistent) still live on the CPU: move them along."""
+def _move_remaining(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Buffers computed at build time (non-persistent) still live on the CPU, in the build's dtype: move
+    them along, and give floating ones ``dtype`` as ``module.to(dtype)`` would, or a bfloat16 model fails
+    on its first float32 buffer (a rotary ``inv_freq``, say) with mixed dtypes."""
     for submodule in module.modules():
         for name, buffer in submodule._buffers.items():
             if buffer is not None and buffer.device.type != "meta":
-                submodule._buffers[name] = buffer.to(device)
+                kind = dtype if dtype is not None and buffer.is_floating_point() else buffer.dtype
+                submodule._buffers[name] = buffer.to(device=device, dtype=kind)

@@ -317,3 +317,21 @@ def test_a_mis_shaped_key_alone_is_not_left_on_meta(tmp_path: Path) -> None:
     model = fastload_core.load_model(lambda: nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path, strict=False)
     assert not any(p.is_meta for p in model.parameters())
     assert model(torch.ones(1, 4)).shape == (1, 2)
+
+
+def test_a_buffer_computed_at_build_time_takes_the_loaded_dtype(tmp_path: Path) -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+            self.register_buffer("positions", torch.arange(4), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * self.scale
+
+    path = tmp_path / "scaled.safetensors"
+    save_model(Scaled(), str(path))
+    model = fastload_core.load_model(Scaled, path, dtype=torch.bfloat16)
+    assert model.scale.dtype == torch.bfloat16 and model.positions.dtype == torch.int64
+    assert model(torch.ones(1, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
