@@ -18,17 +18,33 @@ from tests.storage.helpers import read_only
 MiB = 1024 * 1024
 
 
+def _model(tmp_path: Path, name: str, files: dict[str, int] | int) -> str:
+    """The URI of a model directory at the origin: ``files`` by name and size, or one model.safetensors."""
+    path = tmp_path / "models" / name
+    path.mkdir(parents=True)
+    for file, size in (files if isinstance(files, dict) else {"model.safetensors": files}).items():
+        (path / file).write_bytes(os.urandom(size))
+    return f"file://{path}"
+
+
 def _three_entries(tmp_path: Path) -> tuple[Path, list[str]]:
     root = tmp_path / "tier"
     store = TieredStore([LocalDiskTier(root, capacity=None)], show_progress=False)
-    uris = []
-    for name in ("a", "b", "c"):
-        model = tmp_path / "models" / name
-        model.mkdir(parents=True)
-        (model / "model.safetensors").write_bytes(os.urandom(8 * MiB))
-        uris.append(f"file://{model}")
-        store.fetch(uris[-1])
+    uris = [_model(tmp_path, name, 8 * MiB) for name in ("a", "b", "c")]
+    for uri in uris:
+        store.fetch(uri)
     return root, uris
+
+
+def _filled_read_only_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str) -> tuple[str, Path, Path]:
+    """A model a writer node put on the shared mount (its lock files kept, or never made), then the mount
+    read-only here: the model's URI, the mount and the shared copy."""
+    uri, shared = _model(tmp_path, "m", MiB), tmp_path / "shared"
+    filled = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False).fetch(uri)
+    if locks == "never made":
+        shutil.rmtree(shared / ".locks")
+    read_only(monkeypatch, shared)
+    return uri, shared, filled
 
 
 @pytest.mark.parametrize(("budget", "evicted"), [(20 * MiB, 1), (10 * MiB, 2)])
@@ -83,14 +99,7 @@ def test_gc_removes_the_lock_of_an_entry_that_is_gone(tmp_path: Path) -> None:
 def test_a_read_only_shared_mount_still_serves_and_lists_what_it_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str
 ) -> None:
-    model = tmp_path / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(os.urandom(MiB))
-    uri, shared = f"file://{model}", tmp_path / "shared"
-    filled = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False).fetch(uri)
-    if locks == "never made":
-        shutil.rmtree(shared / ".locks")
-    read_only(monkeypatch, shared)
+    uri, shared, filled = _filled_read_only_share(tmp_path, monkeypatch, locks)
     store = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False)
     assert store.fetch(uri) == filled
     with store.pin(uri) as path:
@@ -101,33 +110,24 @@ def test_a_read_only_shared_mount_still_serves_and_lists_what_it_holds(
 
 @pytest.mark.parametrize("given", ["as fetched", "resolved"])
 def test_pin_path_holds_an_entry_under_a_cache_directory_reached_through_a_link(tmp_path: Path, given: str) -> None:
-    model = tmp_path / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(os.urandom(MiB))
     (tmp_path / "real").mkdir()
     (tmp_path / "cache").symlink_to(tmp_path / "real")
     store = TieredStore([LocalDiskTier(tmp_path / "cache" / "local", capacity=None)], show_progress=False)
-    path = store.fetch(f"file://{model}")
+    path = store.fetch(_model(tmp_path, "m", MiB))
     with store.pin_path(path if given == "as fetched" else path.resolve()) as pinned:
         assert pinned == (path if given == "as fetched" else path.resolve())
         assert [info.in_use for info in store.ls()] == [True]
 
 
 def test_a_fill_that_cannot_fit_even_after_eviction_evicts_nothing(tmp_path: Path) -> None:
-    def model(name: str, size: int) -> str:
-        path = tmp_path / "models" / name
-        path.mkdir(parents=True)
-        (path / "model.safetensors").write_bytes(os.urandom(size))
-        return f"file://{path}"
-
     fast = ShmTier(tmp_path / "shm", capacity=11 * MiB)
     store = TieredStore([fast, LocalDiskTier(tmp_path / "disk", capacity=None)], show_progress=False)
-    big, small = model("a", 8 * MiB), [model("b", MiB), model("c", MiB)]
+    big, small = _model(tmp_path, "a", 8 * MiB), [_model(tmp_path, "b", MiB), _model(tmp_path, "c", MiB)]
     held = store.pin(big, tier="shm")
     for uri in small:
         store.fetch(uri, tier="shm")
     writethrough.wait(30)  # their copies onto disk hold them until written: idle only after that
-    landed = store.fetch(model("d", 3 * MiB), tier="shm")  # 3 MiB > 1 free + 2 evictable: it cannot fit
+    landed = store.fetch(_model(tmp_path, "d", 3 * MiB), tier="shm")  # 3 MiB > 1 free + 2 evictable: it cannot fit
     assert landed.is_relative_to(tmp_path / "disk")
     assert sorted(entry.size for entry in fast.entries()) == [MiB, MiB, 8 * MiB], "idle entries evicted for nothing"
     held.release()
@@ -189,19 +189,12 @@ def test_an_entry_written_by_a_newer_fastload_is_listed_and_evictable(tmp_path: 
 def test_a_fill_that_fits_once_small_files_are_evicted_is_not_refused(tmp_path: Path) -> None:
     """What eviction gives back is counted in blocks, as the budget charges them: ten 1-byte files take
     ten blocks, not ten bytes."""
-    def model(name: str, files: dict[str, int]) -> str:
-        path = tmp_path / "models" / name
-        path.mkdir(parents=True)
-        for file, size in files.items():
-            (path / file).write_bytes(os.urandom(size))
-        return f"file://{path}"
-
     shm = ShmTier(tmp_path / "shm", capacity=100 * 1024)
     store = TieredStore([shm, LocalDiskTier(tmp_path / "disk", capacity=None)], show_progress=False)
     for name in ("a", "b"):
-        store.fetch(model(name, {f"f{i}.bin": 1 for i in range(10)}), tier="shm")
+        store.fetch(_model(tmp_path, name, {f"f{i}.bin": 1 for i in range(10)}), tier="shm")
     writethrough.wait(30)
-    landed = store.fetch(model("c", {"w.bin": 40_000}), tier="shm")
+    landed = store.fetch(_model(tmp_path, "c", {"w.bin": 40_000}), tier="shm")
     assert landed.is_relative_to(tmp_path / "shm"), "refused although evicting one small model made room"
     assert len(shm.entries()) == 2
 
@@ -210,16 +203,9 @@ def test_a_fill_that_fits_once_small_files_are_evicted_is_not_refused(tmp_path: 
 def test_a_damaged_entry_on_a_read_only_mount_is_passed_over_not_served(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str
 ) -> None:
-    model = tmp_path / "models" / "m"
-    model.mkdir(parents=True)
-    data = os.urandom(MiB)
-    (model / "model.safetensors").write_bytes(data)
-    uri, shared = f"file://{model}", tmp_path / "shared"
-    damaged = TieredStore([SharedFsTier(shared, capacity=None)], show_progress=False).fetch(uri)
-    os.truncate(damaged / "model.safetensors", 1000)
-    if locks == "never made":
-        shutil.rmtree(shared / ".locks")
-    read_only(monkeypatch, shared)
+    uri, shared, damaged = _filled_read_only_share(tmp_path, monkeypatch, locks)
+    data = (Path(uri.removeprefix("file://")) / "model.safetensors").read_bytes()
+    os.truncate(damaged / "model.safetensors", 1000)  # the mount is read-only to fastload, not to the test
     store = TieredStore([SharedFsTier(shared, capacity=None), LocalDiskTier(tmp_path / "disk", capacity=None)],
                         default_tier="local_disk", show_progress=False)
     path = store.fetch(uri)  # from the origin: the shared copy cannot be repaired from here
