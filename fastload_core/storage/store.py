@@ -503,7 +503,7 @@ class TieredStore:
         while True:
             lease = ExitStack()
             mine = lease.enter_context(self.lease.hold(
-                f"{shared.name}:{slug}:{version}", timeout=max(deadline - time.monotonic(), 0.0), uri=shown,
+                _lease_key(shared, slug, version), timeout=max(deadline - time.monotonic(), 0.0), uri=shown,
                 tier=shared.name, ready=ready))
             try:
                 holders = peers.live()
@@ -734,7 +734,7 @@ class TieredStore:
         lease = self.lease
         if lease is None or not tier.shared:
             return None
-        return lambda slug, version: lease.taken(f"{tier.name}:{slug}:{version}")
+        return lambda slug, version: lease.taken(_lease_key(tier, slug, version))
 
     def gc(self, *, tier: str | None = None) -> dict[str, int]:
         """Remove dead writers' partials, leftover trash and orphaned lock files, then evict LRU entries
@@ -757,6 +757,11 @@ class TieredStore:
                         counts["locks"] += 1
                 counts["evicted"] += shrink_to_budget(t)
         return counts
+
+
+def _lease_key(tier: Tier, slug: str, version: str) -> str:
+    """The Redis lease a node holds while it fills ``tier`` (a shared one) with this version."""
+    return f"{tier.name}:{slug}:{version}"
 
 
 # --- files received into mirrors (progress.Mirror) ------------------------------------------------------
