@@ -66,9 +66,9 @@ def reference() -> tuple[list[float], torch.Tensor]:
 
 
 def serve(tmp_path: Path, proxy: FaultProxy, run: str, target: str = "service:Demo", cwd: Path = EXAMPLE,
-          **env: str) -> BentoServe:
+          home: Path | None = None, **env: str) -> BentoServe:
     return BentoServe(
-        target, cwd=cwd, home=tmp_path / "bentoml-home", log=tmp_path / f"{run}.log",
+        target, cwd=cwd, home=home or tmp_path / "bentoml-home", log=tmp_path / f"{run}.log",
         env={"AWS_ENDPOINT_URL_S3": proxy.endpoint_url, "DEMO_WEIGHTS": f"s3://{BUCKET}/{PREFIX}/",
              "DEMO_WORKERS": "2", **env},
     )
@@ -212,9 +212,11 @@ def build_fastload_wheel(into: Path, scratch: Path) -> None:
 def test_the_built_bento_serves(
     tmp_path: Path, s3: Any, origin: FaultProxy, reference: tuple[list[float], torch.Tensor]
 ) -> None:
-    """Built as the example says: with fastload's own wheel inside (the name on PyPI is another project)."""
-    home = tmp_path / "bentoml-home"
+    """Built as the example says: with fastload's own wheel inside (the name on PyPI is another project),
+    and BentoML's home inside the example directory as its README sets it (which must not end up in the
+    bento: BentoML builds in a temporary directory under that home)."""
     example = tmp_path / "example"
+    home = example / ".bentoml"
     shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("__pycache__", "wheels", ".bentoml"))
     build_fastload_wheel(example / "wheels", tmp_path / "fastload-src")
     built = subprocess.run(
@@ -228,9 +230,11 @@ def test_the_built_bento_serves(
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     (wheel,) = [line for line in requirements if "fastload" in line]
     assert wheel.startswith("./wheels/fastload-") and (bento / "src" / wheel).is_file()
+    packed = sorted(str(path.relative_to(bento / "src")) for path in (bento / "src").rglob("*") if path.is_file())
+    assert packed == ["bentofile.yaml", "demo_model.py", "service.py", wheel.removeprefix("./")], packed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with serve(tmp_path, origin, "bento", target=tag, cwd=elsewhere) as server:
+    with serve(tmp_path, origin, "bento", target=tag, cwd=elsewhere, home=home) as server:
         server.wait_until(lambda: server.initialized() == 2)
         check_predictions(server, reference)
     assert len(re.findall(r"from tier shm", server.output())) == 2
