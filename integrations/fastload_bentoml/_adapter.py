@@ -30,7 +30,7 @@ import torch
 from bentoml.exceptions import BentoMLException
 
 from fastload_core import serving
-from fastload_core.storage import Pin
+from fastload_core.storage import Pin, parse_uri
 from fastload_core.storage.settings import TIER_ORDER
 
 log = logging.getLogger("fastload.bentoml")
@@ -255,6 +255,10 @@ def _prefetch_hook(cls: type, tier: str) -> classmethod[Any, [], None]:
         _share_metrics_with_workers()
         handoffs = _own_handoff_dir()
         for weights in weights_of(served):
+            if parse_uri(weights.uri).bare:
+                # A local path is read in place by the workers (hold_weights): checked here, never copied.
+                _bentoml_error(serving.hold_weights, weights.uri, revision=weights.revision).release()
+                continue
             handoff = handoffs / f"{weights.version_variable}.lock"
             running = _warming.get(weights.version_variable)
             if running is not None and running.is_alive():

@@ -291,6 +291,32 @@ def test_bentoml_runs_the_hook_before_workers(tmp_path: Path, shm_root: Path) ->
     assert [info.entry.tier for info in default_store().ls()] == ["shm", "local_disk"]
 
 
+def test_a_local_path_is_checked_by_the_hook_and_read_in_place_not_copied(tmp_path: Path, shm_root: Path) -> None:
+    """Workers read a plain local path where it is (the store's rule for a path that is no URI): copying it
+    into RAM and onto local disk at deployment would be work nobody uses."""
+    from _bentoml_impl.server.serving import server_on_deployment
+
+    source = make_model(tmp_path / "models" / "m1")
+
+    @bentoml.service
+    @fastload_bentoml.accelerate(prefetch="shm")
+    class Service:
+        weights = fastload_bentoml.Weights(str(source))
+
+    server_on_deployment(Service)
+    writethrough.wait(30)
+    assert default_store().ls() == []
+    assert Service.inner().weights == source
+
+    @bentoml.service
+    @fastload_bentoml.accelerate(prefetch="shm")
+    class Missing:
+        weights = fastload_bentoml.Weights(str(tmp_path / "models" / "nowhere"))
+
+    with pytest.raises(fastload_bentoml.WeightsUnavailableError, match="nowhere"):
+        server_on_deployment(Missing)
+
+
 class HoldFetches:
     """A plugin that holds every fetch into shm at its start until released."""
 
