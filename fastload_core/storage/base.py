@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 import filelock
 
 from .._safefs import UnsafePath, check_path, open_dir, open_file, scan_tree, secure_dir
-from .errors import StorageError, TierFullError, UnsafeKeyError
+from .errors import OUT_OF_SPACE, StorageError, TierFullError, UnsafeKeyError
 from .meta import FILES_DIR, META_NAME, Checksums, EntryMeta, Manifest
 from .uri import ModelURI, confine, safe_relpath
 
@@ -476,7 +476,7 @@ class Tier:
                     finally:
                         os.close(fd)
             except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno not in OUT_OF_SPACE:
                     raise
                 # The filesystem ran out (of blocks, or of inodes: a many-file model on a small tmpfs) before
                 # the budget said so. A partial this size is worth nothing: drop it so the tier is as it was.

@@ -3,8 +3,14 @@ act on it without parsing the message; messages say what to do next."""
 
 from __future__ import annotations
 
+import errno
+
 from .. import errors
 from ..errors import FastloadError
+
+#: What a write into a tier fails with when its filesystem has no room left: blocks or inodes (ENOSPC), or a
+#: quota (EDQUOT: a tmpfs with quotas, a user's disk quota). The store then falls through to the next tier.
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StorageError(FastloadError):

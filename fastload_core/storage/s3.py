@@ -19,7 +19,6 @@ its digests without reading the files back.
 
 from __future__ import annotations
 
-import errno
 import http.client
 import logging
 import os
@@ -44,7 +43,7 @@ from .checksum import (
     hasher_for,
     normalize_etag,
 )
-from .errors import IntegrityError, ObjectChangedError, OriginError, StorageError, UnsafeKeyError
+from .errors import OUT_OF_SPACE, IntegrityError, ObjectChangedError, OriginError, StorageError, UnsafeKeyError
 from .meta import Checksums, Manifest, RemoteFile
 from .progress import Progress, Watermark
 from .settings import S3Settings
@@ -496,7 +495,7 @@ class S3Origin(Origin):
         except (_Aborted, StorageError):
             raise
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the tier's filesystem is full: the store falls through
+            if exc.errno in OUT_OF_SPACE:  # the tier's filesystem is full: the store falls through
                 raise
             raise client_error(uri, exc, name=item.name) from exc
         except Exception as exc:

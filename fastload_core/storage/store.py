@@ -13,7 +13,6 @@ with a warning and the model is served from the next tier down.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from .base import (
 )
 from .copy import EntrySource
 from .errors import (
+    OUT_OF_SPACE,
     BadURIError,
     FetchTimeoutError,
     IntegrityError,
@@ -650,7 +650,7 @@ class TieredStore:
                     raise _DamagedSource(exc) from exc
                 raise
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a tmpfs with quotas, or a user's disk quota
+                if exc.errno in OUT_OF_SPACE:
                     tier.discard(partial)
                     if handed_out:  # not the next tier: it would download the whole model again, for a cache copy
                         raise StorageError(f"{shown}: tier {tier.name!r} filled up while the streamed model's cache "
