@@ -22,7 +22,7 @@ from torch import nn
 
 from .compile_cache import CompileCache, compile_loaded_model
 from .errors import StateDictMismatchError
-from .loader.api import PathOrURI, _device, load_state_dict
+from .loader.api import PathOrURI, _device, dtype_for, load_state_dict
 from .report import LoadReport
 
 log = logging.getLogger("fastload")
@@ -246,7 +246,7 @@ def _materialize_missing(module: nn.Module, missing: list[str], device: torch.de
             assert old is not None
             if not old.is_meta and f"{prefix}.{name}".lstrip(".") not in wanted:
                 continue
-            kind = dtype if dtype is not None and old.is_floating_point() else old.dtype
+            kind = dtype_for(old, dtype)
             new = torch.zeros_like(old, device=device, dtype=kind) if old.is_meta else \
                 old.detach().to(device=device, dtype=kind)
             table[name] = nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new
@@ -263,5 +263,4 @@ def _move_remaining(module: nn.Module, device: torch.device, dtype: torch.dtype 
     for submodule in module.modules():
         for name, buffer in submodule._buffers.items():
             if buffer is not None and buffer.device.type != "meta":
-                kind = dtype if dtype is not None and buffer.is_floating_point() else buffer.dtype
-                submodule._buffers[name] = buffer.to(device=device, dtype=kind)
+                submodule._buffers[name] = buffer.to(device=device, dtype=dtype_for(buffer, dtype))

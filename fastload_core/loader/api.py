@@ -92,7 +92,7 @@ def load_state_dict(
             report.tier = (pinned.tier or "") if pinned else storage.tier_of(text)
         if dtype is not None:
             converted_at = time.perf_counter()
-            tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+            tensors = {name: t.to(dtype_for(t, dtype)) for name, t in tensors.items()}
             report.add_stage("convert", time.perf_counter() - converted_at)
     except BaseException as exc:
         report.seconds = time.perf_counter() - started
@@ -236,6 +236,12 @@ def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as file:
         prefix = file.read(9)
     return len(prefix) == 9 and prefix[8:9] == b"{" and int.from_bytes(prefix[:8], "little") <= MAX_HEADER_BYTES
+
+
+def dtype_for(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``tensor`` takes when a load asks for ``dtype``: floating tensors convert, others (token
+    ids, step counters) keep theirs, as ``module.to(dtype)`` does."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
 
 def _device(device: str | int | torch.device) -> torch.device:
