@@ -17,7 +17,7 @@ from fastload_core.errors import CheckpointError, MissingShardError
 from fastload_core.loader.header import DTYPES
 from fastload_core.report import LoadReport
 
-from .helpers import write_raw
+from .helpers import write_raw, write_stale_shard_checkpoint
 
 # Every dtype safetensors itself writes and reads with this torch.
 CONFORMANCE_DTYPES = sorted(set(safetensors.torch._TYPES) & set(DTYPES))
@@ -140,11 +140,7 @@ def test_sharded_index(tmp_path: Path) -> None:
 def test_the_index_decides_which_shard_a_tensor_comes_from(tmp_path: Path) -> None:
     # A stale second shard that still holds "w" (as after a re-shard) must not override the shard the index
     # maps "w" to, whatever the file names' order; a tensor no index entry names is not loaded.
-    save_file({"w": torch.ones(3)}, tmp_path / "model-00001-of-00002.safetensors")
-    save_file({"w": torch.zeros(3), "v": torch.ones(2), "stale": torch.ones(1)},
-              tmp_path / "model-00002-of-00002.safetensors")
-    weight_map = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    write_stale_shard_checkpoint(tmp_path, v=torch.ones(2))
     for copy in (False, True):
         report = LoadReport(source="", device="")
         loaded = fastload_core.load_state_dict(tmp_path, copy=copy, report=report)

@@ -23,6 +23,7 @@ from fastload_core.loader import cpu, cuda, pipeline
 from fastload_core.loader.header import read_header
 from fastload_core.report import LoadReport
 
+from .helpers import write_stale_shard_checkpoint
 from .test_api import mixed_file, same_bytes  # noqa: F401  (fixture)
 
 gpu = pytest.mark.gpu
@@ -97,11 +98,7 @@ def test_sharded_checkpoint_loads_through_one_pipeline(tmp_path: Path, monkeypat
 @gpu
 def test_the_index_decides_which_shard_a_tensor_comes_from_on_cuda(tmp_path: Path) -> None:
     # The pipeline reads each shard's span of the tensors the index maps to it; a stale copy elsewhere is left.
-    save_file({"w": torch.ones(3)}, tmp_path / "model-00001-of-00002.safetensors")
-    save_file({"w": torch.zeros(3), "v": torch.arange(5.0), "stale": torch.ones(1000)},
-              tmp_path / "model-00002-of-00002.safetensors")
-    weight_map = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    write_stale_shard_checkpoint(tmp_path, v=torch.arange(5.0))
     report = LoadReport(source="", device="")
     loaded = fastload_core.load_state_dict(tmp_path, "cuda", report=report)
     assert sorted(loaded) == ["v", "w"] and report.tensors == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,8 @@ import fastload_core
 from fastload_core.report import LoadReport
 from fastload_core.storage import default_store, writethrough
 from fastload_devservices.s3 import BUCKET
+
+from .helpers import write_stale_shard_checkpoint
 
 
 def upload_model(s3: Any, tmp_path: Path, key: str) -> dict[str, torch.Tensor]:
@@ -92,10 +93,7 @@ def test_a_cold_stream_and_a_warm_load_choose_the_same_files(tmp_path: Path) -> 
 def test_a_cold_stream_follows_the_shard_index(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    save_file({"w": torch.ones(3)}, repo / "model-00001-of-00002.safetensors")
-    save_file({"w": torch.zeros(3), "v": torch.ones(2)}, repo / "model-00002-of-00002.safetensors")
-    weight_map = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
-    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    write_stale_shard_checkpoint(repo, v=torch.ones(2))
     report = LoadReport(source="", device="")
     cold = fastload_core.load_state_dict(f"file://{repo}", copy=True, report=report)
     assert report.strategy == "stream+cpu-copy"
