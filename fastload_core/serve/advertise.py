@@ -3,11 +3,12 @@
 Every third of the TTL (and at once when poked: a miss was published, an entry evicted here) it lists the
 entries of the node's own tiers, renews the claim on each and withdraws the claims on entries that are
 gone, whichever process evicted them. The shared tier is left out: every node reads it already. On stop
-it withdraws everything, so peers stop asking a node that is going away.
+it withdraws everything and the store claims nothing more, so peers stop asking a node that is going away.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -46,22 +47,34 @@ class Advertiser:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before the listing, so a poke during it brings the next one at once
             try:
                 self.sync()
             except Exception as exc:  # a tier that cannot be listed now: try again next round
                 log.warning("could not advertise this node's entries: %s: %s", type(exc).__name__, exc)
             self._wake.wait(self.registry.ttl / 3)
-            self._wake.clear()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Withdraw what this node claimed and what it holds now: the store claims an entry the moment it
+        publishes it, and a stop may come before the next listing took that entry up. The store claims
+        nothing more: write-throughs that finish while the process exits publish entries of a node that no
+        longer serves them."""
+        if self.store.peers is not None:
+            self.store.peers = dataclasses.replace(self.store.peers, advertise=None)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
-        if self._claimed:
-            self.registry.withdraw(self.address, self._claimed)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        claims = set(self._claimed)
+        try:
+            claims |= self.held()
+        except Exception as exc:
+            log.warning("could not list this node's entries to withdraw them: %s: %s", type(exc).__name__, exc)
+        if claims:
+            self.registry.withdraw(self.address, claims)
         self._claimed = set()
 
     # A plugin of the serving process: its own evictions are withdrawn at once.

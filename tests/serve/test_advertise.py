@@ -1,0 +1,77 @@
+"""A node's claims in the peer registry end with the node: a clean stop leaves no claim behind for peers to
+try, whichever way the claim was made (the store claims an entry the moment it publishes it, before the
+advertiser's next listing)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from fastload_core.serve.advertise import Advertiser
+from fastload_core.storage.peers import KEY_PREFIX, PeerRegistry
+from fastload_core.storage.store import TieredStore
+
+pytestmark = [pytest.mark.redis]
+
+ADDRESS = "127.0.0.1:9"
+
+
+def live_claims(redis_url: str) -> list[str]:
+    client = redis.Redis.from_url(redis_url)
+    return [key.decode() for key in client.scan_iter(KEY_PREFIX + "*")
+            if (client.zscore(key, ADDRESS) or 0) > time.time()]
+
+
+def test_stop_withdraws_a_claim_the_store_made_before_the_advertiser_listed_it(
+        redis_url: str, shm_root: Path, tmp_path: Path) -> None:
+    store = TieredStore.from_env()
+    registry = PeerRegistry(redis_url, ttl=30.0)
+    advertiser = Advertiser(store, registry, ADDRESS)
+    advertiser.start()
+    time.sleep(0.5)  # its first listing (nothing held) is done: it sleeps until its next, 10 s on
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    store.fetch(str(model), tier="shm")
+    held = {(entry.slug, entry.version) for tier in store.tiers for entry in tier.entries()}
+    assert held, "the fetch published nothing to claim"
+    registry.advertise(ADDRESS, held)  # what the store does at publication when it knows its address
+    advertiser.stop()
+    assert live_claims(redis_url) == []
+
+
+def test_stop_withdraws_what_the_advertiser_claimed_for_an_entry_since_evicted(
+        redis_url: str, shm_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    store = TieredStore.from_env()
+    store.fetch(str(model), tier="shm")
+    registry = PeerRegistry(redis_url, ttl=30.0)
+    advertiser = Advertiser(store, registry, ADDRESS)
+    advertiser.sync()
+    assert live_claims(redis_url)
+    [(slug, version)] = {(info.entry.slug, info.entry.version) for info in store.ls(tier="shm")}
+    store.rm(f"{slug}/{version}")
+    advertiser.stop()
+    assert live_claims(redis_url) == []
+
+
+def test_after_stop_the_store_claims_nothing_it_publishes(
+        redis_url: str, shm_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fastload serve exits after its write-throughs finish, and each publishes an entry into a tier."""
+    monkeypatch.setenv("FASTLOAD_REDIS_URL", redis_url)
+    monkeypatch.setenv("FASTLOAD_SERVE_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("FASTLOAD_SERVE_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("FASTLOAD_PEER_ADVERTISE", ADDRESS)
+    store = TieredStore.from_env()
+    assert store.peers is not None and store.peers.advertise == ADDRESS
+    advertiser = Advertiser(store, PeerRegistry(redis_url, ttl=30.0), ADDRESS)
+    advertiser.start()
+    advertiser.stop()
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    store.fetch(str(model), tier="shm")
+    assert store.ls(tier="shm")
+    assert live_claims(redis_url) == []
