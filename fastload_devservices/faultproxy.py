@@ -132,17 +132,26 @@ class FaultProxy:
             data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
         if fault in ("short", "reset"):
             cut = data[: len(data) // 3]
-            handler.wfile.write(cut)
+            self._send(handler, cut)
             handler.wfile.flush()
-            self._count(handler, len(cut))
             if fault == "reset":
                 self._reset(handler)
             else:
                 handler.close_connection = True
                 handler.connection.shutdown(socket.SHUT_RDWR)
             return
-        handler.wfile.write(data)
+        self._send(handler, data)
+
+    def _send(self, handler: BaseHTTPRequestHandler, data: bytes) -> None:
+        """Count the bytes before writing them: a client that has read them all may look at the count at once,
+        before this thread runs again (a count taken after the write lagged under load and failed a test).
+        A write the client cut short takes its count back."""
         self._count(handler, len(data))
+        try:
+            handler.wfile.write(data)
+        except OSError:
+            self._count(handler, -len(data))
+            raise
 
     def _count(self, handler: BaseHTTPRequestHandler, nbytes: int) -> None:
         if handler.command == "GET" and "Range" in handler.headers:  # object bytes, not listings
