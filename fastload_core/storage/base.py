@@ -114,8 +114,9 @@ class Journal:
     """Which byte ranges of a partial download are complete (their MD5s, and the block digests of each range
     when the origin computed them as the bytes arrived), so a download interrupted by a crash or SIGKILL
     resumes from the parts it had instead of starting over, and its entry still gets block digests without
-    reading the files back. Lines are appended only after a part's bytes are written, and the final checksum
-    verification catches anything a crash garbled."""
+    reading the files back. Lines are appended only after a part's bytes are written, with no fsync between:
+    after a power loss a line can outlive its bytes, so a resume hashes each recorded range from the file
+    and checks it against its line before trusting it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

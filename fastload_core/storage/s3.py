@@ -387,13 +387,10 @@ class S3Origin(Origin):
                     try:
                         for plan in plans:  # in file order, so contiguous prefixes (and hashing) advance early
                             for index, (start, end) in enumerate(plan.ranges):
-                                if journal.has(plan.item.name, start, end) and \
-                                        plan.resume(index, journal.done[(plan.item.name, start, end)]):
-                                    progress.add(end - start)
-                                    plan.tracker.complete(start, end)
-                                    continue
-                                futures.append(pool.submit(self._fetch_range, client, bucket, plan, index, start,
-                                                           end, manifest.uri, journal, progress, abort))
+                                resumed = journal.has(plan.item.name, start, end)
+                                futures.append(pool.submit(self._resume_range if resumed else self._fetch_range,
+                                                           client, bucket, plan, index, start, end, manifest.uri,
+                                                           journal, progress, abort))
                         done, _ = wait(futures + list(hash_futures.values()), return_when=FIRST_EXCEPTION)
                         failed = [f for f in done if f.exception() is not None]
                         if failed:
@@ -465,12 +462,47 @@ class S3Origin(Origin):
             return None
         return int(head["ContentLength"])
 
+    def _resume_range(self, client: Any, bucket: str, plan: _Plan, index: int, start: int, end: int, uri: str,
+                      journal: Journal, progress: Progress, abort: threading.Event) -> None:
+        """Keep a range the journal records as done if the file still holds what was recorded for it, else
+        fetch it again. The journal line is appended right after the bytes are written, without an fsync (one
+        per range would stall the disk tiers' writeback), so after a power loss a line can outlive its bytes;
+        the checksum verification joins the recorded CRCs or MD5s and never reads the file, so the bytes are
+        hashed here, once, on the rare resume, instead of on every download."""
+        key = (plan.item.name, start, end)
+        recorded = journal.done[key]
+        if plan.resume(index, recorded):
+            hasher = self._range_hasher(plan)
+            position = start
+            while position < end:
+                if abort.is_set():
+                    raise _Aborted
+                data = os.pread(plan.fd, min(8 * _CHUNK, end - position), position)
+                if not data:
+                    break
+                hasher.update(data)
+                position += len(data)
+            blocks = journal.digests.get(key)
+            if position == end and hasher.journal_digest() == recorded and \
+                    (blocks is None or blocks[0] != plan.block_size or blocks[1] == hasher.blocks.hexdigest()):
+                progress.add(end - start)
+                plan.tracker.complete(start, end)
+                return
+            log.warning("%s: part %s bytes %d-%d of the interrupted download does not hold what its journal "
+                        "records (a crash before the bytes reached the disk?); fetching it again", uri,
+                        plan.item.name, start, end)
+        self._fetch_range(client, bucket, plan, index, start, end, uri, journal, progress, abort)
+
+    @staticmethod
+    def _range_hasher(plan: _Plan) -> _RangeHasher:
+        return _RangeHasher(md5=plan.mode == "parts",
+                            crc=plan.crc.algorithm if plan.crc is not None and plan.mode != "sequential" else None,
+                            block_size=plan.block_size)
+
     def _fetch_range(self, client: Any, bucket: str, plan: _Plan, index: int, start: int, end: int, uri: str,
                      journal: Journal, progress: Progress, abort: threading.Event) -> None:
         item = plan.item
-        hasher = _RangeHasher(md5=plan.mode == "parts",
-                              crc=plan.crc.algorithm if plan.crc is not None and plan.mode != "sequential" else None,
-                              block_size=plan.block_size)
+        hasher = self._range_hasher(plan)
         cursor = _Cursor(start)
         extra: dict[str, Any] = {}
         if item.etag:

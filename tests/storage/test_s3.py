@@ -298,3 +298,69 @@ def test_a_tmpfs_that_fills_up_during_the_download_falls_through(s3: Any, proxy:
     assert len(writes) > 3 and leftovers(shm_root) == [] and not list(shm_root.rglob("w.bin"))
     # the filesystem filled up, not the tier's budget: raising the budget is not the advice
     assert "tier 'shm' ran out of space writing" in caplog.text and "can be freed" not in caplog.text
+
+
+@pytest.mark.parametrize("upload", [put, put_multipart, put_without_checksum])
+def test_a_resume_refetches_a_journalled_range_whose_bytes_never_reached_the_disk(
+        s3: Any, proxy: FaultProxy, tmp_path: Path, upload: Any) -> None:
+    """A power loss can keep the journal's small append and lose the data pages it describes. The resume
+    must not publish those holes as verified weights: it hashes what the file holds, range by range."""
+    from fastload_core.storage.base import Journal
+    from fastload_core.storage.progress import Progress
+    from fastload_core.storage.s3 import S3Origin
+    from fastload_core.storage.settings import S3Settings
+    from fastload_core.storage.uri import parse_uri
+
+    data = os.urandom(12 * MiB + 5)
+    if upload is put_multipart:
+        upload(s3, tmp_path, "lost/w.bin", data)
+    else:
+        upload(s3, "lost/w.bin", data)
+    origin = S3Origin(S3Settings(part_size=5 * MiB, concurrency=2))
+    manifest = origin.resolve(parse_uri(f"s3://{BUCKET}/lost/w.bin"), None)
+
+    def download(dest: Path) -> Any:
+        dest.mkdir()
+        with open(dest / "w.bin", "wb") as handle:
+            handle.truncate(len(data))
+        return origin.download(manifest, dest, journal=Journal(dest.with_suffix(".journal")),
+                               progress=Progress("w.bin", len(data), enabled=False))
+
+    first = download(tmp_path / "first")
+    assert len(Journal(tmp_path / "first.journal").done) == 3
+    (tmp_path / "first.journal").rename(tmp_path / "after-power-loss.journal")
+    proxy.reset_counters()
+    assert download(tmp_path / "after-power-loss") == first
+    assert (tmp_path / "after-power-loss" / "w.bin").read_bytes() == data
+    assert proxy.get_body_bytes == len(data)  # every journalled range was fetched again: none held its bytes
+
+
+def test_a_resume_keeps_the_journalled_ranges_the_file_holds(s3: Any, proxy: FaultProxy, tmp_path: Path) -> None:
+    from fastload_core.storage.base import Journal
+    from fastload_core.storage.progress import Progress
+    from fastload_core.storage.s3 import S3Origin
+    from fastload_core.storage.settings import S3Settings
+    from fastload_core.storage.uri import parse_uri
+
+    data = os.urandom(12 * MiB + 5)
+    put(s3, "kept/w.bin", data)
+    origin = S3Origin(S3Settings(part_size=5 * MiB, concurrency=2))
+    manifest = origin.resolve(parse_uri(f"s3://{BUCKET}/kept/w.bin"), None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with open(dest / "w.bin", "wb") as handle:
+        handle.truncate(len(data))
+    journal = Journal(tmp_path / "dest.journal")
+    origin.download(manifest, dest, journal=journal, progress=Progress("w.bin", len(data), enabled=False))
+    proxy.reset_counters()
+    origin.download(manifest, dest, journal=Journal(tmp_path / "dest.journal"),
+                    progress=Progress("w.bin", len(data), enabled=False))
+    assert proxy.get_body_bytes == 0  # all three ranges held what the journal says
+    with open(dest / "w.bin", "r+b") as handle:  # now lose the third range's bytes only
+        handle.seek(10 * MiB)
+        handle.write(bytes(len(data) - 10 * MiB))
+    proxy.reset_counters()
+    origin.download(manifest, dest, journal=Journal(tmp_path / "dest.journal"),
+                    progress=Progress("w.bin", len(data), enabled=False))
+    assert (dest / "w.bin").read_bytes() == data
+    assert proxy.get_body_bytes == len(data) - 10 * MiB
