@@ -36,11 +36,10 @@ class Advertiser:
     def sync(self) -> None:
         current = self.held()
         gone = self._claimed - current
-        if gone:
-            self.registry.withdraw(self.address, gone)
+        unwithdrawn = gone if gone and not self.registry.withdraw(self.address, gone) else set()
         if current:
             self.registry.advertise(self.address, current)
-        self._claimed = current
+        self._claimed = current | unwithdrawn  # what peers may still see: the next round withdraws it again
 
     def poke(self) -> None:
         self._wake.set()

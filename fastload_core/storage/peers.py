@@ -130,20 +130,27 @@ class PeerRegistry:
     def close(self) -> None:
         self._client.close()
 
-    def _call(self, what: str, default: Any, function: Any, *args: Any) -> Any:
-        if time.monotonic() < self._unavailable_until:
+    def _call(self, what: str, default: Any, function: Any, *args: Any, claim: bool = False) -> Any:
+        """``function(*args)``, or ``default`` during an outage. Lookups skip the registry for a while after a
+        failure, so a fetch does not pay the timeout on every call; a ``claim`` (advertise, withdraw) is always
+        tried: it runs off any fetch's path, and a claim skipped for longer than its TTL would lapse, so one
+        blip would take the node out of every holder list until its next renewal."""
+        if not claim and time.monotonic() < self._unavailable_until:
             return default
         try:
-            return function(*args)
+            result = function(*args)
+            self._unavailable_until = 0.0  # back: lookups need not wait out the rest of the pause
+            return result
         except Exception as exc:  # redis-py's connection and timeout errors: an outage
             self._unavailable_until = time.monotonic() + _RETRY_AFTER
             log.warning("peer registry at %s unavailable while trying to %s (%s: %s); going on without peers "
                         "for %.0fs", redact(self.url), what, type(exc).__name__, exc, _RETRY_AFTER)
             return default
 
-    def advertise(self, address: str, entries: Iterable[tuple[str, str]]) -> None:
-        """Claim (or renew the claim) that ``address`` holds each ``(slug, version)`` for one TTL."""
-        def run() -> None:
+    def advertise(self, address: str, entries: Iterable[tuple[str, str]]) -> bool:
+        """Claim (or renew the claim) that ``address`` holds each ``(slug, version)`` for one TTL. False when
+        the registry could not be reached (logged)."""
+        def run() -> bool:
             expires = time.time() + self.ttl
             pipe = self._client.pipeline(transaction=False)
             for slug, version in entries:
@@ -151,17 +158,20 @@ class PeerRegistry:
                 pipe.zadd(key, {address: expires})
                 pipe.expire(key, max(1, int(self.ttl * 2)))
             pipe.execute()
+            return True
 
-        self._call("advertise", None, run)
+        return bool(self._call("advertise", False, run, claim=True))
 
-    def withdraw(self, address: str, entries: Iterable[tuple[str, str]]) -> None:
-        def run() -> None:
+    def withdraw(self, address: str, entries: Iterable[tuple[str, str]]) -> bool:
+        """End ``address``'s claims on the entries; False when the registry could not be reached (logged)."""
+        def run() -> bool:
             pipe = self._client.pipeline(transaction=False)
             for slug, version in entries:
                 pipe.zrem(KEY_PREFIX + f"{slug}/{version}", address)
             pipe.execute()
+            return True
 
-        self._call("withdraw", None, run)
+        return bool(self._call("withdraw", False, run, claim=True))
 
     def holders(self, slug: str, version: str, *, exclude: str | None = None) -> list[str]:
         """Addresses whose claim on the entry is live, the most recently renewed first."""

@@ -5,6 +5,8 @@ advertiser's next listing)."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -74,4 +76,66 @@ def test_after_stop_the_store_claims_nothing_it_publishes(
     model.write_bytes(b"weights")
     store.fetch(str(model), tier="shm")
     assert store.ls(tier="shm")
+    assert live_claims(redis_url) == []
+
+
+class _OneEntryStore:
+    """A store whose one tier holds one entry (or nothing, once ``evicted``)."""
+
+    peers = None
+
+    def __init__(self) -> None:
+        self.evicted = False
+        store = self
+
+        class Tier:
+            shared = False
+
+            def entries(self) -> list[Any]:
+                return [] if store.evicted else [SimpleNamespace(slug="s3-models-m-abc", version="v1")]
+
+        self.tiers = [Tier()]
+
+
+def fail_next_pipeline(registry: PeerRegistry) -> None:
+    """The registry's next Redis call times out, once: a blip, not an outage."""
+    real = registry._client.pipeline
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        registry._client.pipeline = real
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    registry._client.pipeline = flaky
+
+
+def test_one_failed_renewal_does_not_take_the_node_out_of_the_registry(redis_url: str) -> None:
+    registry, reader = PeerRegistry(redis_url, ttl=1.5), PeerRegistry(redis_url, ttl=1.5)
+    advertiser = Advertiser(_OneEntryStore(), registry, ADDRESS)  # type: ignore[arg-type]
+    advertiser.start()
+    try:
+        time.sleep(0.2)
+        assert reader.holders("s3-models-m-abc", "v1") == [ADDRESS]
+        fail_next_pipeline(registry)
+        seen = []
+        deadline = time.monotonic() + 4.5  # three TTLs; the registry used to be skipped for 30 s
+        while time.monotonic() < deadline:
+            seen.append(reader.holders("s3-models-m-abc", "v1") == [ADDRESS])
+            time.sleep(0.1)
+        assert registry._client.pipeline.__name__ != "flaky", "the blip never happened"
+        assert seen[-10:] == [True] * 10
+    finally:
+        advertiser.stop()
+
+
+def test_a_withdrawal_that_failed_is_tried_again(redis_url: str) -> None:
+    registry = PeerRegistry(redis_url, ttl=30.0)
+    store = _OneEntryStore()
+    advertiser = Advertiser(store, registry, ADDRESS)  # type: ignore[arg-type]
+    advertiser.sync()
+    assert live_claims(redis_url)
+    store.evicted = True
+    fail_next_pipeline(registry)
+    advertiser.sync()
+    assert live_claims(redis_url)  # the registry could not be told
+    advertiser.sync()
     assert live_claims(redis_url) == []
