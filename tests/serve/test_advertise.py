@@ -5,9 +5,9 @@ advertiser's next listing)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from pathlib import Path
 
 import pytest
 import redis
