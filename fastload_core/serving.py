@@ -250,7 +250,7 @@ def check_compile_cache_url(url: str) -> str:
     except CacheURLError:
         raise
     except CompileCacheError as exc:
-        raise CacheURLError(url, str(exc).removeprefix(f"{url}: ")) from None
+        raise CacheURLError(url, str(exc).removeprefix(f"{redact(url)}: ")) from None
     return url
 
 

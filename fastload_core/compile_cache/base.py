@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from ..storage.uri import redact
 from .errors import CacheURLError
 
 
@@ -69,7 +70,7 @@ class CompileCacheBackend(ABC):
         """Release connections."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        return f"{type(self).__name__}({redact(self.url)!r})"  # reprs end up in logs and tracebacks
 
 
 BackendFactory = Callable[[str], CompileCacheBackend]

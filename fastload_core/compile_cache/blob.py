@@ -164,6 +164,8 @@ def verify(blob: bytes, key: CompileKey) -> dict[str, Any]:
                                             "(truncated?)")
     _check_integrity(blob, header, key.digest)
     recorded = header.get("fields") or {}
+    if not isinstance(recorded, dict):  # checksum-valid but not what pack() writes: never compare into it
+        raise CorruptEntryError(key.digest, f"header fields are a JSON {type(recorded).__name__}, not an object")
     differing = sorted(name for name in set(recorded) | set(key.fields)
                        if recorded.get(name) != key.fields.get(name))
     if header.get("key") != key.digest or differing:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import cache_dir
+from ..storage.uri import redact
 from . import blob as blobfmt
 from .base import CompileCacheBackend
 from .blob import EntryMismatchError, Restored
@@ -90,7 +91,9 @@ class CompileCache:
         """``url``: ``file:///dir``, ``redis://...``, ``s3://...``, a plugin's scheme, or a directory path
         (``/srv/compile-cache`` means ``file:///srv/compile-cache``); None for ``default_url()``."""
         self.backend = backend if backend is not None else open_backend(url or default_url())
-        self.url = self.backend.url
+        # The URL as shown: logs, reports, the after_compile hook. A ``redis://:password@`` part would
+        # otherwise reach every log aggregator; only the backend, which connects, keeps the URL as given.
+        self.url = redact(self.backend.url)
         if self.backend.scheme in SHARED_SCHEMES and blobfmt.signing_secret() is None:
             _warn_unsigned_shared_once(self.url)
 
@@ -129,6 +132,10 @@ class CompileCache:
                                   unpack_s=time.perf_counter() - fetched, message=message)
         except CorruptEntryError as exc:
             return self._corrupt(key, exc, entry_bytes=len(data), fetch_s=fetched - started,
+                                 unpack_s=time.perf_counter() - fetched)
+        except Exception as exc:  # any other failure on a stored entry: corrupt too, since restore never raises
+            problem = CorruptEntryError(key.digest, f"could not unpack it ({type(exc).__name__}: {exc})")
+            return self._corrupt(key, problem, entry_bytes=len(data), fetch_s=fetched - started,
                                  unpack_s=time.perf_counter() - fetched)
         _mark(dest, key, _restored_under())
         return RestoreOutcome("restored", restored=restored, entry_bytes=len(data), fetch_s=fetched - started,

@@ -296,6 +296,11 @@ class _Primer:
         except Exception as exc:  # an exotic model or input: compile it, just without the cache
             return self._uncached(call, args, kwargs, keep_output, f"could not derive a cache key: {exc!r}")
         workdir = self.cache.workdir(key)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # FASTLOAD_CACHE_DIR read-only, full, or under a file: compile, just uncached
+            return self._uncached(call, args, kwargs, keep_output,
+                                  f"cannot create the local inductor directory {workdir} ({exc!r})")
         report = CompileReport(key=key.digest, cache_url=self.cache.url, fields=key.fields,
                                workdir=str(workdir), notes=[self.note] if self.note else [])
         stages["key"] = time.perf_counter() - mark

@@ -105,7 +105,14 @@ class DirectoryBackend(CompileCacheBackend):
             if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < older_than:
                 continue  # a young file may belong to a writer that has not taken its lock yet
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                # Writable: on NFS, flock is emulated with fcntl locks, and an exclusive one needs a fd open
+                # for writing (EBADF otherwise), which would make gc fail on the shared mounts it is for.
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except PermissionError:  # another user's file: a local flock needs no write access
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue
             except OSError:
                 continue
             try:
@@ -114,6 +121,8 @@ class DirectoryBackend(CompileCacheBackend):
                 except OSError as exc:
                     if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         continue  # a live store holds it
+                    if exc.errno in (errno.EBADF, errno.ENOLCK):
+                        continue  # this mount cannot tell us whether a store is alive: leave the file
                     raise
                 if os.fstat(fd).st_ino != info.st_ino:
                     continue  # replaced between the listing and the open

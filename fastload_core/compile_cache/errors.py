@@ -3,11 +3,15 @@
 Almost nothing here reaches a serving replica: a cache that is down, slow or corrupt degrades to a
 normal compile with a warning. What does raise is a mistake in configuration (a URL nobody can
 serve), which should fail loudly at start-up rather than silently never cache.
+
+A URL in an error is redacted (``redis://:password@host`` shows as ``redis://***@host``): these messages
+end up in logs and in tracebacks of failed deployments.
 """
 
 from __future__ import annotations
 
 from ..errors import FastloadError, UnsafeKeyError
+from ..storage.uri import redact
 
 
 class CompileCacheError(FastloadError):
@@ -15,14 +19,14 @@ class CompileCacheError(FastloadError):
 
 
 class CacheURLError(CompileCacheError):
-    """A compile-cache URL is malformed or names a scheme no backend serves; ``url`` names it."""
+    """A compile-cache URL is malformed or names a scheme no backend serves; ``url`` names it (redacted)."""
 
     def __init__(self, url: str, problem: str, schemes: list[str] | None = None) -> None:
-        self.url = url
+        self.url = redact(url)
         self.problem = problem
         self.schemes = sorted(schemes or [])
         hint = f" (supported schemes: {', '.join(s + '://' for s in self.schemes)})" if self.schemes else ""
-        super().__init__(f"compile cache URL {url!r}: {problem}{hint}")
+        super().__init__(f"compile cache URL {self.url!r}: {problem}{hint}")
 
 
 class CorruptEntryError(CompileCacheError):
@@ -38,11 +42,11 @@ class EntryTooLargeError(CompileCacheError):
     """A packed entry exceeds what the backend may hold inline and no blob backend is configured."""
 
     def __init__(self, url: str, size: int, limit: int) -> None:
-        self.url = url
+        self.url = redact(url)
         self.size = size
         self.limit = limit
         super().__init__(
-            f"{url}: entry of {size} bytes exceeds the inline limit of {limit} bytes; add "
+            f"{self.url}: entry of {size} bytes exceeds the inline limit of {limit} bytes; add "
             "?blob=<file:// or s3:// URL> to the cache URL so large entries go to a blob store"
         )
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..storage.uri import redact
 from . import blob as blobfmt
 from .cache import default_url, local_root
 from .errors import CacheURLError, CorruptEntryError
@@ -37,6 +38,7 @@ class CompileEntry:
 def list_entries(url: str | None = None) -> list[CompileEntry]:
     """Every entry at ``url`` (default: the configured compile cache), with what each was built for."""
     backend = open_backend(url or default_url())
+    shown = redact(backend.url)  # what `cache ls` prints: no redis://:password@
     try:
         found = []
         for stored in backend.entries():
@@ -52,7 +54,9 @@ def list_entries(url: str | None = None) -> list[CompileEntry]:
                 stored_at = stored_at or header.get("created")
             except CorruptEntryError as exc:
                 problem = exc.problem
-            found.append(CompileEntry(backend.url, stored.key, stored.size, stored_at, fields, problem))
+            except Exception as exc:  # one entry the backend cannot read must not hide the others
+                problem = f"could not read it ({type(exc).__name__}: {exc})"
+            found.append(CompileEntry(shown, stored.key, stored.size, stored_at, fields, problem))
         return found
     finally:
         backend.close()
@@ -124,7 +128,7 @@ def collect_garbage(url: str | None = None, *, older_than: float = STALE_AFTER_S
     backend = open_backend(url or default_url())
     try:
         files, nbytes = backend.collect_garbage(older_than=older_than)
-        resolved = backend.url
+        resolved = redact(backend.url)  # printed by `fastload cache gc`
     finally:
         backend.close()
     return Garbage(resolved, files, nbytes, _collect_staging(local_root(), older_than))

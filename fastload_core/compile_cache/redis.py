@@ -14,8 +14,9 @@ Query parameters (all optional), stripped before the URL reaches redis-py:
 so a pointer never names a blob that is not there yet, and a replica whose blob lost the race points
 at the blob that won (its real size), so whichever pointer wins agrees with the stored blob.
 
-A pointer is followed only into the blob store this URL configures. Anything else under a key that
-looks like a pointer (not JSON, no URL, another store's URL — ``file:///etc``, ``bogus://``, a host
+A pointer is followed only into the blob store this URL configures, however another replica spells
+that store's URL (a trailing slash, ``file://localhost``, other client parameters). Anything else under
+a key that looks like a pointer (not JSON, no URL, another store's URL — ``file:///etc``, ``bogus://``, a host
 that is gone — a blob that is missing or of another size) is a corrupt entry: the replica compiles
 and overwrites it, exactly as for any other garbage, instead of reading wherever a stranger pointed
 or reporting the cache unavailable forever.
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+import os
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from ..storage.uri import redact
 from .base import CompileCacheBackend, StoredEntry, float_param, query_params
 from .errors import CacheURLError, CompileCacheError, CorruptEntryError, EntryTooLargeError
 
@@ -46,7 +49,7 @@ class RedisBackend(CompileCacheBackend):
             from redis.retry import Retry
         except ImportError:
             raise CompileCacheError(
-                f"{url}: the redis backend needs redis-py: pip install 'fastload[redis]'"
+                f"{redact(url)}: the redis backend needs redis-py: pip install 'fastload[redis]'"
             ) from None
         params = query_params(url)
         self.prefix = params.get("prefix", "fastload:compile:")
@@ -88,7 +91,7 @@ class RedisBackend(CompileCacheBackend):
         """The blob store and size a pointer names; ``CorruptEntryError`` unless it names ours."""
         try:
             pointer = json.loads(value[len(_POINTER_MAGIC):])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python can parse
             raise CorruptEntryError(key, "a blob pointer that is not JSON") from None
         if not isinstance(pointer, dict) or not isinstance(pointer.get("url"), str):
             raise CorruptEntryError(key, f"a blob pointer without a URL: {value[:200]!r}")
@@ -99,7 +102,7 @@ class RedisBackend(CompileCacheBackend):
         if blob_backend is None:
             raise CorruptEntryError(key, f"a blob pointer to {pointer['url']!r}, but this cache URL configures "
                                          "no blob store (?blob=); not following it")
-        if pointer["url"] != blob_backend.url:
+        if _store_identity(pointer["url"]) != _store_identity(blob_backend.url):
             raise CorruptEntryError(key, f"a blob pointer to {pointer['url']!r}, outside the configured blob "
                                          f"store {blob_backend.url}; not following it")
         return blob_backend, size
@@ -190,3 +193,24 @@ class RedisBackend(CompileCacheBackend):
         self._client.close()
         if self._blob is not None:
             self._blob.close()
+
+
+def _store_identity(url: str) -> tuple[str, ...]:
+    """What a blob store URL addresses, so that replicas configured with different spellings of one store
+    (``file:///x/blobs``, ``file:///x/blobs/``, ``file://localhost/x/blobs``; an ``s3://`` URL with other
+    ``?timeout=``) follow each other's pointers instead of calling them corrupt and overwriting them.
+
+    ``file``: the resolved directory, as ``DirectoryBackend`` reads it. ``s3``: bucket and prefix, as
+    ``S3Backend`` addresses objects. Query parameters tune the client, never the place, so both ignore
+    them. Any other scheme (a plugin's) is compared as written: fastload cannot know what its parts mean.
+    """
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+            return scheme, os.path.realpath(unquote(parts.path))
+        if scheme == "s3" and parts.netloc:
+            return scheme, parts.netloc, parts.path.strip("/")
+    except ValueError:  # a pointer's URL comes from Redis: "file://[x", a NUL in the path
+        pass
+    return "as-written", url

@@ -69,7 +69,14 @@ class S3Backend(CompileCacheBackend):
         return self._get(key)
 
     def get_prefix(self, key: str, nbytes: int) -> bytes | None:
-        return self._get(key, Range=f"bytes=0-{nbytes - 1}")
+        try:
+            return self._get(key, Range=f"bytes=0-{nbytes - 1}")
+        except self._client.exceptions.ClientError as exc:
+            # S3 answers a range of an empty object with 416 InvalidRange: the object is there, with no bytes
+            # (the header reader reports it as a corrupt entry).
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""
+            raise
 
     def put(self, key: str, blob: bytes, *, overwrite: bool = False) -> bool:
         extra = {} if overwrite else {"IfNoneMatch": "*"}

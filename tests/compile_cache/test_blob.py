@@ -133,3 +133,11 @@ def test_links_out_of_the_directory_are_refused(tmp_path: Path) -> None:
     data = _forge([link], {})
     with pytest.raises(CorruptEntryError, match="does not unpack safely"):
         blob.unpack(data, KEY, tmp_path / "work" / "dest")
+
+
+@pytest.mark.parametrize("fields", [["model"], "model", 3])
+def test_header_fields_that_are_not_an_object_are_corrupt(fields: object) -> None:
+    # checksum-valid, so only the shape check stands between it and an AttributeError
+    header = {"format": blob.FORMAT_VERSION, "key": KEY.digest, "fields": fields}
+    with pytest.raises(CorruptEntryError, match="header fields are a JSON"):
+        blob.verify(blob.assemble(header, b""), KEY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import threading
 from pathlib import Path
@@ -217,3 +218,59 @@ def test_a_shared_cache_without_a_secret_is_warned_about_once(
         CompileCache(backend=_SharedBackend("s3://other/compile"))
     assert len(caplog.records) == 1
     assert blobfmt.SECRET_VARIABLE in caplog.text and "s3://bucket/compile" in caplog.text
+
+
+# --- review: a password in the cache URL is for connecting, never for logs, reports or errors ---
+
+
+def test_a_password_in_the_cache_url_reaches_no_log_outcome_or_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastload_core.compile_cache.errors import CacheURLError, EntryTooLargeError
+    from fastload_core.compile_cache.registry import open_backend
+
+    monkeypatch.setattr(cache_module, "_unsigned_shared_warning", threading.Event())  # its warning shows the URL
+    url = f"redis://:hunter2@127.0.0.1:1/0?connect_timeout=0.2&prefix=leak-{os.getpid()}:"  # nothing listens
+    with caplog.at_level(logging.DEBUG, logger="fastload"):
+        cache = CompileCache(url)
+        restored = cache.restore(KEY, tmp_path / "dest")
+        saved = cache.save(KEY, _inductor_dir(tmp_path / "src"), None)
+    assert (restored.status, saved.status) == ("unavailable", "unavailable")
+    assert "redis://***@127.0.0.1:1/0" in caplog.text  # still says which cache
+    shown = [caplog.text, restored.message, saved.message, cache.url, repr(cache), repr(cache.backend)]
+    assert not [text for text in shown if "hunter2" in text]
+    with pytest.raises(EntryTooLargeError) as too_large:
+        open_backend(f"{url}&max_inline=10").put(KEY.digest, bytes(100))
+    with pytest.raises(CacheURLError) as malformed:
+        open_backend("redis://:hunter2@/0")  # no host
+    for error in (too_large.value, malformed.value):
+        assert "hunter2" not in str(error) and "hunter2" not in error.url and "***@" in str(error)
+
+
+# --- review: whatever a stored entry makes the unpacker raise, restore says corrupt and compile goes on ---
+
+
+def test_an_entry_whose_fields_are_not_an_object_is_corrupt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = CompileCache((tmp_path / "store").as_uri())
+    header = {"format": blobfmt.FORMAT_VERSION, "key": KEY.digest, "fields": ["model"]}
+    cache.backend.put(KEY.digest, blobfmt.assemble(header, b""))  # checksum-valid, but not what pack() writes
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        outcome = cache.restore(KEY, tmp_path / "dest")
+    assert outcome.status == "corrupt" and "header fields are a JSON list" in outcome.message
+    assert "compiling and replacing it" in caplog.text
+
+
+def test_anything_unpacking_raises_is_a_corrupt_entry_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = CompileCache((tmp_path / "store").as_uri())
+    assert cache.save(KEY, _inductor_dir(tmp_path / "src"), None).status == "stored"
+
+    def unexpected(*args: object, **kwargs: object) -> None:
+        raise KeyError("payload_size")  # e.g. a header shaped in a way the unpacker never met
+
+    monkeypatch.setattr(blobfmt, "unpack", unexpected)
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        outcome = cache.restore(KEY, tmp_path / "dest")
+    assert outcome.status == "corrupt" and "KeyError" in outcome.message and outcome.entry_bytes > 0
+    assert "compiling and replacing it" in caplog.text

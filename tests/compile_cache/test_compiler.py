@@ -408,3 +408,46 @@ def test_load_model_entry_point(tmp_path: Path) -> None:
         example_inputs=torch.randn(1, 4))
     assert compiled is not model and report is not None
     assert report.cache_url == url and report.fields["extra"] == "tenant-3"
+
+
+# --- review: a password in the cache URL stays out of the report, the hook and the log ---
+
+
+def test_a_password_in_the_cache_url_stays_out_of_the_report_hook_and_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastload_core import plugins
+
+    notified: list[Any] = []
+    monkeypatch.setattr(plugins, "notify", lambda hook, **kwargs: notified.append((hook, kwargs)))
+    url = f"redis://:hunter2@127.0.0.1:1/0?connect_timeout=0.2&prefix=leak-{os.getpid()}:"  # nothing listens
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        compiled = compile_cache.compile(torch.nn.Linear(2, 2), cache=url, backend="eager",
+                                         example_inputs=torch.randn(1, 2))
+    report = compile_cache.report_of(compiled)
+    assert report is not None and report.lookup == "unavailable"
+    assert report.cache_url == "redis://***@127.0.0.1:1/0?connect_timeout=0.2" + f"&prefix=leak-{os.getpid()}:"
+    [(hook, kwargs)] = notified
+    assert hook == "after_compile" and kwargs["report"].cache_url == report.cache_url
+    assert "compile cache" in caplog.text and "hunter2" not in caplog.text
+    assert "hunter2" not in repr(report) and "hunter2" not in report.summary()
+
+
+# --- review: a local cache directory that cannot be created makes compile() uncached, never failed ---
+
+
+def test_an_unwritable_local_cache_directory_compiles_without_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    monkeypatch.setenv("FASTLOAD_CACHE_DIR", str(tmp_path / "a-file" / "fastload"))  # NotADirectoryError
+    x = torch.randn(1, 3)
+    model = torch.nn.Linear(3, 3)
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        compiled = compile_cache.compile(model, cache=(tmp_path / "entries").as_uri(), backend="eager",
+                                         example_inputs=x)
+    report = compile_cache.report_of(compiled)
+    assert report is not None and report.lookup == "skipped"
+    assert "cannot create the local inductor directory" in report.notes[0]
+    assert str(tmp_path / "a-file" / "fastload") in caplog.text and "compiling without the cache" in caplog.text
+    assert torch.equal(compiled(x), model(x))

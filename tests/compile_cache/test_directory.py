@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -131,3 +132,49 @@ def test_an_unsafe_key_on_the_command_line_is_one_error_line(tmp_path: Path) -> 
     assert result.stderr.strip().splitlines() == [
         "fastload: error: refusing unsafe compile-cache key '../escape': it is empty, holds a '/' or starts "
         "with '.'; keys are the digests `fastload cache ls` shows"]
+
+
+# --- review: on NFS, flock is an fcntl lock, which needs a writable fd and may not be there at all ---
+
+
+def _stale_temp_files(root: Path, *names: str) -> list[Path]:
+    root.mkdir(parents=True)
+    paths = [root / f".{name}.abc.tmp" for name in names]
+    for path in paths:
+        path.write_bytes(b"dead")
+        _old(path)
+    return paths
+
+
+def test_gc_locks_with_a_writable_fd_as_nfs_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_flock = fcntl.flock
+
+    def nfs_flock(fd: int, operation: int) -> None:
+        # NFS emulates flock with fcntl byte-range locks: an exclusive one on a read-only fd is EBADF
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    root = tmp_path / "nfs"
+    _stale_temp_files(root, "v1-dead")
+    assert DirectoryBackend(root.as_uri()).collect_garbage(older_than=60) == (1, 4)
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
+def test_gc_leaves_a_file_it_cannot_lock_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    real_flock = fcntl.flock
+
+    def no_lock_for_one(fd: int, operation: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".v1-unlockable.abc.tmp"):
+            raise OSError(code, os.strerror(code))  # a mount without lock support: its writer may be alive
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_lock_for_one)
+    root = tmp_path / "cc"
+    unlockable, *others = _stale_temp_files(root, "v1-unlockable", "v1-dead-a", "v1-dead-b")
+    assert DirectoryBackend(root.as_uri()).collect_garbage(older_than=60) == (2, 8)
+    assert unlockable.exists() and not any(path.exists() for path in others)

@@ -63,3 +63,50 @@ def test_doctor_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     args = parser.parse_args(["doctor", "--cache", good, "--cache", "gopher://nowhere"])
     assert args.func(args) == 1
     assert "FAIL compile cache gopher://nowhere" in capsys.readouterr().out
+
+
+# --- review: one entry that cannot be read is that entry's problem, never the whole listing's ---
+
+
+@pytest.mark.s3
+def test_an_empty_object_in_s3_is_listed_as_unreadable(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="compile-cache")
+    url = "s3://compile-cache/team"
+    key = _entry(CompileCache(url), tmp_path / "a")
+    client.put_object(Bucket="compile-cache", Key="team/v1-empty.flcc", Body=b"")  # S3: 416 InvalidRange
+    entries = {e.key: e for e in list_entries(url)}
+    assert entries[key].problem is None and entries[key].fields["model"] == "app.Block"
+    assert entries["v1-empty"].problem is not None and "only 0 bytes" in entries["v1-empty"].problem
+    assert entries["v1-empty"].size == 0
+
+
+def test_an_entry_the_backend_fails_to_read_does_not_hide_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastload_core.compile_cache.directory import DirectoryBackend
+
+    url = (tmp_path / "store").as_uri()
+    key = _entry(CompileCache(url), tmp_path / "a")
+    CompileCache(url).backend.put("v1-unreadable", b"whatever")
+    real_get_prefix = DirectoryBackend.get_prefix
+
+    def flaky(self: DirectoryBackend, name: str, nbytes: int) -> bytes | None:
+        if name == "v1-unreadable":
+            raise PermissionError(13, "Permission denied")
+        return real_get_prefix(self, name, nbytes)
+
+    monkeypatch.setattr(DirectoryBackend, "get_prefix", flaky)
+    entries = {e.key: e for e in list_entries(url)}
+    assert entries[key].problem is None
+    assert entries["v1-unreadable"].problem == "could not read it (PermissionError: [Errno 13] Permission denied)"
+
+
+def test_what_cache_ls_and_gc_print_carries_no_password(tmp_path: Path) -> None:
+    from fastload_core.compile_cache.manage import collect_garbage
+
+    url = "redis://:hunter2@127.0.0.1:1/0?connect_timeout=0.2"  # redis keeps no temp files: nothing is contacted
+    garbage = collect_garbage(url)
+    assert "hunter2" not in garbage.describe() and garbage.url == "redis://***@127.0.0.1:1/0?connect_timeout=0.2"

@@ -120,6 +120,7 @@ def outside_store(tmp_path: Path) -> tuple[str, bytes]:
     [
         pytest.param(b'FLCCPTR1{"size": 10}', id="no-url"),
         pytest.param(b"FLCCPTR1{not json", id="not-json"),
+        pytest.param(b"FLCCPTR1" + b"[" * 100_000, id="nested-deeper-than-python-parses"),
         pytest.param(b'FLCCPTR1["file:///etc", 10]', id="not-an-object"),
         pytest.param(b'FLCCPTR1{"url": "file:///etc", "size": "ten"}', id="bad-size"),
         pytest.param(_pointer("bogus://somewhere", 10), id="unknown-scheme"),
@@ -237,3 +238,67 @@ def test_racing_large_stores_leave_a_pointer_that_matches_the_stored_blob(
     blobfmt.verify(entry_a, KEY)
     assert CompileCache(url).restore(KEY, tmp_path / "dest").status == "restored"
     redis_client.Redis.from_url(redis_url).delete(f"race-{os.getpid()}:{KEY.digest}")
+
+
+def test_a_pointer_nested_deeper_than_python_parses_can_be_listed_and_removed(redis_url: str) -> None:
+    from fastload_core.compile_cache import list_entries, remove_entry
+
+    prefix = f"deep-{os.getpid()}:"
+    client = redis_client.Redis.from_url(redis_url)
+    client.set(f"{prefix}{KEY.digest}", b"FLCCPTR1" + b"[" * 100_000)  # json.loads: RecursionError
+    url = f"{redis_url}?prefix={prefix}"
+    [entry] = list_entries(url)  # `fastload cache ls`
+    assert entry.problem is not None and "not JSON" in entry.problem
+    assert remove_entry(url, KEY.digest) is True  # `fastload cache rm --compile`
+    assert not client.exists(f"{prefix}{KEY.digest}")
+
+
+# --- review: replicas that spell the one blob store's URL differently share its entries ---
+
+
+def test_replicas_spelling_the_blob_store_url_differently_share_its_entries(redis_url: str, tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    (tmp_path / "other").mkdir()
+    spellings = [blobs.as_uri(), blobs.as_uri() + "/", f"file://localhost{blobs}",
+                 (tmp_path / "other" / ".." / "blobs").as_uri()]
+    prefix = f"spell-{os.getpid()}:"
+    caches = [CompileCache(f"{redis_url}?max_inline=1000&blob={quote(s, safe='')}&prefix={prefix}") for s in spellings]
+    assert caches[0].save(KEY, _inductor_dir(tmp_path / "src", size=8000), None).status == "stored"
+    for index, cache in enumerate(caches):
+        outcome = cache.restore(KEY, tmp_path / f"dest-{index}")
+        assert outcome.status == "restored", (spellings[index], outcome.message)
+    # and a replica that replaces the entry (after a real corruption) leaves one the first can still read
+    assert caches[1].save(KEY, _inductor_dir(tmp_path / "src2", size=8000), None, overwrite=True).status == "stored"
+    assert caches[0].restore(KEY, tmp_path / "again").status == "restored"
+
+
+def test_a_blob_store_is_known_by_what_it_addresses_not_by_its_spelling(tmp_path: Path) -> None:
+    from fastload_core.compile_cache.redis import _store_identity
+
+    same_s3 = ["s3://cc/blobs", "s3://cc/blobs/", "s3://cc/blobs?timeout=10", "s3://cc//blobs/?connect_timeout=1"]
+    assert len({_store_identity(url) for url in same_s3}) == 1
+    assert _store_identity("s3://cc/blobs") != _store_identity("s3://cc/blobs-2")
+    assert _store_identity("s3://cc/blobs") != _store_identity("s3://other/blobs")
+    blobs = tmp_path / "blobs"
+    assert _store_identity(blobs.as_uri()) == _store_identity(f"file://localhost{blobs}/?x=1")
+    assert _store_identity(blobs.as_uri()) != _store_identity((tmp_path / "elsewhere").as_uri())
+    assert _store_identity(blobs.as_uri()) != _store_identity(f"file://otherhost{blobs}")
+    # a pointer's URL comes from Redis: what cannot be parsed is compared as written, never raised
+    assert _store_identity("file://[broken/x") == ("as-written", "file://[broken/x")
+    assert _store_identity("file:///a\x00b")[0] == "as-written"
+
+
+@pytest.mark.s3
+def test_replicas_with_other_s3_client_parameters_share_its_blobs(
+    redis_url: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="compile-cache")
+    prefix = f"s3spell-{os.getpid()}:"
+    spellings = ["s3://compile-cache/blobs", "s3://compile-cache/blobs/?timeout=10&connect_timeout=3"]
+    caches = [CompileCache(f"{redis_url}?max_inline=1000&blob={quote(s, safe='')}&prefix={prefix}") for s in spellings]
+    assert caches[0].save(KEY, _inductor_dir(tmp_path / "src", size=8000), None).status == "stored"
+    assert caches[1].restore(KEY, tmp_path / "b").status == "restored"
+    assert caches[1].save(KEY, _inductor_dir(tmp_path / "src2", size=8000), None, overwrite=True).status == "stored"
+    assert caches[0].restore(KEY, tmp_path / "a").status == "restored"
