@@ -38,9 +38,9 @@ from xml.sax.saxutils import escape
 from .._safefs import UnsafePath, open_file
 from ..errors import FastloadError
 from ..plugins import notify
-from ..storage.base import check_segment
+from ..storage.base import Tier, check_segment
 from ..storage.errors import OriginError, StorageError, UnsafeKeyError
-from ..storage.eviction import Pin, pin_entry
+from ..storage.eviction import Pin, damage, drop_damaged, pin_entry
 from ..storage.meta import FILES_DIR, Manifest
 from ..storage.peers import FILL_END_HEADER, FILL_HEADER, PEER_BUCKET
 from ..storage.progress import Watermark
@@ -57,6 +57,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 CHUNK = 4 * 1024 * 1024
 _DIGITS = re.compile(r"[0-9]*")
 _MAX_LIST_KEYS = 1000
+_MAX_VERIFIED = 10_000  # published entries remembered as verified (``ServeApp._intact``)
 
 
 class S3Error(Exception):
@@ -87,8 +88,9 @@ class UploadLimit:
     first holder's uplink (docs/fleet.md). A fill is many parallel ranged GETs that carry the same
     ``FILL_HEADER``, so fills are counted, not requests. The client ends a fill with a request carrying
     ``FILL_END_HEADER`` too; a fill with no request in progress for ``idle`` seconds has ended without
-    saying so (its client died) and frees its slot. Requests without the header (ordinary S3 clients) are
-    not counted."""
+    saying so (its client died) and frees its slot; a request whose client stops reading for ``idle`` seconds
+    ends (``_Outcome.send_limit``), so a frozen client's requests do not hold it. Requests without the header
+    (ordinary S3 clients) are not counted."""
 
     limit: int = 2
     idle: float = 10.0
@@ -153,6 +155,19 @@ class _Range:
     start: int
     end: int  # exclusive
     partial: bool
+
+
+def _wanted(manifest: Manifest, headers: dict[str, str]) -> _Range | None:
+    """The range of the object's one file a GET or HEAD answers with, or None: not modified (304). Raises
+    412 when If-Match does not match, 416 when the range is unsatisfiable. Only the manifest is needed, so a
+    miss answers these without fetching the object first."""
+    item = manifest.files[0]
+    etag = f'"{item.etag}"' if item.etag else None
+    if etag and headers.get("if-match") and headers["if-match"].strip() not in (etag, "*"):
+        raise S3Error(412, "PreconditionFailed", "If-Match does not match the object's ETag")
+    if etag and headers.get("if-none-match") and headers["if-none-match"].strip() in (etag, "*"):
+        return None
+    return parse_range(headers.get("range"), item.size)
 
 
 def parse_range(header: str | None, size: int) -> _Range:
@@ -254,6 +269,10 @@ class _Flight:
                 self.cond.notify_all()
             self._wake(None, 0)
 
+    async def until_finished(self) -> None:
+        """Wait, on the event loop, until the fetch is over (published: ``pin``; or failed: ``error``)."""
+        await self._until(None, 0, lambda: False)
+
     async def until_started(self) -> None:
         """Wait, on the event loop, until the fetch writes into a tier or is over. Not in an executor thread:
         while another process on this node fills the same entry, every request for it waits here, and the
@@ -294,6 +313,8 @@ class ServeApp:
     _resolved: dict[str, _Resolved] = field(default_factory=dict)
     _resolving: dict[str, Future[Manifest]] = field(default_factory=dict)  # HEADs in flight, by URI
     _flights: dict[str, _Flight] = field(default_factory=dict)
+    # published entries whose blocks passed ``store.verify``, oldest first: (tier, slug, version, created)
+    _verified: dict[tuple[str, str, str, float], None] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -307,6 +328,10 @@ class ServeApp:
             await self._handle(scope, method, send, outcome)
         except _ClientGone:
             outcome.source = "gone"
+        except asyncio.CancelledError:  # not raised on: uvicorn would log it as the app's crash, with a traceback
+            outcome.source = "cut"
+            log.warning("%s %s cut after %d bytes: the server is stopping and --drain-timeout ran out", method,
+                        scope.get("path"), outcome.nbytes)
         except S3Error as exc:
             outcome.source = outcome.source if exc.status in (404, 412, 416) or outcome.source == "busy" else \
                 ("denied" if exc.status == 403 else "error")
@@ -356,6 +381,7 @@ class ServeApp:
                 raise S3Error(503, "SlowDown", f"this node already serves {self.uploads.limit} peer fills; "
                                                "try another holder or again later",
                               headers=((b"retry-after", b"1"),))
+            outcome.send_limit = self.uploads.idle
             try:
                 await self._peer(method, key, headers, send, outcome)
             finally:
@@ -378,7 +404,7 @@ class ServeApp:
             parsed = parse_uri(f"s3://{bucket}/{key}")
         except StorageError as exc:
             raise S3Error(400, "InvalidURI", str(exc)) from None
-        manifest = await asyncio.to_thread(self._manifest, parsed)
+        manifest = await self._manifest(parsed)
         pin = await asyncio.to_thread(self._held, parsed.slug, manifest.version)
         if pin is not None:
             outcome.source = "hit"
@@ -389,6 +415,9 @@ class ServeApp:
             await self._send_file(method, None, manifest, headers, send, outcome)
             return
         outcome.source = "miss"
+        if _wanted(manifest, headers) is None:  # 304, or 412/416 raised: no need for the object's bytes
+            await self._send_file(method, None, manifest, headers, send, outcome)
+            return
         flight = self._flight(str(parsed), manifest)
         await flight.until_started()
         if flight.finished and flight.pin is not None:
@@ -408,10 +437,12 @@ class ServeApp:
         await self._send_file(method, files_dir / landing.files[0].name, landing, headers, send, outcome,
                               flight=flight, generation=generation)
 
-    def _manifest(self, parsed: ModelURI) -> Manifest:
+    async def _manifest(self, parsed: ModelURI) -> Manifest:
         """The object's current manifest, from the origin at most once per ``resolve_ttl`` (one request asks,
         the ones arriving meanwhile wait for its answer, or its error); when the origin cannot be reached,
-        the newest cached version (as ``fetch`` does)."""
+        the newest cached version (as ``fetch`` does). Only the request that asks takes an executor thread;
+        the others wait on the loop: a burst of requests for one key behind a slow HEAD took every thread of
+        the loop's few (cpu count + 4), and every other request, hits included, queued behind them."""
         uri = str(parsed)
         with self._lock:
             known = self._resolved.get(uri)
@@ -421,8 +452,14 @@ class ServeApp:
             asking = pending is None
             if pending is None:
                 pending = self._resolving[uri] = Future()
-        if not asking:
-            return pending.result()
+        if asking:  # the thread answers ``pending`` even if this request is cancelled meanwhile
+            return await asyncio.to_thread(self._resolve, parsed, pending)
+        # shielded: a waiting request that is cancelled must not cancel the answer the others wait for
+        return await asyncio.shield(asyncio.wrap_future(pending))
+
+    def _resolve(self, parsed: ModelURI, pending: Future[Manifest]) -> Manifest:
+        """Ask the origin for the requests waiting on ``pending`` (``_manifest``)."""
+        uri = str(parsed)
         try:
             manifest = self._ask_origin(parsed)
         except BaseException as exc:
@@ -458,7 +495,9 @@ class ServeApp:
     def _held(self, slug: str, version: str) -> Pin | None:
         for tier in self.store.tiers:
             try:
-                pinned = pin_entry(tier, slug, version, verify=self.store.verify)
+                pinned = pin_entry(tier, slug, version)  # sizes only: the blocks are checked once (_intact)
+                if pinned is not None and not self._intact(tier, pinned):
+                    pinned = None
             except UnsafeKeyError as exc:
                 log.warning("refusing to serve %s/%s from %s: %s", slug, version, tier.name, exc)
                 raise S3Error(403, "AccessDenied", "the cached entry is unsafe (a link?) and is not served") \
@@ -468,6 +507,35 @@ class ServeApp:
                        path=str(pinned.path))
                 return pinned
         return None
+
+    def _intact(self, tier: Tier, pin: Pin) -> bool:
+        """Whether a pinned entry's blocks pass ``store.verify`` (``sample``/``full``), checked once per
+        published entry rather than on every request: a peer fill of a 10 GiB entry in 64 MiB ranges re-hashed
+        all of it 160 times. Its creation stamp tells a republished entry apart (it is checked again); its
+        sizes are checked on every request (``pin_entry``). Requests that find it unchecked at once each check
+        it (a fill asks for the metadata first, alone). A damaged entry's pin is released and the entry dropped,
+        as ``pin_entry`` does, so the next tier (or a fetch) serves it."""
+        entry = pin.entry
+        if self.store.verify == "size" or entry is None:
+            return True
+        key = (tier.name, entry.slug, entry.version, entry.meta.created)
+        with self._lock:
+            if key in self._verified:
+                return True
+        try:
+            problem = damage(tier, entry, self.store.verify)
+        except BaseException:
+            pin.release()
+            raise
+        if problem is not None:
+            pin.release()
+            drop_damaged(tier, entry, problem)
+            return False
+        with self._lock:
+            self._verified[key] = None
+            while len(self._verified) > _MAX_VERIFIED:
+                del self._verified[next(iter(self._verified))]
+        return True
 
     def _flight(self, uri: str, manifest: Manifest) -> _Flight:
         with self._lock:
@@ -567,13 +635,12 @@ class ServeApp:
         """``flight``: the fetch ``path`` is landing from, whose ``generation`` named that file."""
         item = manifest.files[0]
         etag = f'"{item.etag}"' if item.etag else None
-        if etag and headers.get("if-match") and headers["if-match"].strip() not in (etag, "*"):
-            raise S3Error(412, "PreconditionFailed", "If-Match does not match the object's ETag")
-        if etag and headers.get("if-none-match") and headers["if-none-match"].strip() in (etag, "*"):
+        wanted = _wanted(manifest, headers)
+        if wanted is None:
+            assert etag is not None  # "not modified" is only ever said against an ETag
             await self._start(send, 304, [(b"etag", etag.encode())], outcome)
             await self._body(send, b"", outcome, more=False)
             return
-        wanted = parse_range(headers.get("range"), item.size)
         response = [(b"content-length", str(wanted.end - wanted.start).encode()),
                     (b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes")]
         if etag:
@@ -584,9 +651,18 @@ class ServeApp:
             await self._start(send, 206 if wanted.partial else 200, response, outcome)
             await self._body(send, b"", outcome, more=False)
             return
-        fd, published = await asyncio.to_thread(_open, path, flight)
-        if published:  # the fetch is over: the published copy holds every byte
-            flight = None
+        try:
+            fd = await asyncio.to_thread(_open, path)
+        except FileNotFoundError:
+            if flight is None:
+                raise
+            # The partial file was published (renamed) or discarded meanwhile: the published copy once the
+            # fetch is over, which holds every byte. Waited for on the loop, not in an executor thread
+            # (``_Flight.until_landed`` says why).
+            await _unless_gone(flight.until_finished(), outcome.gone)
+            if flight.pin is None:
+                raise _as_s3_error(flight.error or RuntimeError("fetch failed")) from None
+            fd, flight = await asyncio.to_thread(_open, flight.pin.path), None
         try:
             await self._start(send, 206 if wanted.partial else 200, response, outcome)
             position = wanted.start
@@ -623,7 +699,14 @@ class ServeApp:
     @staticmethod
     async def _body(send: Send, body: bytes, outcome: _Outcome, *, more: bool) -> None:
         outcome.nbytes += len(body)
-        await send({"type": "http.response.body", "body": body, "more_body": more})
+        message = {"type": "http.response.body", "body": body, "more_body": more}
+        if outcome.send_limit is None:
+            await send(message)
+            return
+        try:
+            await asyncio.wait_for(send(message), outcome.send_limit)
+        except asyncio.TimeoutError:
+            raise _ClientGone from None
 
     async def _error(self, send: Send, method: str, exc: S3Error, outcome: _Outcome) -> None:
         body = b"" if method == "HEAD" else (
@@ -644,6 +727,10 @@ class _Outcome:
     source: str = "error"
     sent_headers: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # the client disconnected
+    # Seconds a send of the body may wait for the client to read (None: no limit). A peer fill's: its client
+    # may stop reading without a disconnect (a frozen process, a host gone without a RST), and its upload slot
+    # would be held until TCP gives up (or forever); past this it is gone, and its slot frees (UploadLimit).
+    send_limit: float | None = None
 
 
 class _ClientGone(Exception):
@@ -690,20 +777,11 @@ def _as_s3_error(exc: BaseException) -> S3Error:
     return S3Error(500, "InternalError", f"fetching the object failed: {type(exc).__name__}")
 
 
-def _open(path: Path, flight: _Flight | None) -> tuple[int, bool]:
-    """Open a file served from a tier, or from a fetch in flight: when the partial file was published (renamed)
-    or discarded meanwhile, the published copy once the fetch is over. True with it: every byte is there."""
+def _open(path: Path) -> int:
+    """Open a file served from a tier, or from a fetch in flight (``FileNotFoundError`` when that partial file
+    was published or discarded meanwhile: ``_send_file`` then waits for the fetch to end)."""
     try:
-        return open_file(path, os.O_RDONLY), False
-    except FileNotFoundError:
-        if flight is None:
-            raise
-        with flight.cond:
-            while not flight.finished:
-                flight.cond.wait(1.0)
-        if flight.pin is None:
-            raise _as_s3_error(flight.error or RuntimeError("fetch failed")) from None
-        return open_file(flight.pin.path, os.O_RDONLY), True
+        return open_file(path, os.O_RDONLY)
     except UnsafePath as exc:
         log.warning("refusing to serve %s: %s", exc.path, exc.problem)
         raise S3Error(403, "AccessDenied", "the cached file is unsafe (a link?) and is not served") from None

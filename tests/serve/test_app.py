@@ -163,8 +163,8 @@ def test_a_request_streaming_a_miss_whose_fill_moves_to_the_next_tier_never_gets
     opened = threading.Event()
     real_open = app_module._open
 
-    def open_and_tell(path: Path, flight: Any) -> Any:
-        result = real_open(path, flight)
+    def open_and_tell(path: Path) -> Any:
+        result = real_open(path)
         opened.set()
         return result
 
