@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
+import math
 import os
 import signal
+import socket
 from typing import TYPE_CHECKING
 
 from ..storage.peers import ACCESS_KEY_VARIABLE, SECRET_KEY_VARIABLE
@@ -41,6 +44,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                             "tree. Ordinary S3 clients are not limited")
     serve.add_argument("--resolve-ttl", type=float, default=5.0, metavar="SECONDS",
                        help="how long an object's origin identity (ETag) is trusted before asking again")
+    serve.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="on SIGTERM, how long open responses may take to finish before they are cut "
+                            "(default 20, inside Kubernetes' default 30 s grace period); the node withdraws "
+                            "its claims first, so peers stop choosing it at once")
     serve.set_defaults(func=run_serve)
 
 
@@ -96,6 +103,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ServeError(f"--port {args.port}: expected 1-65535")
     if args.resolve_ttl < 0:
         raise ServeError("--resolve-ttl must be 0 or more seconds")
+    if not 0 < args.drain_timeout < math.inf:
+        raise ServeError(f"--drain-timeout {args.drain_timeout}: expected a positive number of seconds")
     address = _address(args.advertise) if args.advertise else None
     try:
         import uvicorn
@@ -129,8 +138,16 @@ def run_serve(args: argparse.Namespace) -> int:
     app = ServeApp(store, credentials, tier, resolve_ttl=args.resolve_ttl,
                    on_filled=advertiser.poke if advertiser else None, uploads=UploadLimit(uploads))
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off", access_log=False,
-                            log_level="debug" if args.verbose else "warning", timeout_keep_alive=30)
-    server = uvicorn.Server(config)
+                            log_level="debug" if args.verbose else "warning", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=max(1, math.ceil(args.drain_timeout)))
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if advertiser is not None:  # before the drain: peers stop choosing a node that refuses them
+                await asyncio.to_thread(advertiser.stop)
+            await super().shutdown(sockets)
+
+    server = Server(config)
     if advertiser is not None:
         advertiser.start()
     log.info("fastload serve: http://%s:%d (misses into %s%s; %s peer fills at once)", args.host, args.port, tier,

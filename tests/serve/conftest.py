@@ -31,6 +31,7 @@ class Node:
         self.shm = Path("/dev/shm") / f"fastload-test-{uuid.uuid4().hex[:12]}"
         self.env = {**env, "FASTLOAD_CACHE_DIR": str(root / "cache"), "FASTLOAD_SHM_DIR": str(self.shm)}
         self.advertise = advertise
+        self.args: list[str] = []  # more ``fastload serve`` options
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.log = root / "serve.log"
@@ -43,6 +44,7 @@ class Node:
         command = [sys.executable, "-m", "fastload_core", "-v", "serve", "--port", str(self.port)]
         if self.advertise is not None:
             command += ["--advertise", f"127.0.0.1:{self.advertise}"]
+        command += self.args
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + 60
