@@ -130,12 +130,12 @@ class PeerRegistry:
     def close(self) -> None:
         self._client.close()
 
-    def _call(self, what: str, default: Any, function: Any, *args: Any, claim: bool = False) -> Any:
-        """``function(*args)``, or ``default`` during an outage. Lookups skip the registry for a while after a
-        failure, so a fetch does not pay the timeout on every call; a ``claim`` (advertise, withdraw) is always
-        tried: it runs off any fetch's path, and a claim skipped for longer than its TTL would lapse, so one
-        blip would take the node out of every holder list until its next renewal."""
-        if not claim and time.monotonic() < self._unavailable_until:
+    def _call(self, what: str, default: Any, function: Any, *args: Any, in_outage: bool = False) -> Any:
+        """``function(*args)``, or ``default`` during an outage. A fetch's calls skip the registry for a while
+        after a failure, so the fetch does not pay the timeout on every call; ``in_outage`` calls are tried
+        all the same: the advertiser's claims, off any fetch's path, since a claim skipped for longer than its
+        TTL lapses, and one blip would take the node out of every holder list until its next renewal."""
+        if not in_outage and time.monotonic() < self._unavailable_until:
             return default
         try:
             result = function(*args)
@@ -147,9 +147,10 @@ class PeerRegistry:
                         "for %.0fs", redact(self.url), what, type(exc).__name__, exc, _RETRY_AFTER)
             return default
 
-    def advertise(self, address: str, entries: Iterable[tuple[str, str]]) -> bool:
+    def advertise(self, address: str, entries: Iterable[tuple[str, str]], *, in_outage: bool = True) -> bool:
         """Claim (or renew the claim) that ``address`` holds each ``(slug, version)`` for one TTL. False when
-        the registry could not be reached (logged)."""
+        the registry could not be reached (logged). ``in_outage=False``: skipped while the registry is
+        paused after a failure (a fetch's own claim)."""
         def run() -> bool:
             expires = time.time() + self.ttl
             pipe = self._client.pipeline(transaction=False)
@@ -160,7 +161,7 @@ class PeerRegistry:
             pipe.execute()
             return True
 
-        return bool(self._call("advertise", False, run, claim=True))
+        return bool(self._call("advertise", False, run, in_outage=in_outage))
 
     def withdraw(self, address: str, entries: Iterable[tuple[str, str]]) -> bool:
         """End ``address``'s claims on the entries; False when the registry could not be reached (logged)."""
@@ -171,7 +172,7 @@ class PeerRegistry:
             pipe.execute()
             return True
 
-        return bool(self._call("withdraw", False, run, claim=True))
+        return bool(self._call("withdraw", False, run, in_outage=True))
 
     def holders(self, slug: str, version: str, *, exclude: str | None = None) -> list[str]:
         """Addresses whose claim on the entry is live, the most recently renewed first."""

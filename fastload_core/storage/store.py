@@ -666,7 +666,8 @@ class TieredStore:
             if not tier.shared and self._registry is not None and self.peers is not None and self.peers.advertise:
                 # A holder at once, not at fastload serve's next listing: at a fleet's cold start each finished
                 # fill is the next node's source, so the tree grows as fast as fills complete.
-                self._registry.advertise(self.peers.advertise, [(slug, version)])
+                # Skipped while the registry is paused after a failure: this fetch does not wait on its timeout.
+                self._registry.advertise(self.peers.advertise, [(slug, version)], in_outage=False)
         except BaseException as exc:
             notify("on_fetch_finish", uri=shown, tier=tier.name, nbytes=nbytes,
                    seconds=time.monotonic() - started, error=exc)

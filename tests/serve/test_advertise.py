@@ -139,3 +139,17 @@ def test_a_withdrawal_that_failed_is_tried_again(redis_url: str) -> None:
     assert live_claims(redis_url)  # the registry could not be told
     advertiser.sync()
     assert live_claims(redis_url) == []
+
+
+def test_after_a_failure_a_fetchs_own_claim_waits_out_the_pause_and_the_advertisers_does_not(
+        redis_url: str) -> None:
+    registry = PeerRegistry(redis_url, ttl=30.0)
+    fail_next_pipeline(registry)
+    assert not registry.advertise(ADDRESS, [("s3-models-m-abc", "v1")])  # the blip: the pause begins
+    calls = []
+    real = registry._client.pipeline
+    registry._client.pipeline = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    assert not registry.advertise(ADDRESS, [("s3-models-m-abc", "v1")], in_outage=False)
+    assert calls == []  # a fetch's claim: not tried, so the fetch pays no second timeout
+    assert registry.advertise(ADDRESS, [("s3-models-m-abc", "v1")])
+    assert calls == [1] and live_claims(redis_url)
