@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -38,9 +39,9 @@ from xml.sax.saxutils import escape
 from .._safefs import UnsafePath, open_file
 from ..errors import FastloadError
 from ..plugins import notify
-from ..storage.base import Tier, check_segment
+from ..storage.base import Entry, Tier, check_segment
 from ..storage.errors import OriginError, StorageError, UnsafeKeyError
-from ..storage.eviction import Pin, damage, drop_damaged, pin_entry
+from ..storage.eviction import Pin, pin_entry
 from ..storage.meta import FILES_DIR, Manifest
 from ..storage.peers import FILL_END_HEADER, FILL_HEADER, PEER_BUCKET
 from ..storage.progress import Watermark
@@ -57,7 +58,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 CHUNK = 4 * 1024 * 1024
 _DIGITS = re.compile(r"[0-9]*")
 _MAX_LIST_KEYS = 1000
-_MAX_VERIFIED = 10_000  # published entries remembered as verified (``ServeApp._intact``)
+_MAX_VERIFIED = 10_000  # published entries remembered as verified (``ServeApp._verify_level``)
 
 
 class S3Error(Exception):
@@ -495,47 +496,32 @@ class ServeApp:
     def _held(self, slug: str, version: str) -> Pin | None:
         for tier in self.store.tiers:
             try:
-                pinned = pin_entry(tier, slug, version)  # sizes only: the blocks are checked once (_intact)
-                if pinned is not None and not self._intact(tier, pinned):
-                    pinned = None
+                pinned = pin_entry(tier, slug, version, verify=functools.partial(self._verify_level, tier))
             except UnsafeKeyError as exc:
                 log.warning("refusing to serve %s/%s from %s: %s", slug, version, tier.name, exc)
                 raise S3Error(403, "AccessDenied", "the cached entry is unsafe (a link?) and is not served") \
                     from None
             if pinned is not None:
+                if pinned.entry is not None and self.store.verify != "size":
+                    self._verified_now(tier, pinned.entry)
                 notify("on_tier_hit", uri=pinned.entry.meta.uri if pinned.entry else slug, tier=tier.name,
                        path=str(pinned.path))
                 return pinned
         return None
 
-    def _intact(self, tier: Tier, pin: Pin) -> bool:
-        """Whether a pinned entry's blocks pass ``store.verify`` (``sample``/``full``), checked once per
-        published entry rather than on every request: a peer fill of a 10 GiB entry in 64 MiB ranges re-hashed
-        all of it 160 times. Its creation stamp tells a republished entry apart (it is checked again); its
-        sizes are checked on every request (``pin_entry``). Requests that find it unchecked at once each check
-        it (a fill asks for the metadata first, alone). A damaged entry's pin is released and the entry dropped,
-        as ``pin_entry`` does, so the next tier (or a fetch) serves it."""
-        entry = pin.entry
-        if self.store.verify == "size" or entry is None:
-            return True
-        key = (tier.name, entry.slug, entry.version, entry.meta.created)
+    def _verify_level(self, tier: Tier, entry: Entry) -> str:
+        """``store.verify`` (``sample``/``full``) for a published entry's first request, sizes only after it
+        passed: a peer fill of a 10 GiB entry in 64 MiB ranges re-hashed all of it 160 times. Its creation
+        stamp tells a republished entry apart (it is checked again). Requests that find it unchecked at once
+        each check it (a fill asks for the metadata first, alone)."""
         with self._lock:
-            if key in self._verified:
-                return True
-        try:
-            problem = damage(tier, entry, self.store.verify)
-        except BaseException:
-            pin.release()
-            raise
-        if problem is not None:
-            pin.release()
-            drop_damaged(tier, entry, problem)
-            return False
+            return "size" if _verified_key(tier, entry) in self._verified else self.store.verify
+
+    def _verified_now(self, tier: Tier, entry: Entry) -> None:
         with self._lock:
-            self._verified[key] = None
+            self._verified[_verified_key(tier, entry)] = None
             while len(self._verified) > _MAX_VERIFIED:
                 del self._verified[next(iter(self._verified))]
-        return True
 
     def _flight(self, uri: str, manifest: Manifest) -> _Flight:
         with self._lock:
@@ -775,6 +761,10 @@ def _as_s3_error(exc: BaseException) -> S3Error:
         log.warning("fetch failed: %s", exc)
         return S3Error(503, "ServiceUnavailable", "fetching the object failed; see the server's log")
     return S3Error(500, "InternalError", f"fetching the object failed: {type(exc).__name__}")
+
+
+def _verified_key(tier: Tier, entry: Entry) -> tuple[str, str, str, float]:
+    return tier.name, entry.slug, entry.version, entry.meta.created
 
 
 def _open(path: Path) -> int:

@@ -107,10 +107,12 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> Pin | None:
+def pin_entry(tier: Tier, slug: str, version: str, *,
+              verify: str | Callable[[Entry], str] = "size") -> Pin | None:
     """Mark an entry in use and return its pin, or None when the tier does not hold it (any more) or held
-    it damaged: ``verify`` (see verify.py) says how hard to look, and a damaged entry is dropped so the
-    caller fetches it again."""
+    it damaged: ``verify`` (see verify.py) says how hard to look, or a function of the entry says it (a
+    caller that checked this entry's blocks once already), and a damaged entry is dropped so the caller
+    fetches it again."""
     if tier.lookup(slug, version) is None:
         return None
     fd: int | None = None
@@ -125,7 +127,7 @@ def pin_entry(tier: Tier, slug: str, version: str, *, verify: str = "size") -> P
         os.close(fd)
     try:
         entry = tier.lookup(slug, version)
-        problem = damage(tier, entry, verify) if entry is not None else None
+        problem = damage(tier, entry, verify(entry) if callable(verify) else verify) if entry is not None else None
     except BaseException:
         if fd is not None:
             os.close(fd)
