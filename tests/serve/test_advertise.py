@@ -13,18 +13,13 @@ import pytest
 import redis
 
 from fastload_core.serve.advertise import Advertiser
-from fastload_core.storage.peers import KEY_PREFIX, PeerRegistry
+from fastload_core.storage.peers import PeerRegistry
 from fastload_core.storage.store import TieredStore
+from tests.serve.test_serve import advertised
 
 pytestmark = [pytest.mark.redis]
 
 ADDRESS = "127.0.0.1:9"
-
-
-def live_claims(redis_url: str) -> list[str]:
-    client = redis.Redis.from_url(redis_url)
-    return [key.decode() for key in client.scan_iter(KEY_PREFIX + "*")
-            if (client.zscore(key, ADDRESS) or 0) > time.time()]
 
 
 def test_stop_withdraws_a_claim_the_store_made_before_the_advertiser_listed_it(
@@ -41,7 +36,7 @@ def test_stop_withdraws_a_claim_the_store_made_before_the_advertiser_listed_it(
     assert held, "the fetch published nothing to claim"
     registry.advertise(ADDRESS, held)  # what the store does at publication when it knows its address
     advertiser.stop()
-    assert live_claims(redis_url) == []
+    assert not advertised(redis_url, ADDRESS)
 
 
 def test_stop_withdraws_what_the_advertiser_claimed_for_an_entry_since_evicted(
@@ -53,11 +48,11 @@ def test_stop_withdraws_what_the_advertiser_claimed_for_an_entry_since_evicted(
     registry = PeerRegistry(redis_url, ttl=30.0)
     advertiser = Advertiser(store, registry, ADDRESS)
     advertiser.sync()
-    assert live_claims(redis_url)
+    assert advertised(redis_url, ADDRESS)
     [(slug, version)] = {(info.entry.slug, info.entry.version) for info in store.ls(tier="shm")}
     store.rm(f"{slug}/{version}")
     advertiser.stop()
-    assert live_claims(redis_url) == []
+    assert not advertised(redis_url, ADDRESS)
 
 
 def test_after_stop_the_store_claims_nothing_it_publishes(
@@ -76,7 +71,7 @@ def test_after_stop_the_store_claims_nothing_it_publishes(
     model.write_bytes(b"weights")
     store.fetch(str(model), tier="shm")
     assert store.ls(tier="shm")
-    assert live_claims(redis_url) == []
+    assert not advertised(redis_url, ADDRESS)
 
 
 class _OneEntryStore:
@@ -132,13 +127,13 @@ def test_a_withdrawal_that_failed_is_tried_again(redis_url: str) -> None:
     store = _OneEntryStore()
     advertiser = Advertiser(store, registry, ADDRESS)  # type: ignore[arg-type]
     advertiser.sync()
-    assert live_claims(redis_url)
+    assert advertised(redis_url, ADDRESS)
     store.evicted = True
     fail_next_pipeline(registry)
     advertiser.sync()
-    assert live_claims(redis_url)  # the registry could not be told
+    assert advertised(redis_url, ADDRESS)  # the registry could not be told
     advertiser.sync()
-    assert live_claims(redis_url) == []
+    assert not advertised(redis_url, ADDRESS)
 
 
 def test_after_a_failure_a_fetchs_own_claim_waits_out_the_pause_and_the_advertisers_does_not(
@@ -152,4 +147,4 @@ def test_after_a_failure_a_fetchs_own_claim_waits_out_the_pause_and_the_advertis
     assert not registry.advertise(ADDRESS, [("s3-models-m-abc", "v1")], in_outage=False)
     assert calls == []  # a fetch's claim: not tried, so the fetch pays no second timeout
     assert registry.advertise(ADDRESS, [("s3-models-m-abc", "v1")])
-    assert calls == [1] and live_claims(redis_url)
+    assert calls == [1] and advertised(redis_url, ADDRESS)
