@@ -60,7 +60,10 @@ class Advertiser:
         """Withdraw what this node claimed and what it holds now: the store claims an entry the moment it
         publishes it, and a stop may come before the next listing took that entry up. The store claims
         nothing more: write-throughs that finish while the process exits publish entries of a node that no
-        longer serves them."""
+        longer serves them. Once: fastload serve stops it when its shutdown begins, and again on every exit
+        path (a failed bind never shuts down)."""
+        if self._stop.is_set():
+            return
         if self.store.peers is not None:
             self.store.peers = dataclasses.replace(self.store.peers, advertise=None)
         self._stop.set()
